@@ -1,0 +1,299 @@
+"""Environments as the DPPO scripts see them: chunked, vectorised, same-step autoreset.
+
+Every vector env made by `make_vec_env` follows one protocol (SPEC §5):
+
+    obs = envs.reset(seed)                      # (N, T_o, D_o) float32, raw (un-normalised)
+    obs, reward, terminated, truncated, info = envs.step(chunks)   # chunks (N, T_e, D_a), raw
+        reward: (N,) sum of the T_e rewards (a chunk stops early at done)
+        an env whose episode ended is reset at once and `obs` holds the new episode's first
+        observation; info["final_obs"] (N, T_o, D_o) holds what it would have returned without
+        the reset (equal to obs elsewhere) — the state GAE bootstraps from on truncation.
+
+`MultiStep` turns one gymnasium env into a chunked one; `SyncChunkVecEnv` runs a list of them in
+this process, `ProcessChunkVecEnv` spreads them over a few worker processes (each worker steps its
+share of envs serially, so 50 envs need only as many processes as cores). Avoid has its own
+numpy-vectorised simulator with the same protocol (`common/avoid.py`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from typing import Any, Callable, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common.tasks import Task, TaskError, require_simulator
+
+
+class ChunkVecEnv(Protocol):
+    num_envs: int
+
+    def reset(self, seed: int | None = None) -> np.ndarray: ...
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+class MultiStep(gym.Wrapper):
+    """One step = T_e env steps (SPEC §5): rewards summed, early stop at done, last T_o
+    observations stacked (the first one repeated after reset)."""
+
+    def __init__(self, env: gym.Env, act_steps: int, cond_steps: int = 1) -> None:
+        super().__init__(env)
+        self.act_steps, self.cond_steps = act_steps, cond_steps
+        self._obs: deque[np.ndarray] = deque(maxlen=cond_steps)
+        obs_space, act_space = env.observation_space, env.action_space
+        self.observation_space = gym.spaces.Box(
+            np.stack([obs_space.low] * cond_steps).astype(np.float32),
+            np.stack([obs_space.high] * cond_steps).astype(np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(
+            np.stack([act_space.low] * act_steps).astype(np.float32),
+            np.stack([act_space.high] * act_steps).astype(np.float32), dtype=np.float32)
+
+    def _stacked(self) -> np.ndarray:
+        return np.stack(self._obs).astype(np.float32)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        self._obs.extend([obs] * self.cond_steps)
+        return self._stacked(), info
+
+    def step(self, chunk: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        total, terminated, truncated, info = 0.0, False, False, {}
+        for action in chunk[: self.act_steps]:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self._obs.append(obs)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return self._stacked(), total, terminated, truncated, info
+
+
+class SyncChunkVecEnv:
+    """MultiStep envs stepped one after another in this process, with same-step autoreset."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]]) -> None:
+        self.envs = [fn() for fn in env_fns]
+        self.num_envs = len(self.envs)
+
+    def reset(self, seed: int | None = None, seeds: list[int | None] | None = None) -> np.ndarray:
+        if seeds is None:
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        return np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, seeds)])
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        obs, final_obs = [], []
+        reward = np.zeros(self.num_envs, np.float32)
+        terminated = np.zeros(self.num_envs, bool)
+        truncated = np.zeros(self.num_envs, bool)
+        for i, env in enumerate(self.envs):
+            o, reward[i], terminated[i], truncated[i], _ = env.step(actions[i])
+            final_obs.append(o)
+            if terminated[i] or truncated[i]:
+                o, _ = env.reset()
+            obs.append(o)
+        return np.stack(obs), reward, terminated, truncated, {"final_obs": np.stack(final_obs)}
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
+    torch.set_num_threads(1)
+    envs = SyncChunkVecEnv(env_fns)
+    while True:
+        cmd, data = remote.recv()
+        if cmd == "step":
+            remote.send(envs.step(data))
+        elif cmd == "reset":
+            remote.send(envs.reset(seeds=data))
+        else:
+            envs.close()
+            remote.close()
+            return
+
+
+class ProcessChunkVecEnv:
+    """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
+        self.num_envs = len(env_fns)
+        n_workers = max(1, min(n_workers, self.num_envs))
+        self._splits = np.array_split(np.arange(self.num_envs), n_workers)
+        ctx = mp.get_context(context)
+        self._remotes, self._procs = [], []
+        for idx in self._splits:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, [env_fns[i] for i in idx]), daemon=True)
+            proc.start()
+            child.close()
+            self._remotes.append(parent)
+            self._procs.append(proc)
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        for remote, idx in zip(self._remotes, self._splits):
+            remote.send(("reset", [None if seed is None else seed + int(i) for i in idx]))
+        return np.concatenate([remote.recv() for remote in self._remotes])
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        for remote, idx in zip(self._remotes, self._splits):
+            remote.send(("step", actions[idx]))
+        results = [remote.recv() for remote in self._remotes]
+        obs, rew, term, trunc = (np.concatenate([r[k] for r in results]) for k in range(4))
+        return obs, rew, term, trunc, {"final_obs": np.concatenate([r[4]["final_obs"] for r in results])}
+
+    def close(self) -> None:
+        for remote in self._remotes:
+            try:
+                remote.send(("close", None))
+            except (BrokenPipeError, EOFError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+
+
+def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = False,
+             max_episode_steps: int | None = None) -> gym.Env:
+    """One raw (un-chunked) gymnasium env of the task."""
+    require_simulator(task)
+    steps = max_episode_steps or task.max_episode_steps
+    if task.suite == "gym":
+        env = gym.make(task.env_name, max_episode_steps=steps)
+    elif task.suite == "robomimic":
+        from common.robomimic import make_robomimic_env
+        env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success)
+    elif task.suite == "furniture":  # pragma: no cover - needs Isaac Gym on a GPU
+        raise TaskError(f"task {task.id!r}: Furniture-Bench simulation is not supported yet")
+    else:
+        raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
+    env.action_space.seed(seed)
+    return env
+
+
+def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: int | None = None,
+                 cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
+                 max_episode_steps: int | None = None) -> ChunkVecEnv:
+    """`num_envs` chunked envs of `task` following the protocol in this module's docstring.
+
+    n_workers: processes for simulators that are slow in Python (robomimic); default: the number
+    of cores. Gym locomotion stays in-process (on 2 cores IPC costs more than it saves, ENVS.md).
+    """
+    require_simulator(task)
+    act_steps = act_steps or task.act_steps
+    if task.suite == "avoid":
+        from common.avoid import AvoidVecEnv
+        return AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
+                           max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
+
+    def env_fn(i: int) -> Callable[[], gym.Env]:
+        def thunk() -> gym.Env:
+            env = make_env(task, None if seed is None else seed + i, terminate_on_success, max_episode_steps)
+            return MultiStep(env, act_steps, cond_steps)
+        return thunk
+
+    fns = [env_fn(i) for i in range(num_envs)]
+    if task.suite == "robomimic":
+        workers = n_workers or os.cpu_count() or 1
+        if workers > 1 and num_envs > 1:
+            return ProcessChunkVecEnv(fns, workers, context="fork")
+    return SyncChunkVecEnv(fns)
+
+
+class RunningRewardScaler:
+    """SPEC §5: per env ret <- r + 0.99 (1 - first) ret; reward / sqrt(var(ret) + 1e-8), clipped ±10.
+    The variance is a running one pooled over envs and iterations."""
+
+    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.ret = np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, reward: np.ndarray, first: np.ndarray) -> np.ndarray:
+        self.ret = reward + self.gamma * (1.0 - first) * self.ret
+        self._update(self.ret)
+        return np.clip(reward / np.sqrt(self.var + self.eps), -self.clip, self.clip)
+
+    def _update(self, x: np.ndarray) -> None:
+        batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
+                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        self.ret = d["ret"].numpy().copy()
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+
+
+def episode_stats(rewards: np.ndarray, dones: np.ndarray, firsts: np.ndarray, act_steps: int,
+                  success_chunk_reward: float | None) -> dict[str, np.ndarray]:
+    """Episodes that start and finish inside the iteration (SPEC §8).
+
+    rewards, dones: (n_steps, N) chunk rewards and episode ends; firsts: (n_steps, N), 1 where a
+    chunk-step is the first of an episode. Returns per episode: `return` (sum of chunk rewards),
+    `length` (chunk-steps) and `success` (some chunk with reward / T_e >= threshold).
+    """
+    returns, lengths, successes = [], [], []
+    for i in range(rewards.shape[1]):
+        starts = np.flatnonzero(firsts[:, i])
+        for s in starts:
+            ends = np.flatnonzero(dones[s:, i])
+            if len(ends) == 0:
+                continue
+            e = s + ends[0]
+            chunk = rewards[s:e + 1, i]
+            returns.append(chunk.sum())
+            lengths.append(e + 1 - s)
+            ok = success_chunk_reward is not None and chunk.max() / act_steps >= success_chunk_reward - 1e-6
+            successes.append(ok)
+    return {"return": np.array(returns, np.float64), "length": np.array(lengths),
+            "success": np.array(successes, bool)}
+
+
+def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], n_steps: int, act_steps: int,
+             success_chunk_reward: float | None, seed: int | None = None) -> dict[str, Any]:
+    """Roll `act` (raw obs (N, T_o, D_o) -> raw chunk (N, T_a, D_a)) for `n_steps` chunk-steps
+    from a fresh reset and summarise the episodes that finished (SPEC §8). The one evaluation path
+    used during training and by stand-alone evaluation.
+
+    Returns return_mean/return_std/success_rate/n_episodes, and for Avoid `mode_fractions` (the
+    share of finished episodes through each row-3 mode 5..8), `collision_rate` and `paths`.
+    """
+    obs = envs.reset(seed=seed)
+    n = envs.num_envs
+    rewards, dones, firsts = np.zeros((n_steps, n)), np.zeros((n_steps, n), bool), np.zeros((n_steps, n), bool)
+    firsts[0] = True
+    modes, collided, paths, path = [], [], [], [[] for _ in range(n)]
+    for step in range(n_steps):
+        obs, rewards[step], term, trunc, info = envs.step(act(obs)[:, :act_steps])
+        dones[step] = term | trunc
+        if step + 1 < n_steps:
+            firsts[step + 1] = dones[step]
+        if "mode" in info:  # Avoid: latched row modes and the end-effector path
+            for i in range(n):
+                path[i].extend(info["ee_pos"][i])
+                if dones[step, i]:
+                    modes.append(info["mode"][i, 2])
+                    collided.append(info["collided"][i])
+                    paths.append(np.array(path[i]))
+                    path[i] = []
+    stats = episode_stats(rewards, dones, firsts, act_steps, success_chunk_reward)
+    out: dict[str, Any] = {
+        "n_episodes": len(stats["return"]),
+        "return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
+        "return_std": float(stats["return"].std()) if len(stats["return"]) else float("nan"),
+        "success_rate": float(stats["success"].mean()) if success_chunk_reward is not None and len(stats["success"]) else float("nan"),
+    }
+    if modes:
+        modes_arr = np.array(modes)
+        out["mode_fractions"] = {m: float((modes_arr == m).mean()) for m in (5, 6, 7, 8)}
+        out["collision_rate"] = float(np.mean(collided))
+        out["paths"] = paths
+    return out

@@ -1,0 +1,129 @@
+"""Network blocks shared by the scripts (SPEC §7). Plain `nn.Module`s, rebuilt from a dict of
+plain constructor arguments stored in each checkpoint (`DiffusionMLP(**arch)`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "tanh": nn.Tanh,
+                                           "elu": nn.ELU, "gelu": nn.GELU}
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Sinusoidal embedding of the integer denoising step t (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+def MLP(dims: list[int], activation: str = "mish", out_activation: bool = False) -> nn.Sequential:
+    """Plain MLP: Linear(dims[0], dims[1]) -> act -> ... -> Linear(dims[-2], dims[-1])."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2 or out_activation:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation residual block: x + Linear(act(Linear(act(LN(x)))))."""
+
+    def __init__(self, dim: int, activation: str, use_layernorm: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if use_layernorm else nn.Identity()
+        self.net = nn.Sequential(ACTIVATIONS[activation](), nn.Linear(dim, dim),
+                                 ACTIVATIONS[activation](), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(self.norm(x))
+
+
+class ResidualMLP(nn.Module):
+    """SPEC §7 trunk: Linear(in, h), (L-1)/2 residual blocks, Linear(h, out) for L hidden layers
+    of width h ([512]x3 -> one block, [1024]x7 -> three)."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, activation: str = "mish",
+                 use_layernorm: bool = False) -> None:
+        super().__init__()
+        h = hidden_dims[0]
+        assert all(d == h for d in hidden_dims), "residual MLP needs equal hidden widths"
+        blocks = [ResidualBlock(h, activation, use_layernorm) for _ in range((len(hidden_dims) - 1) // 2)]
+        self.net = nn.Sequential(nn.Linear(in_dim, h), *blocks, nn.Linear(h, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def trunk(in_dim: int, hidden_dims: list[int], out_dim: int, activation: str, residual: bool,
+          use_layernorm: bool = False) -> nn.Module:
+    if residual:
+        return ResidualMLP(in_dim, hidden_dims, out_dim, activation, use_layernorm)
+    return MLP([in_dim, *hidden_dims, out_dim], activation)
+
+
+class DiffusionMLP(nn.Module):
+    """ε-prediction network ε_θ(x_t, t, obs) (SPEC §7).
+
+    x: (B, T_a, D_a), t: (B,) integer denoising step, cond: (B, T_o, D_o) -> ε̂ (B, T_a, D_a).
+    """
+
+    def __init__(self, action_dim: int, horizon_steps: int, obs_dim: int, cond_steps: int = 1,
+                 time_dim: int = 16, mlp_dims: tuple[int, ...] = (512, 512, 512),
+                 cond_mlp_dims: tuple[int, ...] | None = None, activation: str = "relu",
+                 residual: bool = True, use_layernorm: bool = False) -> None:
+        super().__init__()
+        self.action_dim, self.horizon_steps = action_dim, horizon_steps
+        self.time_embedding = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim * 2),
+                                            nn.Mish(), nn.Linear(time_dim * 2, time_dim))
+        cond_dim = obs_dim * cond_steps
+        if cond_mlp_dims:
+            self.cond_mlp: nn.Module = MLP([cond_dim, *cond_mlp_dims], "mish", out_activation=True)
+            cond_dim = cond_mlp_dims[-1]
+        else:
+            self.cond_mlp = nn.Identity()
+        in_dim = action_dim * horizon_steps + time_dim + cond_dim
+        self.net = trunk(in_dim, list(mlp_dims), action_dim * horizon_steps, activation, residual, use_layernorm)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        h = torch.cat([x.reshape(B, -1), self.time_embedding(t), self.cond_mlp(cond.reshape(B, -1))], dim=-1)
+        return self.net(h).view(B, self.horizon_steps, self.action_dim)
+
+
+class ObsCritic(nn.Module):
+    """V(s) on the environment observation only (eq. 4.8): (B, T_o, D_o) -> (B,)."""
+
+    def __init__(self, obs_dim: int, cond_steps: int = 1, mlp_dims: tuple[int, ...] = (256, 256, 256),
+                 activation: str = "mish", residual: bool = True, use_layernorm: bool = False) -> None:
+        super().__init__()
+        self.net = trunk(obs_dim * cond_steps, list(mlp_dims), 1, activation, residual, use_layernorm)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.reshape(obs.shape[0], -1)).squeeze(-1)
+
+
+class DoubleQCritic(nn.Module):
+    """Two Q(s, a) heads over concat(obs, flattened executed chunk): -> (q1, q2), each (B,)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, act_steps: int, cond_steps: int = 1,
+                 mlp_dims: tuple[int, ...] = (256, 256, 256), activation: str = "mish",
+                 residual: bool = True, use_layernorm: bool = False) -> None:
+        super().__init__()
+        in_dim = obs_dim * cond_steps + action_dim * act_steps
+        self.q1 = trunk(in_dim, list(mlp_dims), 1, activation, residual, use_layernorm)
+        self.q2 = trunk(in_dim, list(mlp_dims), 1, activation, residual, use_layernorm)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs.reshape(obs.shape[0], -1), action.reshape(action.shape[0], -1)], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)

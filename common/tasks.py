@@ -1,0 +1,129 @@
+"""The task registry: every task of the paper by the names users type.
+
+`get_task("hopper")`, `get_task("Hopper-v5")` and `get_task("avoid-m2")` return a `Task`; an
+unknown id raises `TaskError` listing the valid ids. `require_simulator(task)` raises `TaskError`
+with one line naming the missing package when the task's simulator is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+
+class TaskError(ValueError):
+    """A task id the user typed is unknown, or its simulator / data is not available."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    """canonical id, e.g. `hopper`, `square`, `avoid-m2`, `one-leg-low`"""
+    suite: str
+    """`gym` | `robomimic` | `avoid` | `furniture`"""
+    env_name: str
+    """the simulator's own name (`Hopper-v5`, `NutAssemblySquare`, `avoid`, `one_leg`)"""
+    obs_dim: int
+    action_dim: int
+    max_episode_steps: int
+    horizon_steps: int
+    """T_a used in fine-tuning (SPEC §11)"""
+    act_steps: int
+    """T_e"""
+    cond_steps: int = 1
+    """T_o"""
+    requires: tuple[str, ...] = ()
+    """importable modules the simulator needs, each with the pip name after a colon"""
+    data: str = ""
+    """where demonstrations come from (URL, or `built-in`)"""
+    success_chunk_reward: float | None = None
+    """an episode succeeds if some executed chunk has mean reward >= this (None: no success rate)"""
+    reset_every_iteration: bool = True
+    """envs are reset at the start of every fine-tuning iteration (False for gym locomotion)"""
+    ref_scores: tuple[float, float] | None = None
+    """(random, expert) returns for the D4RL normalised score"""
+    aliases: tuple[str, ...] = field(default=())
+    options: tuple[tuple[str, str], ...] = ()
+    """extra simulator settings (e.g. furniture randomness, avoid data subset)"""
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+
+_D4RL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_medium-v2.hdf5"
+_ROBOMIMIC = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/low_dim_v141.hdf5"
+_MUJOCO = ("mujoco:gymnasium[mujoco]==1.4.0",)
+_ROBOSUITE = ("robosuite:robosuite==1.4.1", "mujoco:mujoco==3.9.0")
+_ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI)",
+          "furniture_bench:furniture-bench (the ankile/furniture-bench fork)")
+
+_TASKS: list[Task] = [
+    # Gym locomotion (SPEC §11): T_a = T_e = 4, envs continue across iterations.
+    Task("hopper", "gym", "Hopper-v5", 11, 3, 1000, 4, 4, requires=_MUJOCO,
+         data=_D4RL.format("hopper"), reset_every_iteration=False,
+         ref_scores=(-20.272305, 3234.3), aliases=("Hopper-v5", "hopper-medium-v2")),
+    Task("walker2d", "gym", "Walker2d-v5", 17, 6, 1000, 4, 4, requires=_MUJOCO,
+         data=_D4RL.format("walker2d"), reset_every_iteration=False,
+         ref_scores=(1.629008, 4592.3), aliases=("Walker2d-v5", "walker2d-medium-v2")),
+    Task("halfcheetah", "gym", "HalfCheetah-v5", 17, 6, 1000, 4, 4, requires=_MUJOCO,
+         data=_D4RL.format("halfcheetah"), reset_every_iteration=False,
+         ref_scores=(-280.178953, 12135.0), aliases=("HalfCheetah-v5", "halfcheetah-medium-v2")),
+    # Robomimic state (ENVS.md): sparse reward, success = solved for a whole executed chunk.
+    Task("lift", "robomimic", "Lift", 19, 7, 300, 4, 4, requires=_ROBOSUITE,
+         data=_ROBOMIMIC.format("lift"), success_chunk_reward=1.0, aliases=("Lift",)),
+    Task("can", "robomimic", "PickPlaceCan", 23, 7, 300, 4, 4, requires=_ROBOSUITE,
+         data=_ROBOMIMIC.format("can"), success_chunk_reward=1.0, aliases=("Can", "PickPlaceCan")),
+    Task("square", "robomimic", "NutAssemblySquare", 23, 7, 400, 4, 4, requires=_ROBOSUITE,
+         data=_ROBOMIMIC.format("square"), success_chunk_reward=1.0,
+         aliases=("Square", "NutAssemblySquare")),
+    Task("transport", "robomimic", "TwoArmTransport", 59, 14, 800, 8, 8, requires=_ROBOSUITE,
+         data=_ROBOMIMIC.format("transport"), success_chunk_reward=1.0,
+         aliases=("Transport", "TwoArmTransport")),
+    # D3IL Avoid (paper §6, App. D.8): our own vectorised simulator, no extra package.
+    *[Task(f"avoid-m{m}", "avoid", "avoid", 4, 2, 100, 4, 4, data="built-in",
+           success_chunk_reward=2.0, aliases=(f"Avoid-M{m}", f"avoid_m{m}", f"M{m}"),
+           options=(("subset", f"M{m}"),)) for m in (1, 2, 3)],
+    # Furniture-Bench (paper §5.3): needs Isaac Gym on an NVIDIA GPU.
+    *[Task(f"{name}-{rand}", "furniture", name.replace("-", "_"), obs, 10, steps, 8, 8,
+           requires=_ISAAC, data="https://github.com/irom-lab/dppo (furniture datasets)",
+           options=(("randomness", rand), ("n_parts", str(parts))),
+           aliases=(f"{name.replace('-', '_')}_{rand}",))
+      for name, obs, steps, parts in (("one-leg", 58, 700, 1), ("lamp", 44, 1000, 2),
+                                      ("round-table", 44, 1000, 2))
+      for rand in ("low", "med")],
+]
+
+TASKS: dict[str, Task] = {t.id: t for t in _TASKS}
+_LOOKUP: dict[str, str] = {}
+for _t in _TASKS:
+    for _name in (_t.id, *_t.aliases):
+        _LOOKUP[_name.lower()] = _t.id
+
+
+def task_ids() -> list[str]:
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by any of its names (case-insensitive)."""
+    key = _LOOKUP.get(name.strip().lower())
+    if key is None:
+        raise TaskError(f"unknown task {name!r}; valid ids: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def missing_packages(task: Task) -> list[str]:
+    """The pip names of the simulator packages this task needs that are not importable."""
+    missing = []
+    for req in task.requires:
+        module, pip_name = req.split(":", 1)
+        if importlib.util.find_spec(module) is None:
+            missing.append(pip_name)
+    return missing
+
+
+def require_simulator(task: Task) -> None:
+    """Raise TaskError naming the missing package(s) if the task cannot be simulated here."""
+    missing = missing_packages(task)
+    if missing:
+        raise TaskError(f"task {task.id!r} needs {' and '.join(missing)}, which is not installed")

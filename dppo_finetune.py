@@ -1,0 +1,656 @@
+"""DPPO: fine-tuning a pre-trained diffusion policy with PPO (Ren et al., ICLR 2025, §4; SPEC.md §2–§8, §11).
+
+The denoising process is an inner MDP inside each environment step (§4.1): every denoising step
+x_t -> x_{t-1} of the last K' steps is an action with a Gaussian likelihood, and the whole chain
+shares the environment-step advantage, discounted by γ_denoise per denoising step (eq. 4.5–4.7).
+The first K - K' steps run the frozen pre-trained network; the last K' run `actor_ft`, a trainable
+copy. The critic V(s) sees only the environment observation (eq. 4.8).
+
+| paper | here | shape / value |
+|---|---|---|
+| K | `denoising_steps` (from the checkpoint) | 20 state, 100 pixel/furniture |
+| K' | `ft_denoising_steps` | 10 (DDIM: `ddim_steps` = 5, all fine-tuned) |
+| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
+| γ_env, λ | `gamma`, `gae_lambda` | |
+| γ_denoise | `gamma_denoising` | 0.99 (Avoid 0.95, furniture 0.9) |
+| σ^exp_min, σ^prob_min | `min_sampling_denoising_std`, `min_logprob_denoising_std` | 0.1, 0.1 |
+| chain | `chains` | (n_steps, N, K'+1, T_a, D_a): the input of the first fine-tuned step and every output after it |
+| obs | `obs` | (n_steps, N, T_o, D_o), normalised |
+
+One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over all
+n_steps·N·K' of them (SPEC §6). Log-probs are element-wise Normal densities clamped to [-5, 2],
+restricted to the executed T_e actions and averaged (SPEC §4).
+
+Deviations from the reference implementation (SPEC §12):
+- Truncation bootstraps from the finished episode's final observation, not the next episode's
+  first; only `terminated` removes the bootstrap (SPEC §5).
+- K' = 1 uses the maximum clip range (the reference divides by zero).
+- One evaluation function (`common.envs.evaluate`) serves training and `--eval-only`.
+- The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
+  computed in one batched pass (same numbers, less compute; SPEC §13).
+- The target-KL stop is checked once per epoch (the max KL of its minibatches), not per minibatch,
+  to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
+- Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
+  iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.datasets import DatasetError, Normalizer
+from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
+from common.networks import DiffusionMLP, ObsCritic
+from common.tasks import TaskError, get_task
+
+DEFAULT_CHECKPOINTS = {"avoid-m2": "checkpoints/avoid-m2_diffusion.pt"}
+
+
+@dataclass
+class Args:
+    # experiment
+    env_id: str = "avoid-m2"
+    """task id (see common/tasks.py)"""
+    checkpoint: str | None = None
+    """pre-trained (or fine-tuned) checkpoint; None: the built-in one for the task, if any"""
+    exp_name: str = "dppo_finetune"
+    """name of this experiment (part of the run folder)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets torch.use_deterministic_algorithms"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "dppo"
+    """the wandb project"""
+    resume: str | None = None
+    """a run folder to continue from its checkpoint.pt"""
+    eval_only: bool = False
+    """only evaluate the checkpoint (deterministic and stochastic) and exit"""
+    plot: bool = True
+    """Avoid: write trajectories.png with rollouts before and after fine-tuning"""
+    save_every: int = 1
+    """iterations between checkpoints"""
+    # algorithm (None: the task's value from SPEC §11)
+    n_train_itr: int | None = None
+    """fine-tuning iterations"""
+    num_envs: int | None = None
+    """parallel environments"""
+    n_steps: int | None = None
+    """chunk-steps per env per iteration"""
+    n_workers: int | None = None
+    """worker processes for slow simulators (robomimic); None: number of cores"""
+    ft_denoising_steps: int = 10
+    """K': fine-tuned denoising steps"""
+    use_ddim: bool = False
+    """DDIM sampling (checkpoints pre-trained with K = 100)"""
+    ddim_steps: int = 5
+    """DDIM steps, all fine-tuned"""
+    horizon_steps: int | None = None
+    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
+    act_steps: int | None = None
+    """T_e (None: the task's)"""
+    gamma: float | None = None
+    """environment discount per chunk-step"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    gamma_denoising: float | None = None
+    """denoising discount"""
+    min_sampling_denoising_std: float | None = None
+    """exploration std floor while sampling"""
+    min_logprob_denoising_std: float = 0.1
+    """std floor when evaluating log-probs"""
+    randn_clip_value: float = 3.0
+    """sampling noise clamp"""
+    final_action_clip: bool | None = None
+    """clamp executed actions to [-1, 1] before un-normalising"""
+    actor_lr: float | None = None
+    """actor learning rate"""
+    actor_lr_min: float | None = None
+    """end of the actor's cosine schedule (None: constant)"""
+    critic_lr: float = 1e-3
+    """critic learning rate"""
+    lr_warmup_itr: int = 10
+    """warm-up iterations of the cosine schedules"""
+    batch_size: int | None = None
+    """PPO minibatch of (env-step, denoising-step) pairs"""
+    update_epochs: int | None = None
+    """PPO epochs per iteration"""
+    clip_coef: float | None = None
+    """clip ε of the final denoising step"""
+    clip_coef_base: float | None = None
+    """clip ε of the noisiest fine-tuned step"""
+    clip_coef_rate: float = 3.0
+    """exponential rate of the per-step clip schedule"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    target_kl: float | None = 1.0
+    """stop the epochs when approx KL exceeds this"""
+    max_grad_norm: float | None = None
+    """gradient norm clip (None: off)"""
+    n_critic_warmup_itr: int | None = None
+    """iterations before the actor starts to step"""
+    val_freq: int = 10
+    """iterations between evaluations"""
+    reward_scale_running: bool = True
+    """running reward scaling (SPEC §5)"""
+    bc_coef: float = 0.0
+    """optional BC term: log-prob of base-policy chains under actor_ft (off by default)"""
+    terminate_on_success: bool = False
+    """robomimic: end episodes on success (the paper does not)"""
+
+
+# SPEC §11; an explicit flag always wins.
+SUITE_DEFAULTS = {
+    "gym": dict(n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99, actor_lr=1e-4,
+                batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
+                min_sampling_denoising_std=0.1, final_action_clip=False),
+    "robomimic": dict(n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99, actor_lr=1e-4,
+                      batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
+                      n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=True),
+    "furniture": dict(n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9, actor_lr=1e-5,
+                      actor_lr_min=1e-6, batch_size=8800, update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
+                      n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=True, use_ddim=True),
+    "avoid": dict(n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95, actor_lr=1e-5,
+                  batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
+                  min_sampling_denoising_std=0.1, final_action_clip=False),
+}
+TASK_DEFAULTS = {
+    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
+    "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
+    "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
+    "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
+}
+
+
+def fill_defaults(args: Args) -> Args:
+    task = get_task(args.env_id)
+    defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps}
+    for key, value in defaults.items():
+        if key == "use_ddim":
+            args.use_ddim = args.use_ddim or value
+        elif getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.actor_lr_min is None:
+        args.actor_lr_min = args.actor_lr
+    if args.use_ddim:
+        args.ft_denoising_steps = args.ddim_steps
+    if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (SPEC §11)
+        args.batch_size = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
+    args.env_id = task.id
+    return args
+
+
+def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
+    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
+    i = torch.arange(K + 1, dtype=torch.float64)
+    alphas_cumprod = torch.cos(((i / K) + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+
+
+def clip_schedule(ft_steps: int, base: float, clip: float, rate: float) -> torch.Tensor:
+    """Per fine-tuned step i (0 = noisiest): ε(i) = base + (clip - base)(e^{rate·u} - 1)/(e^{rate} - 1), u = i/(K'-1)."""
+    if ft_steps == 1:  # the reference divides by zero here (SPEC §6 decision)
+        return torch.tensor([clip])
+    u = torch.linspace(0, 1, ft_steps, dtype=torch.float64)
+    return (base + (clip - base) * (torch.exp(rate * u) - 1) / (math.exp(rate) - 1)).float()
+
+
+def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
+    """γ_denoise^(K'-i-1): the final denoising step has weight 1 (eq. 4.7)."""
+    return gamma_denoising ** torch.arange(ft_steps - 1, -1, -1, dtype=torch.float32)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over chunk-steps (SPEC §5). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
+    observation after chunk-step t (the final observation when the episode ended there)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor, eps: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate over (env-step, denoising-step) pairs (eqs. 4.5-4.7, SPEC §6).
+
+    Advantages are normalised within the minibatch, then weighted by γ_denoise^(K'-i-1) (`disc`);
+    `eps` is each pair's clip range. Returns (pg_loss, approx_kl, clipfrac)."""
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
+    log_ratio = new_lp - old_lp
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > eps).float().mean()
+    return pg_loss, approx_kl, clipfrac
+
+
+class DiffusionPPO(nn.Module):
+    """Frozen base network + trainable copy of it for the last K' steps, and the critic."""
+
+    def __init__(self, base: nn.Module, critic: nn.Module, denoising_steps: int, ft_denoising_steps: int,
+                 horizon_steps: int, action_dim: int, use_ddim: bool, ddim_steps: int, min_sampling_std: float,
+                 min_logprob_std: float, randn_clip: float) -> None:
+        super().__init__()
+        self.actor = base.requires_grad_(False).eval()
+        self.actor_ft = copy.deepcopy(base).requires_grad_(True)
+        self.critic = critic
+        self.horizon_steps, self.action_dim = horizon_steps, action_dim
+        self.use_ddim, self.K, self.ft_steps = use_ddim, denoising_steps, ft_denoising_steps
+        self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
+
+        betas = cosine_beta_schedule(denoising_steps)
+        ac = torch.cumprod(1 - betas, 0)
+        if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (SPEC §2)
+            ts = torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)
+            ts = ts.flip(0)
+            a, a_prev = ac[ts], torch.cat([ac[ts[1:]], torch.ones(1, dtype=torch.float64)])
+            sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt().clamp(min=1e-10)  # η = 1
+            coefs = dict(ddim_a=a, ddim_a_prev=a_prev, std=sigma)
+        else:  # DDPM posterior (SPEC §2)
+            ts = torch.arange(denoising_steps - 1, -1, -1)
+            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+            var = (betas * (1 - ac_prev) / (1 - ac)).clamp(min=1e-20)
+            coefs = dict(sqrt_recip_ac=(1 / ac).sqrt()[ts], sqrt_recipm1_ac=(1 / ac - 1).sqrt()[ts],
+                         c1=(betas * ac_prev.sqrt() / (1 - ac))[ts], c2=((1 - betas).sqrt() * (1 - ac_prev) / (1 - ac))[ts],
+                         std=var.sqrt()[ts])
+        self.register_buffer("ts", ts, persistent=False)  # the visited steps, in order; index j
+        for name, value in coefs.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self.first_ft = len(ts) - ft_denoising_steps  # index j of the first fine-tuned step
+
+    def p_mean_std(self, net: nn.Module, x: torch.Tensor, j: torch.Tensor, cond: torch.Tensor, deterministic: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (un-floored) std of p(x_{t-1} | x_t) at visited index j (a (B,) tensor)."""
+        eps = net(x, self.ts[j], cond)
+        v = lambda buf: buf[j].view(-1, 1, 1)  # noqa: E731
+        if self.use_ddim:
+            a, a_prev = v(self.ddim_a), v(self.ddim_a_prev)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            std = torch.zeros_like(a) if deterministic else v(self.std)  # η = 0 in evaluation
+            mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+        else:
+            x0 = (v(self.sqrt_recip_ac) * x - v(self.sqrt_recipm1_ac) * eps).clamp(-1, 1)
+            mean = v(self.c1) * x0 + v(self.c2) * x
+            std = v(self.std)
+        return mean, std
+
+    @torch.no_grad()
+    def get_action(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample a chunk (SPEC §3). Returns x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
+        B = cond.shape[0]
+        x = torch.randn(B, self.horizon_steps, self.action_dim, device=cond.device)
+        chain = [x] if self.first_ft == 0 else []
+        for j in range(len(self.ts)):
+            net = self.actor if (j < self.first_ft or base_only) else self.actor_ft
+            mean, std = self.p_mean_std(net, x, torch.full((B,), j, device=cond.device), cond, deterministic)
+            if deterministic:  # DDPM: max(σ_t, 1e-3), none at t = 0; DDIM: η = 0 (SPEC §3)
+                std = torch.zeros_like(std) if (self.use_ddim or j == len(self.ts) - 1) else std.clamp(min=1e-3)
+            else:
+                std = std.clamp(min=self.min_sampling_std)
+            x = mean + std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
+            if j + 1 == self.first_ft or j >= self.first_ft:
+                chain.append(x)
+        return x, torch.stack(chain, dim=1)
+
+    def get_logprobs(self, cond: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Element-wise log N(x_prev; μ_ft(x_t), max(σ_t, σ^prob_min)²) at fine-tuned position i (SPEC §4)."""
+        mean, std = self.p_mean_std(self.actor_ft, x_t, self.first_ft + i, cond)
+        std = std.clamp(min=self.min_logprob_std)
+        return -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+
+    def get_value(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.critic(cond)
+
+
+def load_checkpoint(path: str, task) -> dict:
+    """Load a self-describing checkpoint as data (weights_only) and check it fits the task."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: python dppo_pretrain.py --env-id {task.id})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "dppo-checkpoint-v1":
+        raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format 'dppo-checkpoint-v1')")
+    if ckpt["policy"] != "diffusion":
+        raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy; use {ckpt['policy']}_ppo.py")
+    if ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim or ckpt["action_dim"] != task.action_dim:
+        raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
+                           f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
+    return ckpt
+
+
+def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
+    arch = dict(ckpt["arch"])
+    if ckpt["backbone"] == "unet":
+        from common.unet import UNet1D
+        return UNet1D(**arch)
+    if horizon_steps != arch["horizon_steps"]:
+        raise DatasetError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
+    return DiffusionMLP(**arch)
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+EVAL_FIELDS = ["iteration", "env_steps", "mode", "return_mean", "return_std", "success_rate", "n_episodes"]
+
+
+def main(args: Args) -> dict:
+    args = fill_defaults(args)
+    task = get_task(args.env_id)
+    resume = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        resume = load_checkpoint(path, task)
+        if "actor_ft" not in resume:
+            raise DatasetError(f"--resume {args.resume}: its checkpoint is a pre-training one")
+        saved = resume["args"]
+        args = Args(**{**saved, "resume": args.resume, "n_train_itr": args.n_train_itr})
+        run_dir = args.resume
+    else:
+        run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS.get(task.id)
+    if args.checkpoint is None:
+        raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python dppo_pretrain.py --env-id {task.id})")
+    ckpt = resume or load_checkpoint(args.checkpoint, task)
+    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
+        raise DatasetError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {ckpt['denoising_steps']})")
+    if not args.use_ddim and not 1 <= args.ft_denoising_steps <= ckpt["denoising_steps"]:
+        raise DatasetError(f"--ft-denoising-steps must be in 1..{ckpt['denoising_steps']}")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    base = build_network(ckpt, args.horizon_steps)
+    base.load_state_dict(ckpt["base"] if "base" in ckpt else ckpt["ema"])  # fine-tuning starts from the EMA
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], args.ft_denoising_steps, args.horizon_steps,
+                         task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
+                         args.min_logprob_denoising_std, args.randn_clip_value).to(device)
+    if "actor_ft" in ckpt:
+        agent.actor_ft.load_state_dict(ckpt["actor_ft"])
+        agent.critic.load_state_dict(ckpt["critic"])
+    K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
+
+    def cosine(lr: float, lr_min: float):
+        def f(itr: int) -> float:
+            if itr < args.lr_warmup_itr and lr_min != lr:
+                return (itr + 1) / args.lr_warmup_itr
+            return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(itr / args.n_train_itr, 1.0)))) / lr
+        return f
+
+    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
+    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine(args.actor_lr, args.actor_lr_min))
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine(args.critic_lr, args.critic_lr))
+    scaler = RunningRewardScaler(N)
+    clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)
+    disc = denoising_discount(K_ft, args.gamma_denoising).to(device)
+    start_itr, env_steps = 0, 0
+    if resume is not None:
+        actor_opt.load_state_dict(resume["actor_optimizer"])
+        critic_opt.load_state_dict(resume["critic_optimizer"])
+        actor_sched.load_state_dict(resume["actor_scheduler"])
+        critic_sched.load_state_dict(resume["critic_scheduler"])
+        scaler.load_state_dict(resume["reward_scaler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        start_itr, env_steps = resume["itr"], resume["env_steps"]
+
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"],
+                        n_workers=args.n_workers, terminate_on_success=args.terminate_on_success)
+    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
+    eval_deterministic = task.suite != "avoid"
+
+    def act(deterministic: bool):
+        def f(obs: np.ndarray) -> np.ndarray:
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x, _ = agent.get_action(cond, deterministic)
+            x = x.clamp(-1, 1) if args.final_action_clip else x
+            return normalizer.unnormalize_action(x).cpu().numpy()
+        return f
+
+    def run_eval(deterministic: bool) -> dict:
+        return evaluate(envs, act(deterministic), args.n_steps, T_e, task.success_chunk_reward,
+                        seed=args.seed + 1_000_000)
+
+    if args.eval_only:
+        results = {}
+        for mode, det in (("deterministic", True), ("stochastic", False)):
+            r = run_eval(det)
+            results[mode] = r
+            print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
+                  f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+        envs.close()
+        return {"eval": results}
+
+    os.makedirs(run_dir, exist_ok=True)
+    eval_path = os.path.join(run_dir, "eval.csv")
+    rows: list[dict] = []
+    if resume is not None and os.path.isfile(eval_path):  # keep only rows the checkpoint had seen
+        with open(eval_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < start_itr]
+    with open(eval_path, "w", newline="") as f:
+        w = csv.DictWriter(f, EVAL_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
+
+    def write_eval_row(itr: int, mode: str, r: dict) -> None:
+        row = dict(iteration=itr, env_steps=env_steps, mode=mode, return_mean=r["return_mean"],
+                   return_std=r["return_std"], success_rate=r["success_rate"], n_episodes=r["n_episodes"])
+        rows.append(row)
+        with open(eval_path, "a", newline="") as f:
+            csv.DictWriter(f, EVAL_FIELDS).writerow(row)
+
+    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
+    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
+    next_obs_buf = torch.zeros_like(obs_buf)
+    chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
+    history, paths_first, paths_last, last_train = [], None, None, {}
+    obs, need_reset = None, True
+    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
+    for itr in bar:
+        t_itr = time.time()
+        is_eval = eval_deterministic and itr % args.val_freq == 0
+        if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
+            r = run_eval(True)
+            write_eval_row(itr, "deterministic", r)
+            writer.add_scalar("eval/episodic_return", r["return_mean"], itr)
+            writer.add_scalar("eval/success_rate", r["success_rate"], itr)
+            if last_train:
+                write_eval_row(itr, "stochastic", last_train)
+            need_reset = True
+            bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            continue
+
+        # ---- rollout (SPEC §5) ----
+        if need_reset or task.reset_every_iteration:
+            obs = envs.reset(seed=args.seed + itr * N)
+            need_reset = False
+            first = np.ones(N)
+        else:
+            first = np.zeros(N)
+        rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
+        path: list[np.ndarray] = []
+        agent.eval()
+        for step in range(args.n_steps):
+            firsts[step] = first
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x, chain = agent.get_action(cond)
+            obs_buf[step], chain_buf[step] = cond, chain
+            x = x.clamp(-1, 1) if args.final_action_clip else x
+            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs, rewards[step], term, trunc, info = envs.step(action)
+            next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
+            terminated[step], dones[step] = term, term | trunc
+            first = dones[step].astype(np.float64)
+            if "ee_pos" in info:
+                path.append(info["ee_pos"])
+        env_steps += args.n_steps * N * T_e
+        stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), T_e, task.success_chunk_reward)
+        last_train = {"return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
+                      "return_std": float(stats["return"].std()) if len(stats["return"]) else float("nan"),
+                      "success_rate": float(stats["success"].mean()) if len(stats["success"]) and task.success_chunk_reward else float("nan"),
+                      "n_episodes": len(stats["return"])}
+        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
+        if path:  # Avoid trajectories for the before/after picture
+            traj = np.concatenate(path, axis=1)
+            paths = [traj[i] for i in range(N)]
+            paths_first = paths_first if paths_first is not None else paths
+            paths_last = paths
+        if not eval_deterministic and itr % args.val_freq == 0:
+            write_eval_row(itr, "stochastic", last_train)
+
+        # ---- advantages (SPEC §5) ----
+        r_scaled = rewards
+        if args.reward_scale_running:
+            r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
+        with torch.no_grad():
+            values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
+            next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
+            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+            advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(terminated), as_t(dones),
+                                              args.gamma, args.gae_lambda)
+
+        # ---- old log-probs: all K' steps in one batched pass (SPEC §13) ----
+        b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
+        b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
+        b_adv, b_ret = advantages.flatten(), returns.flatten()
+        S = b_obs.shape[0]
+        pos = torch.arange(K_ft, device=device).repeat(S)                # (S·K',) position i of each pair
+        sample = torch.arange(S, device=device).repeat_interleave(K_ft)  # (S·K',) env-step of each pair
+
+        def logprob(idx: torch.Tensor) -> torch.Tensor:
+            s, i = sample[idx], pos[idx]
+            lp = agent.get_logprobs(b_obs[s], b_chain[s, i], b_chain[s, i + 1], i)
+            return lp.clamp(-5, 2)[:, :T_e].mean(dim=(1, 2))           # SPEC §4: clamp, executed actions, mean
+
+        with torch.no_grad():
+            old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(50_000)])
+
+        # ---- PPO update (SPEC §6) ----
+        agent.train()
+        stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(S * K_ft, device=device)
+            kls = []
+            for start in range(0, S * K_ft - args.batch_size + 1, args.batch_size):
+                idx = perm[start:start + args.batch_size]
+                s, i = sample[idx], pos[idx]
+                new_lp = logprob(idx)
+                pg_loss, kl, clipfrac = ppo_loss(new_lp, old_lp[idx], b_adv[s], disc[i], clip_eps[i])
+                v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
+                loss = pg_loss + args.vf_coef * v_loss
+                bc_loss = torch.zeros((), device=device)
+                if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
+                    _, base_chain = agent.get_action(b_obs[s[: max(1, len(s) // K_ft)]], base_only=True)
+                    bi = torch.arange(K_ft, device=device).repeat(base_chain.shape[0])
+                    bs = torch.arange(base_chain.shape[0], device=device).repeat_interleave(K_ft)
+                    bc_lp = agent.get_logprobs(b_obs[s[: base_chain.shape[0]]][bs], base_chain[bs, bi], base_chain[bs, bi + 1], bi)
+                    bc_loss = -bc_lp.clamp(-5, 2)[:, :T_e].mean()
+                    loss = loss + args.bc_coef * bc_loss
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
+                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)
+                if itr >= args.n_critic_warmup_itr:
+                    actor_opt.step()
+                critic_opt.step()
+                kls.append(kl)
+                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", kl), ("bc_loss", bc_loss),
+                             ("clipfrac", clipfrac)):
+                    stats_t[k].append(v.detach())
+            if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
+                break  # one host sync per epoch
+        actor_sched.step()
+        critic_sched.step()
+
+        # ---- logging, once per iteration ----
+        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
+        y_pred, y_true = values.flatten(), returns.flatten()
+        explained_var = (1 - (y_true - y_pred).var() / y_true.var()).item() if y_true.var() > 0 else float("nan")
+        sps = args.n_steps * N * T_e / (time.time() - t_itr)
+        for k, v in logged.items():
+            writer.add_scalar(f"losses/{'policy_loss' if k == 'pg_loss' else 'value_loss' if k == 'v_loss' else k}", v, itr)
+        writer.add_scalar("losses/explained_variance", explained_var, itr)
+        writer.add_scalar("charts/episodic_return", last_train["return_mean"], itr)
+        writer.add_scalar("charts/success_rate", last_train["success_rate"], itr)
+        writer.add_scalar("charts/SPS", sps, itr)
+        writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
+        writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
+        history[-1].update(logged)
+        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
+                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                **{k: ckpt[k] for k in ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim",
+                                        "cond_steps", "denoising_steps", "normalization")},
+                "horizon_steps": args.horizon_steps, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                "base": agent.actor.state_dict(), "ema": agent.actor_ft.state_dict(), "actor_ft": agent.actor_ft.state_dict(),
+                "critic": agent.critic.state_dict(), "actor_optimizer": actor_opt.state_dict(),
+                "critic_optimizer": critic_opt.state_dict(), "actor_scheduler": actor_sched.state_dict(),
+                "critic_scheduler": critic_sched.state_dict(), "reward_scaler": scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state()}, "itr": itr + 1, "env_steps": env_steps})
+    bar.close()
+    # a final evaluation row after the last update
+    final = run_eval(eval_deterministic)
+    write_eval_row(args.n_train_itr, "deterministic" if eval_deterministic else "stochastic", final)
+    if task.suite == "avoid" and args.plot and paths_first is not None:
+        from common.plots import plot_avoid_paths
+        plot_avoid_paths({"before fine-tuning": paths_first, "after fine-tuning": final.get("paths", paths_last)},
+                         os.path.join(run_dir, "trajectories.png"))
+    envs.close()
+    writer.close()
+    first_row = next((r for r in rows), None)
+    print(f"run folder {run_dir}: success {float(first_row['success_rate']) if first_row else float('nan'):.2f} -> "
+          f"{final['success_rate']:.2f}, return {final['return_mean']:.2f}")
+    return {"run_dir": run_dir, "checkpoint": os.path.join(run_dir, "checkpoint.pt"), "eval_rows": rows,
+            "history": history, "final_eval": final}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (TaskError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,191 @@
+"""The math of dppo_pretrain.py / dppo_finetune.py against independent computations (SPEC §1–§6)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dppo_finetune as ft
+import dppo_pretrain as pt
+from common.envs import RunningRewardScaler, episode_stats
+from common.networks import DiffusionMLP, ObsCritic
+
+
+def test_cosine_schedule_check_values():
+    b20 = ft.cosine_beta_schedule(20)
+    assert b20[0] == pytest.approx(0.008, abs=1.5e-3)  # SPEC §1: β from ≈0.008 ...
+    assert b20[-1] == pytest.approx(0.999)             # ... up to 0.999
+    assert torch.cumprod(1 - b20, 0)[-1] == pytest.approx(6e-6, rel=0.2)
+    b100 = ft.cosine_beta_schedule(100)
+    assert b100[0] == pytest.approx(6e-4, rel=0.15)
+    # an independent evaluation of the formula at one step
+    s, K, i = 0.008, 20, 7
+    f = lambda j: math.cos(((j / K) + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    assert b20[i].item() == pytest.approx(1 - f(i + 1) / f(i), rel=1e-9)
+    assert torch.equal(pt.cosine_beta_schedule(20), b20)
+
+
+def _agent(use_ddim=False, K=20, K_ft=10, T_a=4, D_a=2, D_o=3):
+    torch.manual_seed(0)
+    base = DiffusionMLP(D_a, T_a, D_o, mlp_dims=(32, 32, 32))
+    return ft.DiffusionPPO(base, ObsCritic(D_o, mlp_dims=(16, 16, 16)), K, K_ft, T_a, D_a, use_ddim, 5, 0.1, 0.1, 3.0)
+
+
+def test_ddpm_step_matches_hand_computation():
+    agent = _agent()
+    betas = ft.cosine_beta_schedule(20)
+    ac = torch.cumprod(1 - betas, 0)
+    x, cond = torch.randn(5, 4, 2), torch.randn(5, 1, 3)
+    for j in (0, 12, 19):
+        t = 19 - j
+        eps = agent.actor(x, torch.full((5,), t), cond).double()
+        a_t, a_prev = ac[t], (ac[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64))
+        x0 = (math.sqrt(1 / a_t) * x.double() - math.sqrt(1 / a_t - 1) * eps).clamp(-1, 1)
+        c1 = betas[t] * a_prev.sqrt() / (1 - a_t)
+        c2 = (1 - betas[t]).sqrt() * (1 - a_prev) / (1 - a_t)
+        var = max((betas[t] * (1 - a_prev) / (1 - a_t)).item(), 1e-20)
+        mean, std = agent.p_mean_std(agent.actor, x, torch.full((5,), j), cond)
+        torch.testing.assert_close(mean.double(), c1 * x0 + c2 * x.double(), atol=1e-5, rtol=1e-5)
+        assert std.flatten()[0].item() == pytest.approx(math.sqrt(var), rel=1e-5, abs=1e-12)
+
+
+def test_ddim_step_matches_hand_computation():
+    agent = _agent(use_ddim=True, K=100, K_ft=5)
+    assert agent.ts.tolist() == [80, 60, 40, 20, 0] and agent.first_ft == 0
+    ac = torch.cumprod(1 - ft.cosine_beta_schedule(100), 0)
+    x, cond = torch.randn(5, 4, 2), torch.randn(5, 1, 3)
+    for j, (t, t_prev) in enumerate([(80, 60), (60, 40), (40, 20), (20, 0), (0, None)]):
+        a = ac[t].item()
+        a_prev = ac[t_prev].item() if t_prev is not None else 1.0
+        eps = agent.actor(x, torch.full((5,), t), cond).double()
+        x0 = ((x.double() - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        eps2 = (x.double() - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        sigma = max(math.sqrt(max((1 - a_prev) / (1 - a) * (1 - a / a_prev), 0)), 1e-10)
+        mu = math.sqrt(a_prev) * x0 + math.sqrt(max(0, 1 - a_prev - sigma**2)) * eps2
+        mean, std = agent.p_mean_std(agent.actor, x, torch.full((5,), j), cond)
+        torch.testing.assert_close(mean.double(), mu, atol=1e-5, rtol=1e-5)
+        assert std.flatten()[0].item() == pytest.approx(sigma, rel=1e-5)
+        mu0 = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps2  # η = 0 in evaluation
+        mean0, std0 = agent.p_mean_std(agent.actor, x, torch.full((5,), j), cond, deterministic=True)
+        torch.testing.assert_close(mean0.double(), mu0, atol=1e-5, rtol=1e-5)
+        assert std0.abs().max() == 0
+
+
+def test_logprob_matches_torch_normal():
+    agent = _agent()
+    cond, x_t, x_prev = torch.randn(6, 1, 3), torch.randn(6, 4, 2), torch.randn(6, 4, 2)
+    i = torch.tensor([0, 1, 5, 9, 9, 3])
+    lp = agent.get_logprobs(cond, x_t, x_prev, i)
+    mean, std = agent.p_mean_std(agent.actor_ft, x_t, agent.first_ft + i, cond)
+    ref = torch.distributions.Normal(mean, std.clamp(min=0.1).expand_as(mean)).log_prob(x_prev)
+    torch.testing.assert_close(lp, ref)
+
+
+def test_sampling_chain_and_frozen_split():
+    agent = _agent()
+    cond = torch.randn(7, 1, 3)
+    x, chain = agent.get_action(cond)
+    assert chain.shape == (7, 11, 4, 2) and torch.equal(chain[:, -1], x)
+    # the last K' steps run actor_ft: perturbing it changes the samples, perturbing nothing else does not
+    torch.manual_seed(3)
+    _, c1 = agent.get_action(cond)
+    with torch.no_grad():
+        for p in agent.actor_ft.parameters():
+            p.add_(0.1)
+    torch.manual_seed(3)
+    _, c2 = agent.get_action(cond)
+    torch.testing.assert_close(c1[:, 0], c2[:, 0])          # input of the first fine-tuned step: base only
+    assert not torch.allclose(c1[:, 1], c2[:, 1])
+    # deterministic DDPM sampling has no noise at t = 0: x_0 equals the mean of the last step
+    torch.manual_seed(4)
+    x_det, chain_det = agent.get_action(cond, deterministic=True)
+    mean, _ = agent.p_mean_std(agent.actor_ft, chain_det[:, -2], torch.full((7,), 19), cond)
+    torch.testing.assert_close(x_det, mean)
+
+
+def test_clip_schedule_and_denoising_discount():
+    eps = ft.clip_schedule(10, 0.001, 0.01, 3.0)
+    u = np.arange(10) / 9
+    expected = 0.001 + 0.009 * (np.exp(3 * u) - 1) / (np.exp(3) - 1)
+    np.testing.assert_allclose(eps.numpy(), expected, rtol=1e-6)
+    assert eps[0].item() == pytest.approx(0.001) and eps[-1].item() == pytest.approx(0.01)
+    one = ft.clip_schedule(1, 0.001, 0.01, 3.0)
+    assert torch.isfinite(one).all() and one.item() == pytest.approx(0.01)
+    assert torch.allclose(ft.clip_schedule(4, 0.1, 0.1, 3.0), torch.full((4,), 0.1))
+    d = ft.denoising_discount(4, 0.9)
+    torch.testing.assert_close(d, torch.tensor([0.9**3, 0.9**2, 0.9, 1.0]))
+
+
+def _gae_loop(r, v, nv, term, done, gamma, lam):
+    T, N = r.shape
+    adv = np.zeros((T, N))
+    for n in range(N):
+        a = 0.0
+        for t in reversed(range(T)):
+            delta = r[t, n] + gamma * (0.0 if term[t, n] else nv[t, n]) - v[t, n]
+            a = delta + gamma * lam * (0.0 if done[t, n] else a)
+            adv[t, n] = a
+    return adv
+
+
+def test_gae_truncation_bootstraps_and_termination_does_not():
+    rng = np.random.default_rng(0)
+    T, N = 6, 3
+    r, v, nv = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    term, trunc = np.zeros((T, N)), np.zeros((T, N))
+    term[2, 0] = 1   # env 0 terminates at t=2
+    trunc[3, 1] = 1  # env 1 is truncated at t=3: bootstrap from its final observation nv[3, 1]
+    done = np.maximum(term, trunc)
+    as_t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    adv, ret = ft.compute_gae(as_t(r), as_t(v), as_t(nv), as_t(term), as_t(done), 0.99, 0.95)
+    np.testing.assert_allclose(adv.numpy(), _gae_loop(r, v, nv, term, done, 0.99, 0.95), atol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), adv.numpy() + v)
+    assert adv[3, 1].item() == pytest.approx(r[3, 1] + 0.99 * nv[3, 1] - v[3, 1])  # truncated: bootstrap, no carry
+    assert adv[2, 0].item() == pytest.approx(r[2, 0] - v[2, 0])                     # terminated: no bootstrap
+
+
+def test_ppo_loss_by_hand():
+    new = torch.tensor([0.0, 0.5, -0.5, 0.02])
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    adv = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    disc = torch.tensor([1.0, 0.9, 1.0, 0.81])
+    eps = torch.tensor([0.1, 0.1, 0.2, 0.01])
+    pg, kl, clipfrac = ft.ppo_loss(new, old, adv, disc, eps)
+    a = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
+    r = new.exp()
+    terms = [max(-a[k] * r[k], -a[k] * min(max(r[k], 1 - eps[k]), 1 + eps[k])) for k in range(4)]
+    assert pg.item() == pytest.approx(float(sum(terms) / 4), rel=1e-6)
+    assert kl.item() == pytest.approx(float(((r - 1) - new).mean()), rel=1e-6)
+    assert clipfrac.item() == pytest.approx(0.75)  # pairs 1, 2 and 3 are outside their clip range
+
+
+def test_running_reward_scaler_against_plain_computation():
+    rng = np.random.default_rng(1)
+    sc = RunningRewardScaler(3)
+    rewards = rng.normal(size=(20, 3)) + 1
+    firsts = np.zeros((20, 3))
+    firsts[0] = 1
+    firsts[7, 1] = 1
+    rets, ret, out = [], np.zeros(3), []
+    for t in range(20):
+        ret = rewards[t] + 0.99 * (1 - firsts[t]) * ret
+        rets.append(ret.copy())
+        out.append(sc(rewards[t], firsts[t]))
+    pooled = np.concatenate(rets)
+    # with the 1e-4 prior count the running variance equals the pooled variance up to ~1e-5
+    assert sc.var == pytest.approx(pooled.var(), rel=1e-3)
+    np.testing.assert_allclose(out[-1], np.clip(rewards[-1] / np.sqrt(sc.var + 1e-8), -10, 10))
+    sc2 = RunningRewardScaler(3)
+    sc2.load_state_dict(sc.state_dict())
+    np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
+
+
+def test_episode_stats_counts_only_complete_episodes():
+    rewards = np.array([[1.0, 0.0], [4.0, 0.0], [0.0, 8.0], [2.0, 0.0]])
+    dones = np.array([[0, 0], [1, 0], [0, 0], [0, 1]], bool)
+    firsts = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], bool)  # env 1 started before the iteration
+    s = episode_stats(rewards, dones, firsts, act_steps=4, success_chunk_reward=1.0)
+    assert s["return"].tolist() == [5.0]      # env 0's second episode and env 1's episode are incomplete
+    assert s["success"].tolist() == [True]    # chunk reward 4 / T_e 4 >= 1
+    assert s["length"].tolist() == [2]
