@@ -43,6 +43,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,9 @@ from common.datasets import DatasetError, Normalizer
 from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
 from common.tasks import TaskError, get_task
+
+# the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
 
 DEFAULT_CHECKPOINTS = {"avoid-m2": "checkpoints/avoid-m2_diffusion.pt"}
 
@@ -147,7 +151,7 @@ class Args:
     n_critic_warmup_itr: int | None = None
     """iterations before the actor starts to step"""
     val_freq: int = 10
-    """iterations between evaluations"""
+    """iterations between evaluations (0: only the final one)"""
     reward_scale_running: bool = True
     """running reward scaling (SPEC §5)"""
     bc_coef: float = 0.0
@@ -405,6 +409,9 @@ def main(args: Args) -> dict:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])
         agent.critic.load_state_dict(ckpt["critic"])
     K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
+    if args.batch_size > args.n_steps * N * K_ft:
+        raise DatasetError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
+                           f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
 
     def cosine(lr: float, lr_min: float):
         def f(itr: int) -> float:
@@ -486,10 +493,19 @@ def main(args: Args) -> dict:
     chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
     history, paths_first, paths_last, last_train = [], None, None, {}
     obs, need_reset = None, True
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:  # wall time per phase; syncs only at phase boundaries
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
     bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
     for itr in bar:
         t_itr = time.time()
-        is_eval = eval_deterministic and itr % args.val_freq == 0
+        is_eval = eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0
         if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
             r = run_eval(True)
             write_eval_row(itr, "deterministic", r)
@@ -502,6 +518,8 @@ def main(args: Args) -> dict:
             continue
 
         # ---- rollout (SPEC §5) ----
+        timings.clear()
+        lap("other")
         if need_reset or task.reset_every_iteration:
             obs = envs.reset(seed=args.seed + itr * N)
             need_reset = False
@@ -516,6 +534,7 @@ def main(args: Args) -> dict:
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x, chain = agent.get_action(cond)
             obs_buf[step], chain_buf[step] = cond, chain
+            lap("sampling")
             x = x.clamp(-1, 1) if args.final_action_clip else x
             action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
             obs, rewards[step], term, trunc, info = envs.step(action)
@@ -524,6 +543,7 @@ def main(args: Args) -> dict:
             first = dones[step].astype(np.float64)
             if "ee_pos" in info:
                 path.append(info["ee_pos"])
+            lap("env")
         env_steps += args.n_steps * N * T_e
         stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), T_e, task.success_chunk_reward)
         last_train = {"return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
@@ -536,7 +556,7 @@ def main(args: Args) -> dict:
             paths = [traj[i] for i in range(N)]
             paths_first = paths_first if paths_first is not None else paths
             paths_last = paths
-        if not eval_deterministic and itr % args.val_freq == 0:
+        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
             write_eval_row(itr, "stochastic", last_train)
 
         # ---- advantages (SPEC §5) ----
@@ -550,6 +570,7 @@ def main(args: Args) -> dict:
             advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(terminated), as_t(dones),
                                               args.gamma, args.gae_lambda)
 
+        lap("advantages")
         # ---- old log-probs: all K' steps in one batched pass (SPEC §13) ----
         b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
         b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
@@ -565,6 +586,7 @@ def main(args: Args) -> dict:
 
         with torch.no_grad():
             old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(50_000)])
+        lap("old_logprobs")
 
         # ---- PPO update (SPEC §6) ----
         agent.train()
@@ -604,6 +626,7 @@ def main(args: Args) -> dict:
                 break  # one host sync per epoch
         actor_sched.step()
         critic_sched.step()
+        lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
@@ -619,6 +642,7 @@ def main(args: Args) -> dict:
         writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
         writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
         history[-1].update(logged)
+        history[-1].update({f"time_{k}": v for k, v in timings.items()})
         bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
                         ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
@@ -641,10 +665,10 @@ def main(args: Args) -> dict:
                          os.path.join(run_dir, "trajectories.png"))
     envs.close()
     writer.close()
-    first_row = next((r for r in rows), None)
-    print(f"run folder {run_dir}: success {float(first_row['success_rate']) if first_row else float('nan'):.2f} -> "
-          f"{final['success_rate']:.2f}, return {final['return_mean']:.2f}")
-    return {"run_dir": run_dir, "checkpoint": os.path.join(run_dir, "checkpoint.pt"), "eval_rows": rows,
+    first = rows[0] if rows else {"success_rate": float("nan"), "return_mean": float("nan")}
+    print(f"run folder {run_dir}: success {float(first['success_rate']):.2f} -> {final['success_rate']:.2f}, "
+          f"return {float(first['return_mean']):.2f} -> {final['return_mean']:.2f}")
+    return {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(os.path.join(run_dir, "checkpoint.pt")), "eval_rows": rows,
             "history": history, "final_eval": final}
 
 

@@ -375,7 +375,7 @@ def main(args: Args) -> dict:
     writer.close()
     summary = {k: v for k, v in last_eval.items() if k != "paths"}
     print(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}; last evaluation {summary}")
-    return {"run_dir": run_dir, "checkpoint": ckpt_path, "losses": losses, "eval": last_eval}
+    return {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt_path), "losses": losses, "eval": last_eval}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def plot_avoid_paths(panels: dict[str, list[np.ndarray]], out: str) -> None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
     for ax, (title, paths) in zip(axes[0], panels.items()):
-        for (x, y), r in OBSTACLES:
+        for x, y, r in OBSTACLES:
             ax.add_patch(plt.Circle((x, y), r, color="tab:red", alpha=0.6))
         for p in paths:
             ax.plot(p[:, 0], p[:, 1], lw=0.8, alpha=0.6, color="tab:blue")

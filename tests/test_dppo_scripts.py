@@ -1,0 +1,124 @@
+"""dppo_pretrain.py and dppo_finetune.py through `main(args)`: smoke, resume, bad input, learning."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dppo_finetune as ft
+import dppo_pretrain as pt
+from common.datasets import DatasetError, save_train_npz
+from common.tasks import TaskError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(mlp_dims=(64, 64, 64), batch_size=128, learning_rate=1e-3, min_lr=1e-4, n_eval_envs=8)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A small Avoid M2 diffusion policy (3 epochs) and its run."""
+    os.chdir(tmp_path_factory.mktemp("runs"))
+    out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=3, eval_every=3, seed=0, **SMALL))
+    return out
+
+
+def test_pretrain_smoke_and_checkpoint(pretrained):
+    assert len(pretrained["losses"]) == 3 and all(np.isfinite(pretrained["losses"]))
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["task"] == "avoid-m2" and ckpt["policy"] == "diffusion" and ckpt["epoch"] == 3
+    assert ckpt["obs_dim"] == 4 and ckpt["action_dim"] == 2 and ckpt["denoising_steps"] == 20
+    assert set(ckpt["normalization"]) >= {"obs_min", "obs_max", "action_min", "action_max"}
+    net = pt.build_network(ckpt["backbone"], ckpt["arch"])  # rebuilt from the checkpoint alone
+    net.load_state_dict(ckpt["ema"])
+    ev = pretrained["eval"]
+    assert ev["n_episodes"] == 8 and set(ev["mode_fractions"]) == {5, 6, 7, 8}
+    assert 0 <= ev["collision_rate"] <= 1
+
+
+def test_pretrain_resume_continues(pretrained):
+    out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=4, eval_every=0, seed=0, resume=pretrained["run_dir"], **SMALL))
+    ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and len(out["losses"]) == 1
+
+
+def test_pretrain_loss_decreases(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=6, eval_every=0, seed=0, **SMALL))
+    assert out["losses"][-1] < 0.7 * out["losses"][0]
+
+
+def _finetune(ckpt, **kw):
+    base = dict(env_id="avoid-m2", checkpoint=ckpt, n_train_itr=3, num_envs=8, n_steps=25, val_freq=1, seed=0, plot=False)
+    return ft.main(ft.Args(**{**base, **kw}))
+
+
+def test_finetune_smoke_update_eval_and_frozen_base(pretrained):
+    out = _finetune(pretrained["checkpoint"], plot=True)
+    h = out["history"]
+    assert len(h) == 3 and all(np.isfinite(x["pg_loss"]) and np.isfinite(x["v_loss"]) for x in h)
+    assert all(x["n_episodes"] == 8 for x in h)  # Avoid: one full 100-step episode per env and iteration
+    rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "eval.csv"))))
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and all(r["mode"] == "stochastic" for r in rows)
+    assert os.path.isfile(os.path.join(out["run_dir"], "trajectories.png"))
+    pre = torch.load(pretrained["checkpoint"], weights_only=True)
+    post = torch.load(out["checkpoint"], weights_only=True)
+    for k, v in pre["ema"].items():  # the frozen base is the pre-trained EMA, bit for bit
+        assert torch.equal(post["base"][k], v)
+    changed = any(not torch.equal(post["actor_ft"][k], v) for k, v in pre["ema"].items())
+    assert changed and post["itr"] == 3  # actor_ft moved after the critic warm-up iteration
+
+
+def test_finetune_resume_matches_uninterrupted(pretrained):
+    full = _finetune(pretrained["checkpoint"], n_train_itr=4, exp_name="full")
+    part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="part")
+    resumed = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=4, env_id="avoid-m2"))
+    read = lambda o: list(csv.DictReader(open(os.path.join(o["run_dir"], "eval.csv"))))  # noqa: E731
+    assert read(full) == read(resumed) and len(read(full)) == 5
+    a = torch.load(full["checkpoint"], weights_only=True)["actor_ft"]
+    b = torch.load(resumed["checkpoint"], weights_only=True)["actor_ft"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_eval_only_uses_the_same_evaluation(pretrained):
+    out = _finetune(pretrained["checkpoint"], eval_only=True)
+    assert set(out["eval"]) == {"deterministic", "stochastic"}
+    assert out["eval"]["stochastic"]["n_episodes"] == 8
+
+
+def test_finetune_refuses_wrong_checkpoints(pretrained, tmp_path):
+    with pytest.raises(DatasetError, match="avoid-m2.*not 'avoid-m1'"):
+        _finetune(pretrained["checkpoint"], env_id="avoid-m1")
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(DatasetError, match="not a DPPO checkpoint"):
+        _finetune(str(bad))
+    with pytest.raises(DatasetError, match="batch-size"):
+        _finetune(pretrained["checkpoint"], batch_size=10**7)
+
+
+def _cli(script, *argv, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    r = _cli("dppo_pretrain.py", "--env-id", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "valid ids" in r.stderr
+    wrong = tmp_path / "wrong.npz"
+    save_train_npz(str(wrong), [{"obs": np.zeros((10, 5), np.float32), "actions": np.zeros((10, 2), np.float32)}])
+    r = _cli("dppo_pretrain.py", "--env-id", "avoid-m2", "--dataset", str(wrong), cwd=tmp_path)
+    assert r.returncode == 2 and "states" in r.stderr and "(10, 5)" in r.stderr
+    assert not os.path.exists(tmp_path / "runs")  # nothing written before the input was checked
+    r = _cli("dppo_finetune.py", "--env-id", "hopper", cwd=tmp_path)
+    assert r.returncode == 2 and "--checkpoint is required" in r.stderr
+    r = _cli("dppo_finetune.py", "--checkpoint", str(tmp_path / "missing.pt"), cwd=tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_unknown_task_lists_ids():
+    with pytest.raises(TaskError, match="avoid-m2"):
+        pt.main(pt.Args(env_id="avoid-m9"))
