@@ -127,3 +127,56 @@ class DoubleQCritic(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs.reshape(obs.shape[0], -1), action.reshape(action.shape[0], -1)], dim=-1)
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+class ChunkMLP(nn.Module):
+    """Observation -> action chunk for Gaussian / GMM policies (SPEC §9), MLP backbone.
+
+    cond (B, T_o, D_o) -> (chunk (B, T_a, out_dim), extra (B, n_extra)); `extra` carries e.g. the
+    mixture logits (an empty (B, 0) tensor when n_extra = 0).
+    """
+
+    def __init__(self, obs_dim: int, horizon_steps: int, out_dim: int, cond_steps: int = 1, n_extra: int = 0,
+                 mlp_dims: tuple[int, ...] = (512, 512, 512), activation: str = "relu", residual: bool = True,
+                 use_layernorm: bool = False) -> None:
+        super().__init__()
+        self.horizon_steps, self.out_dim, self.n_extra = horizon_steps, out_dim, n_extra
+        self.net = trunk(obs_dim * cond_steps, list(mlp_dims), horizon_steps * out_dim + n_extra, activation,
+                         residual, use_layernorm)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = cond.shape[0]
+        h = self.net(cond.reshape(B, -1))
+        return h[:, : self.horizon_steps * self.out_dim].view(B, self.horizon_steps, self.out_dim), h[:, h.shape[1] - self.n_extra:]
+
+
+class ChunkTransformer(nn.Module):
+    """Decoder-only (GPT-style) Transformer over the action chunk (SPEC §9), same interface as ChunkMLP.
+
+    Tokens: the T_o observations (Linear embedding + learned position) followed by T_a learned chunk
+    positional embeddings; pre-LN causal self-attention, no dropout. Output at the T_a chunk tokens
+    -> (B, T_a, out_dim); `extra` (B, n_extra) is read from the last observation token.
+    """
+
+    def __init__(self, obs_dim: int, horizon_steps: int, out_dim: int, cond_steps: int = 1, n_extra: int = 0,
+                 n_emb: int = 128, n_heads: int = 4, n_layers: int = 2) -> None:
+        super().__init__()
+        self.horizon_steps, self.cond_steps, self.n_extra = horizon_steps, cond_steps, n_extra
+        self.obs_emb = nn.Linear(obs_dim, n_emb)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cond_steps + horizon_steps, n_emb))
+        nn.init.normal_(self.pos_emb, std=0.02)
+        layer = nn.TransformerEncoderLayer(n_emb, n_heads, 4 * n_emb, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(n_emb)
+        self.head = nn.Linear(n_emb, out_dim)
+        self.extra_head = nn.Linear(n_emb, n_extra) if n_extra else None
+        L = cond_steps + horizon_steps
+        self.register_buffer("mask", torch.triu(torch.full((L, L), float("-inf")), diagonal=1), persistent=False)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = cond.shape[0]
+        tokens = torch.cat([self.obs_emb(cond), self.pos_emb.new_zeros(B, self.horizon_steps, self.pos_emb.shape[2])], 1)
+        h = self.norm(self.blocks(tokens + self.pos_emb, mask=self.mask))
+        last_obs = h[:, self.cond_steps - 1]
+        return self.head(h[:, self.cond_steps:]), (self.extra_head(last_obs) if self.extra_head else last_obs[:, :0])

@@ -1,0 +1,864 @@
+"""Gaussian chunk policy: behaviour-cloning pre-training and PPO fine-tuning (Ren et al., ICLR 2025,
+§5 baselines, App. B.2, eq. A14; SPEC.md §5, §6, §8, §9, §11).
+
+The parameterisation baseline of DPPO: the policy outputs the whole action chunk at once,
+a ~ N(tanh(μ_θ(s)), σ²) with a learned per-dimension σ shared across the chunk (SPEC §9). It is
+fine-tuned with the same PPO loop as `dppo_finetune.py`, with one PPO sample per env-step instead
+of one per (env-step, denoising-step) pair. One file holds every stage:
+
+    python gaussian_ppo.py --pretrain --env-id avoid-m2 [--dataset FILE] [--backbone transformer]
+    python gaussian_ppo.py --env-id avoid-m2 --checkpoint runs/.../checkpoint.pt [--bc-coef 0.1]
+    python gaussian_ppo.py --env-id Hopper-v5 --from-scratch           # App. B.2, any gymnasium id
+    python gaussian_ppo.py --env-id hopper --checkpoint CKPT --collect-dataset 1000000 --out medium.npz
+
+| paper | here | shape / value |
+|---|---|---|
+| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | chunk predicted / executed / obs history |
+| μ_θ(s) | `GaussianPolicy.network` + tanh | (B, T_a, D_a), normalised actions |
+| σ | `GaussianPolicy.log_std` | (D_a,): init 0.1, clamped to [0.01, 0.2] |
+| γ_env, λ | `gamma`, `gae_lambda` | |
+| α (eq. A14) | `bc_coef` | −α·log π_BC(a_new), a_new ~ π_θ reparameterised |
+| obs, actions | `obs_buf`, `act_buf` | (n_steps, N, T_o, D_o), (n_steps, N, T_a, D_a), normalised |
+
+Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); deterministic evaluation uses
+σ = 1e-4. log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (no clamp, SPEC §9).
+Pre-training minimises −log π(a|s) on demonstration windows (so σ is learned too), with the
+optimiser, schedule and EMA of `dppo_pretrain.py` (SPEC §1); fine-tuning starts from the EMA.
+
+Defaults where SPEC is silent (our choices):
+- PPO minibatch over env-steps = DPPO's minibatch / K' (the same number of minibatches per epoch):
+  gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid n_steps·n_envs/2 = 625.
+- Transformer backbone: 128-d, 4 heads, 2 layers (`common.networks.ChunkTransformer`).
+- `--from-scratch` uses CleanRL-style PPO defaults for MuJoCo: T_a = T_e = 1, 8 envs × 256 steps
+  (2048 env-steps per iteration), minibatch 64, 10 epochs, clip 0.2, actor lr 3e-4 (constant), critic
+  lr 1e-3, γ 0.99, λ 0.95, max grad norm 0.5, actor MLP 64×64 tanh (not residual), σ init 0.5 clamped
+  to [0.01, 1], actions clipped to the bounds, 500 iterations (~1M env steps). Normalisation is the
+  identity for observations and the env's bounds for actions (App. B.2). Gymnasium ids outside the
+  task registry are accepted (e.g. `Pendulum-v1`, `InvertedPendulum-v5`; gym suite settings).
+- `--bc-coef` is off by default: the paper's furniture value of α did not survive the text
+  extraction of paper/dppo.txt.
+
+Deviations from the reference implementation:
+- Truncation bootstraps from the finished episode's final observation (SPEC §5), as in dppo_finetune.py.
+- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`;
+  an evaluation runs at least one full episode (max(n_steps, episode length / T_e) chunk-steps).
+- The target-KL stop is checked once per epoch, as in dppo_finetune.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories, save_train_npz
+from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
+from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
+from common.tasks import Task, TaskError, get_task, missing_packages
+
+POLICY = "gaussian"
+
+
+@dataclass
+class Args:
+    # experiment
+    env_id: str = "avoid-m2"
+    """task id (see common/tasks.py), or any gymnasium id with continuous actions (for --from-scratch)"""
+    checkpoint: str | None = None
+    """pre-trained (or fine-tuned) Gaussian checkpoint to fine-tune, evaluate or collect data with"""
+    exp_name: str = "gaussian_ppo"
+    """name of this experiment (part of the run folder)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets torch.use_deterministic_algorithms"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "dppo"
+    """the wandb project"""
+    resume: str | None = None
+    """a run folder to continue from its checkpoint.pt"""
+    eval_only: bool = False
+    """only evaluate the checkpoint (deterministic and stochastic) and exit"""
+    plot: bool = True
+    """Avoid: write trajectories.png with rollouts before and after fine-tuning"""
+    save_every: int = 1
+    """iterations (pre-training: epochs) between checkpoints"""
+    # modes
+    pretrain: bool = False
+    """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
+    dataset: str | None = None
+    """pre-training demonstrations (None: the task's default)"""
+    from_scratch: bool = False
+    """PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint"""
+    collect_dataset: int | None = None
+    """roll the checkpoint's stochastic policy for this many env steps and save them to --out"""
+    out: str | None = None
+    """--collect-dataset: the train.npz to write; --pretrain: also copy the checkpoint here"""
+    # policy (pre-training / from scratch; fine-tuning reads them from the checkpoint)
+    backbone: str = "mlp"
+    """`mlp` (ChunkMLP) or `transformer` (ChunkTransformer)"""
+    horizon_steps: int | None = None
+    """T_a (None: the task's)"""
+    cond_steps: int = 1
+    """T_o"""
+    mlp_dims: tuple[int, ...] | None = None
+    """hidden widths of the MLP (None: per task)"""
+    activation: str | None = None
+    """MLP activation (None: per task)"""
+    residual: bool | None = None
+    """residual MLP trunk (None: yes, except from scratch)"""
+    n_emb: int = 128
+    """Transformer width"""
+    n_heads: int = 4
+    """Transformer attention heads"""
+    n_layers: int = 2
+    """Transformer layers"""
+    std_init: float | None = None
+    """initial σ (None: 0.1; from scratch 0.5)"""
+    std_min: float | None = None
+    """σ lower clamp (None: the checkpoint's, else 0.01)"""
+    std_max: float | None = None
+    """σ upper clamp (None: the checkpoint's, else 0.2; from scratch 1.0)"""
+    randn_clip_value: float = 3.0
+    """sampling noise clamp: actions stay within μ ± 3σ"""
+    # pre-training (SPEC §1 optimiser, schedule and EMA)
+    n_epochs: int | None = None
+    """passes over the dataset (None: per task)"""
+    pretrain_batch_size: int | None = None
+    """pre-training minibatch (None: gym 128, robomimic/furniture 256, Avoid 16)"""
+    learning_rate: float | None = None
+    """pre-training peak learning rate (None: per task)"""
+    min_lr: float | None = None
+    """end of the pre-training cosine schedule (None: per task)"""
+    warmup_epochs: int | None = None
+    """pre-training linear warm-up epochs"""
+    weight_decay: float = 1e-6
+    """pre-training AdamW weight decay"""
+    ema_decay: float = 0.995
+    """EMA decay"""
+    ema_every: int = 10
+    """gradient steps between EMA updates"""
+    ema_start_epoch: int = 20
+    """before this epoch the EMA is reset to the model"""
+    eval_every: int | None = None
+    """pre-training epochs between evaluation rollouts (0: never)"""
+    n_eval_envs: int = 50
+    """parallel envs in a pre-training evaluation"""
+    # fine-tuning (None: the task's value from SPEC §11)
+    n_train_itr: int | None = None
+    """fine-tuning iterations"""
+    num_envs: int | None = None
+    """parallel environments"""
+    n_steps: int | None = None
+    """chunk-steps per env per iteration"""
+    n_workers: int | None = None
+    """worker processes for slow simulators (robomimic); None: number of cores"""
+    act_steps: int | None = None
+    """T_e (None: the task's)"""
+    gamma: float | None = None
+    """environment discount per chunk-step"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    final_action_clip: bool | None = None
+    """clamp executed actions to [-1, 1] before un-normalising"""
+    actor_lr: float | None = None
+    """actor learning rate"""
+    actor_lr_min: float | None = None
+    """end of the actor's cosine schedule (None: constant)"""
+    critic_lr: float = 1e-3
+    """critic learning rate"""
+    lr_warmup_itr: int = 10
+    """warm-up iterations of the cosine schedules"""
+    batch_size: int | None = None
+    """PPO minibatch of env-steps"""
+    update_epochs: int | None = None
+    """PPO epochs per iteration"""
+    clip_coef: float | None = None
+    """PPO clip ε"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    target_kl: float | None = 1.0
+    """stop the epochs when approx KL exceeds this"""
+    max_grad_norm: float | None = None
+    """gradient norm clip (None: off)"""
+    n_critic_warmup_itr: int | None = None
+    """iterations before the actor starts to step"""
+    val_freq: int = 10
+    """iterations between evaluations (0: only the final one)"""
+    reward_scale_running: bool = True
+    """running reward scaling (SPEC §5)"""
+    bc_coef: float = 0.0
+    """α of eq. A14: adds −α·log π_BC(a_new) under the frozen pre-trained policy (0: off)"""
+    terminate_on_success: bool = False
+    """robomimic: end episodes on success (the paper does not)"""
+
+
+# SPEC §11 (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
+SUITE_DEFAULTS = {
+    "gym": dict(n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
+                update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
+    "robomimic": dict(n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4, batch_size=750,
+                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=True),
+    "furniture": dict(n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5, actor_lr_min=1e-6,
+                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=True),
+    "avoid": dict(n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5, batch_size=None,
+                  update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
+}
+TASK_DEFAULTS = {
+    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
+    "square": dict(n_steps=400, batch_size=1000, n_train_itr=201),
+    "transport": dict(n_steps=400, batch_size=1000, n_train_itr=201, update_epochs=5),
+    "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
+}
+# Pre-training, as dppo_pretrain.py (SPEC §1, §7).
+PRETRAIN_DEFAULTS = {
+    "gym": dict(pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
+                mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
+    "robomimic": dict(pretrain_batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
+                      mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
+    "furniture": dict(pretrain_batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
+                      mlp_dims=(1024, 1024, 1024), n_epochs=8000, eval_every=0),
+    "avoid": dict(pretrain_batch_size=16, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=1, activation="relu",
+                  mlp_dims=(512, 512, 512), n_epochs=40, eval_every=10),
+}
+# App. B.2: standard PPO for MuJoCo (CleanRL's ppo_continuous_action), see the docstring.
+SCRATCH_DEFAULTS = dict(n_train_itr=500, num_envs=8, n_steps=256, gamma=0.99, actor_lr=3e-4, batch_size=64,
+                        update_epochs=10, clip_coef=0.2, n_critic_warmup_itr=0, final_action_clip=True,
+                        max_grad_norm=0.5, horizon_steps=1, act_steps=1, mlp_dims=(64, 64), activation="tanh",
+                        residual=False, std_init=0.5, std_min=0.01, std_max=1.0)
+
+
+def resolve_task(env_id: str) -> Task:
+    """A registry task, or else any registered gymnasium id with a Box action space (T_a = T_e = 1)."""
+    try:
+        return get_task(env_id)
+    except TaskError:
+        if env_id not in gym.registry:
+            raise
+    env = gym.make(env_id)
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise TaskError(f"{env_id}: needs a flat observation and a continuous (Box) action space")
+    return Task(env_id, "gym", env_id, obs_space.shape[0], act_space.shape[0], gym.spec(env_id).max_episode_steps or 1000,
+                1, 1, reset_every_iteration=False)
+
+
+def fill_defaults(args: Args) -> Args:
+    task = resolve_task(args.env_id)
+    defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), **PRETRAIN_DEFAULTS[task.suite],
+                "act_steps": task.act_steps, "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}
+    if args.from_scratch:
+        defaults.update(SCRATCH_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.actor_lr_min is None:
+        args.actor_lr_min = args.actor_lr
+    if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (SPEC §11 without the K' factor)
+        args.batch_size = args.n_steps * args.num_envs // 2
+    args.env_id = task.id
+    return args
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std²) averaged over the chunk's T_a·D_a entries (SPEC §9): (B, T_a, D_a) -> (B,)."""
+    lp = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=(1, 2))
+
+
+def build_network(backbone: str, arch: dict) -> nn.Module:
+    if backbone == "mlp":
+        return ChunkMLP(**arch)
+    if backbone == "transformer":
+        return ChunkTransformer(**arch)
+    raise TaskError(f"unknown backbone {backbone!r} (mlp or transformer)")
+
+
+def network_arch(args: Args, task: Task) -> dict:
+    """Plain constructor arguments, stored in the checkpoint to rebuild the network."""
+    common = dict(obs_dim=task.obs_dim, horizon_steps=args.horizon_steps, out_dim=task.action_dim, cond_steps=args.cond_steps)
+    if args.backbone == "mlp":
+        return dict(common, mlp_dims=list(args.mlp_dims), activation=args.activation, residual=args.residual)
+    return dict(common, n_emb=args.n_emb, n_heads=args.n_heads, n_layers=args.n_layers)
+
+
+def sample_actions(policy: nn.Module, cond: torch.Tensor, deterministic: bool, randn_clip: float) -> torch.Tensor:
+    """a = μ + σ·z, z ~ N(0, I) clamped to ±randn_clip; σ = 1e-4 when deterministic (SPEC §9). Differentiable."""
+    mean, std = policy(cond)
+    std = torch.full_like(std, 1e-4) if deterministic else std
+    return mean + std * torch.randn_like(mean).clamp(-randn_clip, randn_clip)
+
+
+class GaussianPolicy(nn.Module):
+    """a ~ N(tanh(μ_θ(s)), σ²) over the chunk; σ learned per action dimension, shared across the chunk."""
+
+    def __init__(self, network: nn.Module, action_dim: int, std_init: float, std_min: float, std_max: float) -> None:
+        super().__init__()
+        self.network = network
+        self.log_std = nn.Parameter(torch.full((action_dim,), math.log(std_init)))
+        self.log_std_min, self.log_std_max = math.log(std_min), math.log(std_max)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, T_a, D_a) and std (D_a,), clamped to [std_min, std_max] (SPEC §9)."""
+        return torch.tanh(self.network(cond)[0]), self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
+
+
+class GaussianPPO(nn.Module):
+    """The fine-tuned policy `actor_ft`, a frozen copy of the pre-trained one (for eq. A14), and the critic."""
+
+    def __init__(self, actor: GaussianPolicy, critic: nn.Module, randn_clip: float) -> None:
+        super().__init__()
+        self.actor = copy.deepcopy(actor).requires_grad_(False).eval()
+        self.actor_ft = actor
+        self.critic = critic
+        self.randn_clip = randn_clip
+
+    @torch.no_grad()
+    def get_action(self, cond: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        return sample_actions(self.actor_ft, cond, deterministic, self.randn_clip)
+
+    def get_logprobs(self, cond: torch.Tensor, x: torch.Tensor, base: bool = False) -> torch.Tensor:
+        mean, std = (self.actor if base else self.actor_ft)(cond)
+        return gaussian_logprob(x, mean, std)
+
+    def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
+        """Eq. A14: −log π_BC(a_new) with a_new ~ π_θ(·|s) by reparameterisation; π_BC is frozen."""
+        return -self.get_logprobs(cond, sample_actions(self.actor_ft, cond, False, self.randn_clip), base=True).mean()
+
+    def get_value(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.critic(cond)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over chunk-steps (SPEC §5). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
+    observation after chunk-step t (the final observation when the episode ended there)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate over env-steps (SPEC §6, without the denoising discount). Returns (pg_loss, approx_kl, clipfrac)."""
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    log_ratio = new_lp - old_lp
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > eps).float().mean()
+    return pg_loss, approx_kl, clipfrac
+
+
+def load_checkpoint(path: str, task: Task) -> dict:
+    """Load a self-describing checkpoint as data (weights_only) and check it fits the task."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: python {POLICY}_ppo.py --pretrain --env-id {task.id})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "dppo-checkpoint-v1":
+        raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format 'dppo-checkpoint-v1')")
+    if ckpt["policy"] != POLICY:
+        script = "dppo_finetune.py" if ckpt["policy"] == "diffusion" else f"{ckpt['policy']}_ppo.py"
+        raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not a {POLICY} one; use {script}")
+    if ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim or ckpt["action_dim"] != task.action_dim:
+        raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
+                           f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
+    return ckpt
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Write atomically so a run killed at any moment leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def policy_from_checkpoint(ckpt: dict, args: Args, weights: str) -> GaussianPolicy:
+    std_min, std_max = args.std_min or ckpt["std_limits"][0], args.std_max or ckpt["std_limits"][1]
+    policy = GaussianPolicy(build_network(ckpt["backbone"], ckpt["arch"]), ckpt["action_dim"], 0.1, std_min, std_max)
+    policy.load_state_dict(ckpt[weights])
+    return policy
+
+
+def checkpoint_header(args: Args, task: Task, arch: dict, normalizer: Normalizer, std_limits: list[float]) -> dict:
+    return {"format": "dppo-checkpoint-v1", "policy": POLICY, "backbone": args.backbone, "arch": arch, "task": task.id,
+            "obs_dim": task.obs_dim, "action_dim": task.action_dim, "horizon_steps": arch["horizon_steps"],
+            "cond_steps": arch["cond_steps"], "std_limits": std_limits, "normalization": normalizer.state_dict(),
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+
+
+def seed_everything(args: Args) -> torch.device:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(args.torch_deterministic)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def pretrain(args: Args, task: Task) -> dict:
+    """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule, EMA as SPEC §1)."""
+    trajs = load_task_trajectories(task, args.dataset)  # checked before anything is written
+    device = seed_everything(args)
+    run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    normalizer = Normalizer.from_trajectories(trajs)
+    data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
+    arch = network_arch(args, task)
+    std_limits = [args.std_min or 0.01, args.std_max or 0.2]
+    policy = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, *std_limits).to(device)
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(epoch: int) -> float:  # linear warm-up, then cosine from lr to min_lr
+        if epoch < args.warmup_epochs:
+            return (epoch + 1) / args.warmup_epochs
+        progress = (epoch - args.warmup_epochs) / max(1, args.n_epochs - args.warmup_epochs)
+        return (args.min_lr + (args.learning_rate - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / args.learning_rate
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
+    can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if can_simulate:
+        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (SPEC §8)
+        x = sample_actions(ema.eval(), normalizer.normalize_obs(torch.as_tensor(obs, device=device)),
+                           task.suite != "avoid", args.randn_clip_value)
+        return normalizer.unnormalize_action(x).cpu().numpy()
+
+    def run_evaluation(epoch: int) -> dict:
+        result = evaluate(eval_envs, act, -(-task.max_episode_steps // task.act_steps), task.act_steps,
+                          task.success_chunk_reward, seed=args.seed + 10_000)
+        writer.add_scalar("eval/episodic_return", result["return_mean"], epoch)
+        writer.add_scalar("eval/success_rate", result["success_rate"], epoch)
+        return result
+
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"pre-training a {POLICY} policy on {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run_dir}")
+    losses, last_eval, step, t0 = [], {}, 0, time.time()
+    bar = tqdm(range(args.n_epochs), desc="epochs")
+    for epoch in bar:
+        policy.train()
+        epoch_loss, n_batches = torch.zeros((), device=device), 0
+        for obs, actions in data.iterate(args.pretrain_batch_size, generator):
+            mean, std = policy(obs)
+            loss = -gaussian_logprob(actions, mean, std).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.detach()
+            n_batches += 1
+            step += 1
+            if step % args.ema_every == 0:  # EMA (SPEC §1), reset to the model before ema_start_epoch
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
+                        p_ema.copy_(p) if epoch < args.ema_start_epoch else p_ema.lerp_(p, 1 - args.ema_decay)
+        scheduler.step()
+        losses.append((epoch_loss / max(n_batches, 1)).item())  # one host sync per epoch
+        writer.add_scalar("losses/loss", losses[-1], epoch)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], epoch)
+        writer.add_scalar("charts/std", policy(data.obs[:1])[1].mean().item(), epoch)
+        postfix = {"loss": f"{losses[-1]:.4f}"}
+        if can_simulate and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.n_epochs):
+            last_eval = run_evaluation(epoch + 1)
+            postfix.update(success=f"{last_eval['success_rate']:.2f}", ret=f"{last_eval['return_mean']:.1f}")
+        bar.set_postfix(postfix)
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.n_epochs:
+            save_checkpoint(ckpt_path, {**checkpoint_header(args, task, arch, normalizer, std_limits),
+                                        "model": policy.state_dict(), "ema": ema.state_dict(), "epoch": epoch + 1})
+    bar.close()
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        save_checkpoint(args.out, torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    if can_simulate:
+        eval_envs.close()
+    writer.close()
+    print(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}; last evaluation "
+          f"{ {k: v for k, v in last_eval.items() if k != 'paths'} }")
+    return {"run_dir": run_dir, "checkpoint": ckpt_path, "losses": losses, "eval": last_eval}
+
+
+def collect(args: Args, task: Task, ckpt: dict, device: torch.device) -> dict:
+    """Roll the stochastic policy for `collect_dataset` env steps and save the trajectories as train.npz.
+    The env runs one step at a time; each env re-plans a chunk every T_e steps and at episode starts."""
+    if not args.out:
+        raise DatasetError("--collect-dataset needs --out FILE.npz")
+    policy = policy_from_checkpoint(ckpt, args, "actor_ft" if "actor_ft" in ckpt else "ema").to(device)
+    agent = GaussianPPO(policy, nn.Identity(), args.randn_clip_value)
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    N, T_e = args.num_envs, args.act_steps
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=1, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers)
+    obs = envs.reset(seed=args.seed)
+    current = [{"obs": [], "actions": [], "rewards": []} for _ in range(N)]
+    trajs, pos, plan = [], np.zeros(N, int), None
+    for _ in tqdm(range(-(-args.collect_dataset // N)), desc="collecting"):
+        x = agent.get_action(normalizer.normalize_obs(torch.as_tensor(obs, device=device)))
+        x = x.clamp(-1, 1) if args.final_action_clip else x
+        chunk = normalizer.unnormalize_action(x).cpu().numpy()
+        plan = chunk if plan is None else np.where((pos == 0)[:, None, None], chunk, plan)
+        action = plan[np.arange(N), pos]
+        next_obs, reward, term, trunc, _ = envs.step(action[:, None])
+        for i in range(N):
+            current[i]["obs"].append(obs[i, -1])
+            current[i]["actions"].append(action[i])
+            current[i]["rewards"].append(reward[i])
+            if term[i] or trunc[i]:
+                trajs.append(current[i])
+                current[i] = {"obs": [], "actions": [], "rewards": []}
+        pos = np.where(term | trunc, 0, (pos + 1) % T_e)
+        obs = next_obs
+    envs.close()
+    trajs += [c for c in current if c["actions"]]  # the unfinished tails, as D4RL keeps timeouts
+    trajs = [{k: np.asarray(v, np.float32) for k, v in t.items()} for t in trajs]
+    save_train_npz(args.out, trajs)
+    returns = [float(t["rewards"].sum()) for t in trajs]
+    print(f"wrote {args.out}: {len(trajs)} trajectories, {sum(len(t['actions']) for t in trajs)} steps, "
+          f"mean return {np.mean(returns):.1f}")
+    return {"dataset": args.out, "n_trajectories": len(trajs), "returns": returns}
+
+
+EVAL_FIELDS = ["iteration", "env_steps", "mode", "return_mean", "return_std", "success_rate", "n_episodes"]
+
+
+def main(args: Args) -> dict:
+    explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
+    args = fill_defaults(args)
+    task = resolve_task(args.env_id)
+    if args.pretrain:
+        if args.resume or args.from_scratch or args.collect_dataset:
+            raise TaskError("--pretrain cannot be combined with --resume, --from-scratch or --collect-dataset")
+        return pretrain(args, task)
+    resume = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        resume = load_checkpoint(path, task)
+        if "actor_ft" not in resume:
+            raise DatasetError(f"--resume {args.resume}: its checkpoint is a pre-training one")
+        saved = resume["args"]
+        args = Args(**{**saved, "resume": args.resume, "n_train_itr": args.n_train_itr,
+                       **{k: tuple(v) for k, v in saved.items() if isinstance(v, list)}})
+        run_dir = args.resume
+    else:
+        run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = seed_everything(args)
+    if args.from_scratch and resume is None:  # App. B.2: random init, identity normalisation, T_a = T_e = 1
+        if args.checkpoint:
+            raise TaskError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
+        env = gym.make(task.env_name)
+        low, high = env.action_space.low, env.action_space.high
+        env.close()
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise TaskError(f"{task.id}: --from-scratch needs finite action bounds")
+        normalizer = Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high)
+        arch = network_arch(args, task)
+        net = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, args.std_min, args.std_max)
+        ckpt = {**checkpoint_header(args, task, arch, normalizer, [args.std_min, args.std_max]), "ema": net.state_dict()}
+    else:
+        if args.checkpoint is None and resume is None:
+            raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py "
+                                    f"--pretrain --env-id {task.id}, or use --from-scratch)")
+        ckpt = resume or load_checkpoint(args.checkpoint, task)
+    args.horizon_steps = ckpt["horizon_steps"]
+    if explicit_act_steps is None:  # e.g. a from-scratch checkpoint (T_a = 1) used on a registry task
+        args.act_steps = min(args.act_steps, args.horizon_steps)
+    elif args.act_steps > args.horizon_steps:
+        raise DatasetError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
+    if explicit_clip is None and ckpt["args"].get("from_scratch"):  # its normalisation is the env's bounds
+        args.final_action_clip = True
+    if args.collect_dataset:
+        return collect(args, task, ckpt, device)
+
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema")  # fine-tuning starts from the EMA
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    agent = GaussianPPO(base, critic, args.randn_clip_value).to(device)
+    if "actor_ft" in ckpt:
+        agent.actor_ft.load_state_dict(ckpt["actor_ft"])
+        agent.critic.load_state_dict(ckpt["critic"])
+    T_e, N = args.act_steps, args.num_envs
+    if args.batch_size > args.n_steps * N:
+        raise DatasetError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
+                           f"(n_steps {args.n_steps} x num_envs {N})")
+
+    def cosine(lr: float, lr_min: float):
+        def f(itr: int) -> float:
+            if itr < args.lr_warmup_itr and lr_min != lr:
+                return (itr + 1) / args.lr_warmup_itr
+            return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(itr / args.n_train_itr, 1.0)))) / lr
+        return f
+
+    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
+    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine(args.actor_lr, args.actor_lr_min))
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine(args.critic_lr, args.critic_lr))
+    scaler = RunningRewardScaler(N)
+    start_itr, env_steps = 0, 0
+    if resume is not None:
+        actor_opt.load_state_dict(resume["actor_optimizer"])
+        critic_opt.load_state_dict(resume["critic_optimizer"])
+        actor_sched.load_state_dict(resume["actor_scheduler"])
+        critic_sched.load_state_dict(resume["critic_scheduler"])
+        scaler.load_state_dict(resume["reward_scaler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        start_itr, env_steps = resume["itr"], resume["env_steps"]
+
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"],
+                        n_workers=args.n_workers, terminate_on_success=args.terminate_on_success)
+    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
+    eval_deterministic = task.suite != "avoid"
+    eval_steps = max(args.n_steps, -(-task.max_episode_steps // T_e))  # at least one whole episode
+
+    def act(deterministic: bool):
+        def f(obs: np.ndarray) -> np.ndarray:
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x = agent.get_action(cond, deterministic)
+            x = x.clamp(-1, 1) if args.final_action_clip else x
+            return normalizer.unnormalize_action(x).cpu().numpy()
+        return f
+
+    def run_eval(deterministic: bool) -> dict:
+        return evaluate(envs, act(deterministic), eval_steps, T_e, task.success_chunk_reward, seed=args.seed + 1_000_000)
+
+    if args.eval_only:
+        results = {}
+        for mode, det in (("deterministic", True), ("stochastic", False)):
+            r = run_eval(det)
+            results[mode] = r
+            print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
+                  f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+        envs.close()
+        return {"eval": results}
+
+    os.makedirs(run_dir, exist_ok=True)
+    eval_path = os.path.join(run_dir, "eval.csv")
+    rows: list[dict] = []
+    if resume is not None and os.path.isfile(eval_path):  # keep only rows the checkpoint had seen
+        with open(eval_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < start_itr]
+    with open(eval_path, "w", newline="") as f:
+        w = csv.DictWriter(f, EVAL_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
+
+    def write_eval_row(itr: int, mode: str, r: dict) -> None:
+        row = dict(iteration=itr, env_steps=env_steps, mode=mode, return_mean=r["return_mean"],
+                   return_std=r["return_std"], success_rate=r["success_rate"], n_episodes=r["n_episodes"])
+        rows.append(row)
+        with open(eval_path, "a", newline="") as f:
+            csv.DictWriter(f, EVAL_FIELDS).writerow(row)
+
+    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
+    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
+    next_obs_buf = torch.zeros_like(obs_buf)
+    act_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
+    history, paths_first, paths_last, last_train = [], None, None, {}
+    obs, need_reset = None, True
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:  # wall time per phase; syncs only at phase boundaries
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
+    for itr in bar:
+        t_itr = time.time()
+        is_eval = eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0
+        if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
+            r = run_eval(True)
+            write_eval_row(itr, "deterministic", r)
+            writer.add_scalar("eval/episodic_return", r["return_mean"], itr)
+            writer.add_scalar("eval/success_rate", r["success_rate"], itr)
+            if last_train:
+                write_eval_row(itr, "stochastic", last_train)
+            need_reset = True
+            bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            continue
+
+        # ---- rollout (SPEC §5) ----
+        timings.clear()
+        lap("other")
+        if need_reset or task.reset_every_iteration:
+            obs = envs.reset(seed=args.seed + itr * N)
+            need_reset = False
+            first = np.ones(N)
+        else:
+            first = np.zeros(N)
+        rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
+        path: list[np.ndarray] = []
+        agent.eval()
+        for step in range(args.n_steps):
+            firsts[step] = first
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x = agent.get_action(cond)
+            obs_buf[step], act_buf[step] = cond, x
+            lap("sampling")
+            x = x.clamp(-1, 1) if args.final_action_clip else x
+            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs, rewards[step], term, trunc, info = envs.step(action)
+            next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
+            terminated[step], dones[step] = term, term | trunc
+            first = dones[step].astype(np.float64)
+            if "ee_pos" in info:
+                path.append(info["ee_pos"])
+            lap("env")
+        env_steps += args.n_steps * N * T_e
+        stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), T_e, task.success_chunk_reward)
+        last_train = {"return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
+                      "return_std": float(stats["return"].std()) if len(stats["return"]) else float("nan"),
+                      "success_rate": float(stats["success"].mean()) if len(stats["success"]) and task.success_chunk_reward else float("nan"),
+                      "n_episodes": len(stats["return"])}
+        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
+        if path:  # Avoid trajectories for the before/after picture
+            traj = np.concatenate(path, axis=1)
+            paths = [traj[i] for i in range(N)]
+            paths_first = paths_first if paths_first is not None else paths
+            paths_last = paths
+        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            write_eval_row(itr, "stochastic", last_train)
+
+        # ---- advantages (SPEC §5) ----
+        r_scaled = rewards
+        if args.reward_scale_running:
+            r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
+        with torch.no_grad():
+            values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
+            next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
+            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+            advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(terminated), as_t(dones),
+                                              args.gamma, args.gae_lambda)
+
+        lap("advantages")
+        # ---- old log-probs, one batched pass ----
+        b_obs, b_act = obs_buf.flatten(0, 1), act_buf.flatten(0, 1)    # (S, T_o, D_o), (S, T_a, D_a); S = n_steps·N
+        b_adv, b_ret = advantages.flatten(), returns.flatten()
+        S = b_obs.shape[0]
+        with torch.no_grad():
+            old_lp = torch.cat([agent.get_logprobs(b_obs[idx], b_act[idx]) for idx in torch.arange(S, device=device).split(50_000)])
+        lap("old_logprobs")
+
+        # ---- PPO update (SPEC §6, minibatches over env-steps, SPEC §9) ----
+        agent.train()
+        stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(S, device=device)
+            kls = []
+            for start in range(0, S - args.batch_size + 1, args.batch_size):
+                idx = perm[start:start + args.batch_size]
+                new_lp = agent.get_logprobs(b_obs[idx], b_act[idx])
+                pg_loss, kl, clipfrac = ppo_loss(new_lp, old_lp[idx], b_adv[idx], args.clip_coef)
+                v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
+                loss = pg_loss + args.vf_coef * v_loss
+                bc_loss = torch.zeros((), device=device)
+                if args.bc_coef > 0:  # eq. A14
+                    bc_loss = agent.bc_loss(b_obs[idx])
+                    loss = loss + args.bc_coef * bc_loss
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
+                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)
+                if itr >= args.n_critic_warmup_itr:
+                    actor_opt.step()
+                critic_opt.step()
+                kls.append(kl)
+                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", kl), ("bc_loss", bc_loss),
+                             ("clipfrac", clipfrac)):
+                    stats_t[k].append(v.detach())
+            if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
+                break  # one host sync per epoch
+        actor_sched.step()
+        critic_sched.step()
+        lap("update")
+
+        # ---- logging, once per iteration ----
+        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
+        logged["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
+        y_pred, y_true = values.flatten(), returns.flatten()
+        explained_var = (1 - (y_true - y_pred).var() / y_true.var()).item() if y_true.var() > 0 else float("nan")
+        sps = args.n_steps * N * T_e / (time.time() - t_itr)
+        for k, v in logged.items():
+            name = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "std": "charts/std"}.get(k, f"losses/{k}")
+            writer.add_scalar(name, v, itr)
+        writer.add_scalar("losses/explained_variance", explained_var, itr)
+        writer.add_scalar("charts/episodic_return", last_train["return_mean"], itr)
+        writer.add_scalar("charts/success_rate", last_train["success_rate"], itr)
+        writer.add_scalar("charts/SPS", sps, itr)
+        writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
+        writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
+        history[-1].update(logged)
+        history[-1].update({f"time_{k}": v for k, v in timings.items()})
+        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
+                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                **{k: ckpt[k] for k in ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim",
+                                        "horizon_steps", "cond_steps", "std_limits", "normalization")},
+                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                "base": agent.actor.state_dict(), "ema": agent.actor_ft.state_dict(), "actor_ft": agent.actor_ft.state_dict(),
+                "critic": agent.critic.state_dict(), "actor_optimizer": actor_opt.state_dict(),
+                "critic_optimizer": critic_opt.state_dict(), "actor_scheduler": actor_sched.state_dict(),
+                "critic_scheduler": critic_sched.state_dict(), "reward_scaler": scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state()}, "itr": itr + 1, "env_steps": env_steps})
+    bar.close()
+    # a final evaluation row after the last update
+    final = run_eval(eval_deterministic)
+    write_eval_row(args.n_train_itr, "deterministic" if eval_deterministic else "stochastic", final)
+    if task.suite == "avoid" and args.plot and paths_first is not None:
+        from common.plots import plot_avoid_paths
+        plot_avoid_paths({"before fine-tuning": paths_first, "after fine-tuning": final.get("paths", paths_last)},
+                         os.path.join(run_dir, "trajectories.png"))
+    envs.close()
+    writer.close()
+    first = rows[0] if rows else {"success_rate": float("nan"), "return_mean": float("nan")}
+    print(f"run folder {run_dir}: success {float(first['success_rate']):.2f} -> {final['success_rate']:.2f}, "
+          f"return {float(first['return_mean']):.2f} -> {final['return_mean']:.2f}")
+    return {"run_dir": run_dir, "checkpoint": os.path.join(run_dir, "checkpoint.pt"), "eval_rows": rows,
+            "history": history, "final_eval": final}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (TaskError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
