@@ -1,0 +1,108 @@
+"""Paper §6 / Fig. A7: DPPO vs Gaussian vs GMM fine-tuning on D3IL Avoid M1, M2, M3.
+
+For each subset it pre-trains the three policies on the built-in scripted demos (or reuses
+checkpoints already in --out), fine-tunes each with its own script, and writes
+`results.csv` (one row per evaluation), `table.md` (final success) and `success.png` (success
+rate against env steps, one panel per subset) into --out. Avoid success is measured with the
+training noise, from the training rollouts (App. D.8).
+
+    python scripts/avoid_comparison.py --out runs/avoid_comparison          # everything (~1 h on 2 CPU cores)
+    python scripts/avoid_comparison.py --subsets M2 --methods dppo gaussian  # a part of it
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from dataclasses import dataclass, field
+
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dppo_finetune  # noqa: E402
+import dppo_pretrain  # noqa: E402
+import gaussian_ppo  # noqa: E402
+import gmm_ppo  # noqa: E402
+
+
+@dataclass
+class Args:
+    out: str = "runs/avoid_comparison"
+    """folder for checkpoints, results.csv, table.md and success.png"""
+    subsets: list[str] = field(default_factory=lambda: ["M1", "M2", "M3"])
+    """Avoid data subsets"""
+    methods: list[str] = field(default_factory=lambda: ["dppo", "gaussian", "gmm"])
+    """policies to compare"""
+    n_train_itr: int = 51
+    """fine-tuning iterations (SPEC §11: 51)"""
+    seed: int = 1
+    """seed of every run"""
+
+
+def pretrain(method: str, env_id: str, path: str, seed: int) -> None:
+    if os.path.isfile(path):
+        return
+    if method == "dppo":
+        dppo_pretrain.main(dppo_pretrain.Args(env_id=env_id, seed=seed, output=path, exp_name="cmp_pretrain"))
+    else:
+        module = gaussian_ppo if method == "gaussian" else gmm_ppo
+        module.main(module.Args(env_id=env_id, seed=seed, pretrain=True, out=path, exp_name=f"cmp_{method}_pretrain"))
+
+
+def finetune(method: str, env_id: str, ckpt: str, args: Args) -> list[dict]:
+    module = {"dppo": dppo_finetune, "gaussian": gaussian_ppo, "gmm": gmm_ppo}[method]
+    out = module.main(module.Args(env_id=env_id, checkpoint=ckpt, seed=args.seed, n_train_itr=args.n_train_itr,
+                                  val_freq=1, exp_name=f"cmp_{method}"))
+    return [{"subset": env_id, "method": method, **row} for row in out["eval_rows"]]
+
+
+def main(args: Args) -> list[dict]:
+    os.makedirs(args.out, exist_ok=True)
+    rows: list[dict] = []
+    for subset in args.subsets:
+        env_id = f"avoid-{subset.lower()}"
+        for method in args.methods:
+            ckpt = os.path.join(args.out, f"{env_id}_{method}.pt")
+            pretrain(method, env_id, ckpt, args.seed)
+            rows += finetune(method, env_id, ckpt, args)
+            with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    write_table_and_plot(rows, args)
+    return rows
+
+
+def write_table_and_plot(rows: list[dict], args: Args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| subset | " + " | ".join(args.methods) + " |", "|---|" + "---|" * len(args.methods)]
+    fig, axes = plt.subplots(1, len(args.subsets), figsize=(4.5 * len(args.subsets), 3.6), squeeze=False)
+    for ax, subset in zip(axes[0], args.subsets):
+        env_id = f"avoid-{subset.lower()}"
+        cells = []
+        for method in args.methods:
+            r = [x for x in rows if x["subset"] == env_id and x["method"] == method]
+            if not r:
+                cells.append("–")
+                continue
+            steps = [int(x["env_steps"]) for x in r]
+            success = [float(x["success_rate"]) for x in r]
+            ax.plot(steps, success, label=method)
+            cells.append(f"{success[0]:.2f} → {success[-1]:.2f}")
+        lines.append(f"| {subset} | " + " | ".join(cells) + " |")
+        ax.set(title=f"Avoid {subset}", xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "success.png"), dpi=100)
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("Success rate (training noise), first evaluation → after fine-tuning\n\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

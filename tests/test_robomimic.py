@@ -1,0 +1,200 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("robosuite")
+h5py = pytest.importorskip("h5py")
+
+from common.robomimic import (  # noqa: E402
+    ScriptedPolicy, env_kwargs, generate_demos, main, make_robomimic_env, obs_keys,
+    rollout_scripted,
+)
+from common.tasks import TaskError, get_task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lift_env():
+    env = make_robomimic_env("lift")
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("name,dims", [("lift", (19, 7)), ("can", (23, 7)), ("square", (23, 7)),
+                                       ("transport", (59, 14))])
+def test_obs_layout_matches_robosuite_keys(name, dims):
+    env = make_robomimic_env(name, seed=0)
+    task = get_task(name)
+    assert (task.obs_dim, task.action_dim) == dims
+    assert env.observation_space.shape == (dims[0],) and env.action_space.shape == (dims[1],)
+    assert env.action_space.low.min() == -1.0 and env.action_space.high.max() == 1.0
+    obs, info = env.reset(seed=1)
+    assert obs.dtype == np.float32 and obs.shape == (dims[0],) and info["success"] is False
+    assert list(env.obs_slices) == obs_keys(name)
+    covered = np.zeros(dims[0], bool)
+    for key, sl in env.obs_slices.items():
+        rs_key = "object-state" if key == "object" else key
+        np.testing.assert_allclose(obs[sl], env.raw_obs[rs_key], rtol=1e-6, atol=1e-6)
+        covered[sl] = True
+    assert covered.all()
+    sizes = {k: sl.stop - sl.start for k, sl in env.obs_slices.items()}
+    assert sizes["robot0_eef_pos"] == 3 and sizes["robot0_eef_quat"] == 4
+    assert sizes["robot0_gripper_qpos"] == 2
+    assert sizes["object"] == {"lift": 10, "can": 14, "square": 14, "transport": 41}[name]
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert obs.shape == (dims[0],) and reward == 0.0 and not terminated and not truncated
+    env.close()
+
+
+def test_dataset_settings():
+    kw = env_kwargs("transport")
+    assert kw["robots"] == ["Panda", "Panda"] and kw["env_configuration"] == "single-arm-opposed"
+    kw = env_kwargs("can")
+    assert (kw["control_freq"], kw["ignore_done"], kw["reward_shaping"], kw["hard_reset"]) == (
+        20, True, False, False)
+    c = kw["controller_configs"]
+    assert c["type"] == "OSC_POSE" and c["kp"] == 150 and c["control_delta"] is True
+    assert c["output_max"] == [0.05, 0.05, 0.05, 0.5, 0.5, 0.5] and c["interpolation"] is None
+    json.dumps(kw)
+
+
+def test_errors():
+    with pytest.raises(TaskError):
+        make_robomimic_env("hopper")
+    with pytest.raises(NotImplementedError):
+        make_robomimic_env("lift", render=True)
+
+
+def test_seeded_reset_is_reproducible(lift_env):
+    env = lift_env
+    o1, _ = env.reset(seed=5)
+    s1 = env.env.sim.get_state().flatten()
+    for _ in range(5):
+        env.step(env.action_space.sample())
+    o2, _ = env.reset(seed=5)
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(s1, env.env.sim.get_state().flatten())
+    o3, _ = env.reset(seed=6)
+    assert np.abs(o3[env.obs_slices["object"]] - o1[env.obs_slices["object"]]).max() > 1e-3
+    # the stream after a seeded reset is the env's own: another env resetting in between (and
+    # the global np.random) does not change it
+    env.reset(seed=11)
+    a = env.reset()[0]
+    other = make_robomimic_env("lift")
+    env.reset(seed=11)
+    other.reset(seed=99)
+    np.random.seed(123)
+    b = env.reset()[0]
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - o1).max() > 1e-3
+    other.close()
+
+
+def test_gymnasium_checker_and_async_vector_env(lift_env):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings():  # unbounded Box observations are intended
+        warnings.filterwarnings("ignore", message=".*infinity.*")
+        check_env(lift_env, skip_render_check=True)
+    venv = gym.vector.AsyncVectorEnv([lambda i=i: make_robomimic_env("lift", seed=3 + i)
+                                      for i in range(2)], context="fork")
+    obs, _ = venv.reset(seed=3)  # env i gets seed 3 + i, in another process
+    for i in range(2):  # the same as a seeded env here (placement, robot noise and cube size)
+        here = make_robomimic_env("lift", seed=3 + i)
+        np.testing.assert_array_equal(obs[i], here.reset(seed=3 + i)[0])
+        here.close()
+    obs, reward, terminated, truncated, info = venv.step(np.zeros((2, 7)))
+    assert obs.shape == (2, 19) and reward.shape == (2,) and not terminated.any()
+    assert info["success"].dtype == bool
+    venv.close()
+
+
+def test_scripted_lift_reward_success_and_truncation(lift_env):
+    env = lift_env
+    env.reset(seed=0)
+    policy = ScriptedPolicy(env, np.random.default_rng(0))
+    rewards, successes = [], []
+    for t in range(get_task("lift").max_episode_steps):
+        obs, reward, terminated, truncated, info = env.step(policy(env.raw_obs))
+        rewards.append(reward)
+        successes.append(info["success"])
+        assert not terminated  # terminate_on_success is off by default
+        assert truncated == (t == 299)
+    rewards = np.array(rewards)
+    assert set(rewards) <= {0.0, 1.0} and np.array_equal(rewards == 1.0, np.array(successes))
+    assert rewards[0] == 0.0 and rewards[-1] == 1.0  # starts unsolved, ends holding the cube up
+    cube_z = env.raw_obs["object-state"][2]
+    assert cube_z > env.env.model.mujoco_arena.table_offset[2] + 0.04
+    # SPEC §8: success = some executed chunk of T_e = 4 steps has mean reward >= 1
+    chunks = rewards[: len(rewards) // 4 * 4].reshape(-1, 4).mean(1)
+    assert chunks.max() >= 1.0 and chunks[0] < 1.0
+
+
+def test_terminate_on_success():
+    env = make_robomimic_env("lift", terminate_on_success=True)
+    env.reset(seed=0)
+    policy = ScriptedPolicy(env, np.random.default_rng(0))
+    for _ in range(300):
+        _, reward, terminated, truncated, info = env.step(policy(env.raw_obs))
+        if terminated:
+            break
+    assert terminated and info["success"] and reward == 1.0 and not truncated
+    env.close()
+
+
+def test_generated_lift_demos_hdf5_layout_and_replay(tmp_path, lift_env, capsys):
+    out = tmp_path / "lift.hdf5"
+    assert main(["--generate", "lift", "--n-demos", "2", "--seed", "0", "--out", str(out)]) == 0
+    assert "success rate" in capsys.readouterr().out
+    keys = obs_keys("lift")
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        args = json.loads(data.attrs["env_args"])
+        assert args["env_name"] == "Lift" and args["type"] == 1
+        assert args["env_kwargs"]["controller_configs"]["type"] == "OSC_POSE"
+        names = sorted(data.keys())
+        assert names == ["demo_0", "demo_1"]
+        assert data.attrs["total"] == sum(data[n].attrs["num_samples"] for n in names)
+        mask = sorted(list(f["mask/train"][:]) + list(f["mask/valid"][:]))
+        assert mask == [b"demo_0", b"demo_1"]
+        for name in names:
+            g = data[name]
+            n = g.attrs["num_samples"]
+            assert g["actions"].shape == (n, 7) and np.abs(g["actions"][:]).max() <= 1.0
+            assert g["rewards"].shape == (n,) and g["dones"].shape == (n,)
+            assert g["rewards"][-1] == 1.0 and g["rewards"][0] == 0.0 and g["dones"][-1] == 1
+            assert g["states"].shape[0] == n
+            for k in keys:
+                assert g[f"obs/{k}"].shape[0] == n
+                np.testing.assert_allclose(g[f"obs/{k}"][1:], g[f"next_obs/{k}"][:-1])
+            flat = np.concatenate([g[f"obs/{k}"][0] for k in keys])
+            assert flat.shape == (19,)
+            # replaying the actions from the stored initial sim state solves the task again
+            env = lift_env
+            env.reset(seed=0)
+            env.env.sim.set_state_from_flattened(g["states"][0])
+            env.env.sim.forward()
+            first = env.env._get_observations(force_update=True)
+            np.testing.assert_allclose(first["object-state"], g["obs/object"][0], atol=1e-6)
+            replay = [env.step(a)[1] for a in g["actions"][:]]
+            assert replay[-1] == 1.0
+
+
+@pytest.mark.parametrize("name", ["can", "square"])
+def test_scripted_pick_and_place_demo(tmp_path, name):
+    stats = generate_demos(name, n_demos=1, seed=0, out=tmp_path / "d.hdf5", log=None)
+    assert stats["n_demos"] == 1 and stats["mean_length"] < get_task(name).max_episode_steps
+    with h5py.File(tmp_path / "d.hdf5", "r") as f:
+        assert json.loads(f["data"].attrs["env_args"])["env_name"] == get_task(name).env_name
+        g = f["data/demo_0"]
+        assert g["obs/object"].shape[1] == 14 and g["actions"].shape[1] == 7
+        assert g["rewards"][-1] == 1.0 and g["rewards"][0] == 0.0
+
+
+def test_rollout_scripted_rejects_other_tasks():
+    env = make_robomimic_env("transport")
+    with pytest.raises(TaskError):
+        rollout_scripted(env, seed=0)
+    env.close()
