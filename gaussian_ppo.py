@@ -234,8 +234,9 @@ PRETRAIN_DEFAULTS = {
                       mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
     "furniture": dict(pretrain_batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
                       mlp_dims=(1024, 1024, 1024), n_epochs=8000, eval_every=0),
-    "avoid": dict(pretrain_batch_size=16, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=1, activation="relu",
-                  mlp_dims=(512, 512, 512), n_epochs=40, eval_every=10),
+    # Avoid: the fast recipe of dppo_pretrain.py (the paper: batch 16, lr 1e-4 -> 1e-5, ~10000 epochs, App. D.8)
+    "avoid": dict(pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
+                  mlp_dims=(512, 512, 512), n_epochs=300, eval_every=50),
 }
 # App. B.2: standard PPO for MuJoCo (CleanRL's ppo_continuous_action), see the docstring.
 SCRATCH_DEFAULTS = dict(n_train_itr=500, num_envs=8, n_steps=256, gamma=0.99, actor_lr=3e-4, batch_size=64,

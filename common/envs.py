@@ -17,6 +17,7 @@ numpy-vectorised simulator with the same protocol (`common/avoid.py`).
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 from collections import deque
@@ -156,6 +157,55 @@ class ProcessChunkVecEnv:
             proc.join(timeout=5)
 
 
+class EnvpoolChunkVecEnv:
+    """Gym locomotion on envpool's C++ pool (used when envpool is installed; ~2.5x the steps/s of
+    the gymnasium path here). Same protocol: an env that finishes inside a chunk is not stepped
+    again in that chunk and is reset at its end. A seeded reset rebuilds the pool with that seed."""
+
+    def __init__(self, task: Task, num_envs: int, seed: int | None, act_steps: int, cond_steps: int,
+                 max_episode_steps: int) -> None:
+        self.task, self.num_envs, self.max_episode_steps = task, num_envs, max_episode_steps
+        self.act_steps, self.cond_steps = act_steps, cond_steps
+        self._build(seed or 0)
+
+    def _build(self, seed: int) -> None:
+        import envpool
+        self.env = envpool.make(self.task.env_name, env_type="gymnasium", num_envs=self.num_envs, seed=seed,
+                                max_episode_steps=self.max_episode_steps)
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        if seed is not None:
+            self.env.close()
+            self._build(seed)
+        obs, _ = self.env.reset()
+        self._hist = np.repeat(obs.astype(np.float32)[:, None], self.cond_steps, axis=1)
+        return self._hist.copy()
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        n = self.num_envs
+        reward = np.zeros(n, np.float32)
+        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
+        running = np.arange(n)
+        for k in range(self.act_steps):
+            obs, r, term, trunc, info = self.env.step(actions[running, k].astype(np.float32), running)
+            ids = info["env_id"]
+            reward[ids] += r
+            terminated[ids], truncated[ids] = term, trunc
+            self._hist[ids] = np.concatenate([self._hist[ids, 1:], obs.astype(np.float32)[:, None]], axis=1)
+            running = ids[~(term | trunc)]
+            if len(running) == 0:
+                break
+        final_obs = self._hist.copy()
+        done = np.flatnonzero(terminated | truncated)
+        if len(done):
+            obs, info = self.env.reset(done)
+            self._hist[info["env_id"]] = np.repeat(obs.astype(np.float32)[:, None], self.cond_steps, axis=1)
+        return self._hist.copy(), reward, terminated, truncated, {"final_obs": final_obs}
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = False,
              max_episode_steps: int | None = None) -> gym.Env:
     """One raw (un-chunked) gymnasium env of the task."""
@@ -176,11 +226,12 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
 
 def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
-                 max_episode_steps: int | None = None) -> ChunkVecEnv:
+                 max_episode_steps: int | None = None, use_envpool: bool = True) -> ChunkVecEnv:
     """`num_envs` chunked envs of `task` following the protocol in this module's docstring.
 
     n_workers: processes for simulators that are slow in Python (robomimic); default: the number
-    of cores. Gym locomotion stays in-process (on 2 cores IPC costs more than it saves, ENVS.md).
+    of cores. Gym locomotion stays in-process (on 2 cores IPC costs more than it saves, ENVS.md), on
+    envpool when it is installed and `use_envpool`, else on gymnasium.
     """
     require_simulator(task)
     act_steps = act_steps or task.act_steps
@@ -195,6 +246,8 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
             return MultiStep(env, act_steps, cond_steps)
         return thunk
 
+    if task.suite == "gym" and importlib.util.find_spec("envpool") is not None and use_envpool:
+        return EnvpoolChunkVecEnv(task, num_envs, seed, act_steps, cond_steps, max_episode_steps or task.max_episode_steps)
     fns = [env_fn(i) for i in range(num_envs)]
     if task.suite == "robomimic":
         workers = n_workers or os.cpu_count() or 1
