@@ -59,7 +59,7 @@ from common.networks import DiffusionMLP, ObsCritic
 from common.tasks import TaskError, get_task
 
 # the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 DEFAULT_CHECKPOINTS = {"avoid-m2": "checkpoints/avoid-m2_diffusion.pt"}
 
@@ -409,7 +409,7 @@ def main(args: Args) -> dict:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])
         agent.critic.load_state_dict(ckpt["critic"])
     K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
-    if args.batch_size > args.n_steps * N * K_ft:
+    if not args.eval_only and args.batch_size > args.n_steps * N * K_ft:
         raise DatasetError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
                            f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
 

@@ -54,6 +54,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -71,6 +72,9 @@ from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gaussian"
 
+
+# the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 @dataclass
 class Args:

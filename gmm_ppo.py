@@ -48,6 +48,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,9 @@ from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gmm"
 
+
+# the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 @dataclass
 class Args:

@@ -266,22 +266,24 @@ def load_avoid_demos(path: str, subset: str | None = None) -> list[dict]:
     return [_to_demo(d, e) for d, e in zip(des, ee) if subset is None or subset_mode(d, subset)]
 
 
-_ROW3_X = {5: (0.24, 0.30), 6: (0.41, 0.44), 7: (0.56, 0.59), 8: (0.695, 0.73)}  # free gaps
+_ROW3_X = {5: (0.265, 0.30), 6: (0.41, 0.44), 7: (0.56, 0.59), 8: (0.695, 0.73)}  # free gaps
 
 
 def _scripted_path(rng: np.random.Generator, mode: int) -> np.ndarray:
-    """Desired positions of one scripted demo: idle, then joystick-like moves (per-axis speed
-    limits, low-passed) through waypoints right of obstacle 1 (mode 1), left of row 2 (mode 2),
-    through the row-3 gap of `mode`, and on to y ~ 0.45."""
-    x1, x2, x3 = rng.uniform(0.565, 0.62), rng.uniform(0.30, 0.37), rng.uniform(*_ROW3_X[mode])
-    wps = [(x1, rng.uniform(-0.17, -0.14)), (x1, rng.uniform(-0.06, -0.045)), (x2, rng.uniform(-0.01, 0.01)),
-           (x2, rng.uniform(0.1, 0.11)), (x3, rng.uniform(0.17, 0.19)), (x3, rng.uniform(0.30, 0.33)),
+    """Desired positions of one scripted demo, shaped like the human D3IL demos: idle, then steer
+    at a steady speed along the direction to the next waypoint (smoothed, so paths are diagonal
+    curves, never moving backwards in y): right of obstacle 1 (mode 1), diagonally left through
+    row 2 (mode 2), through the row-3 gap of `mode`, and on to y ~ 0.45."""
+    x1, x2, x3 = rng.uniform(0.56, 0.60), rng.uniform(0.33, 0.375), rng.uniform(*_ROW3_X[mode])
+    wps = [(x1 + rng.uniform(-0.01, 0.01), rng.uniform(-0.17, -0.13)), (x1, rng.uniform(-0.06, -0.02)),
+           (x2, rng.uniform(0.07, 0.09)), (x3, rng.uniform(0.21, 0.23)), (x3, rng.uniform(0.30, 0.33)),
            (x3 + rng.uniform(-0.03, 0.03), 0.6)]
-    vmax, alpha = rng.uniform([0.0105, 0.0115], 0.0125), rng.uniform(0.1, 0.4)
+    speed, alpha = rng.uniform(0.013, 0.016), rng.uniform(0.6, 0.8)  # per-axis limits 0.0125
     des, step = [START.copy() for _ in range(rng.integers(2, 8))], np.zeros(2)
     for wp in wps:
-        while (abs(wp[0] - des[-1][0]) > 2 * vmax[0] or wp[1] - des[-1][1] > 2 * vmax[1]) and len(des) < 150:
-            step = alpha * step + (1 - alpha) * np.clip(wp - des[-1], -vmax, vmax)
+        while np.linalg.norm(wp - des[-1]) > 0.025 and len(des) < 150:
+            to_wp = wp - des[-1]
+            step = alpha * step + (1 - alpha) * speed * to_wp / np.linalg.norm(to_wp)
             des.append(des[-1] + np.clip(step, ACTION_LOW, ACTION_HIGH))
     return np.array(des)
 
