@@ -36,7 +36,7 @@ class Bench:
     """parallel envs (None: the paper's)"""
     device: str = "cpu"
     """cpu or cuda"""
-    threads: int | None = None
+    threads: int | None = 1
     """torch CPU threads (None: torch's default)"""
 
 
@@ -56,8 +56,6 @@ def random_checkpoint(task_id: str, path: str) -> None:
 
 
 def main(bench: Bench) -> dict:
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "random.pt")
         random_checkpoint(bench.env_id, ckpt)
@@ -67,7 +65,8 @@ def main(bench: Bench) -> dict:
         batch = paper.batch_size * n_steps * num_envs // (paper.n_steps * paper.num_envs)
         args = dppo_finetune.Args(batch_size=batch, env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0, plot=False,
                                   n_steps=bench.n_steps, num_envs=bench.num_envs, cuda=bench.device == "cuda",
-                                  exp_name="bench", save_every=10**9, torch_deterministic=False)
+                                  exp_name="bench", save_every=10**9, torch_deterministic=False,
+                                  torch_threads=bench.threads)
         out = dppo_finetune.main(args)
     it = out["history"][-1]
     times = {k[5:]: v for k, v in it.items() if k.startswith("time_")}

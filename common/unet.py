@@ -16,24 +16,10 @@ dict and rebuilds with `UNet1D(**arch)`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-
-class SinusoidalPosEmb(nn.Module):
-    """t (B,) -> (B, dim): [sin(t * f_i), cos(t * f_i)] with f_i log-spaced from 1 to 1/10000."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000.0) / (half - 1)))
-        args = t.float()[:, None] * freqs[None]
-        return torch.cat([args.sin(), args.cos()], dim=-1)
+from common.networks import SinusoidalPosEmb
 
 
 class Conv1dBlock(nn.Sequential):
