@@ -29,7 +29,6 @@ Deviations from the reference implementation:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -48,6 +47,7 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
+from common.runs import save_checkpoint
 from common.tasks import TaskError, get_task, missing_packages
 
 
@@ -225,13 +225,6 @@ class DiffusionPolicy(nn.Module):
             std = self.posterior_var[t].sqrt().clamp(min=1e-3) if t > 0 else 0.0
             x = mean + std * torch.randn_like(x).clamp(-3, 3)
         return x.clamp(-1, 1)
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically so a run killed at any moment leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def main(args: Args) -> dict:

@@ -48,7 +48,6 @@ Deviations from the reference implementation:
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 import random
@@ -67,6 +66,7 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
 from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
+from common.runs import EvalLog, load_checkpoint, save_checkpoint
 from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gmm"
@@ -364,32 +364,6 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
     return pg_loss, approx_kl, clipfrac
 
 
-def load_checkpoint(path: str, task: Task) -> dict:
-    """Load a self-describing checkpoint as data (weights_only) and check it fits the task."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: python {POLICY}_ppo.py --pretrain --env-id {task.id})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "dppo-checkpoint-v1":
-        raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format 'dppo-checkpoint-v1')")
-    if ckpt["policy"] != POLICY:
-        script = "dppo_finetune.py" if ckpt["policy"] == "diffusion" else f"{ckpt['policy']}_ppo.py"
-        raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not a {POLICY} one; use {script}")
-    if ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim or ckpt["action_dim"] != task.action_dim:
-        raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
-                           f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
-    return ckpt
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically so a run killed at any moment leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def policy_from_checkpoint(ckpt: dict, args: Args, weights: str) -> GMMPolicy:
     std_min, std_max = args.std_min or ckpt["std_limits"][0], args.std_max or ckpt["std_limits"][1]
     policy = GMMPolicy(build_network(ckpt["backbone"], ckpt["arch"]), ckpt["action_dim"], ckpt["arch"]["n_extra"], 0.1,
@@ -504,9 +478,6 @@ def pretrain(args: Args, task: Task) -> dict:
     return {"run_dir": run_dir, "checkpoint": ckpt_path, "losses": losses, "eval": last_eval}
 
 
-EVAL_FIELDS = ["iteration", "env_steps", "mode", "return_mean", "return_std", "success_rate", "n_episodes"]
-
-
 def main(args: Args) -> dict:
     explicit_act_steps = args.act_steps
     args = fill_defaults(args)
@@ -518,7 +489,7 @@ def main(args: Args) -> dict:
     resume = None
     if args.resume:
         path = os.path.join(args.resume, "checkpoint.pt")
-        resume = load_checkpoint(path, task)
+        resume = load_checkpoint(path, task, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}")
         if "actor_ft" not in resume:
             raise DatasetError(f"--resume {args.resume}: its checkpoint is a pre-training one")
         saved = resume["args"]
@@ -530,7 +501,7 @@ def main(args: Args) -> dict:
     device = seed_everything(args)
     if args.checkpoint is None and resume is None:
         raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py --pretrain --env-id {task.id})")
-    ckpt = resume or load_checkpoint(args.checkpoint, task)
+    ckpt = resume or load_checkpoint(args.checkpoint, task, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}")
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e
         args.act_steps = min(args.act_steps, args.horizon_steps)
@@ -599,27 +570,13 @@ def main(args: Args) -> dict:
         return {"eval": results}
 
     os.makedirs(run_dir, exist_ok=True)
-    eval_path = os.path.join(run_dir, "eval.csv")
-    rows: list[dict] = []
-    if resume is not None and os.path.isfile(eval_path):  # keep only rows the checkpoint had seen
-        with open(eval_path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < start_itr]
-    with open(eval_path, "w", newline="") as f:
-        w = csv.DictWriter(f, EVAL_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    eval_log = EvalLog(run_dir, start_itr if resume is not None else None)
+    rows = eval_log.rows
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
-
-    def write_eval_row(itr: int, mode: str, r: dict) -> None:
-        row = dict(iteration=itr, env_steps=env_steps, mode=mode, return_mean=r["return_mean"],
-                   return_std=r["return_std"], success_rate=r["success_rate"], n_episodes=r["n_episodes"])
-        rows.append(row)
-        with open(eval_path, "a", newline="") as f:
-            csv.DictWriter(f, EVAL_FIELDS).writerow(row)
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
@@ -642,11 +599,11 @@ def main(args: Args) -> dict:
         is_eval = eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0
         if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
             r = run_eval(True)
-            write_eval_row(itr, "deterministic", r)
+            eval_log.write(itr, env_steps, "deterministic", r)
             writer.add_scalar("eval/episodic_return", r["return_mean"], itr)
             writer.add_scalar("eval/success_rate", r["success_rate"], itr)
             if last_train:
-                write_eval_row(itr, "stochastic", last_train)
+                eval_log.write(itr, env_steps, "stochastic", last_train)
             need_reset = True
             bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
             continue
@@ -691,7 +648,7 @@ def main(args: Args) -> dict:
             paths_first = paths_first if paths_first is not None else paths
             paths_last = paths
         if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            write_eval_row(itr, "stochastic", last_train)
+            eval_log.write(itr, env_steps, "stochastic", last_train)
 
         # ---- advantages (SPEC §5) ----
         r_scaled = rewards
@@ -781,7 +738,7 @@ def main(args: Args) -> dict:
     bar.close()
     # a final evaluation row after the last update
     final = run_eval(eval_deterministic)
-    write_eval_row(args.n_train_itr, "deterministic" if eval_deterministic else "stochastic", final)
+    eval_log.write(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final)
     if task.suite == "avoid" and args.plot and paths_first is not None:
         from common.plots import plot_avoid_paths
         plot_avoid_paths({"before fine-tuning": paths_first, "after fine-tuning": final.get("paths", paths_last)},
