@@ -61,7 +61,7 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer
 from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import EvalLog, load_checkpoint, save_checkpoint
+from common.runs import EvalLog, PhaseTimer, load_checkpoint, save_checkpoint
 from common.tasks import TaskError, get_task
 
 # the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
@@ -466,15 +466,7 @@ def main(args: Args) -> dict:
     chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
     history, paths_first, paths_last, last_train = [], None, None, {}
     obs, need_reset = None, True
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(phase: str) -> None:  # wall time per phase; syncs only at phase boundaries
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        timings[phase] = timings.get(phase, 0.0) + now - clock[0]
-        clock[0] = now
+    timer = PhaseTimer(device)
     bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
     for itr in bar:
         t_itr = time.time()
@@ -491,8 +483,7 @@ def main(args: Args) -> dict:
             continue
 
         # ---- rollout (SPEC §5) ----
-        timings.clear()
-        lap("other")
+        timer.reset()
         if need_reset or task.reset_every_iteration:
             obs = envs.reset(seed=args.seed + itr * N)
             need_reset = False
@@ -507,7 +498,7 @@ def main(args: Args) -> dict:
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x, chain = agent.get_action(cond)
             obs_buf[step], chain_buf[step] = cond, chain
-            lap("sampling")
+            timer.lap("sampling")
             x = x.clamp(-1, 1) if args.final_action_clip else x
             action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
             obs, rewards[step], term, trunc, info = envs.step(action)
@@ -516,7 +507,7 @@ def main(args: Args) -> dict:
             first = dones[step].astype(np.float64)
             if "ee_pos" in info:
                 path.append(info["ee_pos"])
-            lap("env")
+            timer.lap("env")
         env_steps += args.n_steps * N * T_e
         stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), T_e, task.success_chunk_reward)
         last_train = {"return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
@@ -544,7 +535,7 @@ def main(args: Args) -> dict:
             advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(cut), as_t(dones),
                                               args.gamma, args.gae_lambda)
 
-        lap("advantages")
+        timer.lap("advantages")
         # ---- old log-probs: all K' steps in one batched pass (SPEC §13) ----
         b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
         b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
@@ -560,7 +551,7 @@ def main(args: Args) -> dict:
 
         with torch.no_grad():
             old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(50_000)])
-        lap("old_logprobs")
+        timer.lap("old_logprobs")
 
         # ---- PPO update (SPEC §6) ----
         agent.train()
@@ -600,7 +591,7 @@ def main(args: Args) -> dict:
                 break  # one host sync per epoch
         actor_sched.step()
         critic_sched.step()
-        lap("update")
+        timer.lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
@@ -616,7 +607,7 @@ def main(args: Args) -> dict:
         writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
         writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
         history[-1].update(logged)
-        history[-1].update({f"time_{k}": v for k, v in timings.items()})
+        history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
         bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
                         ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:

@@ -1,10 +1,12 @@
 """Run-folder plumbing shared by the scripts (STYLE.md conventions): self-describing checkpoints
-written atomically and loaded as data, and the `eval.csv` log that survives `--resume`."""
+written atomically and loaded as data, the `eval.csv` log that survives `--resume`, and per-phase
+timing of an iteration."""
 
 from __future__ import annotations
 
 import csv
 import os
+import time
 from typing import Any
 
 import torch
@@ -65,3 +67,22 @@ class EvalLog:
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)
+
+
+class PhaseTimer:
+    """Wall time per phase of an iteration (env, sampling, update, ...). On CUDA it synchronises
+    only at phase boundaries, where the rollout syncs anyway to hand actions to the envs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self._last = device, {}, time.perf_counter()
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.lap("other")
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+        self._last = now
