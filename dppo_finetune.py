@@ -14,8 +14,8 @@ copy. The critic V(s) sees only the environment observation (eq. 4.8).
 | γ_env, λ | `gamma`, `gae_lambda` | |
 | γ_denoise | `gamma_denoising` | 0.99 (Avoid 0.95, furniture 0.9) |
 | σ^exp_min, σ^prob_min | `min_sampling_denoising_std`, `min_logprob_denoising_std` | 0.1, 0.1 |
-| chain | `chains` | (n_steps, N, K'+1, T_a, D_a): the input of the first fine-tuned step and every output after it |
-| obs | `obs` | (n_steps, N, T_o, D_o), normalised |
+| chain | `chain_buf` | (n_steps, N, K'+1, T_a, D_a): the input of the first fine-tuned step and every output after it |
+| obs | `obs_buf` | (n_steps, N, T_o, D_o), normalised |
 
 One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over all
 n_steps·N·K' of them (SPEC §6). Log-probs are element-wise Normal densities clamped to [-5, 2],
