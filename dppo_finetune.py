@@ -68,7 +68,8 @@ from common.tasks import TaskError, get_task
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
-DEFAULT_CHECKPOINTS = {"avoid-m2": "checkpoints/avoid-m2_diffusion.pt"}
+# built-in pre-trained checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`)
+DEFAULT_CHECKPOINTS = {"avoid-m2": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "avoid-m2_diffusion.pt")}
 
 
 @dataclass
