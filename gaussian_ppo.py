@@ -30,7 +30,10 @@ Defaults where SPEC is silent (our choices):
   gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid n_steps·n_envs/2 = 625.
 - Transformer backbone: 128-d, 4 heads, 2 layers (`common.networks.ChunkTransformer`).
 - `--from-scratch` uses CleanRL-style PPO defaults for MuJoCo: T_a = T_e = 1, 8 envs × 256 steps
-  (2048 env-steps per iteration), minibatch 64, 10 epochs, clip 0.2, actor lr 3e-4 (constant), critic
+  (2048 env-steps per iteration), minibatch 64, 10 epochs, clip 0.2 / D_a (CleanRL's 0.2 acts on
+  the log-ratio summed over action dims, ours is averaged over them; on Hopper, seed 1, clip 0.2
+  reached ~1900 then fell back to 250-650, while 0.07 ~ 0.2 / 3 reached 3165), actor lr 3e-4
+  (constant), critic
   lr 1e-3, γ 0.99, λ 0.95, max grad norm 0.5, actor MLP 64×64 tanh (not residual), σ init 0.5 clamped
   to [0.01, 1], actions clipped to the bounds, 500 iterations (~1M env steps). Normalisation is the
   identity for observations and the env's bounds for actions (App. B.2). Gymnasium ids outside the
@@ -255,7 +258,7 @@ PRETRAIN_DEFAULTS = {
 }
 # App. B.2: standard PPO for MuJoCo (CleanRL's ppo_continuous_action), see the docstring.
 SCRATCH_DEFAULTS = dict(n_train_itr=500, num_envs=8, n_steps=256, gamma=0.99, actor_lr=3e-4, batch_size=64,
-                        update_epochs=10, clip_coef=0.2, n_critic_warmup_itr=0, final_action_clip=True,
+                        update_epochs=10, n_critic_warmup_itr=0, final_action_clip=True,
                         max_grad_norm=0.5, horizon_steps=1, act_steps=1, mlp_dims=(64, 64), activation="tanh",
                         residual=False, std_init=0.5, std_min=0.01, std_max=1.0)
 
@@ -280,8 +283,8 @@ def fill_defaults(args: Args) -> Args:
     task = resolve_task(args.env_id)
     defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), **PRETRAIN_DEFAULTS[task.suite],
                 "act_steps": task.act_steps, "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}
-    if args.from_scratch:
-        defaults.update(SCRATCH_DEFAULTS)
+    if args.from_scratch:  # CleanRL's clip 0.2 acts on the summed log-ratio; ours is averaged over D_a
+        defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
