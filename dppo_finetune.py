@@ -29,7 +29,7 @@ Deviations from the reference implementation (SPEC §12):
   ends the episode without a bootstrap (`--bootstrap-truncated False`, the Avoid default; SPEC §5
   bootstraps every truncation, which stays the default elsewhere). Measured on Avoid M2 (seed 1):
   bootstrapping from V(final observation), which the time-blind critic extrapolates at
-  out-of-workspace final states, sent DPPO's success 0.52 -> 0.76 -> 0.00 by iteration 13 as paths
+  out-of-workspace final states, sent DPPO's success 0.52 -> 0.74-0.78 -> 0.00 by iteration 13 as paths
   ran off the table; without it success rose steadily.
 - One evaluation function (`common.envs.evaluate`) serves training and `--eval-only`.
 - The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
