@@ -74,7 +74,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories, save_train_npz
-from common.envs import RunningRewardScaler, episode_stats, evaluate, make_vec_env
+from common.envs import RunningRewardScaler, evaluate, make_vec_env, summarize_episodes
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import EvalLog, PhaseTimer, load_checkpoint, save_checkpoint
 from common.tasks import Task, TaskError, get_task, missing_packages
@@ -710,11 +710,7 @@ def main(args: Args) -> dict:
                 path.append(info["ee_pos"])
             timer.lap("env")
         env_steps += args.n_steps * N * T_e
-        stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), T_e, task.success_chunk_reward)
-        last_train = {"return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
-                      "return_std": float(stats["return"].std()) if len(stats["return"]) else float("nan"),
-                      "success_rate": float(stats["success"].mean()) if len(stats["success"]) and task.success_chunk_reward else float("nan"),
-                      "n_episodes": len(stats["return"])}
+        last_train = summarize_episodes(rewards, dones, firsts, T_e, task.success_chunk_reward)
         history.append({"iteration": itr, "env_steps": env_steps, **last_train})
         if path:  # Avoid trajectories for the before/after picture
             traj = np.concatenate(path, axis=1)

@@ -310,6 +310,18 @@ def episode_stats(rewards: np.ndarray, dones: np.ndarray, firsts: np.ndarray, ac
             "success": np.array(successes, bool)}
 
 
+def summarize_episodes(rewards: np.ndarray, dones: np.ndarray, firsts: np.ndarray, act_steps: int,
+                       success_chunk_reward: float | None) -> dict[str, Any]:
+    """`episode_stats` reduced to the numbers logged per evaluation or iteration (nan when no
+    episode finished, or when the task has no success rule)."""
+    stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), act_steps, success_chunk_reward)
+    n = len(stats["return"])
+    return {"return_mean": float(stats["return"].mean()) if n else float("nan"),
+            "return_std": float(stats["return"].std()) if n else float("nan"),
+            "success_rate": float(stats["success"].mean()) if n and success_chunk_reward is not None else float("nan"),
+            "n_episodes": n}
+
+
 def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], n_steps: int, act_steps: int,
              success_chunk_reward: float | None, seed: int | None = None) -> dict[str, Any]:
     """Roll `act` (raw obs (N, T_o, D_o) -> raw chunk (N, T_a, D_a)) for `n_steps` chunk-steps
@@ -337,13 +349,7 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], n_steps
                     collided.append(info["collided"][i])
                     paths.append(np.array(path[i]))
                     path[i] = []
-    stats = episode_stats(rewards, dones, firsts, act_steps, success_chunk_reward)
-    out: dict[str, Any] = {
-        "n_episodes": len(stats["return"]),
-        "return_mean": float(stats["return"].mean()) if len(stats["return"]) else float("nan"),
-        "return_std": float(stats["return"].std()) if len(stats["return"]) else float("nan"),
-        "success_rate": float(stats["success"].mean()) if success_chunk_reward is not None and len(stats["success"]) else float("nan"),
-    }
+    out = summarize_episodes(rewards, dones, firsts, act_steps, success_chunk_reward)
     if modes:
         modes_arr = np.array(modes)
         out["mode_fractions"] = {m: float((modes_arr == m).mean()) for m in (5, 6, 7, 8)}
