@@ -492,32 +492,36 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def measure_throughput(task: Task | str, steps: int = 300, workers: int = 2) -> dict[str, float]:
-    """Random-action env steps/s of one env and of an AsyncVectorEnv (fork) of `workers` envs:
-    per wall-clock second, and per CPU-second of all processes involved, which other jobs on a
-    shared machine do not distort."""
+# SPEC §11: env steps of one paper fine-tuning iteration, 50 envs x n_steps chunk-steps x T_e.
+PAPER_ITERATION_ENV_STEPS = {"lift": 50 * 300 * 4, "can": 50 * 300 * 4, "square": 50 * 400 * 4,
+                             "transport": 50 * 400 * 8}
+
+
+def measure_throughput(task: Task | str, num_envs: int = 10, chunk_steps: int = 10,
+                       workers: tuple[int, ...] = (1, 2)) -> dict[int, dict[str, float]]:
+    """Random-chunk env steps/s of `num_envs` envs through `common.envs.make_vec_env` (the path
+    fine-tuning uses) with each number of worker processes (1: in-process): per wall-clock second,
+    per CPU-second of all processes involved (which other jobs on a shared machine distort less),
+    and the wall seconds one paper-size iteration of env stepping would take at that rate."""
+    from common.envs import make_vec_env
     task = _resolve(task)
-    env = make_robomimic_env(task, seed=0)
-    env.step(env.action_space.sample())  # numba compiles on the first step
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        env.step(env.action_space.sample())
-    single, single_cpu = steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)
-    env.close()
-    venv = gym.vector.AsyncVectorEnv([lambda i=i: make_robomimic_env(task, seed=i)
-                                      for i in range(workers)], context="fork")
-    venv.reset(seed=0)
-    venv.step(venv.action_space.sample())
-    pids = [proc.pid for proc in venv.processes]
-    t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
-    n = steps // workers
-    for _ in range(n):
-        venv.step(venv.action_space.sample())
-    vec = n * workers / (time.perf_counter() - t0)
-    vec_cpu = n * workers / (time.process_time() - c0 + _cpu_seconds(pids) - w0)
-    venv.close()
-    return {"single": single, "single_cpu": single_cpu, "async": vec, "async_cpu": vec_cpu,
-            "itr_seconds": 50 * 300 / vec}
+    out = {}
+    for n in workers:
+        envs = make_vec_env(task, num_envs, seed=0, n_workers=n)
+        envs.reset(seed=0)
+        shape = (num_envs, task.act_steps, task.action_dim)
+        rng = np.random.default_rng(0)
+        envs.step(rng.uniform(-1, 1, shape))  # numba compiles on the first step
+        pids = [p.pid for p in getattr(envs, "_procs", [])]
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
+        for _ in range(chunk_steps):
+            envs.step(rng.uniform(-1, 1, shape))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0 + _cpu_seconds(pids) - w0
+        envs.close()
+        steps = num_envs * chunk_steps * task.act_steps
+        out[n] = {"steps_per_s": steps / wall, "steps_per_cpu_s": steps / cpu,
+                  "paper_iteration_s": PAPER_ITERATION_ENV_STEPS[task.id] / (steps / wall)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,11 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.benchmark is not None:
             for name in args.benchmark or ["lift", "can", "square", "transport"]:
-                r = measure_throughput(name)
-                print(f"{name}: 1 env {r['single']:.0f} steps/s ({r['single_cpu']:.0f} per CPU-s), "
-                      f"2 async workers {r['async']:.0f} steps/s ({r['async_cpu']:.0f} per CPU-s), "
-                      f"50x300 steps {r['itr_seconds']:.0f} s; load {os.getloadavg()[0]:.1f}",
-                      flush=True)
+                for n, r in measure_throughput(name).items():
+                    print(f"{name}: {n} worker{'s' if n > 1 else ''} {r['steps_per_s']:.0f} env steps/s "
+                          f"({r['steps_per_cpu_s']:.0f} per CPU-s), one paper iteration of env stepping "
+                          f"{r['paper_iteration_s']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
         if args.generate:
             task = _resolve(args.generate)
             out = args.out or f"data/{task.id}/scripted.hdf5"

@@ -10,8 +10,8 @@ if importlib.util.find_spec("robosuite") is None:  # installed but broken must f
 h5py = pytest.importorskip("h5py")
 
 from common.robomimic import (  # noqa: E402
-    ScriptedPolicy, env_kwargs, generate_demos, main, make_robomimic_env, obs_keys,
-    rollout_scripted,
+    PAPER_ITERATION_ENV_STEPS, ScriptedPolicy, env_kwargs, generate_demos, main, make_robomimic_env,
+    measure_throughput, obs_keys, rollout_scripted,
 )
 from common.tasks import TaskError, get_task  # noqa: E402
 
@@ -111,6 +111,17 @@ def test_gymnasium_checker_and_async_vector_env(lift_env):
     assert obs.shape == (2, 19) and reward.shape == (2,) and not terminated.any()
     assert info["success"].dtype == bool
     venv.close()
+
+
+def test_throughput_benchmark_uses_the_fine_tuning_vec_env():
+    r = measure_throughput("lift", num_envs=2, chunk_steps=2)
+    assert sorted(r) == [1, 2]
+    for rates in r.values():
+        assert 0 < rates["steps_per_s"] < np.inf and 0 < rates["steps_per_cpu_s"] < np.inf
+        assert rates["paper_iteration_s"] == pytest.approx(60_000 / rates["steps_per_s"])
+    # SPEC §11: 50 envs x 300 chunk-steps x T_e 4 (Lift, Can), 400 x 4 (Square), 400 x 8 (Transport)
+    assert PAPER_ITERATION_ENV_STEPS == {"lift": 60_000, "can": 60_000, "square": 80_000,
+                                         "transport": 160_000}
 
 
 def test_scripted_lift_reward_success_and_truncation(lift_env):
