@@ -168,9 +168,15 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
 
 
 def download(url: str, dest: str) -> None:
-    """Fetch `url` to `dest` with a progress line; never leaves a truncated file behind."""
+    """Fetch `url` to `dest` with a progress line; a failure leaves no file and no new folder behind."""
     part = dest + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(dest))
+    created = []  # the folders this call makes, removed again if the download fails
+    while not os.path.isdir(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(created):
+        os.mkdir(folder)
     try:
         with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
@@ -186,8 +192,13 @@ def download(url: str, dest: str) -> None:
         os.replace(part, dest)
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
         reason = getattr(e, "reason", None) or e
+        if os.path.exists(part):
+            os.remove(part)
+        for folder in created:  # deepest first
+            if not os.listdir(folder):
+                os.rmdir(folder)
         raise DatasetError(f"could not download {url} ({reason}); put the file at {dest} and run again") from e
-    finally:
+    finally:  # also on KeyboardInterrupt
         if os.path.exists(part):
             os.remove(part)
 

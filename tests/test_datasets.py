@@ -193,17 +193,21 @@ def test_errors_name_the_key_and_both_shapes(tmp_path: Path) -> None:
 
 
 def test_download_failure_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url, dest = "http://127.0.0.1:9/x.hdf5", str(tmp_path / "d" / "x.hdf5")
+    url, dest = "http://127.0.0.1:9/x.hdf5", str(tmp_path / "d" / "e" / "x.hdf5")
     with pytest.raises(DatasetError) as e:
         download(url, dest)
     assert f"could not download {url}" in str(e.value) and f"put the file at {dest}" in str(e.value)
-    assert os.listdir(tmp_path / "d") == []
+    assert os.listdir(tmp_path) == []  # the folders it made are gone again
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DatasetError):
+        download(url, dest)
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []  # one that existed stays
     # the same through the task: default path under DPPO_DATA_DIR, download attempted, nothing left
     monkeypatch.setenv("DPPO_DATA_DIR", str(tmp_path / "data"))
     task = dataclasses.replace(get_task("hopper"), data=url)
     with pytest.raises(DatasetError, match="could not download"):
         load_task_trajectories(task)
-    assert os.listdir(tmp_path / "data" / "hopper") == []
+    assert not (tmp_path / "data").exists()
 
 
 def test_download_file_url_and_default_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
