@@ -19,20 +19,19 @@ a `gymnasium.Env`:
   `make_robomimic_env(task, seed)` also seeds the model build, where Lift's cube size is drawn, so
   env `seed + i` in a worker process starts exactly as it does here.
 
-Throughput here (`python -m common.robomimic --benchmark`; random actions, env steps/s, range
-over 3-4 runs on the 2 CPU cores while other jobs kept the load average at 2.8-4):
+Throughput here (`python -m common.robomimic --benchmark`: 10 envs through `common.envs.make_vec_env`,
+the path fine-tuning uses, 10 random chunks each; env steps/s on the otherwise idle 2-core machine,
+load average 1.6-1.8 from the benchmark itself):
 
-| task      | 1 env   | AsyncVectorEnv, 2 workers (fork) | one DPPO itr, 50 envs x 300 steps |
-|-----------|---------|----------------------------------|-----------------------------------|
-| Lift      | 103-203 | 85-181                           | 83 s at best (15k steps / 181)    |
-| Can       | 68-158  | 61-143                           | 105 s                             |
-| Square    | 78-139  | 49-121                           | 124 s                             |
-| Transport | 26-42   | 19-38                            | 391 s (its 800-step episodes: 1040 s) |
+| task      | 1 worker (in-process) | 2 worker processes | one paper iteration of env stepping, 2 workers |
+|-----------|-----------------------|--------------------|------------------------------------------------|
+| Lift      | 232                   | 289                | 208 s (50 envs x 300 chunk-steps x 4 = 60k steps) |
+| Can       | 183                   | 229                | 261 s (60k)                                    |
+| Square    | 155                   | 240                | 333 s (50 x 400 x 4 = 80k)                     |
+| Transport | 47                    | 71                 | 2251 s (50 x 400 x 8 = 160k)                   |
 
-With the cores shared, 2 async workers gave no speed-up over 1 env (0.85-1.0x; their CPU time per
-step matched the single env's, so IPC is cheap): the ~1.7x of ENVS.md needs both cores free, which
-would make an iteration ~55 / 75 / 85 / 215 s (from ENVS.md's 157 / 116 / 103 / 41 steps/s).
-Env time only, no policy inference.
+Use 2 workers on a 2-core machine (1.25-1.55x; the default is the number of cores). Env time only,
+no policy inference.
 
 `python -m common.robomimic --generate lift --n-demos 100 --seed 0 --out data/lift/scripted.hdf5`
 writes scripted demonstrations in robomimic's hdf5 layout: a state machine on the privileged
