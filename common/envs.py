@@ -135,6 +135,10 @@ class ProcessChunkVecEnv:
             self._remotes.append(parent)
             self._procs.append(proc)
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
     def reset(self, seed: int | None = None) -> np.ndarray:
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("reset", [None if seed is None else seed + int(i) for i in idx]))

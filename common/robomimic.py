@@ -511,7 +511,7 @@ def measure_throughput(task: Task | str, num_envs: int = 10, chunk_steps: int = 
         shape = (num_envs, task.act_steps, task.action_dim)
         rng = np.random.default_rng(0)
         envs.step(rng.uniform(-1, 1, shape))  # numba compiles on the first step
-        pids = [p.pid for p in getattr(envs, "_procs", [])]
+        pids = getattr(envs, "worker_pids", [])  # none in-process
         t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
         for _ in range(chunk_steps):
             envs.step(rng.uniform(-1, 1, shape))
