@@ -13,6 +13,7 @@ import dppo_finetune as ft
 import dppo_pretrain as pt
 from common.datasets import DatasetError, save_train_npz
 from common.tasks import TaskError
+from tests.helpers import assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(mlp_dims=(64, 64, 64), batch_size=128, learning_rate=1e-3, min_lr=1e-4, n_eval_envs=8)
@@ -76,11 +77,7 @@ def test_finetune_resume_matches_uninterrupted(pretrained):
     full = _finetune(pretrained["checkpoint"], n_train_itr=4, exp_name="full")
     part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="part")
     resumed = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=4, env_id="avoid-m2"))
-    read = lambda o: list(csv.DictReader(open(os.path.join(o["run_dir"], "eval.csv"))))  # noqa: E731
-    assert read(full) == read(resumed) and len(read(full)) == 5
-    a = torch.load(full["checkpoint"], weights_only=True)["actor_ft"]
-    b = torch.load(resumed["checkpoint"], weights_only=True)["actor_ft"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_run_matches(full, resumed, n_eval_rows=5)
 
 
 def test_ddim_finetune_from_a_k100_checkpoint(tmp_path, monkeypatch):

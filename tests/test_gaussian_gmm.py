@@ -15,6 +15,7 @@ import gaussian_ppo as gauss
 import gmm_ppo as gmm
 from common.datasets import DatasetError, load_train_npz
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
+from tests.helpers import assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(mlp_dims=(64, 64, 64), n_emb=32, n_heads=2, pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4,
@@ -162,11 +163,7 @@ def test_resume_matches_uninterrupted_and_eval_only(pretrained):
     full = _finetune(gauss, ckpt, n_train_itr=4, exp_name="full")
     part = _finetune(gauss, ckpt, n_train_itr=2, exp_name="part")
     resumed = gauss.main(gauss.Args(resume=part["run_dir"], n_train_itr=4, env_id="avoid-m2"))
-    read = lambda o: list(csv.DictReader(open(os.path.join(o["run_dir"], "eval.csv"))))  # noqa: E731
-    assert read(full) == read(resumed) and len(read(full)) == 5
-    a = torch.load(full["checkpoint"], weights_only=True)["actor_ft"]
-    b = torch.load(resumed["checkpoint"], weights_only=True)["actor_ft"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_run_matches(full, resumed, n_eval_rows=5)
     ev = _finetune(gmm, pretrained["gmm", "mlp"]["checkpoint"], eval_only=True)["eval"]
     assert set(ev) == {"deterministic", "stochastic"} and ev["stochastic"]["n_episodes"] == 8
 
