@@ -45,24 +45,24 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.datasets import DatasetError, Normalizer
-from common.envs import RunningRewardScaler, evaluate, make_vec_env, summarize_episodes
+from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import EvalLog, PhaseTimer, load_checkpoint, save_checkpoint
-from common.tasks import TaskError, get_task
+from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli, cosine_warmup,
+                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
+                         policy_header, print_defaults, restore_training, resume_args, save_checkpoint, script_name,
+                         seed_everything)
+from common.tasks import get_task
 
 # the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
@@ -79,7 +79,7 @@ class Args:
     """task id (see common/tasks.py)"""
     checkpoint: str | None = None
     """pre-trained (or fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = "dppo_finetune"
+    exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
     """seed of the experiment"""
@@ -89,70 +89,72 @@ class Args:
     """use CUDA when available"""
     torch_threads: int | None = 1
     """CPU threads for torch: 1 is fastest for the small batches of sampling and immune to
-    oversubscription (2 threads on a loaded 2-core machine ran an Avoid iteration 4x slower); None: torch's default"""
+    oversubscription (see README "Threads"); None: torch's default"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "dppo"
     """the wandb project"""
     resume: str | None = None
-    """a run folder to continue from its checkpoint.pt"""
+    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit"""
+    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
     plot: bool = True
-    """Avoid: write trajectories.png with rollouts before and after fine-tuning"""
+    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
     save_every: int = 1
     """iterations between checkpoints"""
-    # algorithm (None: the task's value from SPEC §11)
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
     n_train_itr: int | None = None
-    """fine-tuning iterations"""
+    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
     num_envs: int | None = None
-    """parallel environments"""
+    """parallel environments (gym 40, robomimic 50, furniture 1000, Avoid 50)"""
     n_steps: int | None = None
-    """chunk-steps per env per iteration"""
+    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
     n_workers: int | None = None
     """worker processes for slow simulators (robomimic); None: number of cores"""
-    ft_denoising_steps: int = 10
-    """K': fine-tuned denoising steps"""
-    use_ddim: bool = False
-    """DDIM sampling (checkpoints pre-trained with K = 100)"""
+    ft_denoising_steps: int | None = None
+    """K': the last K' denoising steps are fine-tuned (None: 10; under DDIM all ddim_steps)"""
+    use_ddim: bool | None = None
+    """DDIM sampling for checkpoints pre-trained with K = 100 (None: furniture yes, else no)"""
     ddim_steps: int = 5
-    """DDIM steps, all fine-tuned"""
+    """DDIM steps"""
     horizon_steps: int | None = None
     """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
     act_steps: int | None = None
     """T_e (None: the task's)"""
     gamma: float | None = None
-    """environment discount per chunk-step"""
+    """environment discount per chunk-step (gym/Avoid 0.99, robomimic/furniture 0.999)"""
     gae_lambda: float = 0.95
     """GAE λ"""
     bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation) (SPEC §5); False: the horizon ends the task"""
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid, docs/deviations.md)"""
     gamma_denoising: float | None = None
-    """denoising discount"""
+    """denoising discount (0.99; Avoid 0.95, furniture 0.9)"""
     min_sampling_denoising_std: float | None = None
-    """exploration std floor while sampling"""
+    """exploration std floor while sampling (0.1; furniture 0.04)"""
     min_logprob_denoising_std: float = 0.1
     """std floor when evaluating log-probs"""
     randn_clip_value: float = 3.0
     """sampling noise clamp"""
     final_action_clip: bool | None = None
-    """clamp executed actions to [-1, 1] before un-normalising"""
+    """clamp executed actions to [-1, 1] before un-normalising (robomimic/furniture yes)"""
     actor_lr: float | None = None
-    """actor learning rate"""
+    """actor learning rate (gym/robomimic 1e-4, furniture/Avoid 1e-5)"""
     actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: constant)"""
+    """end of the actor's cosine schedule (None: constant; furniture 1e-6)"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     lr_warmup_itr: int = 10
     """warm-up iterations of the cosine schedules"""
     batch_size: int | None = None
-    """PPO minibatch of (env-step, denoising-step) pairs"""
+    """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid n_steps·num_envs·K'/2)"""
     update_epochs: int | None = None
-    """PPO epochs per iteration"""
+    """PPO epochs per iteration (10; gym, transport, furniture 5)"""
     clip_coef: float | None = None
-    """clip ε of the final denoising step"""
+    """clip ε of the final denoising step (gym 0.01, robomimic 0.01, furniture 0.001, Avoid 0.1)"""
     clip_coef_base: float | None = None
-    """clip ε of the noisiest fine-tuned step"""
+    """clip ε of the noisiest fine-tuned step (robomimic 0.001; elsewhere = clip_coef)"""
     clip_coef_rate: float = 3.0
     """exponential rate of the per-step clip schedule"""
     vf_coef: float = 0.5
@@ -162,31 +164,33 @@ class Args:
     max_grad_norm: float | None = None
     """gradient norm clip (None: off)"""
     n_critic_warmup_itr: int | None = None
-    """iterations before the actor starts to step"""
+    """iterations before the actor starts to step (gym 0, robomimic 2, furniture/Avoid 1)"""
     val_freq: int = 10
     """iterations between evaluations (0: only the final one)"""
+    eval_n_steps: int | None = None
+    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
     reward_scale_running: bool = True
-    """running reward scaling (SPEC §5)"""
+    """running reward scaling"""
     bc_coef: float = 0.0
     """optional BC term: log-prob of base-policy chains under actor_ft (off by default)"""
     terminate_on_success: bool = False
     """robomimic: end episodes on success (the paper does not)"""
 
 
-# SPEC §11; an explicit flag always wins.
+# The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99, actor_lr=1e-4,
                 batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
-                min_sampling_denoising_std=0.1, final_action_clip=False),
+                min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99, actor_lr=1e-4,
                       batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
-                      n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=True),
+                      n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=True, use_ddim=False),
     "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9, actor_lr=1e-5,
                       actor_lr_min=1e-6, batch_size=8800, update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
                       n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=True, use_ddim=True),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95, actor_lr=1e-5,
                   batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
-                  min_sampling_denoising_std=0.1, final_action_clip=False),
+                  min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
@@ -196,22 +200,27 @@ TASK_DEFAULTS = {
 }
 
 
-def fill_defaults(args: Args) -> Args:
+def fill_defaults(args: Args) -> dict:
+    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
-    defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps}
-    for key, value in defaults.items():
-        if key == "use_ddim":
-            args.use_ddim = args.use_ddim or value
-        elif getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.actor_lr_min is None:
-        args.actor_lr_min = args.actor_lr
-    if args.use_ddim:
-        args.ft_denoising_steps = args.ddim_steps
-    if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (SPEC §11)
-        args.batch_size = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     args.env_id = task.id
-    return args
+    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps})
+    if args.use_ddim and args.ft_denoising_steps is not None and args.ft_denoising_steps > args.ddim_steps:
+        raise UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
+                         "(DDIM fine-tunes the last K' <= ddim_steps steps)")
+    filled.update(apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
+                                        "actor_lr_min": args.actor_lr}))
+    if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
+        args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
+    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps", "horizon_steps",
+                   "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
+                   "actor_lr_min", "critic_lr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
+                   "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
+    for name in ("gamma", "gae_lambda", "gamma_denoising"):
+        check_range(args, name, 0.0, 1.0)
+    for name in ("seed", "val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef"):
+        check_range(args, name, 0, math.inf)
+    return filled
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -343,6 +352,16 @@ class DiffusionPPO(nn.Module):
     def get_value(self, cond: torch.Tensor) -> torch.Tensor:
         return self.critic(cond)
 
+    def bc_loss(self, cond: torch.Tensor, act_steps: int) -> torch.Tensor:
+        """Optional BC term: chains sampled by the frozen base policy should stay likely under actor_ft
+        (minus the mean clamped log-prob over the executed actions of every fine-tuned step)."""
+        _, chain = self.get_action(cond, base_only=True)
+        B = chain.shape[0]
+        i = torch.arange(self.ft_steps, device=cond.device).repeat(B)
+        b = torch.arange(B, device=cond.device).repeat_interleave(self.ft_steps)
+        return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2)[:, :act_steps].mean()
+
+
 
 def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
     arch = dict(ckpt["arch"])
@@ -350,83 +369,56 @@ def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
         from common.unet import UNet1D
         return UNet1D(**arch)
     if horizon_steps != arch["horizon_steps"]:
-        raise DatasetError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
+        raise UsageError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
     return DiffusionMLP(**arch)
 
 
+def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor,
+                  act_steps: int) -> torch.Tensor:
+    """One scalar per (env-step, denoising-step) pair: element-wise log-probs clamped to [-5, 2],
+    restricted to the executed T_e actions and averaged (`PPODiffusion.loss`, reference)."""
+    return agent.get_logprobs(obs, x_t, x_prev, i).clamp(-5, 2)[:, :act_steps].mean(dim=(1, 2))
+
+
 def main(args: Args) -> dict:
-    args = fill_defaults(args)
-    task = get_task(args.env_id)
     resume = None
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        resume = load_checkpoint(path, task, "diffusion", PRETRAIN_HINT.format(task.id))
-        if "actor_ft" not in resume:
-            raise DatasetError(f"--resume {args.resume}: its checkpoint is a pre-training one")
-        saved = resume["args"]
-        args = Args(**{**saved, "resume": args.resume, "n_train_itr": args.n_train_itr})
-        run_dir = args.resume
-    else:
-        run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
+        resume = load_resume(args.resume, "diffusion", PRETRAIN_HINT.format(args.env_id))
+        args = resume_args(args, resume["args"], args.resume)
+    filled = fill_defaults(args)
+    task = get_task(args.env_id)
+    if resume is None:
+        print_defaults(task.id, filled)
     args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS.get(task.id)
     if args.checkpoint is None:
         raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python dppo_pretrain.py --env-id {task.id})")
-    ckpt = resume or load_checkpoint(args.checkpoint, task, "diffusion", PRETRAIN_HINT.format(task.id))
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
     if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
-        raise DatasetError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {ckpt['denoising_steps']})")
-    if not args.use_ddim and not 1 <= args.ft_denoising_steps <= ckpt["denoising_steps"]:
-        raise DatasetError(f"--ft-denoising-steps must be in 1..{ckpt['denoising_steps']}")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(args.torch_deterministic)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        raise UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {ckpt['denoising_steps']})")
+    if not args.use_ddim and K_ft > ckpt["denoising_steps"]:
+        raise UsageError(f"--ft-denoising-steps {K_ft} exceeds the checkpoint's K = {ckpt['denoising_steps']}")
+    if T_e > args.horizon_steps:
+        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
+    if not args.eval_only and args.batch_size > args.n_steps * N * K_ft:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
+                         f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_network(ckpt, args.horizon_steps)
     base.load_state_dict(ckpt["base"] if "base" in ckpt else ckpt["ema"])  # fine-tuning starts from the EMA
     critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
-    agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], args.ft_denoising_steps, args.horizon_steps,
+    agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,
                          task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
                          args.min_logprob_denoising_std, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])
         agent.critic.load_state_dict(ckpt["critic"])
-    K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
-    if not args.eval_only and args.batch_size > args.n_steps * N * K_ft:
-        raise DatasetError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
-                           f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
-
-    def cosine(lr: float, lr_min: float):
-        def f(itr: int) -> float:
-            if itr < args.lr_warmup_itr and lr_min != lr:
-                return (itr + 1) / args.lr_warmup_itr
-            return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(itr / args.n_train_itr, 1.0)))) / lr
-        return f
-
-    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
-    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
-    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine(args.actor_lr, args.actor_lr_min))
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine(args.critic_lr, args.critic_lr))
-    scaler = RunningRewardScaler(N)
-    clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)
-    disc = denoising_discount(K_ft, args.gamma_denoising).to(device)
-    start_itr, env_steps = 0, 0
-    if resume is not None:
-        actor_opt.load_state_dict(resume["actor_optimizer"])
-        critic_opt.load_state_dict(resume["critic_optimizer"])
-        actor_sched.load_state_dict(resume["actor_scheduler"])
-        critic_sched.load_state_dict(resume["critic_scheduler"])
-        scaler.load_state_dict(resume["reward_scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        start_itr, env_steps = resume["itr"], resume["env_steps"]
-
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"],
-                        n_workers=args.n_workers, terminate_on_success=args.terminate_on_success)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+    print(f"envs: {N} x {task.id} on {envs.backend}")
     # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
     eval_deterministic = task.suite != "avoid"
 
@@ -439,60 +431,65 @@ def main(args: Args) -> dict:
         return f
 
     def run_eval(deterministic: bool) -> dict:
-        return evaluate(envs, act(deterministic), args.n_steps, T_e, task.success_chunk_reward,
-                        seed=args.seed + 1_000_000)
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        results = {}
-        for mode, det in (("deterministic", True), ("stochastic", False)):
-            r = run_eval(det)
-            results[mode] = r
-            print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
-                  f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+        out = eval_only_report(run_eval)
         envs.close()
-        return {"eval": results}
+        return out
 
-    os.makedirs(run_dir, exist_ok=True)
-    eval_log = EvalLog(run_dir, start_itr if resume is not None else None)
-    rows = eval_log.rows
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
+    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
+    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
+    optimizers = {"actor": actor_opt, "critic": critic_opt}
+    schedulers = {
+        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_warmup(args.actor_lr, args.actor_lr_min, args.lr_warmup_itr,
+                                                                            args.n_train_itr)),
+        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_warmup(args.critic_lr, args.critic_lr, args.lr_warmup_itr,
+                                                                              args.n_train_itr))}
+    scaler = RunningRewardScaler(N)
+    clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)
+    disc = denoising_discount(K_ft, args.gamma_denoising).to(device)
+    start_itr, env_steps = 0, 0
+    if resume is not None:
+        start_itr, env_steps = restore_training(resume, optimizers, schedulers)
+        scaler.load_state_dict(resume["reward_scaler"])
+    paths_before = None
+    if task.suite == "avoid" and args.plot and start_itr == 0:
+        with torch.random.fork_rng():  # the picture's rollouts leave the training's random numbers alone
+            paths_before = run_eval(eval_deterministic)["paths"]
+    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
+    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
     next_obs_buf = torch.zeros_like(obs_buf)
     chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
-    history, paths_first, paths_last, last_train = [], None, None, {}
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    history, last_train = [], {}
     obs, need_reset = None, True
     timer = PhaseTimer(device)
     bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
     for itr in bar:
         t_itr = time.time()
-        is_eval = eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0
-        if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
-            r = run_eval(True)
-            eval_log.write(itr, env_steps, "deterministic", r)
-            writer.add_scalar("eval/episodic_return", r["return_mean"], itr)
-            writer.add_scalar("eval/success_rate", r["success_rate"], itr)
+        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
+            run.log_eval(itr, env_steps, "deterministic", r)
             if last_train:
-                eval_log.write(itr, env_steps, "stochastic", last_train)
+                run.log_eval(itr, env_steps, "stochastic", last_train)
             need_reset = True
             bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
             continue
 
-        # ---- rollout (SPEC §5) ----
+        # ---- rollout ----
         timer.reset()
         if need_reset or task.reset_every_iteration:
             obs = envs.reset(seed=args.seed + itr * N)
+            tracker.reset()
             need_reset = False
             first = np.ones(N)
         else:
             first = np.zeros(N)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
-        path: list[np.ndarray] = []
         agent.eval()
         for step in range(args.n_steps):
             firsts[step] = first
@@ -505,22 +502,16 @@ def main(args: Args) -> dict:
             obs, rewards[step], term, trunc, info = envs.step(action)
             next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
             terminated[step], dones[step] = term, term | trunc
+            tracker.step(rewards[step], dones[step].astype(bool))
             first = dones[step].astype(np.float64)
-            if "ee_pos" in info:
-                path.append(info["ee_pos"])
             timer.lap("env")
         env_steps += args.n_steps * N * T_e
-        last_train = summarize_episodes(rewards, dones, firsts, T_e, task.success_chunk_reward)
+        last_train = tracker.pop()
         history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if path:  # Avoid trajectories for the before/after picture
-            traj = np.concatenate(path, axis=1)
-            paths = [traj[i] for i in range(N)]
-            paths_first = paths_first if paths_first is not None else paths
-            paths_last = paths
         if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            eval_log.write(itr, env_steps, "stochastic", last_train)
+            run.log_eval(itr, env_steps, "stochastic", last_train)
 
-        # ---- advantages (SPEC §5) ----
+        # ---- advantages: GAE over chunk-steps (paper eq. 4.7; truncation: docs/deviations.md) ----
         r_scaled = rewards
         if args.reward_scale_running:
             r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
@@ -531,9 +522,9 @@ def main(args: Args) -> dict:
             cut = terminated if args.bootstrap_truncated else dones
             advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(cut), as_t(dones),
                                               args.gamma, args.gae_lambda)
-
         timer.lap("advantages")
-        # ---- old log-probs: all K' steps in one batched pass (SPEC §13) ----
+
+        # ---- old log-probs: all K' steps in one batched pass ----
         b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
         b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
         b_adv, b_ret = advantages.flatten(), returns.flatten()
@@ -543,14 +534,13 @@ def main(args: Args) -> dict:
 
         def logprob(idx: torch.Tensor) -> torch.Tensor:
             s, i = sample[idx], pos[idx]
-            lp = agent.get_logprobs(b_obs[s], b_chain[s, i], b_chain[s, i + 1], i)
-            return lp.clamp(-5, 2)[:, :T_e].mean(dim=(1, 2))           # SPEC §4: clamp, executed actions, mean
+            return pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, T_e)
 
         with torch.no_grad():
             old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(50_000)])
         timer.lap("old_logprobs")
 
-        # ---- PPO update (SPEC §6) ----
+        # ---- PPO update over (env-step, denoising-step) pairs (paper eqs. 4.5-4.7) ----
         agent.train()
         stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
         for epoch in range(args.update_epochs):
@@ -559,17 +549,12 @@ def main(args: Args) -> dict:
             for start in range(0, S * K_ft - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
                 s, i = sample[idx], pos[idx]
-                new_lp = logprob(idx)
-                pg_loss, kl, clipfrac = ppo_loss(new_lp, old_lp[idx], b_adv[s], disc[i], clip_eps[i])
+                pg_loss, kl, clipfrac = ppo_loss(logprob(idx), old_lp[idx], b_adv[s], disc[i], clip_eps[i])
                 v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
                 if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
-                    _, base_chain = agent.get_action(b_obs[s[: max(1, len(s) // K_ft)]], base_only=True)
-                    bi = torch.arange(K_ft, device=device).repeat(base_chain.shape[0])
-                    bs = torch.arange(base_chain.shape[0], device=device).repeat_interleave(K_ft)
-                    bc_lp = agent.get_logprobs(b_obs[s[: base_chain.shape[0]]][bs], base_chain[bs, bi], base_chain[bs, bi + 1], bi)
-                    bc_loss = -bc_lp.clamp(-5, 2)[:, :T_e].mean()
+                    bc_loss = agent.bc_loss(b_obs[s[: max(1, len(s) // K_ft)]], T_e)
                     loss = loss + args.bc_coef * bc_loss
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
@@ -586,57 +571,34 @@ def main(args: Args) -> dict:
                     stats_t[k].append(v.detach())
             if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
                 break  # one host sync per epoch
-        actor_sched.step()
-        critic_sched.step()
+        for sched in schedulers.values():
+            sched.step()
         timer.lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        y_pred, y_true = values.flatten(), returns.flatten()
-        explained_var = (1 - (y_true - y_pred).var() / y_true.var()).item() if y_true.var() > 0 else float("nan")
+        logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        for k, v in logged.items():
-            writer.add_scalar(f"losses/{'policy_loss' if k == 'pg_loss' else 'value_loss' if k == 'v_loss' else k}", v, itr)
-        writer.add_scalar("losses/explained_variance", explained_var, itr)
-        writer.add_scalar("charts/episodic_return", last_train["return_mean"], itr)
-        writer.add_scalar("charts/success_rate", last_train["success_rate"], itr)
-        writer.add_scalar("charts/SPS", sps, itr)
-        writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
-        writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
+        run.log_iteration(itr, logged, last_train, sps, {k: o.param_groups[0]["lr"] for k, o in optimizers.items()})
         history[-1].update(logged)
         history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
         bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
                         ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                **{k: ckpt[k] for k in ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim",
-                                        "cond_steps", "denoising_steps", "normalization")},
-                "horizon_steps": args.horizon_steps, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                "base": agent.actor.state_dict(), "ema": agent.actor_ft.state_dict(), "actor_ft": agent.actor_ft.state_dict(),
-                "critic": agent.critic.state_dict(), "actor_optimizer": actor_opt.state_dict(),
-                "critic_optimizer": critic_opt.state_dict(), "actor_scheduler": actor_sched.state_dict(),
-                "critic_scheduler": critic_sched.state_dict(), "reward_scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()}, "itr": itr + 1, "env_steps": env_steps})
+            save_checkpoint(run.checkpoint, finetune_checkpoint(
+                header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
+                schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
     bar.close()
-    # a final evaluation row after the last update
-    final = run_eval(eval_deterministic)
-    eval_log.write(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final)
-    if task.suite == "avoid" and args.plot and paths_first is not None:
+    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
+                     {"history": history})
+    if paths_before is not None:
         from common.plots import plot_avoid_paths
-        plot_avoid_paths({"before fine-tuning": paths_first, "after fine-tuning": final.get("paths", paths_last)},
-                         os.path.join(run_dir, "trajectories.png"))
+        plot_avoid_paths({"before fine-tuning": paths_before, "after fine-tuning": final["paths"]},
+                         os.path.join(run.dir, "trajectories.png"))
     envs.close()
-    writer.close()
-    first = rows[0] if len(rows) > 1 else {"success_rate": float("nan"), "return_mean": float("nan")}
-    print(f"run folder {run_dir}: success {float(first['success_rate']):.2f} -> {final['success_rate']:.2f}, "
-          f"return {float(first['return_mean']):.2f} -> {final['return_mean']:.2f}")
-    return {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(os.path.join(run_dir, "checkpoint.pt")), "eval_rows": rows,
-            "history": history, "final_eval": final}
+    return out
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (TaskError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, Args)

@@ -31,24 +31,23 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
-from common.runs import save_checkpoint
-from common.tasks import TaskError, get_task, missing_packages
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_positive, check_range, cli,
+                         load_checkpoint, print_defaults, release_checkpoint, resume_args, save_checkpoint, script_name,
+                         seed_everything, warmup_then_cosine)
+from common.tasks import get_task, missing_packages
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Args:
     """task id (see common/tasks.py), e.g. avoid-m2, hopper, lift"""
     dataset: str | None = None
     """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz (None: the task's default)"""
-    exp_name: str = "dppo_pretrain"
+    exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
     """seed of the experiment"""
@@ -74,13 +73,11 @@ class Args:
     wandb_project_name: str = "dppo"
     """the wandb project"""
     output: str | None = None
-    """also copy the final checkpoint to this path"""
+    """also write the release checkpoint (header, normalisation, EMA weights: what fine-tuning reads) here"""
     resume: str | None = None
-    """a run folder to continue from its checkpoint.pt"""
+    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     # algorithm
-    policy: str = "diffusion"
-    """policy type; this script trains `diffusion` (Gaussian / GMM: see their scripts)"""
-    backbone: str = "mlp"
+    backbone: Literal["mlp", "unet"] = "mlp"
     """`mlp` (DiffusionMLP) or `unet` (UNet1D)"""
     denoising_steps: int = 20
     """K: DDPM steps"""
@@ -146,16 +143,22 @@ TASK_DEFAULTS = {
 }
 
 
-def fill_defaults(args: Args) -> Args:
+def fill_defaults(args: Args) -> dict:
+    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
+    args.env_id = task.id
     defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "horizon_steps": task.horizon_steps}
     if args.paper_recipe:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.env_id = task.id
-    return args
+    filled = apply_defaults(args, defaults)
+    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "unet_dim", "n_epochs", "batch_size",
+                   "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every", "torch_threads")
+    for name in ("seed", "warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
+        check_range(args, name, 0, math.inf)
+    check_range(args, "ema_decay", 0.0, 1.0)
+    if any(not d > 0 for d in (*args.mlp_dims, *(args.cond_mlp_dims or ()), *args.unet_dim_mults)):
+        raise UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
+    return filled
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -227,32 +230,42 @@ class DiffusionPolicy(nn.Module):
         return x.clamp(-1, 1)
 
 
+def check_output_path(path: str | None) -> None:
+    """`--output` must be a file path whose folder can be made: checked before any work is done."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path} is a folder; give a file path such as {os.path.join(path, 'policy.pt')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--output {path}: cannot write under {parent}")
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
+    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.copy_(p) if reset else p_ema.lerp_(p, 1 - decay)
+
+
 def main(args: Args) -> dict:
-    args = fill_defaults(args)
-    task = get_task(args.env_id)
-    if args.policy != "diffusion":
-        raise TaskError(f"dppo_pretrain.py trains diffusion policies; use {args.policy}_ppo.py for --policy {args.policy}")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(args.torch_deterministic)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     resume_ckpt = None
-    if args.resume:
-        ckpt_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt in that folder")
-        resume_ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if resume_ckpt.get("task") != task.id:
-            raise TaskError(f"--resume {args.resume} is a run on {resume_ckpt.get('task')!r}, not {task.id!r}")
-        run_dir = args.resume
-    else:
-        run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.resume:  # the run's own arguments; explicit flags win visibly or are refused
+        resume_ckpt = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
+        if "optimizer" not in resume_ckpt:
+            raise DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint")
+        args = resume_args(args, resume_ckpt["args"], args.resume)
+    filled = fill_defaults(args)
+    task = get_task(args.env_id)
+    if resume_ckpt is None:
+        print_defaults(task.id, filled)
+    check_output_path(args.output)
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
-    # Data (SPEC §1): windows inside trajectories, min-max normalised to [-1, 1].
+    # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
     trajs = load_task_trajectories(task, args.dataset)
     normalizer = Normalizer.from_trajectories(trajs)
     if resume_ckpt is not None:
@@ -267,14 +280,8 @@ def main(args: Args) -> dict:
     ema.load_state_dict(policy.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    def lr_lambda(epoch: int) -> float:  # linear warm-up, then cosine from lr to min_lr
-        if epoch < args.warmup_epochs:
-            return (epoch + 1) / args.warmup_epochs
-        progress = (epoch - args.warmup_epochs) / max(1, args.n_epochs - args.warmup_epochs)
-        return (args.min_lr + (args.learning_rate - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / args.learning_rate
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
+                                                                                args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, step, last_eval = 0, 0, {}
     if resume_ckpt is not None:
@@ -286,16 +293,10 @@ def main(args: Args) -> dict:
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
 
-    os.makedirs(run_dir, exist_ok=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
-
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
+    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()
@@ -304,30 +305,26 @@ def main(args: Args) -> dict:
             o = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             return normalizer.unnormalize_action(ema.sample(o)).cpu().numpy()
 
-        result = evaluate(eval_envs, act, task.max_episode_steps // task.act_steps, task.act_steps,
-                          task.success_chunk_reward, seed=args.seed + 10_000)
-        writer.add_scalar("eval/episodic_return", result["return_mean"], epoch)
-        writer.add_scalar("eval/success_rate", result["success_rate"], epoch)
-        for mode, frac in result.get("mode_fractions", {}).items():
-            writer.add_scalar(f"eval/mode_{mode}_fraction", frac, epoch)
+        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000)
+        run.log_eval(epoch, 0, "deterministic", result)
+        run.scalars({f"eval/mode_{m}_fraction": f for m, f in result.get("mode_fractions", {}).items()}, epoch)
         if "collision_rate" in result:
-            writer.add_scalar("eval/collision_rate", result["collision_rate"], epoch)
+            run.scalars({"eval/collision_rate": result["collision_rate"]}, epoch)
         return result
 
     def checkpoint(epoch: int) -> dict:
         return {
-            "format": "dppo-checkpoint-v1", "policy": "diffusion", "backbone": args.backbone, "arch": arch,
+            "format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": args.backbone, "arch": arch,
             "task": task.id, "obs_dim": task.obs_dim, "action_dim": task.action_dim,
             "horizon_steps": args.horizon_steps, "cond_steps": args.cond_steps,
-            "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(), "args": args_dict(args),
             "model": policy.network.state_dict(), "ema": ema.network.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
             "epoch": epoch, "step": step,
         }
 
-    print(f"pre-training {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run_dir}")
+    print(f"pre-training {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}")
     losses, t0 = [], time.time()
     bar = tqdm(range(start_epoch, args.n_epochs), initial=start_epoch, total=args.n_epochs, desc="epochs")
     for epoch in bar:
@@ -342,19 +339,13 @@ def main(args: Args) -> dict:
             epoch_loss += loss.detach()
             n_batches += 1
             step += 1
-            if step % args.ema_every == 0:  # EMA (SPEC §1), reset to the model before ema_start_epoch
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
-                        if epoch < args.ema_start_epoch:
-                            p_ema.copy_(p)
-                        else:
-                            p_ema.lerp_(p, 1 - args.ema_decay)
+            if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
+                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         mean_loss = (epoch_loss / max(n_batches, 1)).item()  # one host sync per epoch
         losses.append(mean_loss)
-        writer.add_scalar("losses/loss", mean_loss, epoch)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], epoch)
-        writer.add_scalar("charts/SPS", step * args.batch_size / max(time.time() - t0, 1e-9), epoch)
+        run.scalars({"losses/loss": mean_loss, "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                     "charts/SPS": step * args.batch_size / max(time.time() - t0, 1e-9)}, epoch)
         postfix = {"loss": f"{mean_loss:.4f}"}
         last_epoch = epoch + 1 == args.n_epochs
         if can_simulate and ((epoch + 1) % args.eval_every == 0 or last_epoch):
@@ -365,26 +356,22 @@ def main(args: Args) -> dict:
                 postfix["modes"] = " ".join(f"{m}:{f:.2f}" for m, f in last_eval["mode_fractions"].items() if f > 0)
         bar.set_postfix(postfix)
         if (epoch + 1) % args.save_every == 0 or last_epoch:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(epoch + 1))
+            save_checkpoint(run.checkpoint, checkpoint(epoch + 1))
     bar.close()
 
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(ckpt_path):
-        save_checkpoint(ckpt_path, checkpoint(args.n_epochs))
-    if args.output:
+    if not os.path.isfile(run.checkpoint):
+        save_checkpoint(run.checkpoint, checkpoint(args.n_epochs))
+    if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        save_checkpoint(args.output, torch.load(ckpt_path, map_location="cpu", weights_only=True))
+        save_checkpoint(args.output, release_checkpoint(torch.load(run.checkpoint, map_location="cpu", weights_only=True)))
     if can_simulate:
         eval_envs.close()
-    writer.close()
+    run.writer.close()
     summary = {k: v for k, v in last_eval.items() if k != "paths"}
-    print(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}; last evaluation {summary}")
-    return {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(ckpt_path), "losses": losses, "eval": last_eval}
+    print(f"done in {time.time() - t0:.0f}s; checkpoint {run.checkpoint}; last evaluation {summary}")
+    return {"run_dir": os.path.abspath(run.dir), "checkpoint": os.path.abspath(run.checkpoint), "losses": losses,
+            "eval": last_eval}
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (TaskError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, Args)

@@ -1,6 +1,7 @@
 """Environments as the DPPO scripts see them: chunked, vectorised, same-step autoreset.
 
-Every vector env made by `make_vec_env` follows one protocol (SPEC §5):
+Every vector env made by `make_vec_env` follows one protocol (the reference's `MultiStep` wrapper
+and vector env, `irom-princeton/dppo` `env/gym_utils/wrapper/multi_step.py`, with same-step autoreset):
 
     obs = envs.reset(seed)                      # (N, T_o, D_o) float32, raw (un-normalised)
     obs, reward, terminated, truncated, info = envs.step(chunks)   # chunks (N, T_e, D_a), raw
@@ -39,7 +40,7 @@ class ChunkVecEnv(Protocol):
 
 
 class MultiStep(gym.Wrapper):
-    """One step = T_e env steps (SPEC §5): rewards summed, early stop at done, last T_o
+    """One step = T_e env steps (paper §4.1 action chunks): rewards summed, early stop at done, last T_o
     observations stacked (the first one repeated after reset)."""
 
     def __init__(self, env: gym.Env, act_steps: int, cond_steps: int = 1) -> None:
@@ -75,6 +76,8 @@ class MultiStep(gym.Wrapper):
 
 class SyncChunkVecEnv:
     """MultiStep envs stepped one after another in this process, with same-step autoreset."""
+
+    backend = "gymnasium"
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]) -> None:
         self.envs = [fn() for fn in env_fns]
@@ -121,6 +124,8 @@ def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
 class ProcessChunkVecEnv:
     """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv."""
 
+    backend = "gymnasium (worker processes)"
+
     def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
         self.num_envs = len(env_fns)
         n_workers = max(1, min(n_workers, self.num_envs))
@@ -165,6 +170,8 @@ class EnvpoolChunkVecEnv:
     """Gym locomotion on envpool's C++ pool (used when envpool is installed; ~2.5x the steps/s of
     the gymnasium path here). Same protocol: an env that finishes inside a chunk is not stepped
     again in that chunk and is reset at its end. A seeded reset rebuilds the pool with that seed."""
+
+    backend = "envpool"
 
     def __init__(self, task: Task, num_envs: int, seed: int | None, act_steps: int, cond_steps: int,
                  max_episode_steps: int) -> None:
@@ -228,21 +235,34 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
     return env
 
 
+ENV_BACKENDS = ("auto", "envpool", "gymnasium")
+
+
 def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
-                 max_episode_steps: int | None = None, use_envpool: bool = True) -> ChunkVecEnv:
-    """`num_envs` chunked envs of `task` following the protocol in this module's docstring.
+                 max_episode_steps: int | None = None, backend: str = "auto") -> ChunkVecEnv:
+    """`num_envs` chunked envs of `task` following the protocol in this module's docstring; the
+    returned env's `backend` attribute names what runs it.
 
     n_workers: processes for simulators that are slow in Python (robomimic); default: the number
-    of cores. Gym locomotion stays in-process (on 2 cores IPC costs more than it saves, ENVS.md), on
-    envpool when it is installed and `use_envpool`, else on gymnasium.
+    of cores. Gym locomotion stays in-process (on 2 cores the inter-process traffic costs more than
+    it saves). backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
+    installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
     """
     require_simulator(task)
+    if backend not in ENV_BACKENDS:
+        raise TaskError(f"env backend {backend!r}: choose one of {', '.join(ENV_BACKENDS)}")
+    has_envpool = importlib.util.find_spec("envpool") is not None
+    if backend == "envpool" and (task.suite != "gym" or not has_envpool):
+        raise TaskError("--env-backend envpool runs gym locomotion only, and needs `pip install envpool==1.2.5`"
+                        if task.suite == "gym" else f"--env-backend envpool is for gym locomotion, not {task.id!r}")
     act_steps = act_steps or task.act_steps
     if task.suite == "avoid":
         from common.avoid import AvoidVecEnv
-        return AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
-                           max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
+        avoid = AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
+                            max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
+        avoid.backend = "numpy (common/avoid.py)"
+        return avoid
 
     def env_fn(i: int) -> Callable[[], gym.Env]:
         def thunk() -> gym.Env:
@@ -250,7 +270,7 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
             return MultiStep(env, act_steps, cond_steps)
         return thunk
 
-    if task.suite == "gym" and importlib.util.find_spec("envpool") is not None and use_envpool:
+    if task.suite == "gym" and has_envpool and backend != "gymnasium":
         return EnvpoolChunkVecEnv(task, num_envs, seed, act_steps, cond_steps, max_episode_steps or task.max_episode_steps)
     fns = [env_fn(i) for i in range(num_envs)]
     if task.suite == "robomimic":
@@ -261,8 +281,9 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
 
 
 class RunningRewardScaler:
-    """SPEC §5: per env ret <- r + 0.99 (1 - first) ret; reward / sqrt(var(ret) + 1e-8), clipped ±10.
-    The variance is a running one pooled over envs and iterations."""
+    """Running reward scaling (`irom-princeton/dppo` `util/reward_scaling.py`, `RunningRewardScaler`):
+    per env ret <- r + 0.99 (1 - first) ret; reward / sqrt(var(ret) + 1e-8), clipped ±10. The
+    variance is a running one pooled over envs and iterations."""
 
     def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
         self.gamma, self.clip, self.eps = gamma, clip, eps
@@ -289,71 +310,82 @@ class RunningRewardScaler:
         self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
 
 
-def episode_stats(rewards: np.ndarray, dones: np.ndarray, firsts: np.ndarray, act_steps: int,
-                  success_chunk_reward: float | None) -> dict[str, np.ndarray]:
-    """Episodes that start and finish inside the iteration (SPEC §8).
+class EpisodeTracker:
+    """Per-env running return, length and best chunk reward of the current episode, kept across
+    iterations; every episode that ends is recorded, however many iterations it spanned.
 
-    rewards, dones: (n_steps, N) chunk rewards and episode ends; firsts: (n_steps, N), 1 where a
-    chunk-step is the first of an episode. Returns per episode: `return` (sum of chunk rewards),
-    `length` (chunk-steps) and `success` (some chunk with reward / T_e >= threshold).
+    `reset()` when the envs are reset (every running episode is dropped); `step(reward, done)`
+    after each chunk-step; `pop()` returns the summary of the episodes that ended since the last
+    `pop` (nan when none did, or when the task has no success rule). Success: some executed chunk
+    with reward / T_e >= `success_chunk_reward` (robomimic: the task held for a whole chunk; Avoid:
+    mode 5 passed and above y = 0.4).
     """
-    returns, lengths, successes = [], [], []
-    for i in range(rewards.shape[1]):
-        starts = np.flatnonzero(firsts[:, i])
-        for s in starts:
-            ends = np.flatnonzero(dones[s:, i])
-            if len(ends) == 0:
-                continue
-            e = s + ends[0]
-            chunk = rewards[s:e + 1, i]
-            returns.append(chunk.sum())
-            lengths.append(e + 1 - s)
-            ok = success_chunk_reward is not None and chunk.max() / act_steps >= success_chunk_reward - 1e-6
-            successes.append(ok)
-    return {"return": np.array(returns, np.float64), "length": np.array(lengths),
-            "success": np.array(successes, bool)}
+
+    def __init__(self, num_envs: int, act_steps: int, success_chunk_reward: float | None) -> None:
+        self.act_steps, self.success_chunk_reward = act_steps, success_chunk_reward
+        self.ret, self.length, self.best = np.zeros(num_envs), np.zeros(num_envs, int), np.full(num_envs, -np.inf)
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.successes: list[bool] = []
+
+    def reset(self) -> None:
+        self.ret[:], self.length[:], self.best[:] = 0.0, 0, -np.inf
+
+    def step(self, reward: np.ndarray, done: np.ndarray) -> None:
+        self.ret += reward
+        self.length += 1
+        self.best = np.maximum(self.best, reward)
+        for i in np.flatnonzero(done):
+            self.returns.append(float(self.ret[i]))
+            self.lengths.append(int(self.length[i]))
+            self.successes.append(self.success_chunk_reward is not None
+                                  and self.best[i] / self.act_steps >= self.success_chunk_reward - 1e-6)
+        self.ret[done], self.length[done], self.best[done] = 0.0, 0, -np.inf
+
+    def pop(self) -> dict[str, Any]:
+        returns, n = np.array(self.returns), len(self.returns)
+        out = {"return_mean": float(returns.mean()) if n else float("nan"),
+               "return_std": float(returns.std()) if n else float("nan"),
+               "success_rate": float(np.mean(self.successes)) if n and self.success_chunk_reward is not None
+               else float("nan"),
+               "episode_length": float(np.mean(self.lengths)) if n else float("nan"), "n_episodes": n}
+        self.returns, self.lengths, self.successes = [], [], []
+        return out
 
 
-def summarize_episodes(rewards: np.ndarray, dones: np.ndarray, firsts: np.ndarray, act_steps: int,
-                       success_chunk_reward: float | None) -> dict[str, Any]:
-    """`episode_stats` reduced to the numbers logged per evaluation or iteration (nan when no
-    episode finished, or when the task has no success rule)."""
-    stats = episode_stats(rewards, dones.astype(bool), firsts.astype(bool), act_steps, success_chunk_reward)
-    n = len(stats["return"])
-    return {"return_mean": float(stats["return"].mean()) if n else float("nan"),
-            "return_std": float(stats["return"].std()) if n else float("nan"),
-            "success_rate": float(stats["success"].mean()) if n and success_chunk_reward is not None else float("nan"),
-            "n_episodes": n}
+def eval_horizon(task: Task, act_steps: int) -> int:
+    """The default length of an evaluation in chunk-steps: one whole episode, ⌈max_episode_steps / T_e⌉."""
+    return -(-task.max_episode_steps // act_steps)
 
 
-def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], n_steps: int, act_steps: int,
-             success_chunk_reward: float | None, seed: int | None = None) -> dict[str, Any]:
+def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: Task, act_steps: int,
+             seed: int | None = None, n_steps: int | None = None) -> dict[str, Any]:
     """Roll `act` (raw obs (N, T_o, D_o) -> raw chunk (N, T_a, D_a)) for `n_steps` chunk-steps
-    from a fresh reset and summarise the episodes that finished (SPEC §8). The one evaluation path
-    used during training and by stand-alone evaluation.
+    (default: one episode, `eval_horizon`) from a fresh reset and summarise the episodes that
+    finished. The one evaluation used during training, after it and by `--eval-only`, by every script.
 
-    Returns return_mean/return_std/success_rate/n_episodes, and for Avoid `mode_fractions` (the
-    share of finished episodes through each row-3 mode 5..8), `collision_rate` and `paths`.
+    Returns return_mean/return_std/success_rate/episode_length/n_episodes, and for Avoid
+    `mode_fractions` (the share of finished episodes through each row-3 mode 5..8),
+    `collision_rate` and `paths` (end-effector paths of the finished episodes).
     """
+    n_steps = n_steps or eval_horizon(task, act_steps)
     obs = envs.reset(seed=seed)
     n = envs.num_envs
-    rewards, dones, firsts = np.zeros((n_steps, n)), np.zeros((n_steps, n), bool), np.zeros((n_steps, n), bool)
-    firsts[0] = True
+    tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward)
     modes, collided, paths, path = [], [], [], [[] for _ in range(n)]
-    for step in range(n_steps):
-        obs, rewards[step], term, trunc, info = envs.step(act(obs)[:, :act_steps])
-        dones[step] = term | trunc
-        if step + 1 < n_steps:
-            firsts[step + 1] = dones[step]
+    for _ in range(n_steps):
+        obs, reward, term, trunc, info = envs.step(act(obs)[:, :act_steps])
+        done = term | trunc
+        tracker.step(reward, done)
         if "mode" in info:  # Avoid: latched row modes and the end-effector path
             for i in range(n):
                 path[i].extend(info["ee_pos"][i])
-                if dones[step, i]:
+                if done[i]:
                     modes.append(info["mode"][i, 2])
                     collided.append(info["collided"][i])
                     paths.append(np.array(path[i]))
                     path[i] = []
-    out = summarize_episodes(rewards, dones, firsts, act_steps, success_chunk_reward)
+    out = tracker.pop()
     if modes:
         modes_arr = np.array(modes)
         out["mode_fractions"] = {m: float((modes_arr == m).mean()) for m in (5, 6, 7, 8)}

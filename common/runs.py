@@ -1,33 +1,136 @@
-"""Run-folder plumbing shared by the scripts (STYLE.md conventions): self-describing checkpoints
-written atomically and loaded as data, the `eval.csv` log that survives `--resume`, and per-phase
-timing of an iteration."""
+"""Run plumbing written once for every script: errors and the command line, seeding, per-task
+defaults, the run folder (TensorBoard, `args.json`, optional wandb, `eval.csv`), checkpoints
+(written atomically, loaded as data), resume, the `--eval-only` report and the end-of-run summary.
+
+What a script keeps is what a reader needs to learn its method: the policy, the rollout, the
+advantages or targets, the update.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
+import math
 import os
+import random
+import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 from common.datasets import DatasetError
-from common.tasks import Task
+from common.tasks import TaskError
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
 FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
+# what a policy checkpoint must hold besides its weights to rebuild the policy with no other file
+HEADER_KEYS = ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim", "horizon_steps", "cond_steps",
+               "normalization")
+OPTIONAL_HEADER_KEYS = ("denoising_steps", "std_limits")
 
+ArgsT = TypeVar("ArgsT")
+
+
+class UsageError(ValueError):
+    """The command line cannot work: a flag value out of range or a combination of flags that conflict."""
+
+
+def script_name(file: str) -> str:
+    """`dppo_finetune` for `.../dppo_finetune.py`: the default `exp_name`, so a copied script keeps its own name."""
+    return os.path.splitext(os.path.basename(file))[0]
+
+
+def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
+    """`main(tyro.cli(Args))`; an error the user can fix ends in one line on stderr and exit code 2."""
+    import tyro
+
+    try:
+        main(tyro.cli(args_type))
+    except (UsageError, TaskError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_positive(args: Any, *names: str) -> None:
+    """UsageError for the first of `names` whose value is set and not > 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
+
+
+def check_range(args: Any, name: str, low: float, high: float) -> None:
+    """UsageError when the field is set and not within [low, high] (NaN included)."""
+    value = getattr(args, name)
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"--{name.replace('_', '-')} must be in [{low}, {high}] (got {value})")
+
+
+def apply_defaults(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Fill every field of `args` that is None from `defaults` (an explicit flag always wins) and
+    return what was filled, so the script can show the values a run really uses."""
+    filled = {}
+    for key, value in defaults.items():
+        if getattr(args, key) is None and value is not None:
+            setattr(args, key, value)
+            filled[key] = value
+    return filled
+
+
+def print_defaults(task_id: str, filled: dict[str, Any]) -> None:
+    if filled:
+        print(f"{task_id} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items()))
+
+
+def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | None, cuda: bool) -> torch.device:
+    """Seed `random`, numpy and torch, set determinism and CPU threads; return the device to use."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(torch_deterministic)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
+
+
+def args_dict(args: Any) -> dict[str, Any]:
+    """The dataclass as plain data (tuples as lists) for checkpoints and `args.json`."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
+
+
+def args_from_dict(args_type: type[ArgsT], saved: dict[str, Any]) -> ArgsT:
+    """Rebuild the dataclass from `args_dict` output (lists back to tuples; unknown keys refused)."""
+    fields = {f.name for f in dataclasses.fields(args_type)}
+    unknown = set(saved) - fields
+    if unknown:
+        raise DatasetError(f"the run's saved arguments have fields this script does not know: {', '.join(sorted(unknown))}")
+    return args_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+# ---- checkpoints ----
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically so a run killed at any moment leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write atomically (a temp file unique to this writer, then a rename), so a run killed at any
+    moment leaves the previous checkpoint intact and two writers never share a temp file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path: str, task: Task, policy: str, pretrain_command: str) -> dict[str, Any]:
-    """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` for `task`;
-    anything else is refused with one line naming the fix."""
+def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = None) -> dict[str, Any]:
+    """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (for `task`,
+    when given); anything else is refused with one line naming the fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: {pretrain_command})")
     try:
@@ -36,13 +139,109 @@ def load_checkpoint(path: str, task: Task, policy: str, pretrain_command: str) -
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in HEADER_KEYS if k not in ckpt]
+    if missing:
+        raise DatasetError(f"checkpoint {path!r} lacks {', '.join(missing)}; it was not written by these scripts")
     if ckpt["policy"] != policy:
         script = FINETUNE_SCRIPTS.get(ckpt["policy"], "another script")
         raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not a {policy} one; use {script}")
-    if ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim or ckpt["action_dim"] != task.action_dim:
+    if task is not None and (ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim
+                             or ckpt["action_dim"] != task.action_dim):
         raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
                            f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
     return ckpt
+
+
+def policy_header(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint that describes the policy (everything but weights and training state)."""
+    return {k: ckpt[k] for k in (*HEADER_KEYS, *OPTIONAL_HEADER_KEYS) if k in ckpt}
+
+
+def release_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What fine-tuning reads from a pre-training checkpoint: header, normalisation, arguments and
+    the EMA weights (no optimiser, no training weights); about a quarter of the full file."""
+    return {**policy_header(ckpt), "args": ckpt.get("args", {}), "ema": ckpt["ema"]}
+
+
+def finetune_checkpoint(header: dict[str, Any], args: Any, modules: dict[str, nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
+                        extra: dict[str, Any], itr: int, env_steps: int) -> dict[str, Any]:
+    """Everything a fine-tuning run needs to continue: the policy header, its arguments, the
+    weights of `modules` (e.g. base, actor_ft, critic), optimiser and scheduler states, `extra`
+    state (reward scaler, ...), the torch RNG, the iteration and the env steps."""
+    return {**header, "args": args_dict(args), **{name: m.state_dict() for name, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()}, **extra,
+            "rng": {"torch": torch.get_rng_state()}, "itr": itr, "env_steps": env_steps}
+
+
+def restore_training(ckpt: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer],
+                     schedulers: dict[str, Any]) -> tuple[int, int]:
+    """Load what `finetune_checkpoint` saved into fresh optimisers and schedulers and the torch RNG;
+    return (iteration, env steps) to continue from."""
+    for name, opt in optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(ckpt["schedulers"][name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["itr"], ckpt["env_steps"]
+
+
+# ---- resume ----
+
+# flags that may differ on resume (they do not change what the run computes, or extend it)
+RESUME_OVERRIDABLE = ("n_train_itr", "n_epochs", "save_every", "track", "torch_threads", "cuda", "n_workers", "plot",
+                      "wandb_project_name")
+
+
+def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
+    """The run's own saved arguments; a flag given explicitly on the command line (a value that is not
+    the field's default) either wins visibly (the RESUME_OVERRIDABLE ones, printed) or is refused."""
+    resumed = args_from_dict(type(args), {**saved, "resume": run_dir})
+    for f in dataclasses.fields(args):
+        given = getattr(args, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name in ("resume", "eval_only") or given == default or given == getattr(resumed, f.name):
+            if f.name == "eval_only":
+                resumed.eval_only = args.eval_only  # type: ignore[attr-defined]
+            continue
+        if f.name == "env_id":  # aliases of the run's task are fine
+            from common.tasks import get_task
+            if get_task(given).id == saved.get("env_id"):
+                continue
+        if f.name not in RESUME_OVERRIDABLE:
+            raise UsageError(f"--{f.name.replace('_', '-')} {given} differs from the resumed run's {getattr(resumed, f.name)}; "
+                             "a resumed run keeps its own arguments (start a new run to change it)")
+        print(f"resume: --{f.name.replace('_', '-')} {given} (the run had {getattr(resumed, f.name)})")
+        setattr(resumed, f.name, given)
+    return resumed
+
+
+def load_resume(run_dir: str, policy: str, pretrain_command: str) -> dict[str, Any]:
+    """The fine-tuning checkpoint of a run folder (its task is taken from the run itself)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), policy, pretrain_command)
+    if "itr" not in ckpt or "optimizers" not in ckpt:
+        raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version")
+    return ckpt
+
+
+# ---- the run folder ----
+
+def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> str:
+    """`runs/{task}__{exp_name}__{seed}__{unix time}`, created here and never shared: a second run
+    started in the same second gets a `-2` suffix, and so on."""
+    os.makedirs(root, exist_ok=True)
+    base = os.path.join(root, f"{task_id}__{exp_name}__{seed}__{int(time.time())}")
+    for n in range(1, 1000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not create a new run folder next to {base}")
 
 
 class EvalLog:
@@ -67,6 +266,97 @@ class EvalLog:
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)
+
+
+class Run:
+    """An open run folder: TensorBoard writer, `args.json`, the hyperparameter table, optional wandb
+    and `eval.csv`. Opened only after every input has been checked, so a refused command leaves
+    nothing behind; `--resume` reopens the run's own folder."""
+
+    def __init__(self, args: Any, task_id: str, resume_dir: str | None = None, resume_itr: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = resume_dir or new_run_dir(task_id, args.exp_name, args.seed)
+        self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
+        self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(args_dict(args), f, indent=1)
+        self.writer = SummaryWriter(self.dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=args_dict(args), name=os.path.basename(self.dir),
+                       sync_tensorboard=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def log_eval(self, itr: int, env_steps: int, mode: str, result: dict[str, Any]) -> None:
+        """One `eval.csv` row; deterministic evaluations also go to TensorBoard under `eval/`."""
+        self.eval_log.write(itr, env_steps, mode, result)
+        if mode == "deterministic":
+            self.scalars({"eval/episodic_return": result["return_mean"], "eval/success_rate": result["success_rate"]}, itr)
+
+    def log_iteration(self, itr: int, losses: dict[str, float], train: dict[str, Any], sps: float,
+                      lrs: dict[str, float]) -> None:
+        """`losses/*` (policy_loss, value_loss, approx_kl, clipfrac, explained_variance, ...),
+        `charts/*` (episodic_return and success_rate of the episodes that ended, SPS, learning rates)."""
+        names = {"pg_loss": "policy_loss", "v_loss": "value_loss"}
+        self.scalars({f"losses/{names.get(k, k)}": v for k, v in losses.items()}, itr)
+        self.scalars({"charts/episodic_return": train["return_mean"], "charts/success_rate": train["success_rate"],
+                      "charts/SPS": sps, **{f"charts/{k}_learning_rate": v for k, v in lrs.items()}}, itr)
+
+    def finish(self, itr: int, env_steps: int, mode: str, final: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """Write the final evaluation row, print the one-line summary (the run's first evaluation
+        row -> `final`) and return what `main` returns: absolute run folder and checkpoint paths,
+        the eval rows, the final evaluation and `extra`."""
+        rows = self.eval_log.rows
+        first = rows[0] if rows else {"success_rate": math.nan, "return_mean": math.nan}
+        self.log_eval(itr, env_steps, mode, final)
+        self.writer.close()
+        print(f"run folder {self.dir}: success {float(first['success_rate']):.2f} -> {final['success_rate']:.2f}, "
+              f"return {float(first['return_mean']):.2f} -> {final['return_mean']:.2f}")
+        return {"run_dir": os.path.abspath(self.dir), "checkpoint": os.path.abspath(self.checkpoint),
+                "eval_rows": list(rows), "final_eval": final, **extra}
+
+
+# ---- evaluation report and small shared numbers ----
+
+def eval_only_report(run_eval: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """`--eval-only`: the one evaluation function, deterministic and stochastic, printed; nothing is written."""
+    results = {}
+    for mode, det in (("deterministic", True), ("stochastic", False)):
+        r = results[mode] = run_eval(det)
+        print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
+              f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+    return {"eval": results}
+
+
+def cosine_warmup(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up over `warmup` steps (only when the LR decays), then cosine
+    from `lr` to `lr_min` over `total` steps; constant when lr_min == lr."""
+    def f(step: int) -> float:
+        if step < warmup and lr_min != lr:
+            return (step + 1) / warmup
+        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))) / lr
+    return f
+
+
+def warmup_then_cosine(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:
+    """Pre-training LambdaLR factor per epoch: linear warm-up over `warmup` epochs, then cosine from
+    `lr` to `lr_min` over the remaining `total - warmup` epochs."""
+    def f(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / warmup
+        progress = (epoch - warmup) / max(1, total - warmup)
+        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
+    return f
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
+    var = y_true.var()
+    return (1 - (y_true - y_pred).var() / var).item() if var > 0 else math.nan
 
 
 class PhaseTimer:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.envs import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, evaluate, make_vec_env
+from common.envs import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, eval_horizon, evaluate, make_vec_env
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic, ResidualBlock, ResidualMLP
-from common.tasks import TaskError, get_task, missing_packages, require_simulator, task_ids
+from common.tasks import Task, TaskError, get_task, missing_packages, require_simulator, task_ids
 
 
 # ---------------------------------------------------------------- registry
@@ -103,7 +103,7 @@ def test_process_vec_env_matches_sync():
 
 def test_gym_vec_env_seeding_is_reproducible():
     task = get_task("hopper")
-    a, b = make_vec_env(task, 3, seed=0, use_envpool=False), make_vec_env(task, 3, seed=0, use_envpool=False)
+    a, b = make_vec_env(task, 3, seed=0, backend="gymnasium"), make_vec_env(task, 3, seed=0, backend="gymnasium")
     np.testing.assert_array_equal(a.reset(seed=7), b.reset(seed=7))
     act = np.random.default_rng(0).uniform(-1, 1, (3, 4, 3)).astype(np.float32)
     np.testing.assert_array_equal(a.step(act)[0], b.step(act)[0])
@@ -133,13 +133,41 @@ def test_envpool_chunks_match_single_steps():
             break
 
 
+def _counter_task(success: float, max_episode_steps: int = 8) -> Task:
+    return Task("counter", "gym", "counter", 1, 1, max_episode_steps, 4, 4, success_chunk_reward=success)
+
+
 def test_evaluate_counts_finished_episodes():
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(3)])
-    out = evaluate(envs, lambda obs: np.zeros((len(obs), 4, 1)), n_steps=5, act_steps=4, success_chunk_reward=5.0)
+    zero = lambda obs: np.zeros((len(obs), 4, 1))  # noqa: E731
+    out = evaluate(envs, zero, _counter_task(5.0), act_steps=4, n_steps=5)
     # 8-step episodes are 2 chunks (rewards 10 and 26): each env finishes two in 5 chunk-steps, not the third
     assert out["n_episodes"] == 6 and out["return_mean"] == 36.0 and out["success_rate"] == 1.0  # 26/4 >= 5
-    out = evaluate(envs, lambda obs: np.zeros((len(obs), 4, 1)), n_steps=5, act_steps=4, success_chunk_reward=7.0)
+    assert out["episode_length"] == 2.0
+    out = evaluate(envs, zero, _counter_task(7.0), act_steps=4, n_steps=5)
     assert out["success_rate"] == 0.0
+
+
+def test_evaluate_default_horizon_is_one_episode():
+    """Every script evaluates on the same horizon: ⌈max_episode_steps / T_e⌉ chunk-steps."""
+    envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(3)])
+    zero = lambda obs: np.zeros((len(obs), 4, 1))  # noqa: E731
+    assert eval_horizon(_counter_task(5.0, 8), 4) == 2 and eval_horizon(_counter_task(5.0, 9), 4) == 3
+    assert evaluate(envs, zero, _counter_task(5.0, 8), act_steps=4)["n_episodes"] == 3
+    assert evaluate(envs, zero, _counter_task(5.0, 9), act_steps=4)["n_episodes"] == 3  # 3 chunk-steps: no second episode
+
+
+def test_env_backend_is_explicit():
+    task = get_task("hopper")
+    envs = make_vec_env(task, 2, seed=0, backend="gymnasium")
+    assert envs.backend == "gymnasium"
+    with pytest.raises(TaskError, match="gym locomotion"):
+        make_vec_env(get_task("avoid-m2"), 2, backend="envpool")
+    with pytest.raises(TaskError, match="choose one of"):
+        make_vec_env(task, 2, backend="mujoco")
+    if importlib.util.find_spec("envpool") is None:
+        with pytest.raises(TaskError, match="pip install envpool"):
+            make_vec_env(task, 2, backend="envpool")
 
 
 # ---------------------------------------------------------------- networks

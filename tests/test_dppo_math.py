@@ -8,7 +8,7 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
-from common.envs import RunningRewardScaler, episode_stats
+from common.envs import EpisodeTracker, RunningRewardScaler
 from common.networks import DiffusionMLP, ObsCritic
 
 
@@ -181,11 +181,20 @@ def test_running_reward_scaler_against_plain_computation():
     np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
 
 
-def test_episode_stats_counts_only_complete_episodes():
+def test_episode_tracker_counts_every_episode_that_ends():
+    tracker = EpisodeTracker(2, act_steps=4, success_chunk_reward=1.0)
     rewards = np.array([[1.0, 0.0], [4.0, 0.0], [0.0, 8.0], [2.0, 0.0]])
-    dones = np.array([[0, 0], [1, 0], [0, 0], [0, 1]], bool)
-    firsts = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], bool)  # env 1 started before the iteration
-    s = episode_stats(rewards, dones, firsts, act_steps=4, success_chunk_reward=1.0)
-    assert s["return"].tolist() == [5.0]      # env 0's second episode and env 1's episode are incomplete
-    assert s["success"].tolist() == [True]    # chunk reward 4 / T_e 4 >= 1
-    assert s["length"].tolist() == [2]
+    dones = np.array([[0, 0], [1, 0], [0, 0], [0, 0]], bool)
+    for r, d in zip(rewards, dones):
+        tracker.step(r, d)
+    s = tracker.pop()  # only env 0's first episode ended in this iteration
+    assert s["n_episodes"] == 1 and s["return_mean"] == 5.0 and s["success_rate"] == 1.0 and s["episode_length"] == 2
+    # the next iteration continues the running episodes: env 1's began 4 chunk-steps ago
+    tracker.step(np.array([0.0, 1.0]), np.array([False, True]))
+    s = tracker.pop()
+    assert s["n_episodes"] == 1 and s["return_mean"] == 9.0 and s["episode_length"] == 5 and s["success_rate"] == 1.0
+    assert np.isnan(tracker.pop()["return_mean"])  # no episode ended since the last pop: nan, not a made-up number
+    tracker.reset()  # the envs were reset: env 0's running episode (return 2) is dropped
+    tracker.step(np.array([1.0, 1.0]), np.array([True, False]))
+    s = tracker.pop()
+    assert s["return_mean"] == 1.0 and s["success_rate"] == 0.0  # 1 / 4 < 1

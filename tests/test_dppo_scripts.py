@@ -12,6 +12,7 @@ import torch
 import dppo_finetune as ft
 import dppo_pretrain as pt
 from common.datasets import DatasetError, save_train_npz
+from common.runs import UsageError
 from common.tasks import TaskError
 from tests.helpers import assert_resumed_run_matches
 
@@ -41,9 +42,11 @@ def test_pretrain_smoke_and_checkpoint(pretrained):
 
 
 def test_pretrain_resume_continues(pretrained):
-    out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=4, eval_every=0, seed=0, resume=pretrained["run_dir"], **SMALL))
+    out = pt.main(pt.Args(n_epochs=4, resume=pretrained["run_dir"]))  # the run's own task, data and recipe
     ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 4 and len(out["losses"]) == 1
+    assert ckpt["epoch"] == 4 and len(out["losses"]) == 1 and ckpt["args"]["mlp_dims"] == [64, 64, 64]
+    with pytest.raises(UsageError, match="batch-size 16 differs"):  # a flag that would change the run is refused
+        pt.main(pt.Args(n_epochs=5, batch_size=16, resume=pretrained["run_dir"]))
 
 
 def test_pretrain_loss_decreases(tmp_path, monkeypatch):
@@ -99,7 +102,7 @@ def test_unet_pretrained_on_16_finetuned_on_4(tmp_path, monkeypatch):
     assert np.isfinite(out["history"][-1]["pg_loss"])
 
 def test_mlp_refuses_another_chunk_length(pretrained):
-    with pytest.raises(DatasetError, match="needs a UNet"):
+    with pytest.raises(UsageError, match="needs a UNet"):
         _finetune(pretrained["checkpoint"], horizon_steps=8)
 
 
@@ -116,7 +119,7 @@ def test_finetune_refuses_wrong_checkpoints(pretrained, tmp_path):
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(DatasetError, match="not a DPPO checkpoint"):
         _finetune(str(bad))
-    with pytest.raises(DatasetError, match="batch-size"):
+    with pytest.raises(UsageError, match="batch-size"):
         _finetune(pretrained["checkpoint"], batch_size=10**7)
 
 
