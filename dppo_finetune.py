@@ -224,9 +224,13 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
-    i = torch.arange(K + 1, dtype=torch.float64)
-    alphas_cumprod = torch.cos(((i / K) + s) / (1 + s) * math.pi / 2) ** 2
+    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+
+    Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
+    evaluates the same float64 values and returns them cast to float32; everything derived from β is
+    then computed in float32 (see `DiffusionPPO.__init__`)."""
+    i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)  # = i/K, evaluated as the reference does
+    alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
 
@@ -287,24 +291,36 @@ class DiffusionPPO(nn.Module):
         self.use_ddim, self.K, self.ft_steps = use_ddim, denoising_steps, ft_denoising_steps
         self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
 
-        betas = cosine_beta_schedule(denoising_steps)
-        ac = torch.cumprod(1 - betas, 0)
+        # All coefficients in float32 from float32 β, with the reference's operation order and
+        # std = exp(½·log var) (irom-princeton/dppo: model/diffusion/diffusion.py, DiffusionModel.__init__;
+        # model/diffusion/diffusion_vpg.py, VPGDiffusion.p_mean_var). Matching its log-probs to 1e-5 needs
+        # this: e.g. at K = 100, t = 0 the float32 mean coefficient c2 is 1.0000139, not 1.
+        betas = cosine_beta_schedule(denoising_steps).float()
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, 0)
+        one = torch.ones(1)
         if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (SPEC §2)
             ts = torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)
             ts = ts.flip(0)
-            a, a_prev = ac[ts], torch.cat([ac[ts[1:]], torch.ones(1, dtype=torch.float64)])
-            sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt().clamp(min=1e-10)  # η = 1
-            coefs = dict(ddim_a=a, ddim_a_prev=a_prev, std=sigma)
+            a, a_prev = ac[ts], torch.cat([ac[ts[1:]], one])
+            sigma = (1.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 1
+            sigma0 = (0.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 0 (evaluation)
+            coefs = dict(ddim_a=a, ddim_a_prev=a_prev, ddim_sqrt_a=a**0.5, ddim_sqrt_1ma=(1.0 - a) ** 0.5,
+                         ddim_sqrt_a_prev=a_prev**0.5, ddim_dir=(1.0 - a_prev - sigma**2).clamp(min=0).sqrt(),
+                         ddim_dir0=(1.0 - a_prev - sigma0**2).clamp(min=0).sqrt(),
+                         std=torch.exp(0.5 * torch.log(sigma**2)))
         else:  # DDPM posterior (SPEC §2)
             ts = torch.arange(denoising_steps - 1, -1, -1)
-            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-            var = (betas * (1 - ac_prev) / (1 - ac)).clamp(min=1e-20)
-            coefs = dict(sqrt_recip_ac=(1 / ac).sqrt()[ts], sqrt_recipm1_ac=(1 / ac - 1).sqrt()[ts],
-                         c1=(betas * ac_prev.sqrt() / (1 - ac))[ts], c2=((1 - betas).sqrt() * (1 - ac_prev) / (1 - ac))[ts],
-                         std=var.sqrt()[ts])
+            ac_prev = torch.cat([one, ac[:-1]])
+            var = betas * (1.0 - ac_prev) / (1.0 - ac)
+            logvar = torch.log(torch.clamp(var, min=1e-20))
+            coefs = dict(sqrt_recip_ac=torch.sqrt(1.0 / ac)[ts], sqrt_recipm1_ac=torch.sqrt(1.0 / ac - 1)[ts],
+                         c1=(betas * torch.sqrt(ac_prev) / (1.0 - ac))[ts],
+                         c2=((1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac))[ts],
+                         std=torch.exp(0.5 * logvar)[ts])
         self.register_buffer("ts", ts, persistent=False)  # the visited steps, in order; index j
         for name, value in coefs.items():
-            self.register_buffer(name, value.float(), persistent=False)
+            self.register_buffer(name, value, persistent=False)
         self.first_ft = len(ts) - ft_denoising_steps  # index j of the first fine-tuned step
 
     def p_mean_std(self, net: nn.Module, x: torch.Tensor, j: torch.Tensor, cond: torch.Tensor, deterministic: bool = False
@@ -312,12 +328,12 @@ class DiffusionPPO(nn.Module):
         """Mean and (un-floored) std of p(x_{t-1} | x_t) at visited index j (a (B,) tensor)."""
         eps = net(x, self.ts[j], cond)
         v = lambda buf: buf[j].view(-1, 1, 1)  # noqa: E731
-        if self.use_ddim:
-            a, a_prev = v(self.ddim_a), v(self.ddim_a_prev)
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-            std = torch.zeros_like(a) if deterministic else v(self.std)  # η = 0 in evaluation
-            mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+        if self.use_ddim:  # same float32 operations as the reference's VPGDiffusion.p_mean_var
+            sqrt_a, sqrt_1ma = v(self.ddim_sqrt_a), v(self.ddim_sqrt_1ma)
+            x0 = ((x - sqrt_1ma * eps) / sqrt_a).clamp(-1, 1)
+            eps = (x - sqrt_a * x0) / sqrt_1ma
+            std = torch.zeros_like(sqrt_a) if deterministic else v(self.std)  # η = 0 in evaluation
+            mean = v(self.ddim_sqrt_a_prev) * x0 + v(self.ddim_dir0 if deterministic else self.ddim_dir) * eps
         else:
             x0 = (v(self.sqrt_recip_ac) * x - v(self.sqrt_recipm1_ac) * eps).clamp(-1, 1)
             mean = v(self.c1) * x0 + v(self.c2) * x

@@ -162,9 +162,13 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
-    i = torch.arange(K + 1, dtype=torch.float64)
-    alphas_cumprod = torch.cos(((i / K) + s) / (1 + s) * math.pi / 2) ** 2
+    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+
+    Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
+    evaluates the same float64 values and returns them cast to float32; everything derived from β is
+    then computed in float32 (see `ddpm_coefficients`)."""
+    i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)  # = i/K, evaluated as the reference does
+    alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
 
@@ -196,18 +200,22 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         self.network, self.K = network, denoising_steps
         self.horizon_steps, self.action_dim = horizon_steps, action_dim
-        betas = cosine_beta_schedule(denoising_steps)
-        alphas_cumprod = torch.cumprod(1 - betas, 0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # float32 from float32 β with the reference's operation order (irom-princeton/dppo,
+        # model/diffusion/diffusion.py, DiffusionModel.__init__); see dppo_finetune.DiffusionPPO
+        betas = cosine_beta_schedule(denoising_steps).float()
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
         for name, value in dict(
             betas=betas, alphas_cumprod=alphas_cumprod,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
-            sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(), sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
-            posterior_var=(betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)).clamp(min=1e-20),
-            mu_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            mu_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod), sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod - 1),
+            posterior_var=(betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)).clamp(min=1e-20),
+            mu_coef1=betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            mu_coef2=(1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod),
         ).items():
-            self.register_buffer(name, value.float(), persistent=False)
+            self.register_buffer(name, value, persistent=False)
 
     def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, self.K, (actions.shape[0],), device=actions.device)

@@ -37,16 +37,24 @@ def MLP(dims: list[int], activation: str = "mish", out_activation: bool = False)
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block: x + Linear(act(Linear(act(LN(x)))))."""
+    """Pre-activation residual block: x + Linear(act(LN(Linear(act(LN(x)))))), the LayerNorms optional.
+
+    As in the reference implementation (irom-princeton/dppo, model/common/mlp.py,
+    TwoLayerPreActivationResNetLinear): with `use_layernorm` there are two LayerNorms (eps 1e-6), one
+    before each activation, registered after the two Linears (the same parameter order)."""
 
     def __init__(self, dim: int, activation: str, use_layernorm: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim) if use_layernorm else nn.Identity()
         self.net = nn.Sequential(ACTIVATIONS[activation](), nn.Linear(dim, dim),
                                  ACTIVATIONS[activation](), nn.Linear(dim, dim))
+        if use_layernorm:
+            self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        else:
+            self.norm1 = self.norm2 = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(self.norm(x))
+        h = self.net[1](self.net[0](self.norm1(x)))
+        return x + self.net[3](self.net[2](self.norm2(h)))
 
 
 class ResidualMLP(nn.Module):
@@ -87,8 +95,9 @@ class DiffusionMLP(nn.Module):
         self.time_embedding = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim * 2),
                                             nn.Mish(), nn.Linear(time_dim * 2, time_dim))
         cond_dim = obs_dim * cond_steps
-        if cond_mlp_dims:
-            self.cond_mlp: nn.Module = MLP([cond_dim, *cond_mlp_dims], "mish", out_activation=True)
+        if cond_mlp_dims:  # observation encoder: the network's activation between layers, none after the last
+            # (reference: model/diffusion/mlp_diffusion.py, DiffusionMLP.__init__)
+            self.cond_mlp: nn.Module = MLP([cond_dim, *cond_mlp_dims], activation)
             cond_dim = cond_mlp_dims[-1]
         else:
             self.cond_mlp = nn.Identity()
