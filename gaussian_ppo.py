@@ -59,24 +59,24 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories, save_train_npz
-from common.envs import RunningRewardScaler, evaluate, make_vec_env, summarize_episodes
+from common.datasets import Normalizer, WindowDataset, load_task_trajectories
+from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import EvalLog, PhaseTimer, load_checkpoint, save_checkpoint
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_positive,
+                         check_range, cli, cosine_warmup, eval_only_report, explained_variance, finetune_checkpoint,
+                         load_checkpoint, load_resume, policy_header, print_defaults, refuse_flags, release_checkpoint,
+                         restore_training, resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gaussian"
@@ -92,7 +92,7 @@ class Args:
     """task id (see common/tasks.py), or any gymnasium id with continuous actions (for --from-scratch)"""
     checkpoint: str | None = None
     """pre-trained (or fine-tuned) Gaussian checkpoint to fine-tune, evaluate or collect data with"""
-    exp_name: str = "gaussian_ppo"
+    exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
     """seed of the experiment"""
@@ -102,19 +102,21 @@ class Args:
     """use CUDA when available"""
     torch_threads: int | None = 1
     """CPU threads for torch: 1 is fastest for the small batches of sampling and immune to
-    oversubscription (2 threads on a loaded 2-core machine ran an Avoid iteration 4x slower); None: torch's default"""
+    oversubscription (see README "Threads"); None: torch's default"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "dppo"
     """the wandb project"""
     resume: str | None = None
-    """a run folder to continue from its checkpoint.pt"""
+    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit"""
+    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
     plot: bool = True
-    """Avoid: write trajectories.png with rollouts before and after fine-tuning"""
+    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
     save_every: int = 1
-    """iterations (pre-training: epochs) between checkpoints"""
+    """fine-tuning iterations between checkpoints"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
     # modes
     pretrain: bool = False
     """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
@@ -122,12 +124,10 @@ class Args:
     """pre-training demonstrations (None: the task's default)"""
     from_scratch: bool = False
     """PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint"""
-    collect_dataset: int | None = None
-    """roll the checkpoint's stochastic policy for this many env steps and save them to --out"""
-    out: str | None = None
-    """--collect-dataset: the train.npz to write; --pretrain: also copy the checkpoint here"""
+    output: str | None = None
+    """--pretrain: also write the release checkpoint (header, normalisation, EMA weights) here"""
     # policy (pre-training / from scratch; fine-tuning reads them from the checkpoint)
-    backbone: str = "mlp"
+    backbone: Literal["mlp", "transformer"] = "mlp"
     """`mlp` (ChunkMLP) or `transformer` (ChunkTransformer)"""
     horizon_steps: int | None = None
     """T_a (None: the task's)"""
@@ -176,6 +176,8 @@ class Args:
     """pre-training epochs between evaluation rollouts (0: never)"""
     n_eval_envs: int = 50
     """parallel envs in a pre-training evaluation"""
+    pretrain_save_every: int = 50
+    """pre-training epochs between checkpoints"""
     # fine-tuning (None: the task's value from SPEC §11)
     n_train_itr: int | None = None
     """fine-tuning iterations"""
@@ -219,6 +221,8 @@ class Args:
     """iterations before the actor starts to step"""
     val_freq: int = 10
     """iterations between evaluations (0: only the final one)"""
+    eval_n_steps: int | None = None
+    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
     reward_scale_running: bool = True
     """running reward scaling (SPEC §5)"""
     bc_coef: float = 0.0
@@ -279,21 +283,57 @@ def resolve_task(env_id: str) -> Task:
                 1, 1, reset_every_iteration=False)
 
 
-def fill_defaults(args: Args) -> Args:
+# Which flags each mode reads: a flag the mode would not use is refused, never silently ignored.
+PRETRAIN_FLAGS = ("dataset", "output", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "warmup_epochs",
+                  "weight_decay", "ema_decay", "ema_every", "ema_start_epoch", "eval_every", "n_eval_envs", "pretrain_save_every")
+ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation", "residual", "n_emb", "n_heads", "n_layers",
+              "std_init")
+FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
+                  "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
+                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "batch_size", "update_epochs", "clip_coef", "vf_coef",
+                  "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps", "reward_scale_running",
+                  "bc_coef", "terminate_on_success", "from_scratch")
+
+
+def check_mode_flags(args: Args) -> None:
+    """Refuse the flags of another mode (pre-training vs fine-tuning) before any default is filled in."""
+    if args.pretrain:
+        refuse_flags(args, FINETUNE_FLAGS, "is a fine-tuning flag; --pretrain does not use it")
+    else:
+        refuse_flags(args, PRETRAIN_FLAGS, "is a pre-training flag; use it with --pretrain")
+        if not args.from_scratch:
+            refuse_flags(args, ARCH_FLAGS, "sets the architecture, which fine-tuning reads from the checkpoint")
+
+
+def fill_defaults(args: Args) -> dict:
+    """Fill the task's defaults for the chosen mode into every flag left at None and check every number;
+    returns what was filled."""
     task = resolve_task(args.env_id)
-    defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), **PRETRAIN_DEFAULTS[task.suite],
-                "act_steps": task.act_steps, "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}
-    if args.from_scratch:  # CleanRL's clip 0.2 acts on the summed log-ratio; ours is averaged over D_a
-        defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.actor_lr_min is None:
-        args.actor_lr_min = args.actor_lr
-    if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (SPEC §11 without the K' factor)
-        args.batch_size = args.n_steps * args.num_envs // 2
     args.env_id = task.id
-    return args
+    if args.pretrain:
+        defaults = {**PRETRAIN_DEFAULTS[task.suite], "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}
+    else:
+        defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps}
+        if args.from_scratch:  # CleanRL's clip 0.2 acts on the summed log-ratio; ours is averaged over D_a
+            defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
+    filled = apply_defaults(args, defaults)
+    if not args.pretrain:
+        filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr}))
+        if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (DPPO's minibatch without the K' factor)
+            args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
+    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs",
+                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "clip_coef",
+                   "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads",
+                   "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr",
+                   "ema_every", "n_eval_envs", "pretrain_save_every")
+    for name in ("gamma", "gae_lambda", "ema_decay"):
+        check_range(args, name, 0.0, 1.0)
+    for name in ("seed", "val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef", "warmup_epochs",
+                 "weight_decay", "ema_start_epoch", "eval_every"):
+        check_range(args, name, 0, math.inf)
+    if args.mlp_dims is not None and any(not d > 0 for d in args.mlp_dims):
+        raise UsageError(f"--mlp-dims takes positive widths (got {args.mlp_dims})")
+    return filled
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -399,27 +439,23 @@ def policy_from_checkpoint(ckpt: dict, args: Args, weights: str) -> GaussianPoli
 
 
 def checkpoint_header(args: Args, task: Task, arch: dict, normalizer: Normalizer, std_limits: list[float]) -> dict:
-    return {"format": "dppo-checkpoint-v1", "policy": POLICY, "backbone": args.backbone, "arch": arch, "task": task.id,
+    return {"format": CHECKPOINT_FORMAT, "policy": POLICY, "backbone": args.backbone, "arch": arch, "task": task.id,
             "obs_dim": task.obs_dim, "action_dim": task.action_dim, "horizon_steps": arch["horizon_steps"],
             "cond_steps": arch["cond_steps"], "std_limits": std_limits, "normalization": normalizer.state_dict(),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+            "args": args_dict(args)}
 
 
-def seed_everything(args: Args) -> torch.device:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(args.torch_deterministic)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
+    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.copy_(p) if reset else p_ema.lerp_(p, 1 - decay)
 
 
 def pretrain(args: Args, task: Task) -> dict:
-    """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule, EMA as SPEC §1)."""
+    """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
     trajs = load_task_trajectories(task, args.dataset)  # checked before anything is written
-    device = seed_everything(args)
-    run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     normalizer = Normalizer.from_trajectories(trajs)
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     arch = network_arch(args, task)
@@ -427,40 +463,26 @@ def pretrain(args: Args, task: Task) -> dict:
     policy = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, *std_limits).to(device)
     ema = copy.deepcopy(policy).requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-
-    def lr_lambda(epoch: int) -> float:  # linear warm-up, then cosine from lr to min_lr
-        if epoch < args.warmup_epochs:
-            return (epoch + 1) / args.warmup_epochs
-        progress = (epoch - args.warmup_epochs) / max(1, args.n_epochs - args.warmup_epochs)
-        return (args.min_lr + (args.learning_rate - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / args.learning_rate
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
+                                                                                args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    os.makedirs(run_dir, exist_ok=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
+    run = Run(args, task.id)
 
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (SPEC §8)
+    def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (App. D.8)
         x = sample_actions(ema.eval(), normalizer.normalize_obs(torch.as_tensor(obs, device=device)),
                            task.suite != "avoid", args.randn_clip_value)
         return normalizer.unnormalize_action(x).cpu().numpy()
 
     def run_evaluation(epoch: int) -> dict:
-        result = evaluate(eval_envs, act, -(-task.max_episode_steps // task.act_steps), task.act_steps,
-                          task.success_chunk_reward, seed=args.seed + 10_000)
-        writer.add_scalar("eval/episodic_return", result["return_mean"], epoch)
-        writer.add_scalar("eval/success_rate", result["success_rate"], epoch)
+        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000)
+        run.log_eval(epoch, 0, "deterministic" if task.suite != "avoid" else "stochastic", result)
         return result
 
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    print(f"pre-training a {POLICY} policy on {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run_dir}")
+    print(f"pre-training a {POLICY} policy on {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}")
     losses, last_eval, step, t0 = [], {}, 0, time.time()
     bar = tqdm(range(args.n_epochs), desc="epochs")
     for epoch in bar:
@@ -475,98 +497,51 @@ def pretrain(args: Args, task: Task) -> dict:
             epoch_loss += loss.detach()
             n_batches += 1
             step += 1
-            if step % args.ema_every == 0:  # EMA (SPEC §1), reset to the model before ema_start_epoch
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
-                        p_ema.copy_(p) if epoch < args.ema_start_epoch else p_ema.lerp_(p, 1 - args.ema_decay)
+            if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
+                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         losses.append((epoch_loss / max(n_batches, 1)).item())  # one host sync per epoch
-        writer.add_scalar("losses/loss", losses[-1], epoch)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], epoch)
-        writer.add_scalar("charts/std", policy(data.obs[:1])[1].mean().item(), epoch)
+        run.scalars({"losses/loss": losses[-1], "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                     "charts/std": policy(data.obs[:1])[1].mean().item()}, epoch)
         postfix = {"loss": f"{losses[-1]:.4f}"}
         if can_simulate and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.n_epochs):
             last_eval = run_evaluation(epoch + 1)
             postfix.update(success=f"{last_eval['success_rate']:.2f}", ret=f"{last_eval['return_mean']:.1f}")
         bar.set_postfix(postfix)
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.n_epochs:
-            save_checkpoint(ckpt_path, {**checkpoint_header(args, task, arch, normalizer, std_limits),
-                                        "model": policy.state_dict(), "ema": ema.state_dict(), "epoch": epoch + 1})
+        if (epoch + 1) % args.pretrain_save_every == 0 or epoch + 1 == args.n_epochs:
+            save_checkpoint(run.checkpoint, {**checkpoint_header(args, task, arch, normalizer, std_limits),
+                                             "model": policy.state_dict(), "ema": ema.state_dict(), "epoch": epoch + 1})
     bar.close()
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        save_checkpoint(args.out, torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    if args.output:  # the release form: what fine-tuning reads
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        save_checkpoint(args.output, release_checkpoint(torch.load(run.checkpoint, map_location="cpu", weights_only=True)))
     if can_simulate:
         eval_envs.close()
-    writer.close()
-    print(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}; last evaluation "
+    run.writer.close()
+    print(f"done in {time.time() - t0:.0f}s; checkpoint {run.checkpoint}; last evaluation "
           f"{ {k: v for k, v in last_eval.items() if k != 'paths'} }")
-    return {"run_dir": run_dir, "checkpoint": ckpt_path, "losses": losses, "eval": last_eval}
-
-
-def collect(args: Args, task: Task, ckpt: dict, device: torch.device) -> dict:
-    """Roll the stochastic policy for `collect_dataset` env steps and save the trajectories as train.npz.
-    The env runs one step at a time; each env re-plans a chunk every T_e steps and at episode starts."""
-    if not args.out:
-        raise DatasetError("--collect-dataset needs --out FILE.npz")
-    policy = policy_from_checkpoint(ckpt, args, "actor_ft" if "actor_ft" in ckpt else "ema").to(device)
-    agent = GaussianPPO(policy, nn.Identity(), args.randn_clip_value)
-    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    N, T_e = args.num_envs, args.act_steps
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=1, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers)
-    obs = envs.reset(seed=args.seed)
-    current = [{"obs": [], "actions": [], "rewards": []} for _ in range(N)]
-    trajs, pos, plan = [], np.zeros(N, int), None
-    for _ in tqdm(range(-(-args.collect_dataset // N)), desc="collecting"):
-        x = agent.get_action(normalizer.normalize_obs(torch.as_tensor(obs, device=device)))
-        x = x.clamp(-1, 1) if args.final_action_clip else x
-        chunk = normalizer.unnormalize_action(x).cpu().numpy()
-        plan = chunk if plan is None else np.where((pos == 0)[:, None, None], chunk, plan)
-        action = plan[np.arange(N), pos]
-        next_obs, reward, term, trunc, _ = envs.step(action[:, None])
-        for i in range(N):
-            current[i]["obs"].append(obs[i, -1])
-            current[i]["actions"].append(action[i])
-            current[i]["rewards"].append(reward[i])
-            if term[i] or trunc[i]:
-                trajs.append(current[i])
-                current[i] = {"obs": [], "actions": [], "rewards": []}
-        pos = np.where(term | trunc, 0, (pos + 1) % T_e)
-        obs = next_obs
-    envs.close()
-    trajs += [c for c in current if c["actions"]]  # the unfinished tails, as D4RL keeps timeouts
-    trajs = [{k: np.asarray(v, np.float32) for k, v in t.items()} for t in trajs]
-    save_train_npz(args.out, trajs)
-    returns = [float(t["rewards"].sum()) for t in trajs]
-    print(f"wrote {args.out}: {len(trajs)} trajectories, {sum(len(t['actions']) for t in trajs)} steps, "
-          f"mean return {np.mean(returns):.1f}")
-    return {"dataset": args.out, "n_trajectories": len(trajs), "returns": returns}
+    return {"run_dir": os.path.abspath(run.dir), "checkpoint": os.path.abspath(run.checkpoint), "losses": losses,
+            "eval": last_eval}
 
 
 def main(args: Args) -> dict:
-    explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
-    args = fill_defaults(args)
-    task = resolve_task(args.env_id)
+    check_mode_flags(args)
     if args.pretrain:
-        if args.resume or args.from_scratch or args.collect_dataset:
-            raise TaskError("--pretrain cannot be combined with --resume, --from-scratch or --collect-dataset")
-        return pretrain(args, task)
+        print_defaults(resolve_task(args.env_id).id, fill_defaults(args))
+        return pretrain(args, resolve_task(args.env_id))
+    explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
     resume = None
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        resume = load_checkpoint(path, task, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}")
-        if "actor_ft" not in resume:
-            raise DatasetError(f"--resume {args.resume}: its checkpoint is a pre-training one")
-        saved = resume["args"]
-        args = Args(**{**saved, "resume": args.resume, "n_train_itr": args.n_train_itr,
-                       **{k: tuple(v) for k, v in saved.items() if isinstance(v, list)}})
-        run_dir = args.resume
-    else:
-        run_dir = f"runs/{task.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    device = seed_everything(args)
+    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
+        resume = load_resume(args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain")
+        args = resume_args(args, resume["args"], args.resume)
+    filled = fill_defaults(args)
+    task = resolve_task(args.env_id)
+    if resume is None:
+        print_defaults(task.id, filled)
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     if args.from_scratch and resume is None:  # App. B.2: random init, identity normalisation, T_a = T_e = 1
         if args.checkpoint:
-            raise TaskError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
+            raise UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
         env = gym.make(task.env_name)
         low, high = env.action_space.low, env.action_space.high
         env.close()
@@ -580,16 +555,18 @@ def main(args: Args) -> dict:
         if args.checkpoint is None and resume is None:
             raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py "
                                     f"--pretrain --env-id {task.id}, or use --from-scratch)")
-        ckpt = resume or load_checkpoint(args.checkpoint, task, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}")
+        ckpt = resume or load_checkpoint(args.checkpoint, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}", task)
     args.horizon_steps = ckpt["horizon_steps"]
-    if explicit_act_steps is None:  # e.g. a from-scratch checkpoint (T_a = 1) used on a registry task
+    if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e (e.g. from scratch, T_a = 1)
         args.act_steps = min(args.act_steps, args.horizon_steps)
     elif args.act_steps > args.horizon_steps:
-        raise DatasetError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
+        raise UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
     if explicit_clip is None and ckpt["args"].get("from_scratch"):  # its normalisation is the env's bounds
         args.final_action_clip = True
-    if args.collect_dataset:
-        return collect(args, task, ckpt, device)
+    T_e, N = args.act_steps, args.num_envs
+    if not args.eval_only and args.batch_size > args.n_steps * N:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
+                         f"(n_steps {args.n_steps} x num_envs {N})")
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema")  # fine-tuning starts from the EMA
@@ -598,38 +575,11 @@ def main(args: Args) -> dict:
     if "actor_ft" in ckpt:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])
         agent.critic.load_state_dict(ckpt["critic"])
-    T_e, N = args.act_steps, args.num_envs
-    if args.batch_size > args.n_steps * N:
-        raise DatasetError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
-                           f"(n_steps {args.n_steps} x num_envs {N})")
-
-    def cosine(lr: float, lr_min: float):
-        def f(itr: int) -> float:
-            if itr < args.lr_warmup_itr and lr_min != lr:
-                return (itr + 1) / args.lr_warmup_itr
-            return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(itr / args.n_train_itr, 1.0)))) / lr
-        return f
-
-    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
-    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
-    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine(args.actor_lr, args.actor_lr_min))
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine(args.critic_lr, args.critic_lr))
-    scaler = RunningRewardScaler(N)
-    start_itr, env_steps = 0, 0
-    if resume is not None:
-        actor_opt.load_state_dict(resume["actor_optimizer"])
-        critic_opt.load_state_dict(resume["critic_optimizer"])
-        actor_sched.load_state_dict(resume["actor_scheduler"])
-        critic_sched.load_state_dict(resume["critic_scheduler"])
-        scaler.load_state_dict(resume["reward_scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        start_itr, env_steps = resume["itr"], resume["env_steps"]
-
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"],
-                        n_workers=args.n_workers, terminate_on_success=args.terminate_on_success)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+    print(f"envs: {N} x {task.id} on {envs.backend}")
     # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
     eval_deterministic = task.suite != "avoid"
-    eval_steps = max(args.n_steps, -(-task.max_episode_steps // T_e))  # at least one whole episode
 
     def act(deterministic: bool):
         def f(obs: np.ndarray) -> np.ndarray:
@@ -640,59 +590,63 @@ def main(args: Args) -> dict:
         return f
 
     def run_eval(deterministic: bool) -> dict:
-        return evaluate(envs, act(deterministic), eval_steps, T_e, task.success_chunk_reward, seed=args.seed + 1_000_000)
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        results = {}
-        for mode, det in (("deterministic", True), ("stochastic", False)):
-            r = run_eval(det)
-            results[mode] = r
-            print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
-                  f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+        out = eval_only_report(run_eval)
         envs.close()
-        return {"eval": results}
+        return out
 
-    os.makedirs(run_dir, exist_ok=True)
-    eval_log = EvalLog(run_dir, start_itr if resume is not None else None)
-    rows = eval_log.rows
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir), sync_tensorboard=True)
+    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
+    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
+    optimizers = {"actor": actor_opt, "critic": critic_opt}
+    schedulers = {
+        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_warmup(args.actor_lr, args.actor_lr_min, args.lr_warmup_itr,
+                                                                            args.n_train_itr)),
+        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_warmup(args.critic_lr, args.critic_lr, args.lr_warmup_itr,
+                                                                              args.n_train_itr))}
+    scaler = RunningRewardScaler(N)
+    start_itr, env_steps = 0, 0
+    if resume is not None:
+        start_itr, env_steps = restore_training(resume, optimizers, schedulers)
+        scaler.load_state_dict(resume["reward_scaler"])
+    paths_before = None
+    if task.suite == "avoid" and args.plot and start_itr == 0:
+        with torch.random.fork_rng():  # the picture's rollouts leave the training's random numbers alone
+            paths_before = run_eval(eval_deterministic)["paths"]
+    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
+    header = policy_header(ckpt)
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
     next_obs_buf = torch.zeros_like(obs_buf)
     act_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
-    history, paths_first, paths_last, last_train = [], None, None, {}
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    history, last_train = [], {}
     obs, need_reset = None, True
     timer = PhaseTimer(device)
     bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
     for itr in bar:
         t_itr = time.time()
-        is_eval = eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0
-        if is_eval:  # SPEC §8: reset and run deterministically, no update this iteration
-            r = run_eval(True)
-            eval_log.write(itr, env_steps, "deterministic", r)
-            writer.add_scalar("eval/episodic_return", r["return_mean"], itr)
-            writer.add_scalar("eval/success_rate", r["success_rate"], itr)
+        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
+            run.log_eval(itr, env_steps, "deterministic", r)
             if last_train:
-                eval_log.write(itr, env_steps, "stochastic", last_train)
+                run.log_eval(itr, env_steps, "stochastic", last_train)
             need_reset = True
             bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
             continue
 
-        # ---- rollout (SPEC §5) ----
+        # ---- rollout ----
         timer.reset()
         if need_reset or task.reset_every_iteration:
             obs = envs.reset(seed=args.seed + itr * N)
+            tracker.reset()
             need_reset = False
             first = np.ones(N)
         else:
             first = np.zeros(N)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
-        path: list[np.ndarray] = []
         agent.eval()
         for step in range(args.n_steps):
             firsts[step] = first
@@ -705,22 +659,16 @@ def main(args: Args) -> dict:
             obs, rewards[step], term, trunc, info = envs.step(action)
             next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
             terminated[step], dones[step] = term, term | trunc
+            tracker.step(rewards[step], dones[step].astype(bool))
             first = dones[step].astype(np.float64)
-            if "ee_pos" in info:
-                path.append(info["ee_pos"])
             timer.lap("env")
         env_steps += args.n_steps * N * T_e
-        last_train = summarize_episodes(rewards, dones, firsts, T_e, task.success_chunk_reward)
+        last_train = tracker.pop()
         history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if path:  # Avoid trajectories for the before/after picture
-            traj = np.concatenate(path, axis=1)
-            paths = [traj[i] for i in range(N)]
-            paths_first = paths_first if paths_first is not None else paths
-            paths_last = paths
         if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            eval_log.write(itr, env_steps, "stochastic", last_train)
+            run.log_eval(itr, env_steps, "stochastic", last_train)
 
-        # ---- advantages (SPEC §5) ----
+        # ---- advantages: GAE over chunk-steps (truncation: docs/deviations.md) ----
         r_scaled = rewards
         if args.reward_scale_running:
             r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
@@ -731,17 +679,18 @@ def main(args: Args) -> dict:
             cut = terminated if args.bootstrap_truncated else dones
             advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(cut), as_t(dones),
                                               args.gamma, args.gae_lambda)
-
         timer.lap("advantages")
+
         # ---- old log-probs, one batched pass ----
         b_obs, b_act = obs_buf.flatten(0, 1), act_buf.flatten(0, 1)    # (S, T_o, D_o), (S, T_a, D_a); S = n_steps·N
         b_adv, b_ret = advantages.flatten(), returns.flatten()
         S = b_obs.shape[0]
         with torch.no_grad():
-            old_lp = torch.cat([agent.get_logprobs(b_obs[idx], b_act[idx]) for idx in torch.arange(S, device=device).split(50_000)])
+            old_lp = torch.cat([agent.get_logprobs(b_obs[idx], b_act[idx])
+                                for idx in torch.arange(S, device=device).split(50_000)])
         timer.lap("old_logprobs")
 
-        # ---- PPO update (SPEC §6, minibatches over env-steps, SPEC §9) ----
+        # ---- PPO update, minibatches over env-steps ----
         agent.train()
         stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
         for epoch in range(args.update_epochs):
@@ -772,59 +721,36 @@ def main(args: Args) -> dict:
                     stats_t[k].append(v.detach())
             if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
                 break  # one host sync per epoch
-        actor_sched.step()
-        critic_sched.step()
+        for sched in schedulers.values():
+            sched.step()
         timer.lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        logged["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
-        y_pred, y_true = values.flatten(), returns.flatten()
-        explained_var = (1 - (y_true - y_pred).var() / y_true.var()).item() if y_true.var() > 0 else float("nan")
+        logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        for k, v in logged.items():
-            name = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "std": "charts/std"}.get(k, f"losses/{k}")
-            writer.add_scalar(name, v, itr)
-        writer.add_scalar("losses/explained_variance", explained_var, itr)
-        writer.add_scalar("charts/episodic_return", last_train["return_mean"], itr)
-        writer.add_scalar("charts/success_rate", last_train["success_rate"], itr)
-        writer.add_scalar("charts/SPS", sps, itr)
-        writer.add_scalar("charts/actor_learning_rate", actor_opt.param_groups[0]["lr"], itr)
-        writer.add_scalar("charts/critic_learning_rate", critic_opt.param_groups[0]["lr"], itr)
+        run.log_iteration(itr, logged, last_train, sps, {k: o.param_groups[0]["lr"] for k, o in optimizers.items()})
+        logged["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
+        run.scalars({"charts/std": logged["std"]}, itr)
         history[-1].update(logged)
         history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
         bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
                         ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-                **{k: ckpt[k] for k in ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim",
-                                        "horizon_steps", "cond_steps", "std_limits", "normalization")},
-                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                "base": agent.actor.state_dict(), "ema": agent.actor_ft.state_dict(), "actor_ft": agent.actor_ft.state_dict(),
-                "critic": agent.critic.state_dict(), "actor_optimizer": actor_opt.state_dict(),
-                "critic_optimizer": critic_opt.state_dict(), "actor_scheduler": actor_sched.state_dict(),
-                "critic_scheduler": critic_sched.state_dict(), "reward_scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()}, "itr": itr + 1, "env_steps": env_steps})
+            save_checkpoint(run.checkpoint, finetune_checkpoint(
+                header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
+                schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
     bar.close()
-    # a final evaluation row after the last update
-    final = run_eval(eval_deterministic)
-    eval_log.write(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final)
-    if task.suite == "avoid" and args.plot and paths_first is not None:
+    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
+                     {"history": history})
+    if paths_before is not None:
         from common.plots import plot_avoid_paths
-        plot_avoid_paths({"before fine-tuning": paths_first, "after fine-tuning": final.get("paths", paths_last)},
-                         os.path.join(run_dir, "trajectories.png"))
+        plot_avoid_paths({"before fine-tuning": paths_before, "after fine-tuning": final["paths"]},
+                         os.path.join(run.dir, "trajectories.png"))
     envs.close()
-    writer.close()
-    first = rows[0] if rows else {"success_rate": float("nan"), "return_mean": float("nan")}
-    print(f"run folder {run_dir}: success {float(first['success_rate']):.2f} -> {final['success_rate']:.2f}, "
-          f"return {float(first['return_mean']):.2f} -> {final['return_mean']:.2f}")
-    return {"run_dir": run_dir, "checkpoint": os.path.join(run_dir, "checkpoint.pt"), "eval_rows": rows,
-            "history": history, "final_eval": final}
+    return out
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (TaskError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, Args)

@@ -71,6 +71,16 @@ def check_range(args: Any, name: str, low: float, high: float) -> None:
         raise UsageError(f"--{name.replace('_', '-')} must be in [{low}, {high}] (got {value})")
 
 
+def refuse_flags(args: Any, names: tuple[str, ...], why: str) -> None:
+    """UsageError naming the first of `names` given a value other than its default: a flag that this
+    mode of the script would not use is refused rather than silently ignored."""
+    for f in dataclasses.fields(args):
+        if f.name in names:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if getattr(args, f.name) != default:
+                raise UsageError(f"--{f.name.replace('_', '-')} {why}")
+
+
 def apply_defaults(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     """Fill every field of `args` that is None from `defaults` (an explicit flag always wins) and
     return what was filled, so the script can show the values a run really uses."""

@@ -47,7 +47,7 @@ def pretrain(method: str, env_id: str, path: str, seed: int) -> None:
         dppo_pretrain.main(dppo_pretrain.Args(env_id=env_id, seed=seed, output=path, exp_name="cmp_pretrain"))
     else:
         module = gaussian_ppo if method == "gaussian" else gmm_ppo
-        module.main(module.Args(env_id=env_id, seed=seed, pretrain=True, out=path, exp_name=f"cmp_{method}_pretrain"))
+        module.main(module.Args(env_id=env_id, seed=seed, pretrain=True, output=path, exp_name=f"cmp_{method}_pretrain"))
 
 
 def finetune(method: str, env_id: str, ckpt: str, args: Args) -> list[dict]:

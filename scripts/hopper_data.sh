@@ -80,8 +80,8 @@ echo "expert run folder: $RUN"
 #    Measured (23 s): 150000 transitions, 508 trajectories (500 finished + 8 unfinished tails),
 #    mean episode return 846.2 +- 326.0 (853.8 over the 500 finished ones), mean length 295 steps,
 #    max 2470; 2 of them reach the 1000-step limit.
-"$PY" gaussian_ppo.py --env-id hopper --checkpoint "$CKPT_DIR/itr$MEDIUM_ITR.pt" \
-    --collect-dataset "$N_COLLECT" --num-envs 8 --out "$DATASET" 2>&1 | tail -1
+"$PY" scripts/collect_dataset.py --env-id hopper --checkpoint "$CKPT_DIR/itr$MEDIUM_ITR.pt" \
+    --n-env-steps "$N_COLLECT" --num-envs 8 --out "$DATASET" 2>&1 | tail -1
 "$PY" - "$DATASET" <<'EOF'
 import sys
 import numpy as np

@@ -12,9 +12,11 @@ import torch
 from torch import distributions as D
 
 import gaussian_ppo as gauss
+from scripts import collect_dataset
 import gmm_ppo as gmm
 from common.datasets import DatasetError, load_train_npz
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
+from common.runs import UsageError
 from tests.helpers import assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +177,7 @@ def test_refuses_wrong_checkpoints(pretrained):
         _finetune(gmm, pretrained["gaussian", "mlp"]["checkpoint"])
     with pytest.raises(DatasetError, match="avoid-m2.*not 'avoid-m1'"):
         _finetune(gauss, pretrained["gaussian", "mlp"]["checkpoint"], env_id="avoid-m1")
-    with pytest.raises(DatasetError, match="batch-size"):
+    with pytest.raises(UsageError, match="batch-size"):
         _finetune(gmm, pretrained["gmm", "mlp"]["checkpoint"], batch_size=10**6)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "gaussian_ppo.py"), "--checkpoint",
                         pretrained["gmm", "mlp"]["checkpoint"]], capture_output=True, text=True, timeout=120,
@@ -194,8 +196,8 @@ def test_from_scratch_learns_inverted_pendulum_and_collects_a_dataset(tmp_path):
     assert h[-1]["return_mean"] > h[0]["return_mean"] + 25 and out["final_eval"]["return_mean"] > 40
     ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["horizon_steps"] == 1 and ckpt["std_limits"] == [0.01, 1.0]
-    data = gauss.main(gauss.Args(env_id="InvertedPendulum-v5", checkpoint=out["checkpoint"], collect_dataset=400,
-                                 num_envs=4, out=str(tmp_path / "medium" / "train.npz")))
+    data = collect_dataset.collect(collect_dataset.Args(checkpoint=out["checkpoint"], n_env_steps=400, num_envs=4,
+                                                        out=str(tmp_path / "medium" / "train.npz")))
     trajs = load_train_npz(str(tmp_path / "medium" / "train.npz"), 4, 1)
     assert sum(len(t["actions"]) for t in trajs) == 400 and len(trajs) == data["n_trajectories"]
     assert all(np.abs(t["actions"]).max() <= 3 + 1e-4 for t in trajs)  # clipped to the bounds and all("rewards" in t for t in trajs)

@@ -13,6 +13,7 @@ import torch
 import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
+from scripts import collect_dataset
 from common.datasets import load_train_npz
 
 
@@ -26,8 +27,8 @@ def test_from_scratch_hopper_to_diffusion_pretraining(tmp_path, monkeypatch):
     assert ckpt["task"] == "hopper" and ckpt["horizon_steps"] == 1
 
     out = str(tmp_path / "data" / "hopper" / "medium" / "train.npz")
-    data = gauss.main(gauss.Args(env_id="hopper", checkpoint=expert["checkpoint"], collect_dataset=400, num_envs=4,
-                                 out=out))
+    data = collect_dataset.collect(collect_dataset.Args(env_id="hopper", checkpoint=expert["checkpoint"], n_env_steps=400,
+                                                        num_envs=4, out=out))
     trajs = load_train_npz(out, 11, 3)
     assert sum(len(t["actions"]) for t in trajs) == 400 and len(trajs) == data["n_trajectories"]
     assert all(np.abs(t["actions"]).max() <= 1 + 1e-6 for t in trajs)  # Hopper's bounds are [-1, 1]

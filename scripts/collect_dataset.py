@@ -1,0 +1,105 @@
+"""Roll a Gaussian or GMM policy checkpoint and save what it does as a `train.npz` dataset (the
+reference implementation's format: `states`, `actions`, `rewards`, `traj_lengths`).
+
+Used to build a D4RL-style "medium" dataset without a download (`scripts/hopper_data.sh`): the
+stochastic policy runs one env step at a time; each env re-plans a chunk every T_e steps and at
+episode starts. Unfinished episodes at the end are kept, as D4RL keeps its time-outs.
+
+    python scripts/collect_dataset.py --checkpoint runs/<run>/checkpoint.pt --env-id hopper --n-env-steps 1000000 \
+        --out data/hopper/train.npz
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gaussian_ppo  # noqa: E402
+import gmm_ppo  # noqa: E402
+from common.datasets import DatasetError, Normalizer, save_train_npz  # noqa: E402
+from common.envs import make_vec_env  # noqa: E402
+from common.runs import UsageError, check_positive, cli, seed_everything  # noqa: E402
+
+SCRIPTS = {"gaussian": gaussian_ppo, "gmm": gmm_ppo}
+
+
+@dataclass
+class Args:
+    checkpoint: str
+    """a Gaussian or GMM checkpoint (pre-trained, fine-tuned or from scratch)"""
+    out: str
+    """the train.npz to write"""
+    env_id: str | None = None
+    """task id (None: the checkpoint's task)"""
+    n_env_steps: int = 1_000_000
+    """env steps to collect (rounded up to a multiple of num_envs)"""
+    num_envs: int = 40
+    """parallel environments"""
+    act_steps: int | None = None
+    """T_e: actions executed per chunk (None: the task's, at most the checkpoint's T_a)"""
+    seed: int = 1
+    """seed of the envs and of the policy's noise"""
+    n_workers: int | None = None
+    """worker processes for slow simulators (robomimic)"""
+
+
+def collect(args: Args) -> dict:
+    check_positive(args, "n_env_steps", "num_envs", "act_steps", "n_workers")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; give a file path such as {os.path.join(args.out, 'train.npz')}")
+    try:
+        policy_type = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("policy")
+    except Exception:  # noqa: BLE001 - load_checkpoint below gives the one-line answer
+        policy_type = "gaussian"
+    if policy_type not in SCRIPTS:
+        raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {policy_type} policy; this script rolls gaussian or gmm ones")
+    script = SCRIPTS[policy_type]
+    task = gaussian_ppo.resolve_task(args.env_id) if args.env_id else None
+    ckpt = script.load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task)
+    task = task or gaussian_ppo.resolve_task(ckpt["task"])
+    device = seed_everything(args.seed, True, 1, cuda=False)
+    policy = script.policy_from_checkpoint(ckpt, script.Args(), "actor_ft" if "actor_ft" in ckpt else "ema").to(device)
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    final_clip = bool(ckpt["args"].get("final_action_clip") or ckpt["args"].get("from_scratch"))
+    N, T_e = args.num_envs, min(args.act_steps or task.act_steps, ckpt["horizon_steps"])
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=1, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers)
+    obs = envs.reset(seed=args.seed)
+    current = [{"obs": [], "actions": [], "rewards": []} for _ in range(N)]
+    trajs, pos, plan = [], np.zeros(N, int), None
+    for _ in tqdm(range(-(-args.n_env_steps // N)), desc="collecting"):
+        with torch.no_grad():
+            x = script.sample_actions(policy, normalizer.normalize_obs(torch.as_tensor(obs, device=device)), False, 3.0)
+        x = x.clamp(-1, 1) if final_clip else x
+        chunk = normalizer.unnormalize_action(x).cpu().numpy()
+        plan = chunk if plan is None else np.where((pos == 0)[:, None, None], chunk, plan)
+        action = plan[np.arange(N), pos]
+        next_obs, reward, term, trunc, _ = envs.step(action[:, None])
+        for i in range(N):
+            current[i]["obs"].append(obs[i, -1])
+            current[i]["actions"].append(action[i])
+            current[i]["rewards"].append(reward[i])
+            if term[i] or trunc[i]:
+                trajs.append(current[i])
+                current[i] = {"obs": [], "actions": [], "rewards": []}
+        pos = np.where(term | trunc, 0, (pos + 1) % T_e)
+        obs = next_obs
+    envs.close()
+    trajs += [c for c in current if c["actions"]]  # the unfinished tails, as D4RL keeps timeouts
+    trajs = [{k: np.asarray(v, np.float32) for k, v in t.items()} for t in trajs]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_train_npz(args.out, trajs)
+    returns = [float(t["rewards"].sum()) for t in trajs]
+    print(f"wrote {args.out}: {len(trajs)} trajectories, {sum(len(t['actions']) for t in trajs)} steps, "
+          f"mean return {np.mean(returns):.1f}")
+    return {"dataset": args.out, "n_trajectories": len(trajs), "returns": returns}
+
+
+if __name__ == "__main__":
+    cli(collect, Args)
