@@ -132,6 +132,9 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is as readable as any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
