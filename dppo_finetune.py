@@ -1,4 +1,4 @@
-"""DPPO: fine-tuning a pre-trained diffusion policy with PPO (Ren et al., ICLR 2025, §4; SPEC.md §2–§8, §11).
+"""DPPO: fine-tuning a pre-trained diffusion policy with PPO (Ren et al., ICLR 2025, §4, App. D.4, D.9).
 
 The denoising process is an inner MDP inside each environment step (§4.1): every denoising step
 x_t -> x_{t-1} of the last K' steps is an action with a Gaussian likelihood, and the whole chain
@@ -18,22 +18,19 @@ copy. The critic V(s) sees only the environment observation (eq. 4.8).
 | obs | `obs_buf` | (n_steps, N, T_o, D_o), normalised |
 
 One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over all
-n_steps·N·K' of them (SPEC §6). Log-probs are element-wise Normal densities clamped to [-5, 2],
-restricted to the executed T_e actions and averaged (SPEC §4).
+n_steps·N·K' of them (eqs. 4.5-4.7, reference `PPODiffusion.loss`). Log-probs are element-wise Normal
+densities clamped to [-5, 2], restricted to the executed T_e actions and averaged (eq. 4.4).
 
-Deviations from the reference implementation (SPEC §12):
+Deviations from the reference implementation (docs/deviations.md):
 - Truncation bootstraps from the finished episode's final observation, not the next episode's
-  first; only `terminated` removes the bootstrap (SPEC §5).
+  first; only `terminated` removes the bootstrap.
 - K' = 1 uses the maximum clip range (the reference divides by zero).
-- Avoid's 100-step limit is the task's horizon, not a cut of an endless task: there the time limit
-  ends the episode without a bootstrap (`--bootstrap-truncated False`, the Avoid default; SPEC §5
-  bootstraps every truncation, which stays the default elsewhere). Measured on Avoid M2 (seed 1):
-  bootstrapping from V(final observation), which the time-blind critic extrapolates at
-  out-of-workspace final states, sent DPPO's success 0.52 -> 0.74-0.78 -> 0.00 by iteration 13 as paths
-  ran off the table; without it success rose steadily.
-- One evaluation function (`common.envs.evaluate`) serves training and `--eval-only`.
+- Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
+  bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
+- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
+  on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
 - The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
-  computed in one batched pass (same numbers, less compute; SPEC §13).
+  computed in one batched pass (same numbers, less compute; benchmarks/finetune_iteration.py).
 - The target-KL stop is checked once per epoch (the max KL of its minibatches), not per minibatch,
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
@@ -55,7 +52,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer
+from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
 from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli, cosine_warmup,
@@ -224,7 +221,7 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
 
     Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
     evaluates the same float64 values and returns them cast to float32; everything derived from β is
@@ -237,7 +234,7 @@ def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
 
 def clip_schedule(ft_steps: int, base: float, clip: float, rate: float) -> torch.Tensor:
     """Per fine-tuned step i (0 = noisiest): ε(i) = base + (clip - base)(e^{rate·u} - 1)/(e^{rate} - 1), u = i/(K'-1)."""
-    if ft_steps == 1:  # the reference divides by zero here (SPEC §6 decision)
+    if ft_steps == 1:  # the reference divides by zero here (docs/deviations.md)
         return torch.tensor([clip])
     u = torch.linspace(0, 1, ft_steps, dtype=torch.float64)
     return (base + (clip - base) * (torch.exp(rate * u) - 1) / (math.exp(rate) - 1)).float()
@@ -250,7 +247,7 @@ def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (SPEC §5). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
     observation after chunk-step t (the final observation when the episode ended there)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
@@ -263,7 +260,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor, eps: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate over (env-step, denoising-step) pairs (eqs. 4.5-4.7, SPEC §6).
+    """Clipped surrogate over (env-step, denoising-step) pairs (eqs. 4.5-4.7, reference `PPODiffusion.loss`).
 
     Advantages are normalised within the minibatch, then weighted by γ_denoise^(K'-i-1) (`disc`);
     `eps` is each pair's clip range. Returns (pg_loss, approx_kl, clipfrac)."""
@@ -299,7 +296,7 @@ class DiffusionPPO(nn.Module):
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         one = torch.ones(1)
-        if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (SPEC §2)
+        if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (reference `DiffusionModel`)
             ts = torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)
             ts = ts.flip(0)
             a, a_prev = ac[ts], torch.cat([ac[ts[1:]], one])
@@ -309,7 +306,7 @@ class DiffusionPPO(nn.Module):
                          ddim_sqrt_a_prev=a_prev**0.5, ddim_dir=(1.0 - a_prev - sigma**2).clamp(min=0).sqrt(),
                          ddim_dir0=(1.0 - a_prev - sigma0**2).clamp(min=0).sqrt(),
                          std=torch.exp(0.5 * torch.log(sigma**2)))
-        else:  # DDPM posterior (SPEC §2)
+        else:  # DDPM posterior (reference `model/diffusion/diffusion.py`, `DiffusionModel.p_mean_var`)
             ts = torch.arange(denoising_steps - 1, -1, -1)
             ac_prev = torch.cat([one, ac[:-1]])
             var = betas * (1.0 - ac_prev) / (1.0 - ac)
@@ -343,14 +340,14 @@ class DiffusionPPO(nn.Module):
     @torch.no_grad()
     def get_action(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample a chunk (SPEC §3). Returns x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
+        """Sample a chunk (reference `DiffusionModel.forward`). Returns x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
         B = cond.shape[0]
         x = torch.randn(B, self.horizon_steps, self.action_dim, device=cond.device)
         chain = [x] if self.first_ft == 0 else []
         for j in range(len(self.ts)):
             net = self.actor if (j < self.first_ft or base_only) else self.actor_ft
             mean, std = self.p_mean_std(net, x, torch.full((B,), j, device=cond.device), cond, deterministic)
-            if deterministic:  # DDPM: max(σ_t, 1e-3), none at t = 0; DDIM: η = 0 (SPEC §3)
+            if deterministic:  # DDPM: max(σ_t, 1e-3), none at t = 0; DDIM: η = 0 (reference `DiffusionModel.forward`)
                 std = torch.zeros_like(std) if (self.use_ddim or j == len(self.ts) - 1) else std.clamp(min=1e-3)
             else:
                 std = std.clamp(min=self.min_sampling_std)
@@ -360,7 +357,7 @@ class DiffusionPPO(nn.Module):
         return x, torch.stack(chain, dim=1)
 
     def get_logprobs(self, cond: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """Element-wise log N(x_prev; μ_ft(x_t), max(σ_t, σ^prob_min)²) at fine-tuned position i (SPEC §4)."""
+        """Element-wise log N(x_prev; μ_ft(x_t), max(σ_t, σ^prob_min)²) at fine-tuned position i (eq. 4.4)."""
         mean, std = self.p_mean_std(self.actor_ft, x_t, self.first_ft + i, cond)
         std = std.clamp(min=self.min_logprob_std)
         return -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)

@@ -1,4 +1,4 @@
-"""Pre-training of a diffusion policy by behaviour cloning (DPPO paper §4, App. C; SPEC.md §1).
+"""Pre-training of a diffusion policy by behaviour cloning (DPPO paper §4, App. D.1, D.9).
 
 The policy is a DDPM over action chunks: an ε-prediction network ε_θ(x_t, t, obs) is trained on
 demonstration windows with the denoising loss, under a cosine noise schedule, with an EMA copy of
@@ -15,7 +15,7 @@ script writes.
 
 Loss: t ~ U{0..K-1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, MSE(ε_θ(x_t, t, s), ε).
 
-Backbones: `mlp` (DiffusionMLP, SPEC §7) and `unet` (UNet1D, `common/unet.py`, which lets
+Backbones: `mlp` (DiffusionMLP, paper App. D.1) and `unet` (UNet1D, `common/unet.py`, which lets
 pre-training T_a differ from fine-tuning T_a). Gaussian and GMM policies are pre-trained inside
 their own scripts (`gaussian_ppo.py`, `gmm_ppo.py`), see README.
 
@@ -125,7 +125,7 @@ class Args:
     """Avoid: the paper's batch 16, lr 1e-4 -> 1e-5, 15000 epochs instead of the fast default"""
 
 
-# Per-task defaults (SPEC §1, §7, App. D.8/D.9); an explicit flag always wins.
+# Per-task defaults (paper App. D.1, D.8, D.9); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                 mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
@@ -162,7 +162,7 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """SPEC §1: ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
 
     Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
     evaluates the same float64 values and returns them cast to float32; everything derived from β is
@@ -225,7 +225,7 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        """Evaluation sampling (SPEC §3): DDPM with std max(σ_t, 1e-3), none at t = 0; noise clamped ±3."""
+        """Evaluation sampling (reference `DiffusionModel.forward`): DDPM with std max(σ_t, 1e-3), none at t = 0; noise clamped ±3."""
         B = obs.shape[0]
         x = torch.randn(B, self.horizon_steps, self.action_dim, device=obs.device)
         for t in range(self.K - 1, -1, -1):

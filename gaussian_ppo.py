@@ -1,8 +1,8 @@
 """Gaussian chunk policy: behaviour-cloning pre-training and PPO fine-tuning (Ren et al., ICLR 2025,
-§5 baselines, App. B.2, eq. A14; SPEC.md §5, §6, §8, §9, §11).
+§5 baselines, App. B.2, D.6, eq. A14).
 
 The parameterisation baseline of DPPO: the policy outputs the whole action chunk at once,
-a ~ N(tanh(μ_θ(s)), σ²) with a learned per-dimension σ shared across the chunk (SPEC §9). It is
+a ~ N(tanh(μ_θ(s)), σ²) with a learned per-dimension σ shared across the chunk (paper App. D.6). It is
 fine-tuned with the same PPO loop as `dppo_finetune.py`, with one PPO sample per env-step instead
 of one per (env-step, denoising-step) pair. One file holds every stage:
 
@@ -21,11 +21,11 @@ of one per (env-step, denoising-step) pair. One file holds every stage:
 | obs, actions | `obs_buf`, `act_buf` | (n_steps, N, T_o, D_o), (n_steps, N, T_a, D_a), normalised |
 
 Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); deterministic evaluation uses
-σ = 1e-4. log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (no clamp, SPEC §9).
+σ = 1e-4. log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (no clamp, paper App. D.6).
 Pre-training minimises −log π(a|s) on demonstration windows (so σ is learned too), with the
-optimiser, schedule and EMA of `dppo_pretrain.py` (SPEC §1); fine-tuning starts from the EMA.
+optimiser, schedule and EMA of `dppo_pretrain.py` (paper App. D.1); fine-tuning starts from the EMA.
 
-Defaults where SPEC is silent (our choices):
+Defaults where the reference has none (our choices):
 - PPO minibatch over env-steps = DPPO's minibatch / K' (the same number of minibatches per epoch):
   gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid n_steps·n_envs/2 = 625.
 - Transformer backbone: 128-d, 4 heads, 2 layers (`common.networks.ChunkTransformer`).
@@ -42,15 +42,11 @@ Defaults where SPEC is silent (our choices):
   extraction of paper/dppo.txt.
 
 Deviations from the reference implementation:
-- Truncation bootstraps from the finished episode's final observation (SPEC §5), as in dppo_finetune.py.
-- Avoid's 100-step limit is the task's horizon, not a cut of an endless task: there the time limit
-  ends the episode without a bootstrap (`--bootstrap-truncated False`, the Avoid default; SPEC §5
-  bootstraps every truncation, which stays the default elsewhere). Measured on Avoid M2 (seed 1):
-  bootstrapping from V(final observation), which the time-blind critic extrapolates at
-  out-of-workspace final states, sent DPPO's success 0.52 -> 0.74-0.78 -> 0.00 by iteration 13 as paths
-  ran off the table; without it success rose steadily.
-- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`;
-  an evaluation runs at least one full episode (max(n_steps, episode length / T_e) chunk-steps).
+- Truncation bootstraps from the finished episode's final observation, as in dppo_finetune.py (docs/deviations.md).
+- Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
+  bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
+- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
+  on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
 - The target-KL stop is checked once per epoch, as in dppo_finetune.py.
 """
 
@@ -153,7 +149,7 @@ class Args:
     """σ upper clamp (None: the checkpoint's, else 0.2; from scratch 1.0)"""
     randn_clip_value: float = 3.0
     """sampling noise clamp: actions stay within μ ± 3σ"""
-    # pre-training (SPEC §1 optimiser, schedule and EMA)
+    # pre-training (optimiser, schedule and EMA of dppo_pretrain.py)
     n_epochs: int | None = None
     """passes over the dataset (None: per task)"""
     pretrain_batch_size: int | None = None
@@ -178,7 +174,7 @@ class Args:
     """parallel envs in a pre-training evaluation"""
     pretrain_save_every: int = 50
     """pre-training epochs between checkpoints"""
-    # fine-tuning (None: the task's value from SPEC §11)
+    # fine-tuning (None: the task's value, printed at start)
     n_train_itr: int | None = None
     """fine-tuning iterations"""
     num_envs: int | None = None
@@ -194,7 +190,7 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ"""
     bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation) (SPEC §5); False: the horizon ends the task"""
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid, docs/deviations.md)"""
     final_action_clip: bool | None = None
     """clamp executed actions to [-1, 1] before un-normalising"""
     actor_lr: float | None = None
@@ -224,14 +220,14 @@ class Args:
     eval_n_steps: int | None = None
     """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
     reward_scale_running: bool = True
-    """running reward scaling (SPEC §5)"""
+    """running reward scaling (reference `util/reward_scaling.py`)"""
     bc_coef: float = 0.0
     """α of eq. A14: adds −α·log π_BC(a_new) under the frozen pre-trained policy (0: off)"""
     terminate_on_success: bool = False
     """robomimic: end episodes on success (the paper does not)"""
 
 
-# SPEC §11 (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
+# The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
                 update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
@@ -248,7 +244,7 @@ TASK_DEFAULTS = {
     "transport": dict(n_steps=400, batch_size=1000, n_train_itr=201, update_epochs=5),
     "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
 }
-# Pre-training, as dppo_pretrain.py (SPEC §1, §7).
+# Pre-training, as dppo_pretrain.py (paper App. D.1).
 PRETRAIN_DEFAULTS = {
     "gym": dict(pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                 mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
@@ -337,7 +333,7 @@ def fill_defaults(args: Args) -> dict:
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std²) averaged over the chunk's T_a·D_a entries (SPEC §9): (B, T_a, D_a) -> (B,)."""
+    """log N(x; mean, std²) averaged over the chunk's T_a·D_a entries (paper App. D.6): (B, T_a, D_a) -> (B,)."""
     lp = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
     return lp.mean(dim=(1, 2))
 
@@ -359,7 +355,7 @@ def network_arch(args: Args, task: Task) -> dict:
 
 
 def sample_actions(policy: nn.Module, cond: torch.Tensor, deterministic: bool, randn_clip: float) -> torch.Tensor:
-    """a = μ + σ·z, z ~ N(0, I) clamped to ±randn_clip; σ = 1e-4 when deterministic (SPEC §9). Differentiable."""
+    """a = μ + σ·z, z ~ N(0, I) clamped to ±randn_clip; σ = 1e-4 when deterministic (paper App. D.6). Differentiable."""
     mean, std = policy(cond)
     std = torch.full_like(std, 1e-4) if deterministic else std
     return mean + std * torch.randn_like(mean).clamp(-randn_clip, randn_clip)
@@ -375,7 +371,7 @@ class GaussianPolicy(nn.Module):
         self.log_std_min, self.log_std_max = math.log(std_min), math.log(std_max)
 
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (B, T_a, D_a) and std (D_a,), clamped to [std_min, std_max] (SPEC §9)."""
+        """Mean (B, T_a, D_a) and std (D_a,), clamped to [std_min, std_max] (paper App. D.6)."""
         return torch.tanh(self.network(cond)[0]), self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
 
 
@@ -407,7 +403,7 @@ class GaussianPPO(nn.Module):
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (SPEC §5). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
     observation after chunk-step t (the final observation when the episode ended there)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
@@ -420,7 +416,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate over env-steps (SPEC §6, without the denoising discount). Returns (pg_loss, approx_kl, clipfrac)."""
+    """Clipped surrogate over env-steps (eq. 4.5 without the denoising discount). Returns (pg_loss, approx_kl, clipfrac)."""
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     log_ratio = new_lp - old_lp
     ratio = log_ratio.exp()

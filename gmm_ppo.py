@@ -1,10 +1,10 @@
 """Gaussian-mixture (GMM) chunk policy: behaviour-cloning pre-training and PPO fine-tuning (Ren et al.,
-ICLR 2025, §5 baselines; SPEC.md §5, §6, §8, §9, §11).
+ICLR 2025, §5 baselines, App. D.6).
 
 The second parameterisation baseline of DPPO: M = 5 Gaussian modes over the whole action chunk,
 π(a|s) = Σ_m w_m(s) N(a; tanh(μ_m(s)), σ_m²), with mixture weights (logits) and per-mode chunk means
 from the observation and a learned per-mode, per-dimension σ_m shared across the chunk (the
-Gaussian's std rules, SPEC §9). Fine-tuned with the PPO loop of `dppo_finetune.py` / `gaussian_ppo.py`
+Gaussian's std rules, paper App. D.6). Fine-tuned with the PPO loop of `dppo_finetune.py` / `gaussian_ppo.py`
 over env-steps. One file holds both stages:
 
     python gmm_ppo.py --pretrain --env-id avoid-m2 [--dataset FILE] [--backbone transformer]
@@ -20,28 +20,24 @@ over env-steps. One file holds both stages:
 | obs, actions | `obs_buf`, `act_buf` | (n_steps, N, T_o, D_o), (n_steps, N, T_a, D_a), normalised |
 
 log π(a|s) = logsumexp_m [log softmax(logits)_m + Σ_{T_a, D_a} log N(a; μ_m, σ_m²)]: each component's
-log-density is summed over all chunk dimensions (an Independent Normal; SPEC §9), not averaged as in
+log-density is summed over all chunk dimensions (an Independent Normal; paper App. D.6), not averaged as in
 the single Gaussian. Sampling draws a mode from the logits, then a = μ_m + σ_m·z with z clamped to
 ±3. Pre-training minimises −log π(a|s) with the optimiser, schedule and EMA of `dppo_pretrain.py`.
 
-Defaults where SPEC is silent (our choices), as in gaussian_ppo.py: PPO minibatch over env-steps =
+Defaults where the reference has none (our choices), as in gaussian_ppo.py: PPO minibatch over env-steps =
 DPPO's minibatch / K' (gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid
 n_steps·n_envs/2 = 625); Transformer 128-d, 4 heads, 2 layers, mixture logits read from the last
 observation token. `--bc-coef` is off by default (the paper's α did not survive text extraction); its
 a_new picks the mode without gradient and reparameterises within the mode.
 
 Deviations from the reference implementation:
-- Avoid's 100-step limit is the task's horizon, not a cut of an endless task: there the time limit
-  ends the episode without a bootstrap (`--bootstrap-truncated False`, the Avoid default; SPEC §5
-  bootstraps every truncation, which stays the default elsewhere). Measured on Avoid M2 (seed 1):
-  bootstrapping from V(final observation), which the time-blind critic extrapolates at
-  out-of-workspace final states, sent DPPO's success 0.52 -> 0.74-0.78 -> 0.00 by iteration 13 as paths
-  ran off the table; without it success rose steadily.
+- Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
+  bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
 - Deterministic evaluation takes the most likely mode's mean (σ = 1e-4); the reference still draws
   the mode at random.
-- Truncation bootstraps from the finished episode's final observation (SPEC §5), as in dppo_finetune.py.
-- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`;
-  an evaluation runs at least one full episode (max(n_steps, episode length / T_e) chunk-steps).
+- Truncation bootstraps from the finished episode's final observation, as in dppo_finetune.py (docs/deviations.md).
+- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
+  on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
 - The target-KL stop is checked once per epoch, as in dppo_finetune.py.
 """
 
@@ -143,7 +139,7 @@ class Args:
     """σ upper clamp (None: the checkpoint's, else 0.2)"""
     randn_clip_value: float = 3.0
     """sampling noise clamp: actions stay within μ ± 3σ"""
-    # pre-training (SPEC §1 optimiser, schedule and EMA)
+    # pre-training (optimiser, schedule and EMA of dppo_pretrain.py)
     n_epochs: int | None = None
     """passes over the dataset (None: per task)"""
     pretrain_batch_size: int | None = None
@@ -168,7 +164,7 @@ class Args:
     """parallel envs in a pre-training evaluation"""
     pretrain_save_every: int = 50
     """pre-training epochs between checkpoints"""
-    # fine-tuning (None: the task's value from SPEC §11)
+    # fine-tuning (None: the task's value, printed at start)
     n_train_itr: int | None = None
     """fine-tuning iterations"""
     num_envs: int | None = None
@@ -184,7 +180,7 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ"""
     bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation) (SPEC §5); False: the horizon ends the task"""
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid, docs/deviations.md)"""
     final_action_clip: bool | None = None
     """clamp executed actions to [-1, 1] before un-normalising"""
     actor_lr: float | None = None
@@ -214,14 +210,14 @@ class Args:
     eval_n_steps: int | None = None
     """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
     reward_scale_running: bool = True
-    """running reward scaling (SPEC §5)"""
+    """running reward scaling (reference `util/reward_scaling.py`)"""
     bc_coef: float = 0.0
     """α of eq. A14: adds −α·log π_BC(a_new) under the frozen pre-trained policy (0: off)"""
     terminate_on_success: bool = False
     """robomimic: end episodes on success (the paper does not)"""
 
 
-# SPEC §11 (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
+# The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
                 update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
@@ -238,7 +234,7 @@ TASK_DEFAULTS = {
     "transport": dict(n_steps=400, batch_size=1000, n_train_itr=201, update_epochs=5),
     "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
 }
-# Pre-training, as dppo_pretrain.py (SPEC §1, §7).
+# Pre-training, as dppo_pretrain.py (paper App. D.1).
 PRETRAIN_DEFAULTS = {
     "gym": dict(pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                 mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
@@ -301,7 +297,7 @@ def fill_defaults(args: Args) -> dict:
 
 
 def gmm_logprob(x: torch.Tensor, means: torch.Tensor, std: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mixture log-density (SPEC §9): x (B, T_a, D_a), means (B, M, T_a, D_a), std (M, D_a), logits (B, M) -> (B,).
+    """Mixture log-density (paper App. D.6): x (B, T_a, D_a), means (B, M, T_a, D_a), std (M, D_a), logits (B, M) -> (B,).
     Each component is an Independent Normal over all T_a·D_a entries (log-densities summed)."""
     std = std[:, None, :]  # (M, 1, D_a): shared across the chunk
     lp = -((x[:, None] - means) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
@@ -310,7 +306,7 @@ def gmm_logprob(x: torch.Tensor, means: torch.Tensor, std: torch.Tensor, logits:
 
 def sample_actions(policy: nn.Module, cond: torch.Tensor, deterministic: bool, randn_clip: float) -> torch.Tensor:
     """A mode m ~ Categorical(logits) (deterministic: the most likely), then a = μ_m + σ_m·z, z ~ N(0, I)
-    clamped to ±randn_clip, σ = 1e-4 when deterministic (SPEC §9). Differentiable within the mode."""
+    clamped to ±randn_clip, σ = 1e-4 when deterministic (paper App. D.6). Differentiable within the mode."""
     means, std, logits = policy(cond)
     B = means.shape[0]
     m = logits.argmax(-1) if deterministic else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
@@ -381,7 +377,7 @@ class GMMPPO(nn.Module):
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (SPEC §5). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
     observation after chunk-step t (the final observation when the episode ended there)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
@@ -394,7 +390,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate over env-steps (SPEC §6, without the denoising discount). Returns (pg_loss, approx_kl, clipfrac)."""
+    """Clipped surrogate over env-steps (eq. 4.5 without the denoising discount). Returns (pg_loss, approx_kl, clipfrac)."""
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     log_ratio = new_lp - old_lp
     ratio = log_ratio.exp()

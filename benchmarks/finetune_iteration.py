@@ -29,7 +29,7 @@ from common.tasks import get_task  # noqa: E402
 @dataclass
 class Bench:
     env_id: str = "hopper"
-    """task whose SPEC §11 settings are timed"""
+    """task whose reference-config settings are timed"""
     n_steps: int | None = None
     """chunk-steps per env (None: the paper's; reduce on CPU)"""
     num_envs: int | None = None

@@ -1,12 +1,12 @@
 """Demonstration datasets: loaders for every format the paper uses, min-max normalisation, windows.
 
 Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions": float32 (L, D_a)}`
-(+ `"rewards"` (L,) when the file has them). Formats (ENVS.md):
+(+ `"rewards"` (L,) when the file has them). Formats:
 - `train.npz` of the reference implementation: `states`, `actions`, `traj_lengths` (+ `rewards`, `images`);
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
 - D3IL Avoid: real demos (`des_c_pos` npz) or built-in generated demos, both via `common.avoid`.
-`Normalizer` is SPEC §0 (per-dimension min-max to [-1, 1]); `WindowDataset` is SPEC §1 (windows).
+`Normalizer`: per-dimension min-max to [-1, 1] (paper App. D.4); `WindowDataset`: the pre-training windows (paper App. D.1).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ ROBOMIMIC_OBS_KEYS: dict[str, list[str]] = {
     "square": [f"robot0_{k}" for k in ROBOT_KEYS] + ["object"],  # 9 + 14 = 23
     "transport": [f"robot{i}_{k}" for i in (0, 1) for k in ROBOT_KEYS] + ["object"],  # 18 + 41 = 59
 }
-AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset (ENVS.md)
+AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset
 Traj = dict[str, np.ndarray]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -270,7 +270,7 @@ def _load_file(task: Any, path: str) -> list[Traj]:
 
 
 class Normalizer:
-    """Per-dimension min-max to [-1, 1] (SPEC §0): 2·(x−min)/(max−min+1e-6) − 1, and its exact inverse."""
+    """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1, and its exact inverse."""
 
     KEYS = ("obs_min", "obs_max", "action_min", "action_max")
 
@@ -331,7 +331,7 @@ class Normalizer:
 
 
 class WindowDataset:
-    """Every T_a-action window inside one trajectory with the T_o most recent observations (SPEC §1).
+    """Every T_a-action window inside one trajectory with the T_o most recent observations (paper App. D.1).
 
     Window s of a trajectory of length L (s = 0..L−T_a): actions[s : s+T_a] and obs[s−T_o+1 .. s], the
     first observation repeated before the episode start. All windows are built once, normalised, on device.

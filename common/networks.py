@@ -1,4 +1,4 @@
-"""Network blocks shared by the scripts (SPEC §7). Plain `nn.Module`s, rebuilt from a dict of
+"""Network blocks shared by the scripts (paper App. D.1). Plain `nn.Module`s, rebuilt from a dict of
 plain constructor arguments stored in each checkpoint (`DiffusionMLP(**arch)`)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """SPEC §7 trunk: Linear(in, h), (L-1)/2 residual blocks, Linear(h, out) for L hidden layers
+    """paper App. D.1 trunk: Linear(in, h), (L-1)/2 residual blocks, Linear(h, out) for L hidden layers
     of width h ([512]x3 -> one block, [1024]x7 -> three)."""
 
     def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, activation: str = "mish",
@@ -81,7 +81,7 @@ def trunk(in_dim: int, hidden_dims: list[int], out_dim: int, activation: str, re
 
 
 class DiffusionMLP(nn.Module):
-    """ε-prediction network ε_θ(x_t, t, obs) (SPEC §7).
+    """ε-prediction network ε_θ(x_t, t, obs) (paper App. D.1).
 
     x: (B, T_a, D_a), t: (B,) integer denoising step, cond: (B, T_o, D_o) -> ε̂ (B, T_a, D_a).
     """
@@ -139,7 +139,7 @@ class DoubleQCritic(nn.Module):
 
 
 class ChunkMLP(nn.Module):
-    """Observation -> action chunk for Gaussian / GMM policies (SPEC §9), MLP backbone.
+    """Observation -> action chunk for Gaussian / GMM policies (paper App. D.6), MLP backbone.
 
     cond (B, T_o, D_o) -> (chunk (B, T_a, out_dim), extra (B, n_extra)); `extra` carries e.g. the
     mixture logits (an empty (B, 0) tensor when n_extra = 0).
@@ -160,7 +160,7 @@ class ChunkMLP(nn.Module):
 
 
 class ChunkTransformer(nn.Module):
-    """Decoder-only (GPT-style) Transformer over the action chunk (SPEC §9), same interface as ChunkMLP.
+    """Decoder-only (GPT-style) Transformer over the action chunk (paper App. D.6), same interface as ChunkMLP.
 
     Tokens: the T_o observations (Linear embedding + learned position) followed by T_a learned chunk
     positional embeddings; pre-LN causal self-attention, no dropout. Output at the T_a chunk tokens

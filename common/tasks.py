@@ -27,7 +27,7 @@ class Task:
     action_dim: int
     max_episode_steps: int
     horizon_steps: int
-    """T_a used in fine-tuning (SPEC §11)"""
+    """T_a used in fine-tuning (paper App. D.9)"""
     act_steps: int
     """T_e"""
     cond_steps: int = 1
@@ -58,7 +58,7 @@ _ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI)",
           "furniture_bench:furniture-bench (the ankile/furniture-bench fork)")
 
 _TASKS: list[Task] = [
-    # Gym locomotion (SPEC §11): T_a = T_e = 4, envs continue across iterations.
+    # Gym locomotion (paper App. D.9): T_a = T_e = 4, envs continue across iterations.
     Task("hopper", "gym", "Hopper-v5", 11, 3, 1000, 4, 4, requires=_MUJOCO,
          data=_D4RL.format("hopper"), reset_every_iteration=False,
          ref_scores=(-20.272305, 3234.3), aliases=("Hopper-v5", "hopper-medium-v2")),
@@ -68,7 +68,7 @@ _TASKS: list[Task] = [
     Task("halfcheetah", "gym", "HalfCheetah-v5", 17, 6, 1000, 4, 4, requires=_MUJOCO,
          data=_D4RL.format("halfcheetah"), reset_every_iteration=False,
          ref_scores=(-280.178953, 12135.0), aliases=("HalfCheetah-v5", "halfcheetah-medium-v2")),
-    # Robomimic state (ENVS.md): sparse reward, success = solved for a whole executed chunk.
+    # Robomimic state: sparse reward, success = solved for a whole executed chunk.
     Task("lift", "robomimic", "Lift", 19, 7, 300, 4, 4, requires=_ROBOSUITE,
          data=_ROBOMIMIC.format("lift"), success_chunk_reward=1.0, aliases=("Lift",)),
     Task("can", "robomimic", "PickPlaceCan", 23, 7, 300, 4, 4, requires=_ROBOSUITE,

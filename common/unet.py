@@ -1,4 +1,4 @@
-"""UNet1D: a Diffusion-Policy-style temporal U-Net over action chunks (SPEC §7).
+"""UNet1D: a Diffusion-Policy-style temporal U-Net over action chunks (paper App. D.1).
 
 `UNet1D(action_dim, cond_dim)(x, t, cond) -> eps` with x (B, T_a, D_a), t (B,) long denoising
 steps, cond (B, cond_dim) (or (B, T_o, D_o), flattened) and eps (B, T_a, D_a). Convolutions run

@@ -35,7 +35,7 @@ class Args:
     methods: list[str] = field(default_factory=lambda: ["dppo", "gaussian", "gmm"])
     """policies to compare"""
     n_train_itr: int = 51
-    """fine-tuning iterations (SPEC §11: 51)"""
+    """fine-tuning iterations (paper App. D.9 and the reference's configs: 51)"""
     seed: int = 1
     """seed of every run"""
 

@@ -24,7 +24,7 @@ mkdir -p "$LOG_DIR" "$CKPT_DIR"
 
 # 1. PPO expert from scratch (App. B.2 CleanRL-style defaults: 8 envs x 256 steps, minibatch 64,
 #    10 epochs, lr 3e-4, 64x64 tanh actor). One flag is tuned: --clip-coef 0.07. gaussian_ppo.py
-#    averages the log-prob over the 3 action dimensions (SPEC §9), so the default 0.2 allows about
+#    averages the log-prob over the 3 action dimensions (paper App. D.6), so the default 0.2 allows about
 #    3x CleanRL's step on the summed log-ratio; with 0.2 a first run (same seed) hopped at ~1900 at
 #    iteration 60 and then fell back to 250-650 until iteration 200. 0.07 ~ CleanRL's 0.2 on the sum.
 #    400 iterations, of which every 20th is evaluation-only: 380 x 2048 = 778k env steps.
@@ -94,7 +94,7 @@ print(f"{sys.argv[1]}: {lengths.sum()} transitions, {len(lengths)} trajectories;
       f"excluding the 8 unfinished tails: {returns[:-8].mean():.1f} over {len(lengths) - 8}")
 EOF
 
-# 5. Diffusion pre-training (SPEC §1 gym settings: K = 20, T_a = 4, MLP 512x3, batch 128, lr
+# 5. Diffusion pre-training (the reference's gym settings: K = 20, T_a = 4, MLP 512x3, batch 128, lr
 #    1e-3 -> 1e-4 cosine, EMA) for $PRETRAIN_EPOCHS epochs instead of 3000 (fits ~15 min here);
 #    in-training evaluation off (step 6 evaluates).
 #    Measured: 13.4 min (803 s) for 60 epochs of 148476 windows (1160 steps/epoch, 69.6k gradient
@@ -107,6 +107,6 @@ tail -1 "$LOG_DIR/pretrain.log"
 #    network before fine-tuning): 40 envs x 250 chunk-steps of 4 actions = one full episode each.
 #    Measured (32 s): deterministic 1023.3 +- 308.7 over 96 episodes, stochastic 826.8 +- 246.9 over
 #    116 (dataset: 846). Episodes are those that finish inside each env's 1000-step window, so
-#    after each env's first episode the short ones are over-represented (SPEC §8 counting).
+#    after each env's first episode the short ones are over-represented (reference `TrainPPODiffusionAgent.run` counting).
 "$PY" dppo_finetune.py --env-id hopper --checkpoint data/hopper/diffusion_medium.pt --eval-only --n-steps 250 \
     | tee "$LOG_DIR/diffusion_eval.log"

@@ -1,4 +1,4 @@
-"""The math of dppo_pretrain.py / dppo_finetune.py against independent computations (SPEC §1–§6)."""
+"""The math of dppo_pretrain.py / dppo_finetune.py against independent computations (eqs. 4.4-4.7 and the reference's `PPODiffusion`)."""
 
 import math
 
@@ -14,7 +14,7 @@ from common.networks import DiffusionMLP, ObsCritic
 
 def test_cosine_schedule_check_values():
     b20 = ft.cosine_beta_schedule(20)
-    assert b20[0] == pytest.approx(0.008, abs=1.5e-3)  # SPEC §1: β from ≈0.008 ...
+    assert b20[0] == pytest.approx(0.008, abs=1.5e-3)  # cosine schedule: β from ≈0.008 ...
     assert b20[-1] == pytest.approx(0.999)             # ... up to 0.999
     assert torch.cumprod(1 - b20, 0)[-1] == pytest.approx(6e-6, rel=0.2)
     b100 = ft.cosine_beta_schedule(100)

@@ -36,7 +36,7 @@ def _gmm_policy(M=5, T_a=4, D_a=2, D_o=3):
 def test_gaussian_logprob_matches_torch_normal():
     torch.manual_seed(0)
     x, mean, std = torch.randn(6, 4, 2), torch.randn(6, 4, 2), torch.tensor([0.05, 0.2])
-    expected = D.Normal(mean, std).log_prob(x).mean(dim=(1, 2))  # averaged over T_a·D_a (SPEC §9)
+    expected = D.Normal(mean, std).log_prob(x).mean(dim=(1, 2))  # averaged over T_a·D_a (paper App. D.6)
     torch.testing.assert_close(gauss.gaussian_logprob(x, mean, std), expected)
 
 
