@@ -1,4 +1,5 @@
-"""Tests for common/avoid.py: fidelity to the real D3IL demos, task semantics, the vec env."""
+"""Tests for common/avoid.py and its tooling: fidelity to the real D3IL demos (scripts/avoid_sysid.py),
+task semantics, the vec env, the scripted demos."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from common import avoid
+from scripts import avoid_sysid
 
 DEMOS = Path(__file__).resolve().parents[2] / "shared/data/d3il_avoid/avoid_demos.npz"
 needs_demos = pytest.mark.skipif(not DEMOS.exists(), reason=f"real D3IL Avoid demos not found at {DEMOS}")
@@ -13,7 +15,7 @@ needs_demos = pytest.mark.skipif(not DEMOS.exists(), reason=f"real D3IL Avoid de
 
 @needs_demos
 def test_replay_fidelity_on_real_demos():
-    res = avoid.validate_simulator(str(DEMOS))
+    res = avoid_sysid.validate_simulator(str(DEMOS))
     assert res["n_demos"] == 96
     assert res["mode_agreement"] >= 0.95
     assert res["collisions"] <= 2
@@ -136,6 +138,16 @@ def test_generated_demos(subset):
         assert np.abs(np.diff(d["actions"], axis=0)).mean() < 0.0015  # smooth (real demos: 0.00055)
     counts = [modes.count(m) for m in avoid.SUBSETS[subset]]
     assert abs(counts[0] - counts[1]) <= 2
+
+
+@needs_demos
+def test_sysid_fit_runs_and_cli():
+    """Two iterations of the refit (the full fit takes ~4 min): it runs and returns the module's constants."""
+    fit = avoid_sysid.fit_dynamics(str(DEMOS), iters=2)
+    assert fit["W"].shape == avoid._W.shape and fit["NH"].shape == avoid._NH.shape
+    assert fit["DISC_C"].shape == (2,) and 0.5 < fit["R_DES"] < 1.0 and 0.5 < fit["R_EE"] < 1.0
+    with pytest.raises(SystemExit):
+        avoid_sysid.main([])
 
 
 def test_env_speed():
