@@ -1,4 +1,4 @@
-"""D3IL Avoid (paper §6, App. D.8) as a fast vectorised numpy simulator, plus its demonstrations.
+"""D3IL Avoid (paper §6, App. D.8) as a fast vectorised numpy simulator, plus the real demos' loader.
 
 The real task is a Franka whose rod end-effector (radius 0.01) is dragged through six cylinders by
 a Cartesian impedance controller (D3IL's MuJoCo avoiding env). We replace MuJoCo with a grey-box
@@ -189,51 +189,6 @@ def load_avoid_demos(path: str, subset: str | None = None) -> list[dict]:
         raise ValueError(f"unknown Avoid subset {subset!r}; use one of {sorted(SUBSETS)} or None")
     des, ee = _demo_arrays(path)
     return [_to_demo(d, e) for d, e in zip(des, ee) if subset is None or subset_mode(d, subset)]
-
-
-_ROW3_X = {5: (0.265, 0.30), 6: (0.41, 0.44), 7: (0.56, 0.59), 8: (0.695, 0.73)}  # free gaps
-
-
-def _scripted_path(rng: np.random.Generator, mode: int) -> np.ndarray:
-    """Desired positions of one scripted demo, shaped like the human D3IL demos: idle, then steer
-    at a steady speed along the direction to the next waypoint (smoothed, so paths are diagonal
-    curves, never moving backwards in y): right of obstacle 1 (mode 1), diagonally left through
-    row 2 (mode 2), through the row-3 gap of `mode`, and on to y ~ 0.45."""
-    x1, x2, x3 = rng.uniform(0.56, 0.60), rng.uniform(0.33, 0.375), rng.uniform(*_ROW3_X[mode])
-    wps = [(x1 + rng.uniform(-0.01, 0.01), rng.uniform(-0.17, -0.13)), (x1, rng.uniform(-0.06, -0.02)),
-           (x2, rng.uniform(0.07, 0.09)), (x3, rng.uniform(0.21, 0.23)), (x3, rng.uniform(0.30, 0.33)),
-           (x3 + rng.uniform(-0.03, 0.03), 0.6)]
-    speed, alpha = rng.uniform(0.013, 0.016), rng.uniform(0.6, 0.8)  # per-axis limits 0.0125
-    des, step = [START.copy() for _ in range(rng.integers(2, 8))], np.zeros(2)
-    for wp in wps:
-        while np.linalg.norm(wp - des[-1]) > 0.025 and len(des) < 150:
-            to_wp = wp - des[-1]
-            step = alpha * step + (1 - alpha) * speed * to_wp / np.linalg.norm(to_wp)
-            des.append(des[-1] + np.clip(step, ACTION_LOW, ACTION_HIGH))
-    return np.array(des)
-
-
-def generate_avoid_demos(subset: str, n_demos: int = 100, seed: int = 0) -> list[dict]:
-    """Scripted demos executed in this simulator, alternating the subset's two row-3 modes
-    (50/50); a path is redrawn if it collides, changes mode, or fails the subset filter. Each
-    ends 3-8 steps after the end-effector crosses y > 0.4 (as the real demos, 60-110 steps)."""
-    if subset not in SUBSETS:
-        raise ValueError(f"unknown Avoid subset {subset!r}; use one of {sorted(SUBSETS)}")
-    rng = np.random.default_rng(seed)
-    demos = []
-    while len(demos) < n_demos:
-        mode = SUBSETS[subset][len(demos) % 2]
-        des = _scripted_path(rng, mode)
-        ee = replay(des[None], START[None])[0]
-        up = np.flatnonzero(ee[:, 1] > 0.4)
-        if not len(up):
-            continue
-        end = min(up[0] + rng.integers(3, 9), len(des) - 1) + 1
-        des, ee = des[:end], ee[:end]
-        if end > 110 or collided(ee) or subset_mode(des, subset) != mode or row_modes(ee) != (1, 2, mode):
-            continue
-        demos.append(_to_demo(des, ee))
-    return demos
 
 
 # ---------------------------------------------------------------- vector env
