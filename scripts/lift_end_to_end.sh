@@ -15,9 +15,9 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p data/lift
 
-# 1. 30 scripted demos (privileged state machine, see common/robomimic.py).
+# 1. 30 scripted demos (privileged state machine, see scripts/robomimic_demos.py).
 #    -> "scripted success rate 1.00 (30/30), mean demo length 47.8 steps", 16 s wall.
-$PY -m common.robomimic --generate lift --n-demos 30 --seed 0 --out data/lift/scripted30.hdf5
+$PY scripts/robomimic_demos.py --task lift --n-demos 30 --seed 0 --out data/lift/scripted30.hdf5
 
 # 2. Pre-train an MLP diffusion policy (lift defaults: mish, [512]x3, batch 256, K = 20, T_a = 4,
 #    lr 1e-4 -> 1e-5 cosine) for only 500 epochs so it is imperfect (final loss 0.137), 69 s wall.
