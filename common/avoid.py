@@ -1,7 +1,7 @@
-"""D3IL Avoid (paper §6, App. D.8) as a fast vectorised numpy simulator, plus its demonstrations.
+"""D3IL Avoid (paper §6, App. D.8) as a fast vectorised numpy simulator, plus the real demos' loader.
 
 The real task is a Franka whose rod end-effector (radius 0.01) is dragged through six cylinders by
-a Cartesian impedance controller (SPEC/ENVS.md "D3IL Avoid"). We replace MuJoCo with a grey-box
+a Cartesian impedance controller (D3IL's MuJoCo avoiding env). We replace MuJoCo with a grey-box
 model of "desired position -> end-effector position" identified from the 96 real demos:
 
     u_t   = clamp_disc(des_t, centre c, radius R_des)       # the arm cannot reach further
@@ -17,9 +17,10 @@ from its base). Index convention of the recordings: ee_{t+1} depends on des up t
 observation is taken before the physics of that step runs). At reset the model is at rest at the
 start, desired = ee.
 
-Fit (`fit_dynamics`): all constants minimise the open-loop replay error of all 96 demos (Adam
-with autograd through the rollout, 1500 iterations, cosine lr from 5e-3, seed 0, float64).
-Measured fidelity (`python -m common.avoid --validate avoid_demos.npz`), replaying each demo's
+Fit (`python scripts/avoid_sysid.py --fit avoid_demos.npz`): all constants minimise the open-loop
+replay error of all 96 demos (Adam with autograd through the rollout, 1500 iterations, cosine lr
+from 5e-3, seed 0, float64).
+Measured fidelity (`python scripts/avoid_sysid.py --validate avoid_demos.npz`), replaying each demo's
 recorded desired positions open-loop from its recorded start: planar end-effector RMSE 4.1 mm
 (worst demo 9 mm), row modes identical for 96/96 demos, 0/96 demos collide (recordings: 0).
 A prototype fit of the same model on the even demos only (constant lr) replays the odd,
@@ -30,21 +31,19 @@ disc (it reaches 1.01 only at x > 0.77, y < -0.15, which the disc clamps make un
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 START = np.array([0.525, -0.28])
-# obstacle centre x, y and radius (ENVS.md); collision: planar distance < r + rod radius 0.01
+# obstacle centre x, y and radius; collision: planar distance < r + rod radius 0.01
 OBSTACLES = np.array([[0.5, -0.10, 0.03], [0.425, 0.08, 0.025], [0.575, 0.08, 0.025],
                       [0.35, 0.26, 0.025], [0.50, 0.26, 0.025], [0.65, 0.26, 0.025]])
 ROD_RADIUS = 0.01
-# mode rows: row 1 |y + 0.1| <= 0.03, row 2 |y - 0.08| <= 0.03, row 3 y >= 0.26 (ENVS.md "Modes")
+# mode rows: row 1 |y + 0.1| <= 0.03, row 2 |y - 0.08| <= 0.03, row 3 y >= 0.26
 ROW_BOUNDS = ((0.5,), (0.425, 0.575), (0.35, 0.5, 0.65))
 ROW_FIRST_MODE = (0, 2, 5)
 ACTION_LOW, ACTION_HIGH = np.array([-0.0125, 0.0]), np.array([0.0125, 0.0125])  # demo ranges
 
-# ---- fitted dynamics constants (see module docstring; regenerate with fit_dynamics) ----
+# ---- fitted dynamics constants (see module docstring; refit: scripts/avoid_sysid.py --fit) ----
 _GAIN_CENTRE = np.array([0.5, 0.1])
 _GAIN_BOX = (np.array([0.2, -0.3]), np.array([0.8, 0.5]))
 # velocity gains (3, 2, 8) for features [1, q_x, q_y] x z
@@ -96,7 +95,7 @@ def collided(xy: np.ndarray) -> bool:
 
 
 def step_reward(xy: np.ndarray, mode3: np.ndarray, hit: np.ndarray) -> np.ndarray:
-    """Reward "m5" (ENVS.md): -0.1 once collided or while x outside [0.2, 0.8]; else
+    """Reward "m5": -0.1 once collided or while x outside [0.2, 0.8]; else
     +1 if row 3 was passed in mode 5, +1 if y > 0.4. Shapes broadcast: xy (..., 2)."""
     bad = hit | (xy[..., 0] < 0.2) | (xy[..., 0] > 0.8)
     good = (mode3 == 5).astype(np.float32) + (xy[..., 1] > 0.4)
@@ -156,83 +155,9 @@ def _demo_arrays(path: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return np.split(d["des_c_pos"][:, :2], cuts), np.split(d["c_pos"][:, :2], cuts)
 
 
-def fit_dynamics(path: str, iters: int = 1500, lr: float = 5e-3, seed: int = 0,
-                 train: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Refit the constants by minimising the open-loop replay MSE (torch autograd through the
-    rollout of `physics_step`). train: optional bool mask of the demos to fit on. ~4 min on 1 core."""
-    import torch
-
-    torch.manual_seed(seed)
-    des, ee = _demo_arrays(path)
-    n, T = len(des), max(len(x) for x in des)
-    D, C, M = np.zeros((n, T, 2)), np.zeros((n, T, 2)), np.zeros((n, T))
-    for i, (a, b) in enumerate(zip(des, ee)):
-        D[i], C[i, : len(b)], M[i, : len(b)] = a[np.minimum(np.arange(T), len(a) - 1)], b, 1
-    if train is not None:
-        M *= np.asarray(train, dtype=np.float64)[:, None]
-    D, C, M = (torch.tensor(x) for x in (D, C, M))
-    W = torch.zeros(3, 2, 8, dtype=torch.float64)
-    W[0, :, :2] = torch.diag(torch.tensor([0.3, 0.1], dtype=torch.float64))
-    W[0, :, 2:4] = torch.diag(torch.tensor([0.7, 0.85], dtype=torch.float64))
-    W[0, :, 4:6] = 0.01 * torch.randn(2, 2, dtype=torch.float64)
-    Nh = 0.01 * torch.randn(2, 8, dtype=torch.float64)
-    Nh[:, 4:6] = 0.5 * torch.eye(2, dtype=torch.float64)
-    P = {"W": W, "Nh": Nh, "c": torch.zeros(2, dtype=torch.float64),
-         "logR": torch.tensor([np.log(0.85), np.log(0.815)], dtype=torch.float64)}
-    for v in P.values():
-        v.requires_grad_(True)
-    lo, hi, g0 = (torch.tensor(x) for x in (*_GAIN_BOX, _GAIN_CENTRE))
-
-    def disc(x: "torch.Tensor", r: "torch.Tensor") -> "torch.Tensor":
-        d = x - P["c"]
-        return P["c"] + d * torch.clamp(r / d.norm(dim=-1, keepdim=True), max=1.0)
-
-    def loss() -> "torch.Tensor":
-        p, up = C[:, 0], C[:, 0]
-        vel = h = torch.zeros(n, 2, dtype=torch.float64)
-        R = P["logR"].exp()
-        err = torch.zeros((), dtype=torch.float64)
-        for t in range(T - 1):
-            u = disc(D[:, t], R[0])
-            z = torch.cat([u - p, vel, h, u - up], -1)
-            q = torch.minimum(torch.maximum(p, lo), hi) - g0
-            vel = z @ P["W"][0].T + (q[:, :1] * z) @ P["W"][1].T + (q[:, 1:] * z) @ P["W"][2].T
-            h, up, pn = z @ P["Nh"].T, u, disc(p + vel, R[1])
-            vel, p = pn - p, pn
-            err = err + (((p - C[:, t + 1]) ** 2).sum(-1) * M[:, t + 1]).sum()
-        return err / M[:, 1:].sum()
-
-    opt = torch.optim.Adam(P.values(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
-    for it in range(iters):
-        opt.zero_grad()
-        val = loss()
-        val.backward()
-        opt.step()
-        sched.step()
-        if it % 100 == 0:
-            print(f"fit iter {it}: open-loop planar RMSE {val.item() ** 0.5 * 1e3:.2f} mm", flush=True)
-    out = {k: v.detach().numpy() for k, v in P.items()}
-    return {"W": out["W"], "NH": out["Nh"], "DISC_C": out["c"],
-            "R_DES": np.exp(out["logR"][0]), "R_EE": np.exp(out["logR"][1])}
-
-
-def validate_simulator(path: str) -> dict:
-    """Replay every real demo's desired path open-loop from its recorded start (ENVS.md)."""
-    des, ee = _demo_arrays(path)
-    T = max(len(x) for x in des)
-    D = np.stack([x[np.minimum(np.arange(T), len(x) - 1)] for x in des])
-    sim = replay(D, np.stack([x[0] for x in ee]))
-    sq = np.concatenate([((sim[i, : len(x)] - x) ** 2).sum(-1) for i, x in enumerate(ee)])
-    agree = [row_modes(sim[i, : len(x)]) == row_modes(x) for i, x in enumerate(ee)]
-    hits = [collided(sim[i, : len(x)]) for i, x in enumerate(ee)]
-    return {"rmse_mm": float(np.sqrt(sq.mean()) * 1e3), "mode_agreement": float(np.mean(agree)),
-            "collisions": int(np.sum(hits)), "n_demos": len(ee)}
-
-
 # ---------------------------------------------------------------- data
 SUBSETS = {"M1": (5, 6), "M2": (5, 7), "M3": (5, 8)}  # row-3 modes; rows 1, 2 must be modes 1, 2
-BAND = 0.01  # ENVS.md "trajectory filter uses ±0.01 bands"
+BAND = 0.01  # the subset filter's ±0.01 bands around the mode boundaries (see subset_mode)
 
 
 def subset_mode(des_xy: np.ndarray, subset: str) -> int | None:
@@ -264,51 +189,6 @@ def load_avoid_demos(path: str, subset: str | None = None) -> list[dict]:
         raise ValueError(f"unknown Avoid subset {subset!r}; use one of {sorted(SUBSETS)} or None")
     des, ee = _demo_arrays(path)
     return [_to_demo(d, e) for d, e in zip(des, ee) if subset is None or subset_mode(d, subset)]
-
-
-_ROW3_X = {5: (0.265, 0.30), 6: (0.41, 0.44), 7: (0.56, 0.59), 8: (0.695, 0.73)}  # free gaps
-
-
-def _scripted_path(rng: np.random.Generator, mode: int) -> np.ndarray:
-    """Desired positions of one scripted demo, shaped like the human D3IL demos: idle, then steer
-    at a steady speed along the direction to the next waypoint (smoothed, so paths are diagonal
-    curves, never moving backwards in y): right of obstacle 1 (mode 1), diagonally left through
-    row 2 (mode 2), through the row-3 gap of `mode`, and on to y ~ 0.45."""
-    x1, x2, x3 = rng.uniform(0.56, 0.60), rng.uniform(0.33, 0.375), rng.uniform(*_ROW3_X[mode])
-    wps = [(x1 + rng.uniform(-0.01, 0.01), rng.uniform(-0.17, -0.13)), (x1, rng.uniform(-0.06, -0.02)),
-           (x2, rng.uniform(0.07, 0.09)), (x3, rng.uniform(0.21, 0.23)), (x3, rng.uniform(0.30, 0.33)),
-           (x3 + rng.uniform(-0.03, 0.03), 0.6)]
-    speed, alpha = rng.uniform(0.013, 0.016), rng.uniform(0.6, 0.8)  # per-axis limits 0.0125
-    des, step = [START.copy() for _ in range(rng.integers(2, 8))], np.zeros(2)
-    for wp in wps:
-        while np.linalg.norm(wp - des[-1]) > 0.025 and len(des) < 150:
-            to_wp = wp - des[-1]
-            step = alpha * step + (1 - alpha) * speed * to_wp / np.linalg.norm(to_wp)
-            des.append(des[-1] + np.clip(step, ACTION_LOW, ACTION_HIGH))
-    return np.array(des)
-
-
-def generate_avoid_demos(subset: str, n_demos: int = 100, seed: int = 0) -> list[dict]:
-    """Scripted demos executed in this simulator, alternating the subset's two row-3 modes
-    (50/50); a path is redrawn if it collides, changes mode, or fails the subset filter. Each
-    ends 3-8 steps after the end-effector crosses y > 0.4 (as the real demos, 60-110 steps)."""
-    if subset not in SUBSETS:
-        raise ValueError(f"unknown Avoid subset {subset!r}; use one of {sorted(SUBSETS)}")
-    rng = np.random.default_rng(seed)
-    demos = []
-    while len(demos) < n_demos:
-        mode = SUBSETS[subset][len(demos) % 2]
-        des = _scripted_path(rng, mode)
-        ee = replay(des[None], START[None])[0]
-        up = np.flatnonzero(ee[:, 1] > 0.4)
-        if not len(up):
-            continue
-        end = min(up[0] + rng.integers(3, 9), len(des) - 1) + 1
-        des, ee = des[:end], ee[:end]
-        if end > 110 or collided(ee) or subset_mode(des, subset) != mode or row_modes(ee) != (1, 2, mode):
-            continue
-        demos.append(_to_demo(des, ee))
-    return demos
 
 
 # ---------------------------------------------------------------- vector env
@@ -351,7 +231,7 @@ class AvoidVecEnv:
         active = self.t < self.max_episode_steps
         for k in range(te):
             frozen = None if active.all() else {a: v[~active].copy() for a, v in self.state.items()}
-            # physics runs with the previous desired position; obs is taken before it (ENVS.md)
+            # physics runs with the previous desired position; obs is taken before it (as recorded)
             ee = physics_step(self.state, self.des)
             if frozen is not None:
                 for a, v in frozen.items():
@@ -381,17 +261,3 @@ class AvoidVecEnv:
     def close(self) -> None:
         pass
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="D3IL Avoid simulator: validate or refit it.")
-    parser.add_argument("--validate", metavar="NPZ", help="replay the real demos open-loop")
-    parser.add_argument("--fit", metavar="NPZ", help="refit the dynamics constants and print them")
-    cli = parser.parse_args()
-    if cli.fit:
-        np.set_printoptions(precision=6, suppress=True, floatmode="fixed", linewidth=110)
-        for name, val in fit_dynamics(cli.fit).items():
-            print(f"_{name} = {np.asarray(val)!r}")
-    if cli.validate:
-        print(validate_simulator(cli.validate))
-    if not (cli.fit or cli.validate):
-        parser.error("give --validate NPZ or --fit NPZ")

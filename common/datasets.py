@@ -5,7 +5,8 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 - `train.npz` of the reference implementation: `states`, `actions`, `traj_lengths` (+ `rewards`, `images`);
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
-- D3IL Avoid: real demos (`des_c_pos` npz) or built-in generated demos, both via `common.avoid`.
+- D3IL Avoid: real demos (`des_c_pos` npz, via `common.avoid`) or the built-in scripted demos shipped as
+  `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
 `Normalizer`: per-dimension min-max to [-1, 1] (paper App. D.4); `WindowDataset`: the pre-training windows (paper App. D.1).
 """
 
@@ -31,7 +32,10 @@ ROBOMIMIC_OBS_KEYS: dict[str, list[str]] = {
     "square": [f"robot0_{k}" for k in ROBOT_KEYS] + ["object"],  # 9 + 14 = 23
     "transport": [f"robot{i}_{k}" for i in (0, 1) for k in ROBOT_KEYS] + ["object"],  # 18 + 41 = 59
 }
-AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset
+AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset, and of each shipped built-in subset
+# the built-in Avoid demos, one train.npz per subset (not importable by design: a `datasets/` folder at the
+# repository root, which is on sys.path, would shadow the `datasets` package)
+AVOID_DEMO_DIR = REPO_ROOT / "builtin-data"
 Traj = dict[str, np.ndarray]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -90,7 +94,7 @@ def load_train_npz(path: str, obs_dim: int, action_dim: int, with_images: bool =
     return trajs
 
 
-def save_train_npz(path: str, trajs: list[Traj]) -> None:
+def save_train_npz(path: str, trajs: list[Traj], compressed: bool = False) -> None:
     """Write trajectories in the reference `train.npz` format (atomically: `.part` then rename)."""
     data = {
         "states": np.concatenate([t["obs"] for t in trajs]).astype(np.float32),
@@ -102,7 +106,7 @@ def save_train_npz(path: str, trajs: list[Traj]) -> None:
             data[key] = np.concatenate([t[key] for t in trajs])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".part", "wb") as fh:
-        np.savez(fh, **data)
+        (np.savez_compressed if compressed else np.savez)(fh, **data)
     os.replace(path + ".part", path)
 
 
@@ -214,16 +218,28 @@ def default_data_path(task: Any) -> str:
     return os.path.join(root, task.id, name or "train.npz")
 
 
-def load_task_trajectories(task: Any, path: str | None = None, n_demos: int = AVOID_N_DEMOS) -> list[Traj]:
+def avoid_demo_file(subset: str) -> str:
+    """File name of an Avoid subset's built-in demos in `AVOID_DEMO_DIR`: `avoid-m1.npz`, ..."""
+    return f"avoid-{subset.lower()}.npz"
+
+
+def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | None = None) -> list[Traj]:
     """Load (downloading if needed) the task's demonstrations and check them against the task's dims.
 
-    `n_demos` is only used for the built-in (generated) Avoid demos.
+    `n_demos` is only used for the built-in Avoid demos: the first `n_demos` of the shipped file
+    (None: all of them, `AVOID_N_DEMOS`).
     """
     if path is None and task.suite == "avoid":
-        from common.avoid import generate_avoid_demos
-
-        trajs = generate_avoid_demos(task.option("subset"), n_demos=n_demos, seed=0)
-        path = f"built-in avoid demos ({task.option('subset')})"
+        path = str(AVOID_DEMO_DIR / avoid_demo_file(task.option("subset")))
+        if not os.path.exists(path):
+            raise DatasetError(f"the built-in Avoid demos {path} are missing; restore them from git or "
+                               "run python scripts/generate_avoid_demos.py")
+        trajs = load_train_npz(path, task.obs_dim, task.action_dim)
+        if n_demos is not None and n_demos > len(trajs):
+            raise DatasetError(f"{path} has {len(trajs)} demos, not {n_demos}; write more with "
+                               f"python scripts/generate_avoid_demos.py --n-demos {n_demos} --out-dir DIR "
+                               "and pass DIR/<file> as the dataset")
+        trajs = trajs[:n_demos]
     else:
         if path is None:
             path = default_data_path(task)

@@ -15,9 +15,9 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p data/lift
 
-# 1. 30 scripted demos (privileged state machine, see common/robomimic.py).
+# 1. 30 scripted demos (privileged state machine, see scripts/robomimic_demos.py).
 #    -> "scripted success rate 1.00 (30/30), mean demo length 47.8 steps", 16 s wall.
-$PY -m common.robomimic --generate lift --n-demos 30 --seed 0 --out data/lift/scripted30.hdf5
+$PY scripts/robomimic_demos.py --task lift --n-demos 30 --seed 0 --out data/lift/scripted30.hdf5
 
 # 2. Pre-train an MLP diffusion policy (lift defaults: mish, [512]x3, batch 256, K = 20, T_a = 4,
 #    lr 1e-4 -> 1e-5 cosine) for only 500 epochs so it is imperfect (final loss 0.137), 69 s wall.
@@ -32,9 +32,9 @@ $PY dppo_pretrain.py --env-id lift --dataset data/lift/scripted30.hdf5 --n-epoch
 #    -> deterministic 0.47 (return 66.5), stochastic 0.50 (return 78.2); 100 episodes each.
 $PY dppo_finetune.py --env-id lift --checkpoint data/lift/pre30e500.pt --eval-only --num-envs 100 --n-steps 75 --seed 5000
 
-# 4. DPPO fine-tuning with a reduced budget (SPEC §11 Lift settings otherwise: K' = 10, gamma 0.999,
+# 4. DPPO fine-tuning with a reduced budget (the reference's Lift settings otherwise: K' = 10, gamma 0.999,
 #    actor lr 1e-4, critic lr 1e-3, clip 0.001 -> 0.01, 10 epochs, 2 critic warm-up iterations):
-#    20 envs x 75 chunk-steps = 6000 env steps per iteration (SPEC: 50 x 300 = 60k), minibatch 1500 of the
+#    20 envs x 75 chunk-steps = 6000 env steps per iteration (paper: 50 x 300 = 60k), minibatch 1500 of the
 #    15000 (env-step, denoising-step) pairs; every 5th iteration is a deterministic evaluation (20 episodes,
 #    the same start states each time, no update), so 90 iterations = 72 training iterations = 432k env steps
 #    (~7 paper iterations of data; the paper runs 81).

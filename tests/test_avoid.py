@@ -1,4 +1,5 @@
-"""Tests for common/avoid.py: fidelity to the real D3IL demos, task semantics, the vec env."""
+"""Tests for common/avoid.py and its tooling: fidelity to the real D3IL demos (scripts/avoid_sysid.py),
+task semantics, the vec env, the scripted demos (scripts/generate_avoid_demos.py) and their shipped files."""
 
 from pathlib import Path
 
@@ -6,6 +7,10 @@ import numpy as np
 import pytest
 
 from common import avoid
+from common.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, load_task_trajectories
+from common.tasks import get_task
+from scripts import avoid_sysid
+from scripts import generate_avoid_demos as gen
 
 DEMOS = Path(__file__).resolve().parents[2] / "shared/data/d3il_avoid/avoid_demos.npz"
 needs_demos = pytest.mark.skipif(not DEMOS.exists(), reason=f"real D3IL Avoid demos not found at {DEMOS}")
@@ -13,7 +18,7 @@ needs_demos = pytest.mark.skipif(not DEMOS.exists(), reason=f"real D3IL Avoid de
 
 @needs_demos
 def test_replay_fidelity_on_real_demos():
-    res = avoid.validate_simulator(str(DEMOS))
+    res = avoid_sysid.validate_simulator(str(DEMOS))
     assert res["n_demos"] == 96
     assert res["mode_agreement"] >= 0.95
     assert res["collisions"] <= 2
@@ -121,8 +126,8 @@ def test_vec_env_episode_end_inside_chunk():
 
 @pytest.mark.parametrize("subset", ["M1", "M2", "M3"])
 def test_generated_demos(subset):
-    demos = avoid.generate_avoid_demos(subset, n_demos=40, seed=1)
-    again = avoid.generate_avoid_demos(subset, n_demos=40, seed=1)
+    demos = gen.generate_avoid_demos(subset, n_demos=40, seed=1)
+    again = gen.generate_avoid_demos(subset, n_demos=40, seed=1)
     assert all(np.array_equal(a["obs"], b["obs"]) for a, b in zip(demos, again))
     modes = []
     for d in demos:
@@ -136,6 +141,39 @@ def test_generated_demos(subset):
         assert np.abs(np.diff(d["actions"], axis=0)).mean() < 0.0015  # smooth (real demos: 0.00055)
     counts = [modes.count(m) for m in avoid.SUBSETS[subset]]
     assert abs(counts[0] - counts[1]) <= 2
+
+
+@pytest.mark.parametrize("subset", ["M1", "M2", "M3"])
+def test_shipped_demos_are_the_generators(subset, tmp_path):
+    """The built-in demos in builtin-data/ are exactly what scripts/generate_avoid_demos.py writes (~1 s)."""
+    shipped = AVOID_DEMO_DIR / avoid_demo_file(subset)
+    assert shipped.stat().st_size < 250_000
+    demos = gen.write_avoid_demos(subset, str(tmp_path / "demos.npz"), n_demos=AVOID_N_DEMOS, seed=0)
+    with np.load(shipped) as a, np.load(tmp_path / "demos.npz") as b:
+        assert sorted(a.files) == sorted(b.files) == ["actions", "states", "traj_lengths"]
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    # and the task's default data are the generator's demos, bit for bit (same float32 arrays)
+    trajs = load_task_trajectories(get_task(f"avoid-{subset.lower()}"))
+    assert len(trajs) == len(demos) == 96
+    for t, d in zip(trajs, demos):
+        assert set(t) == set(d) == {"obs", "actions"}
+        for k in d:
+            assert t[k].dtype == d[k].dtype == np.float32 and np.array_equal(t[k], d[k])
+    # fewer demos are the first ones (the generator draws demo by demo from one stream)
+    first = gen.generate_avoid_demos(subset, n_demos=3, seed=0)
+    assert all(np.array_equal(t["obs"], d["obs"]) for t, d in zip(load_task_trajectories(
+        get_task(f"avoid-{subset.lower()}"), n_demos=3), first))
+
+
+@needs_demos
+def test_sysid_fit_runs_and_cli():
+    """Two iterations of the refit (the full fit takes ~4 min): it runs and returns the module's constants."""
+    fit = avoid_sysid.fit_dynamics(str(DEMOS), iters=2)
+    assert fit["W"].shape == avoid._W.shape and fit["NH"].shape == avoid._NH.shape
+    assert fit["DISC_C"].shape == (2,) and 0.5 < fit["R_DES"] < 1.0 and 0.5 < fit["R_EE"] < 1.0
+    with pytest.raises(SystemExit):
+        avoid_sysid.main([])
 
 
 def test_env_speed():

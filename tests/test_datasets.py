@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import datasets
 from common.datasets import (
     ROBOMIMIC_OBS_KEYS,
     DatasetError,
@@ -230,28 +231,38 @@ def test_download_file_url_and_default_paths(tmp_path: Path, monkeypatch: pytest
 
 
 def test_avoid_dispatch_with_stub_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No path: the subset's shipped train.npz (first n_demos of it); a D3IL npz: common.avoid's loader."""
     calls = []
     demo = [{"obs": np.zeros((6, 4), np.float32), "actions": np.zeros((6, 2), np.float32)}]
     stub = types.ModuleType("common.avoid")
-    stub.generate_avoid_demos = lambda subset, n_demos, seed: calls.append(("gen", subset, n_demos, seed)) or demo
     stub.load_avoid_demos = lambda path, subset: calls.append(("load", path, subset)) or demo
     monkeypatch.setitem(sys.modules, "common.avoid", stub)
+    monkeypatch.setattr(datasets, "AVOID_DEMO_DIR", tmp_path / "builtin")
     task = get_task("avoid-m2")
-    assert load_task_trajectories(task, n_demos=7) == demo
+    with pytest.raises(DatasetError, match="built-in Avoid demos .*avoid-m2.npz are missing"):
+        load_task_trajectories(task)
+    rng = np.random.default_rng(0)
+    shipped = [{"obs": rng.normal(size=(n, 4)).astype(np.float32),
+                "actions": rng.normal(size=(n, 2)).astype(np.float32)} for n in range(5, 14)]
+    save_train_npz(str(tmp_path / "builtin" / "avoid-m2.npz"), shipped, compressed=True)
+    got = load_task_trajectories(task, n_demos=7)
+    assert len(got) == 7 and all(np.array_equal(g[k], t[k]) for g, t in zip(got, shipped) for k in ("obs", "actions"))
+    assert len(load_task_trajectories(task)) == 9  # None: the whole file
+    with pytest.raises(DatasetError, match="has 9 demos, not 96"):
+        load_task_trajectories(task, n_demos=96)
     np.savez(tmp_path / "avoid_demos.npz", des_c_pos=np.zeros((2, 3, 2)))
     assert load_task_trajectories(task, str(tmp_path / "avoid_demos.npz")) == demo
-    assert calls == [("gen", "M2", 7, 0), ("load", str(tmp_path / "avoid_demos.npz"), "M2")]
+    assert calls == [("load", str(tmp_path / "avoid_demos.npz"), "M2")]
     stub.load_avoid_demos = lambda path, subset: [{"obs": np.zeros((6, 3)), "actions": np.zeros((6, 2))}]
     with pytest.raises(DatasetError, match="'obs\\[0\\]' has shape \\(6, 3\\), expected \\(6, 4\\)"):
         load_task_trajectories(task, str(tmp_path / "avoid_demos.npz"))
 
 
 def test_avoid_dispatch_with_real_module() -> None:
-    avoid = pytest.importorskip("common.avoid")
-    if not all(hasattr(avoid, f) for f in ("generate_avoid_demos", "load_avoid_demos")):
-        pytest.skip("common.avoid does not define generate_avoid_demos / load_avoid_demos yet")
     trajs = load_task_trajectories(get_task("avoid-m1"), n_demos=4)
     assert len(trajs) == 4 and all(t["obs"].shape[1] == 4 and t["actions"].shape[1] == 2 for t in trajs)
+    assert all(t["obs"].dtype == np.float32 and t["actions"].dtype == np.float32 for t in trajs)
+    assert len(load_task_trajectories(get_task("avoid-m3"))) == 96
     real = Path("/work/shared/data/d3il_avoid/avoid_demos.npz")
     if real.exists():
         assert all(t["obs"].shape[1] == 4 for t in load_task_trajectories(get_task("avoid-m1"), str(real)))
@@ -270,7 +281,7 @@ def test_normalizer_round_trip_and_range(tmp_path: Path) -> None:
     assert isinstance(y, np.ndarray) and y.dtype == np.float32
     assert y.min() >= -1 and y.max() <= 1 and np.allclose(y.min(0), -1) and np.allclose(y.max(0), 1, atol=1e-5)
     np.testing.assert_allclose(norm.unnormalize_obs(y), obs, atol=1e-5)
-    # against an independent computation of SPEC §0
+    # against an independent computation of the min-max normalisation
     lo, hi = obs.min(0), obs.max(0)
     np.testing.assert_allclose(y, 2 * (obs - lo) / (hi - lo + 1e-6) - 1, atol=1e-6)
     acts = torch.as_tensor(np.stack([t["actions"][:8] for t in trajs]))  # (2, 8, 2): leading dims

@@ -124,8 +124,10 @@ def pretrained(tmp_path_factory):
     out = {}
     for name, module in (("gaussian", gauss), ("gmm", gmm)):
         for backbone in ("mlp", "transformer"):
+            # own exp_name: the run folder is named to the second, and these 3-epoch runs can share one
             out[name, backbone] = module.main(module.Args(pretrain=True, env_id="avoid-m2", n_epochs=3, eval_every=3,
-                                                          seed=0, backbone=backbone, **SMALL))
+                                                          seed=0, backbone=backbone, exp_name=f"{name}_{backbone}",
+                                                          **SMALL))
     return out
 
 

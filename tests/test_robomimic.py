@@ -9,10 +9,9 @@ if importlib.util.find_spec("robosuite") is None:  # installed but broken must f
     pytest.skip("robosuite is not installed", allow_module_level=True)
 h5py = pytest.importorskip("h5py")
 
-from common.robomimic import (  # noqa: E402
-    PAPER_ITERATION_ENV_STEPS, ScriptedPolicy, env_kwargs, generate_demos, main, make_robomimic_env,
-    measure_throughput, obs_keys, rollout_scripted,
-)
+from benchmarks.env_throughput import PAPER_ITERATION_ENV_STEPS, measure_throughput  # noqa: E402
+from common.robomimic import env_kwargs, make_robomimic_env, obs_keys  # noqa: E402
+from scripts.robomimic_demos import ScriptedPolicy, generate_demos, main, rollout_scripted  # noqa: E402
 from common.tasks import TaskError, get_task  # noqa: E402
 
 
@@ -119,7 +118,7 @@ def test_throughput_benchmark_uses_the_fine_tuning_vec_env():
     for rates in r.values():
         assert 0 < rates["steps_per_s"] < np.inf and 0 < rates["steps_per_cpu_s"] < np.inf
         assert rates["paper_iteration_s"] == pytest.approx(60_000 / rates["steps_per_s"])
-    # SPEC §11: 50 envs x 300 chunk-steps x T_e 4 (Lift, Can), 400 x 4 (Square), 400 x 8 (Transport)
+    # the paper's fine-tuning: 50 envs x 300 chunk-steps x T_e 4 (Lift, Can), 400 x 4 (Square), 400 x 8 (Transport)
     assert PAPER_ITERATION_ENV_STEPS == {"lift": 60_000, "can": 60_000, "square": 80_000,
                                          "transport": 160_000}
 
@@ -140,7 +139,7 @@ def test_scripted_lift_reward_success_and_truncation(lift_env):
     assert rewards[0] == 0.0 and rewards[-1] == 1.0  # starts unsolved, ends holding the cube up
     cube_z = env.raw_obs["object-state"][2]
     assert cube_z > env.env.model.mujoco_arena.table_offset[2] + 0.04
-    # SPEC §8: success = some executed chunk of T_e = 4 steps has mean reward >= 1
+    # success = some executed chunk of T_e = 4 steps has mean reward >= 1
     chunks = rewards[: len(rewards) // 4 * 4].reshape(-1, 4).mean(1)
     assert chunks.max() >= 1.0 and chunks[0] < 1.0
 
@@ -159,7 +158,7 @@ def test_terminate_on_success():
 
 def test_generated_lift_demos_hdf5_layout_and_replay(tmp_path, lift_env, capsys):
     out = tmp_path / "lift.hdf5"
-    assert main(["--generate", "lift", "--n-demos", "2", "--seed", "0", "--out", str(out)]) == 0
+    assert main(["--task", "lift", "--n-demos", "2", "--seed", "0", "--out", str(out)]) == 0
     assert "success rate" in capsys.readouterr().out
     keys = obs_keys("lift")
     with h5py.File(out, "r") as f:
@@ -211,6 +210,11 @@ def test_rollout_scripted_rejects_other_tasks():
     with pytest.raises(TaskError):
         rollout_scripted(env, seed=0)
     env.close()
+    with pytest.raises(TaskError):
+        generate_demos("transport", 1, 0, "unused.hdf5", log=None)
+    assert main(["--task", "hopper", "--n-demos", "1"]) == 1
+    with pytest.raises(TaskError):
+        measure_throughput("hopper")
 
 
 def test_lift_pretrain_and_finetune_smoke(tmp_path, monkeypatch):
