@@ -125,7 +125,8 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ"""
     bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid, docs/deviations.md)"""
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
+    docs/deviations.md)"""
     gamma_denoising: float | None = None
     """denoising discount (0.99; Avoid 0.95, furniture 0.9)"""
     min_sampling_denoising_std: float | None = None
@@ -145,7 +146,8 @@ class Args:
     lr_warmup_itr: int = 10
     """warm-up iterations of the cosine schedules"""
     batch_size: int | None = None
-    """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid n_steps·num_envs·K'/2)"""
+    """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid
+    n_steps·num_envs·K'/2)"""
     update_epochs: int | None = None
     """PPO epochs per iteration (10; gym, transport, furniture 5)"""
     clip_coef: float | None = None

@@ -44,9 +44,9 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_positive, check_range, cli,
-                         load_checkpoint, print_defaults, release_checkpoint, resume_args, save_checkpoint, script_name,
-                         seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_output_path, check_positive,
+                         check_range, cli, load_checkpoint, print_defaults, release_checkpoint, resume_args, save_checkpoint,
+                         script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages
 
 
@@ -225,7 +225,8 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        """Evaluation sampling (reference `DiffusionModel.forward`): DDPM with std max(σ_t, 1e-3), none at t = 0; noise clamped ±3."""
+        """Evaluation sampling (reference `DiffusionModel.forward`): DDPM with std max(σ_t, 1e-3), none at t = 0; noise
+        clamped ±3."""
         B = obs.shape[0]
         x = torch.randn(B, self.horizon_steps, self.action_dim, device=obs.device)
         for t in range(self.K - 1, -1, -1):
@@ -236,20 +237,6 @@ class DiffusionPolicy(nn.Module):
             std = self.posterior_var[t].sqrt().clamp(min=1e-3) if t > 0 else 0.0
             x = mean + std * torch.randn_like(x).clamp(-3, 3)
         return x.clamp(-1, 1)
-
-
-def check_output_path(path: str | None) -> None:
-    """`--output` must be a file path whose folder can be made: checked before any work is done."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise UsageError(f"--output {path} is a folder; give a file path such as {os.path.join(path, 'policy.pt')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    parent = folder
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--output {path}: cannot write under {parent}")
 
 
 @torch.no_grad()

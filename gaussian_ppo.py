@@ -190,7 +190,8 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ"""
     bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid, docs/deviations.md)"""
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
+    docs/deviations.md)"""
     final_action_clip: bool | None = None
     """clamp executed actions to [-1, 1] before un-normalising"""
     actor_lr: float | None = None

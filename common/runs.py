@@ -158,11 +158,39 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
     if ckpt["policy"] != policy:
         script = FINETUNE_SCRIPTS.get(ckpt["policy"], "another script")
         raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not a {policy} one; use {script}")
+    bad = [k for k, v in _tensors(ckpt) if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DatasetError(f"checkpoint {path!r} has non-finite values in {bad[0]}"
+                           f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}; it cannot be used")
     if task is not None and (ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim
                              or ckpt["action_dim"] != task.action_dim):
         raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
                            f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
     return ckpt
+
+
+def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts/lists, with its dotted key."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_output_path(path: str | None, flag: str = "--output") -> None:
+    """A file path whose folder exists or can be made, checked before any work is done."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file path such as {os.path.join(path, 'policy.pt')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot write under {parent}")
 
 
 def policy_header(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +273,12 @@ def load_resume(run_dir: str, policy: str, pretrain_command: str) -> dict[str, A
 def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> str:
     """`runs/{task}__{exp_name}__{seed}__{unix time}`, created here and never shared: a second run
     started in the same second gets a `-2` suffix, and so on."""
-    os.makedirs(root, exist_ok=True)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"{root!r} is a file; run from another folder or move it (run folders go in ./{root}/)")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run folder root {root!r} ({e.strerror})") from None
     base = os.path.join(root, f"{task_id}__{exp_name}__{seed}__{int(time.time())}")
     for n in range(1, 1000):
         path = base if n == 1 else f"{base}-{n}"
@@ -254,6 +287,8 @@ def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> s
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise UsageError(f"cannot create the run folder {path!r} ({e.strerror})") from None
     raise UsageError(f"could not create a new run folder next to {base}")
 
 

@@ -1,4 +1,5 @@
-"""The math of dppo_pretrain.py / dppo_finetune.py against independent computations (eqs. 4.4-4.7 and the reference's `PPODiffusion`)."""
+"""The math of dppo_pretrain.py / dppo_finetune.py against independent computations (eqs. 4.4-4.7 and the reference's
+`PPODiffusion`)."""
 
 import math
 

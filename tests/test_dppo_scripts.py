@@ -83,6 +83,28 @@ def test_finetune_resume_matches_uninterrupted(pretrained):
     assert_resumed_run_matches(full, resumed, n_eval_rows=5)
 
 
+def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretrained):
+    part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="budget")
+    files = {f: os.path.getmtime(os.path.join(part["run_dir"], f)) for f in os.listdir(part["run_dir"])}
+    ev = ft.main(ft.Args(resume=part["run_dir"], eval_only=True))
+    assert set(ev["eval"]) == {"deterministic", "stochastic"}
+    assert {f: os.path.getmtime(os.path.join(part["run_dir"], f)) for f in os.listdir(part["run_dir"])} == files
+    out = ft.main(ft.Args(resume=part["run_dir"]))  # the run's own n_train_itr (2), not the task's 51
+    assert out["history"] == [] and int(out["eval_rows"][-1]["iteration"]) == 2
+    with pytest.raises(UsageError, match="--clip-coef 0.5 differs"):
+        ft.main(ft.Args(resume=part["run_dir"], clip_coef=0.5))
+
+
+def test_ddim_k_prime_is_never_silently_replaced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pre = pt.main(pt.Args(env_id="avoid-m2", n_epochs=1, eval_every=0, denoising_steps=100, **SMALL))
+    out = _finetune(pre["checkpoint"], use_ddim=True, ft_denoising_steps=3, n_train_itr=1, val_freq=0)
+    post = torch.load(out["checkpoint"], weights_only=True)
+    assert post["args"]["ft_denoising_steps"] == 3  # the last 3 of the 5 DDIM steps
+    with pytest.raises(UsageError, match="exceeds the 5 DDIM steps"):
+        _finetune(pre["checkpoint"], use_ddim=True, ft_denoising_steps=6)
+
+
 def test_ddim_finetune_from_a_k100_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pre = pt.main(pt.Args(env_id="avoid-m2", n_epochs=1, eval_every=0, denoising_steps=100, **SMALL))
@@ -140,6 +162,9 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert r.returncode == 2 and "--checkpoint is required" in r.stderr
     r = _cli("dppo_finetune.py", "--checkpoint", str(tmp_path / "missing.pt"), cwd=tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr
+    r = _cli("dppo_finetune.py", "--num-envs", "-3", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --num-envs must be positive (got -3)"
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_unknown_task_lists_ids():

@@ -1,0 +1,114 @@
+"""common/runs.py: the run plumbing every script shares."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from common.datasets import DatasetError
+from common.runs import (CHECKPOINT_FORMAT, UsageError, apply_defaults, check_output_path, check_positive, check_range,
+                         load_checkpoint, new_run_dir, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
+                         script_name)
+
+
+@dataclasses.dataclass
+class Toy:
+    env_id: str = "avoid-m2"
+    exp_name: str = "toy"
+    seed: int = 1
+    n_train_itr: int | None = None
+    batch_size: int | None = None
+    gamma: float | None = None
+    resume: str | None = None
+    eval_only: bool = False
+    dims: tuple[int, ...] = (4, 4)
+
+
+def test_script_name_is_the_file_name():
+    assert script_name("/a/b/dppo_finetune.py") == "dppo_finetune"
+
+
+def test_run_folders_are_unique_within_one_second(tmp_path):
+    root = str(tmp_path / "runs")
+    dirs = {new_run_dir("avoid-m2", "x", 1, root=root) for _ in range(5)}
+    assert len(dirs) == 5 and all(os.path.isdir(d) for d in dirs)
+
+
+def test_run_folder_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(UsageError, match="is a file"):
+        new_run_dir("avoid-m2", "x", 1, root=str(tmp_path / "runs"))
+
+
+def test_checkpoints_are_atomic_readable_and_leave_no_temp_files(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, {"a": torch.ones(2)})
+    save_checkpoint(path, {"a": torch.zeros(2)})
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    assert os.listdir(tmp_path) == ["c.pt"] and os.stat(path).st_mode & 0o044  # no *.tmp left, not private
+
+
+def _policy_ckpt(**weights):
+    return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": "mlp", "arch": {}, "task": "avoid-m2", "obs_dim": 4,
+            "action_dim": 2, "horizon_steps": 4, "cond_steps": 1, "normalization": {}, "args": {},
+            "ema": weights, "model": weights, "optimizer": {"state": {}}}
+
+
+def test_load_checkpoint_refuses_missing_keys_and_non_finite_weights(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "policy": "diffusion"})
+    with pytest.raises(DatasetError, match="lacks backbone"):
+        load_checkpoint(path, "diffusion", "hint")
+    save_checkpoint(path, _policy_ckpt(w=torch.tensor([1.0, float("nan")])))
+    with pytest.raises(DatasetError, match="non-finite values in ema.w"):
+        load_checkpoint(path, "diffusion", "hint")
+    save_checkpoint(path, _policy_ckpt(w=torch.ones(2)))
+    assert load_checkpoint(path, "diffusion", "hint")["ema"]["w"].sum() == 2
+    with pytest.raises(DatasetError, match="not a gaussian one; use dppo_finetune.py"):
+        load_checkpoint(path, "gaussian", "hint")
+
+
+def test_release_checkpoint_keeps_what_fine_tuning_reads():
+    rel = release_checkpoint(_policy_ckpt(w=torch.ones(2)))
+    assert "ema" in rel and "model" not in rel and "optimizer" not in rel and rel["task"] == "avoid-m2"
+
+
+def test_numeric_checks_name_the_flag():
+    with pytest.raises(UsageError, match="--n-train-itr must be positive"):
+        check_positive(Toy(n_train_itr=0), "n_train_itr")
+    with pytest.raises(UsageError, match="--gamma must be in"):
+        check_range(Toy(gamma=float("nan")), "gamma", 0.0, 1.0)
+    check_positive(Toy(), "n_train_itr")  # None: not set, filled later
+
+
+def test_apply_defaults_fills_only_unset_flags():
+    args = Toy(batch_size=7)
+    filled = apply_defaults(args, {"batch_size": 100, "n_train_itr": 5})
+    assert args.batch_size == 7 and args.n_train_itr == 5 and filled == {"n_train_itr": 5}
+
+
+def test_refuse_flags_of_another_mode():
+    refuse_flags(Toy(), ("batch_size",), "is not used here")
+    with pytest.raises(UsageError, match="--batch-size is not used here"):
+        refuse_flags(Toy(batch_size=3), ("batch_size",), "is not used here")
+
+
+def test_resume_uses_the_runs_arguments(capsys):
+    saved = dataclasses.asdict(Toy(n_train_itr=3, batch_size=16, dims=(8, 8), exp_name="mine"))
+    saved["dims"] = list(saved["dims"])
+    args = resume_args(Toy(), saved, "runs/r")  # nothing given: the run's own budget and settings
+    assert args.n_train_itr == 3 and args.batch_size == 16 and args.dims == (8, 8) and args.resume == "runs/r"
+    args = resume_args(Toy(n_train_itr=6, eval_only=True), saved, "runs/r")  # an extension wins visibly
+    assert args.n_train_itr == 6 and args.eval_only and "--n-train-itr 6 (the run had 3)" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--batch-size 32 differs"):
+        resume_args(Toy(batch_size=32), saved, "runs/r")
+
+
+def test_output_path_checked_before_work(tmp_path):
+    check_output_path(str(tmp_path / "new" / "deeper" / "p.pt"))
+    with pytest.raises(UsageError, match="is a folder"):
+        check_output_path(str(tmp_path))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="cannot write under"):
+        check_output_path(str(tmp_path / "f" / "p.pt"))
