@@ -78,7 +78,7 @@ def _describe(head: bytes) -> str:
     if head.startswith(ZIP_SIGNATURES):
         return "a zip archive"
     if head.startswith(b"\x93NUMPY"):
-        return "a single .npy array (np.save), not an .npz archive (np.savez)"
+        return "a single .npy array (written by np.save; np.savez writes an .npz)"
     if head.startswith(b"\x80"):
         return "a Python pickle, which is never loaded (allow_pickle=False)"
     return f"a file that starts with {head[:8]!r}"
@@ -115,8 +115,9 @@ def _open_hdf5(path: str) -> Iterator[Any]:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        what = "truncated or corrupt" if head.startswith(HDF5_SIGNATURE) else f"not an HDF5 file but {_describe(head)}"
-        raise DatasetError(f"{path}: {what} ({_one_line(e)}); download the file again") from e
+        what = (f"truncated or corrupt HDF5 ({_one_line(e)})" if head.startswith(HDF5_SIGNATURE)
+                else f"not an HDF5 file but {_describe(head)}")
+        raise DatasetError(f"{path}: {what}; download the file again") from e
     try:
         with f:
             yield f
@@ -400,8 +401,25 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
     """Load (downloading if needed) the task's demonstrations and check them against the task's dims.
 
     `n_demos` is only used for the built-in Avoid demos: the first `n_demos` of the shipped file
-    (None: all of them, `AVOID_N_DEMOS`).
+    (None: all of them, `AVOID_N_DEMOS`). Every file is checked to hold only finite numbers (a value beyond the
+    float32 range becomes inf, which is reported, not warned about).
     """
+    with np.errstate(over="ignore"):
+        path, trajs = _load_task_file(task, path, n_demos)
+    if not trajs:
+        raise DatasetError(f"{path}: no trajectories for task {task.id!r}; check the file and its filters")
+    for i, t in enumerate(trajs):
+        for key, dim in (("obs", task.obs_dim), ("actions", task.action_dim)):
+            arr = t[key]
+            if arr.ndim != 2 or arr.shape[1] != dim:
+                raise _shape_error(path, f"{key}[{i}]", arr.shape, f"({len(arr)}, {dim}) for task {task.id!r}",
+                                   "is this the dataset of another task?")
+    _check_finite(path, trajs)
+    return trajs
+
+
+def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
+    """The file `load_task_trajectories` reads (downloaded if needed) and its trajectories, before the checks."""
     if path is None and task.suite == "avoid":
         path = str(AVOID_DEMO_DIR / avoid_demo_file(task.option("subset")))
         if not os.path.exists(path):
@@ -428,16 +446,7 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
         if not os.path.exists(path):
             raise DatasetError(f"dataset file {path} does not exist; check the path")
         trajs = _load_file(task, path)
-    if not trajs:
-        raise DatasetError(f"{path}: no trajectories for task {task.id!r}; check the file and its filters")
-    for i, t in enumerate(trajs):
-        for key, dim in (("obs", task.obs_dim), ("actions", task.action_dim)):
-            arr = t[key]
-            if arr.ndim != 2 or arr.shape[1] != dim:
-                raise _shape_error(path, f"{key}[{i}]", arr.shape, f"({len(arr)}, {dim}) for task {task.id!r}",
-                                   "is this the dataset of another task?")
-    _check_finite(path, trajs)
-    return trajs
+    return path, trajs
 
 
 def _check_finite(path: str, trajs: list[Traj]) -> None:
@@ -450,9 +459,10 @@ def _check_finite(path: str, trajs: list[Traj]) -> None:
             ends = np.cumsum([len(t[key]) for t in trajs])
             i = int(np.searchsorted(ends, row, side="right"))
             col = int(np.flatnonzero(~np.isfinite(data[row]))[0])
-            raise DatasetError(f"{path}: '{key}[{i}]' row {row - (ends[i] - len(trajs[i][key]))} column {col} is "
-                               f"{data[row, col]} ({bad_rows.size} of {len(data)} rows hold NaN or inf); training on it "
-                               "gives a NaN model: remove or repair those rows (or values beyond float32) and run again")
+            raise DatasetError(f"{path}: '{key}' of trajectory {i}, row {row - (ends[i] - len(trajs[i][key]))}, column "
+                               f"{col} is {data[row, col]} ({bad_rows.size} of {len(data)} rows hold NaN or inf); training "
+                               "on it gives a NaN model: remove or repair those rows (NaN, inf, or values too large for "
+                               "float32) and run again")
 
 
 def _load_file(task: Any, path: str) -> list[Traj]:
