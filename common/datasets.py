@@ -71,7 +71,7 @@ def _describe(head: bytes) -> str:
     text = head.lstrip().lower()
     if not head:
         return "an empty file (0 bytes)"
-    if text.startswith((b"<!doctype", b"<html", b"<head", b"<?xml", b"<body", b"<")):
+    if text.startswith(b"<"):  # <!doctype html>, <html>, <?xml ...>: a web page, not data
         return "an HTML page (a login, error or captive-portal page saved in place of the data?)"
     if head.startswith(HDF5_SIGNATURE):
         return "an HDF5 file"
