@@ -12,12 +12,16 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import sys
 import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,22 +40,57 @@ AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset, and of each shipp
 # the built-in Avoid demos, one train.npz per subset (not importable by design: a `datasets/` folder at the
 # repository root, which is on sys.path, would shadow the `datasets` package)
 AVOID_DEMO_DIR = REPO_ROOT / "builtin-data"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of every (userblock-free) HDF5 file
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (the second: an empty one)
 Traj = dict[str, np.ndarray]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing, unreadable, or has the wrong keys or dimensions."""
+    """A dataset file is missing, unreadable, or has the wrong keys, values or dimensions (one-line message)."""
+
+
+def _one_line(e: object) -> str:
+    """An exception's text on one line (library messages may span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _head(path: str, n: int = 64) -> bytes:
+    """The first `n` bytes of a file (DatasetError if it cannot be read at all)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a folder, not a dataset file; pass the file inside it")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} ({_one_line(e.strerror or e)}); check the path and its permissions") from e
+
+
+def _describe(head: bytes) -> str:
+    """What a file that starts with `head` looks like, for messages about files of the wrong format."""
+    text = head.lstrip().lower()
+    if not head:
+        return "an empty file (0 bytes)"
+    if text.startswith(b"<"):  # <!doctype html>, <html>, <?xml ...>: a web page, not data
+        return "an HTML page (a login, error or captive-portal page saved in place of the data?)"
+    if head.startswith(HDF5_SIGNATURE):
+        return "an HDF5 file"
+    if head.startswith(ZIP_SIGNATURES):
+        return "a zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array (written by np.save; np.savez writes an .npz)"
+    if head.startswith(b"\x80"):
+        return "a Python pickle, which is never loaded (allow_pickle=False)"
+    return f"a file that starts with {head[:8]!r}"
 
 
 def _shape_error(path: str, key: str, found: tuple[int, ...], expected: str, fix: str) -> DatasetError:
     return DatasetError(f"{path}: '{key}' has shape {tuple(found)}, expected {expected}; {fix}")
 
 
-def _require(path: str, keys: Any, key: str, what: str = "key") -> None:
+def _require(path: str, keys: Any, key: str, what: str = "key", fix: str = "is this the right dataset file?") -> None:
     if key not in keys:
-        raise DatasetError(f"{path}: missing {what} '{key}' (found: {', '.join(sorted(keys)) or 'none'}); "
-                           "is this the right dataset file?")
+        raise DatasetError(f"{path}: missing {what} '{key}' (found: {', '.join(sorted(keys)) or 'none'}); {fix}")
 
 
 def _check_2d(path: str, key: str, arr: np.ndarray, dim: int, rows: int | None = None) -> None:
@@ -68,19 +107,99 @@ def _h5py() -> Any:
     return h5py
 
 
+@contextmanager
+def _open_hdf5(path: str) -> Iterator[Any]:
+    """`h5py.File(path, "r")`; a file that is not HDF5, truncated or corrupt ends in one DatasetError."""
+    h5py = _h5py()
+    head = _head(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        what = (f"truncated or corrupt HDF5 ({_one_line(e)})" if head.startswith(HDF5_SIGNATURE)
+                else f"not an HDF5 file but {_describe(head)}")
+        raise DatasetError(f"{path}: {what}; download the file again") from e
+    try:
+        with f:
+            yield f
+    except OSError as e:  # raised by h5py while reading a damaged dataset
+        raise DatasetError(f"{path}: corrupt HDF5 data ({_one_line(e)}); download the file again") from e
+
+
+@contextmanager
+def _open_npz(path: str) -> Iterator[Any]:
+    """`np.load(path, allow_pickle=False)` of an .npz archive; anything else ends in one DatasetError."""
+    head = _head(path)
+    if not head.startswith(ZIP_SIGNATURES):
+        raise DatasetError(f"{path}: not an .npz archive but {_describe(head)}; write or download the file again")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: truncated or corrupt .npz ({_one_line(e)}); write or download the file again") from e
+    with f:
+        yield f
+
+
+def _npz_array(path: str, f: Any, key: str) -> np.ndarray:
+    """`f[key]` of an open .npz, which must be numeric: object arrays are refused, never unpickled."""
+    try:
+        arr = f[key]
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise DatasetError(f"{path}: '{key}' is an object array, which would need pickle to load and is refused "
+                               "(allow_pickle=False); save it as a numeric array") from e
+        raise DatasetError(f"{path}: '{key}' is corrupt ({_one_line(e)}); write or download the file again") from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DatasetError(f"{path}: '{key}' is truncated or corrupt ({_one_line(e)}); "
+                           "write or download the file again") from e
+    if arr.dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: '{key}' has dtype {arr.dtype}, expected numbers; save it as a numeric array")
+    return arr
+
+
+def _check_lengths(path: str, key: str, lengths: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """`lengths` as int64 after checking it: whole numbers > 0 that sum to the row count of every array in `rows`."""
+    lengths = lengths.reshape(-1)
+    if lengths.size == 0:
+        raise DatasetError(f"{path}: '{key}' is empty, so the file holds no trajectories; write at least one")
+    if lengths.dtype.kind == "f":
+        whole = np.isfinite(lengths) & (lengths == np.round(lengths))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise DatasetError(f"{path}: '{key}'[{i}] = {lengths[i]} is not a whole number; trajectory lengths "
+                               "count rows: save them as integers")
+    bad = np.flatnonzero(lengths <= 0)
+    if bad.size:
+        i = int(bad[0])
+        raise DatasetError(f"{path}: '{key}'[{i}] = {lengths[i]:g}, but every trajectory needs at least one row "
+                           f"({bad.size} of {lengths.size} entries are <= 0); drop the empty trajectories and "
+                           "write the file again")
+    lengths = lengths.astype(np.int64)
+    n = int(lengths.sum())
+    (first, a), *others = rows.items()
+    for other, b in others:
+        if b.ndim and a.ndim and b.shape[0] != a.shape[0]:
+            raise DatasetError(f"{path}: '{first}' has {a.shape[0]} rows but '{other}' has {b.shape[0]}; "
+                               "they need one row per step each: write the file again")
+    if a.ndim and a.shape[0] != n:
+        raise DatasetError(f"{path}: '{key}' sums to {n} rows but '{first}' has {a.shape[0]}; "
+                           f"'{key}' must split the rows exactly: write the file again")
+    return lengths
+
+
 def load_train_npz(path: str, obs_dim: int, action_dim: int, with_images: bool = False) -> list[Traj]:
     """The reference `train.npz`; `with_images=True` also slices `images` (N, C, H, W) per trajectory."""
-    with np.load(path, allow_pickle=False) as f:
+    with _open_npz(path) as f:
         for key in ("states", "actions", "traj_lengths"):
             _require(path, f.files, key)
-        states, actions = f["states"], f["actions"]
-        lengths = f["traj_lengths"].astype(np.int64).reshape(-1)
-        n = int(lengths.sum())
-        _check_2d(path, "states", states, obs_dim, n)
-        _check_2d(path, "actions", actions, action_dim, n)
-        extra = {k: f[k] for k in ("rewards",) + (("images",) if with_images else ()) if k in f.files}
+        states, actions = _npz_array(path, f, "states"), _npz_array(path, f, "actions")
+        raw_lengths = _npz_array(path, f, "traj_lengths")
+        extra = {k: _npz_array(path, f, k) for k in ("rewards",) + (("images",) if with_images else ()) if k in f.files}
+    lengths = _check_lengths(path, "traj_lengths", raw_lengths, {"states": states, "actions": actions})
+    n = int(lengths.sum())
+    _check_2d(path, "states", states, obs_dim, n)
+    _check_2d(path, "actions", actions, action_dim, n)
     for k, v in extra.items():
-        if v.shape[0] != n:
+        if v.ndim == 0 or v.shape[0] != n:
             raise _shape_error(path, k, v.shape, f"({n}, ...) = sum(traj_lengths) rows", "regenerate the file")
     trajs = []
     for start, length in zip(np.cumsum(lengths) - lengths, lengths):
@@ -112,7 +231,7 @@ def save_train_npz(path: str, trajs: list[Traj], compressed: bool = False) -> No
 
 def load_d4rl_hdf5(path: str, obs_dim: int, action_dim: int, positive_return_only: bool = True) -> list[Traj]:
     """Flat D4RL v2 hdf5 split at `terminals | timeouts` (the done step stays in its trajectory)."""
-    with _h5py().File(path, "r") as f:
+    with _open_hdf5(path) as f:
         for key in ("observations", "actions", "rewards", "terminals"):
             _require(path, f.keys(), key)
         obs, actions = f["observations"][()], f["actions"][()]
@@ -139,13 +258,17 @@ def load_d4rl_hdf5(path: str, obs_dim: int, action_dim: int, positive_return_onl
 def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_key: str | None = None,
                         max_demos: int | None = None) -> list[Traj]:
     """robomimic hdf5: obs = concat(obs/<key> for key in obs_keys); demos in order of their index N."""
-    with _h5py().File(path, "r") as f:
+    with _open_hdf5(path) as f:
         _require(path, f.keys(), "data", "group")
         if filter_key is None:
-            names = [k for k in f["data"].keys() if k.startswith("demo_")]
+            names = [k for k in f["data"].keys() if k.startswith("demo_") and k[5:].isdigit()]
         else:
             _require(path, f["mask"].keys() if "mask" in f else [], filter_key, "mask")
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["mask"][filter_key][()]]
+            for name in names:
+                if not (name.startswith("demo_") and name[5:].isdigit()):
+                    raise DatasetError(f"{path}: mask/{filter_key} lists {name!r}, not a demo_N name; "
+                                       "is this a robomimic file?")
         names = sorted(names, key=lambda n: int(n.rsplit("_", 1)[1]))[:max_demos]
         trajs = []
         for name in names:
@@ -171,40 +294,91 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
     return trajs
 
 
-def download(url: str, dest: str) -> None:
-    """Fetch `url` to `dest` with a progress line; a failure leaves no file and no new folder behind."""
-    part = dest + ".part"
-    folder = os.path.dirname(os.path.abspath(dest))
-    created = []  # the folders this call makes, removed again if the download fails
+def _make_folders(folder: str, dest: str) -> list[str]:
+    """Create `folder` and its missing parents; returns the folders made, deepest first."""
+    created = []
     while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise DatasetError(f"cannot save {dest}: {folder} is a file, not a folder; move it away or choose another path")
         created.append(folder)
         folder = os.path.dirname(folder)
     for folder in reversed(created):
         os.mkdir(folder)
+    return created
+
+
+def _download_problem(part: str, dest: str, sha256: str | None, digest: str) -> str | None:
+    """Why the downloaded `part` must not become `dest` (None: it may): checksum, then format signature."""
+    if sha256 is not None and digest != sha256.lower():
+        return f"its sha256 is {digest}, expected {sha256.lower()}"
+    head = _head(part)
+    ext = os.path.splitext(dest)[1].lower()
+    if ext in (".hdf5", ".h5"):
+        if not head.startswith(HDF5_SIGNATURE):
+            return f"the server sent {_describe(head)}, not an HDF5 file"
+        try:
+            with _open_hdf5(part):
+                pass
+        except DatasetError as e:
+            if isinstance(e.__cause__, OSError):  # (without h5py only the signature is checked)
+                return f"the HDF5 file is truncated or corrupt ({_one_line(e.__cause__)})"
+    elif ext == ".npz":
+        if not head.startswith(ZIP_SIGNATURES):
+            return f"the server sent {_describe(head)}, not an .npz (zip) archive"
+        try:
+            with zipfile.ZipFile(part):
+                pass
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"the .npz archive is truncated or corrupt ({_one_line(e)})"
+    elif _describe(head).startswith(("an HTML page", "an empty file")):
+        return f"the server sent {_describe(head)}"
+    return None
+
+
+def download(url: str, dest: str, sha256: str | None = None) -> None:
+    """Fetch `url` to `dest` with a progress line; a failure leaves no file and no new folder behind.
+
+    Before the file is moved into place its format is checked against `dest`'s extension (the HDF5 signature
+    for .hdf5/.h5, a complete zip archive for .npz; never an HTML page), and against `sha256` when the source
+    publishes one: a captive-portal page or a cut-off transfer is refused, not saved as the dataset.
+    """
+    part = dest + ".part"
+    created = _make_folders(os.path.dirname(os.path.abspath(dest)), dest)
+    saved = False
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                size = f"/{total / 1e6:.1f}" if total else ""
-                print(f"\rdownloading {url}: {done / 1e6:.1f}{size} MB", end="", file=sys.stderr, flush=True)
-            if total and done != total:
-                raise OSError(f"got {done} of {total} bytes")
-        print(file=sys.stderr)
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                done = 0
+                try:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        size = f"/{total / 1e6:.1f}" if total else ""
+                        print(f"\rdownloading {url}: {done / 1e6:.1f}{size} MB", end="", file=sys.stderr, flush=True)
+                finally:
+                    if done:
+                        print(file=sys.stderr)
+                if total and done != total:
+                    raise OSError(f"got {done} of {total} bytes")
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+            reason = getattr(e, "reason", None) or e
+            raise DatasetError(f"could not download {url} ({_one_line(reason)}); put the file at {dest} and run again") from e
+        problem = _download_problem(part, dest, sha256, digest.hexdigest())
+        if problem:
+            raise DatasetError(f"refused the download of {url}: {problem}; nothing was saved: get the file by hand, "
+                               f"put it at {dest} and run again")
         os.replace(part, dest)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-        reason = getattr(e, "reason", None) or e
-        if os.path.exists(part):
-            os.remove(part)
-        for folder in created:  # deepest first
-            if not os.listdir(folder):
-                os.rmdir(folder)
-        raise DatasetError(f"could not download {url} ({reason}); put the file at {dest} and run again") from e
+        saved = True
     finally:  # also on KeyboardInterrupt
         if os.path.exists(part):
             os.remove(part)
+        if not saved:
+            for folder in created:  # deepest first
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
 
 
 def _is_url(data: str) -> bool:
@@ -227,8 +401,25 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
     """Load (downloading if needed) the task's demonstrations and check them against the task's dims.
 
     `n_demos` is only used for the built-in Avoid demos: the first `n_demos` of the shipped file
-    (None: all of them, `AVOID_N_DEMOS`).
+    (None: all of them, `AVOID_N_DEMOS`). Every file is checked to hold only finite numbers (a value beyond the
+    float32 range becomes inf, which is reported, not warned about).
     """
+    with np.errstate(over="ignore"):
+        path, trajs = _load_task_file(task, path, n_demos)
+    if not trajs:
+        raise DatasetError(f"{path}: no trajectories for task {task.id!r}; check the file and its filters")
+    for i, t in enumerate(trajs):
+        for key, dim in (("obs", task.obs_dim), ("actions", task.action_dim)):
+            arr = t[key]
+            if arr.ndim != 2 or arr.shape[1] != dim:
+                raise _shape_error(path, f"{key}[{i}]", arr.shape, f"({len(arr)}, {dim}) for task {task.id!r}",
+                                   "is this the dataset of another task?")
+    _check_finite(path, trajs)
+    return trajs
+
+
+def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
+    """The file `load_task_trajectories` reads (downloaded if needed) and its trajectories, before the checks."""
     if path is None and task.suite == "avoid":
         path = str(AVOID_DEMO_DIR / avoid_demo_file(task.option("subset")))
         if not os.path.exists(path):
@@ -242,6 +433,10 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
         trajs = trajs[:n_demos]
     else:
         if path is None:
+            root = os.environ.get("DPPO_DATA_DIR")
+            if root and os.path.exists(root) and not os.path.isdir(root):
+                raise DatasetError(f"DPPO_DATA_DIR={root} is a file, not a folder; point DPPO_DATA_DIR at a folder "
+                                   "(datasets go to <folder>/<task>/) or unset it")
             path = default_data_path(task)
             if not os.path.exists(path):
                 if not _is_url(task.data):
@@ -251,38 +446,71 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
         if not os.path.exists(path):
             raise DatasetError(f"dataset file {path} does not exist; check the path")
         trajs = _load_file(task, path)
-    if not trajs:
-        raise DatasetError(f"{path}: no trajectories for task {task.id!r}; check the file and its filters")
-    for i, t in enumerate(trajs):
-        for key, dim in (("obs", task.obs_dim), ("actions", task.action_dim)):
-            arr = t[key]
-            if arr.ndim != 2 or arr.shape[1] != dim:
-                raise _shape_error(path, f"{key}[{i}]", arr.shape, f"({len(arr)}, {dim}) for task {task.id!r}",
-                                   "is this the dataset of another task?")
-    return trajs
+    return path, trajs
+
+
+def _check_finite(path: str, trajs: list[Traj]) -> None:
+    """DatasetError naming the trajectory, row and column of the first NaN/inf in obs or actions (one pass each)."""
+    for key in ("obs", "actions"):
+        data = np.concatenate([t[key] for t in trajs])
+        bad_rows = np.flatnonzero(~np.isfinite(data).all(axis=1))
+        if bad_rows.size:
+            row = int(bad_rows[0])
+            ends = np.cumsum([len(t[key]) for t in trajs])
+            i = int(np.searchsorted(ends, row, side="right"))
+            col = int(np.flatnonzero(~np.isfinite(data[row]))[0])
+            raise DatasetError(f"{path}: '{key}' of trajectory {i}, row {row - (ends[i] - len(trajs[i][key]))}, column "
+                               f"{col} is {data[row, col]} ({bad_rows.size} of {len(data)} rows hold NaN or inf); training "
+                               "on it gives a NaN model: remove or repair those rows (NaN, inf, or values too large for "
+                               "float32) and run again")
 
 
 def _load_file(task: Any, path: str) -> list[Traj]:
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a folder, not a dataset file; pass the file inside it")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
+        with _open_npz(path) as f:
             keys = set(f.files)
         if {"traj_lengths", "states"} <= keys:
             return load_train_npz(path, task.obs_dim, task.action_dim)
         if "des_c_pos" in keys:
+            _check_d3il_avoid(path)
             from common.avoid import load_avoid_demos
 
             return load_avoid_demos(path, task.option("subset"))
         raise DatasetError(f"{path}: unknown .npz layout (keys: {', '.join(sorted(keys))}); expected "
                            "'states', 'actions', 'traj_lengths' (train.npz) or D3IL Avoid 'des_c_pos'")
     if path.endswith((".hdf5", ".h5")):
-        with _h5py().File(path, "r") as f:
-            is_robomimic = "data" in f
+        with _open_hdf5(path) as f:
+            is_robomimic, keys = "data" in f, set(f.keys())
+        if not is_robomimic and "observations" not in keys:
+            raise DatasetError(f"{path}: neither a robomimic file (group 'data') nor a D4RL file (key 'observations') "
+                               f"(found: {', '.join(sorted(keys)) or 'none'}); is this the right dataset file?")
         if not is_robomimic:
             return load_d4rl_hdf5(path, task.obs_dim, task.action_dim)
         if task.id not in ROBOMIMIC_OBS_KEYS:
             raise DatasetError(f"{path} is a robomimic dataset but task {task.id!r} is not a robomimic task")
         return load_robomimic_hdf5(path, ROBOMIMIC_OBS_KEYS[task.id], task.action_dim)
     raise DatasetError(f"{path}: unknown dataset format; expected .npz, .hdf5 or .h5")
+
+
+def _check_d3il_avoid(path: str) -> None:
+    """The checks `common.avoid.load_avoid_demos` leaves out: keys, numeric dtypes, row counts, traj_lengths, finite."""
+    fix = "a D3IL Avoid file needs 'des_c_pos', 'c_pos' (N, 3) and 'traj_lengths'"
+    with _open_npz(path) as f:
+        for key in ("des_c_pos", "c_pos", "traj_lengths"):
+            _require(path, f.files, key, fix=fix)
+        arrays = {k: _npz_array(path, f, k) for k in ("des_c_pos", "c_pos")}
+        lengths = _npz_array(path, f, "traj_lengths")
+    for key, arr in arrays.items():
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            raise _shape_error(path, key, arr.shape, "(N, 3)", fix)
+    _check_lengths(path, "traj_lengths", lengths, arrays)
+    for key, arr in arrays.items():
+        bad = np.flatnonzero(~np.isfinite(arr[:, :2]).all(axis=1))
+        if bad.size:
+            raise DatasetError(f"{path}: '{key}' row {bad[0]} is not finite ({bad.size} rows hold NaN or inf); "
+                               "remove or repair those demos and run again")
 
 
 class Normalizer:
@@ -305,10 +533,10 @@ class Normalizer:
     @classmethod
     def from_npz(cls, path: str) -> Normalizer:
         """The reference `normalization.npz` (obs_min, obs_max, action_min, action_max)."""
-        with np.load(path, allow_pickle=False) as f:
+        with _open_npz(path) as f:
             for key in cls.KEYS:
                 _require(path, f.files, key)
-            return cls(*(f[k] for k in cls.KEYS))
+            return cls(*(_npz_array(path, f, k) for k in cls.KEYS))
 
     @classmethod
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> Normalizer:

@@ -250,7 +250,7 @@ def test_avoid_dispatch_with_stub_module(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(load_task_trajectories(task)) == 9  # None: the whole file
     with pytest.raises(DatasetError, match="has 9 demos, not 96"):
         load_task_trajectories(task, n_demos=96)
-    np.savez(tmp_path / "avoid_demos.npz", des_c_pos=np.zeros((2, 3, 2)))
+    np.savez(tmp_path / "avoid_demos.npz", des_c_pos=np.zeros((6, 3)), c_pos=np.zeros((6, 3)), traj_lengths=[2, 4])
     assert load_task_trajectories(task, str(tmp_path / "avoid_demos.npz")) == demo
     assert calls == [("load", str(tmp_path / "avoid_demos.npz"), "M2")]
     stub.load_avoid_demos = lambda path, subset: [{"obs": np.zeros((6, 3)), "actions": np.zeros((6, 2))}]
