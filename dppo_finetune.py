@@ -503,8 +503,8 @@ def main(args: Args) -> dict:
             tracker.reset()
             need_reset = False
             first = np.ones(N)
-        else:
-            first = np.zeros(N)
+        # else: envs that continue across iterations keep the last step's done as the first step's
+        # `first` (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
@@ -530,7 +530,7 @@ def main(args: Args) -> dict:
         # ---- advantages: GAE over chunk-steps (paper eq. 4.7; truncation: docs/deviations.md) ----
         r_scaled = rewards
         if args.reward_scale_running:
-            r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
+            r_scaled = scaler(rewards, firsts)  # once per iteration, as the reference (docs/deviations.md)
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
