@@ -180,3 +180,56 @@ def test_finetune_raises_avoid_success(tmp_path, monkeypatch):
     out = ft.main(ft.Args(checkpoint=SHIPPED, seed=1, n_train_itr=LEARN_ITR, val_freq=LEARN_ITR, plot=False))
     before, after = float(out["eval_rows"][0]["success_rate"]), out["final_eval"]["success_rate"]
     assert after >= before + 0.3, (before, after)
+
+
+# ---- wiring as in the reference (irom-princeton/dppo agent/finetune/train_ppo_diffusion_agent.py `run`) ----
+
+def test_finetune_lr_schedule_actor_steps_only_after_critic_warmup(pretrained):
+    """Actor LR 1e-3 -> 1e-4 over a 3-iteration cycle with 1 warm-up step, critic warm-up 1 iteration:
+    the actor's scheduler does not step in iteration 0, so iterations 0 and 1 run at min_lr and iteration
+    2 at the top of the cosine; the critic's LR is constant, bit for bit."""
+    out = _finetune(pretrained["checkpoint"], n_train_itr=3, val_freq=0, actor_lr=1e-3, actor_lr_min=1e-4,
+                    lr_cycle_itr=3, lr_warmup_itr=1, n_critic_warmup_itr=1)
+    assert [x["lr_actor"] for x in out["history"]] == pytest.approx([1e-4, 1e-4, 1e-3], rel=1e-12)
+    assert [x["lr_critic"] for x in out["history"]] == [1e-3] * 3
+    const = _finetune(pretrained["checkpoint"], n_train_itr=2, val_freq=0)  # Avoid default: constant 1e-5
+    assert [x["lr_actor"] for x in const["history"]] == [1e-5, 1e-5]
+
+
+def test_finetune_clips_only_the_actor_gradient_after_warmup(pretrained):
+    """--max-grad-norm acts on actor_ft only and only once the actor steps: the critic of a run with a
+    tiny clip equals the unclipped run's, the actor (which steps from iteration 1) does not."""
+    def weights(**kw):
+        out = _finetune(pretrained["checkpoint"], val_freq=0, n_critic_warmup_itr=1, exp_name=f"clip{len(kw)}", **kw)
+        return torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    free, clipped = weights(n_train_itr=2), weights(n_train_itr=2, max_grad_norm=1e-8)
+    assert all(torch.equal(free["critic"][k], v) for k, v in clipped["critic"].items())
+    assert any(not torch.equal(free["actor_ft"][k], v) for k, v in clipped["actor_ft"].items())
+
+
+def test_finetune_scales_rewards_once_per_iteration(pretrained, monkeypatch):
+    """One scaler call per iteration on the (n_steps, N) rewards, scaled with the variance of all that
+    iteration's discounted returns (reference `util/reward_scaling.py`)."""
+    calls = []
+    real = ft.RunningRewardScaler
+
+    class Recording(real):
+        def __call__(self, rewards, firsts):
+            out = super().__call__(rewards, firsts)
+            calls.append((rewards.copy(), firsts.copy(), out))
+            return out
+    monkeypatch.setattr(ft, "RunningRewardScaler", Recording)
+    _finetune(pretrained["checkpoint"], n_train_itr=2, val_freq=0)
+    assert len(calls) == 2 and all(r.shape == (25, 8) for r, _, _ in calls)
+    ret, mean, var, count = np.zeros(8), 0.0, 1.0, 1e-4
+    for rewards, firsts, out in calls:
+        assert (firsts[0] == 1).all()  # Avoid resets every iteration
+        rets = []
+        for t in range(25):
+            ret = rewards[t] + 0.99 * (1 - firsts[t]) * ret
+            rets.append(ret)
+        x = np.concatenate(rets)
+        delta, tot = x.mean() - mean, count + x.size
+        m2 = var * count + x.var() * x.size + delta**2 * count * x.size / tot
+        mean, var, count = mean + delta * x.size / tot, m2 / (tot - 1), tot
+        np.testing.assert_allclose(out, np.clip(rewards / np.sqrt(var + 1e-8), -10, 10), rtol=1e-12)
