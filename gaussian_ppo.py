@@ -239,10 +239,10 @@ SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
                 update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4, batch_size=750,
-                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=True),
+                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
     "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5, actor_lr_min=1e-6,
                       lr_cycle_itr=10000,
-                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=True),
+                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5, batch_size=None,
                   update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
@@ -420,6 +420,12 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
         last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+def clamp_logprobs(lp: torch.Tensor) -> torch.Tensor:
+    """The reference clamps new and old log-probs to [-5, 2] before the ratio
+    (`irom-princeton/dppo` `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
+    return lp.clamp(-5, 2)
 
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: float
@@ -705,7 +711,10 @@ def main(args: Args) -> dict:
             for start in range(0, S - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
                 new_lp = agent.get_logprobs(b_obs[idx], b_act[idx])
-                pg_loss, kl, clipfrac = ppo_loss(new_lp, old_lp[idx], b_adv[idx], args.clip_coef)
+                old = old_lp[idx]
+                if not args.from_scratch:  # CleanRL (--from-scratch) does not clamp
+                    new_lp, old = clamp_logprobs(new_lp), clamp_logprobs(old)
+                pg_loss, kl, clipfrac = ppo_loss(new_lp, old, b_adv[idx], args.clip_coef)
                 v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
