@@ -371,15 +371,16 @@ class DiffusionPPO(nn.Module):
     def get_value(self, cond: torch.Tensor) -> torch.Tensor:
         return self.critic(cond)
 
-    def bc_loss(self, cond: torch.Tensor, act_steps: int) -> torch.Tensor:
-        """Optional BC term: chains sampled by the frozen base policy should stay likely under actor_ft
-        (minus the mean clamped log-prob over the executed actions of every fine-tuned step)."""
+    def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
+        """Optional BC term (`irom-princeton/dppo` `model/diffusion/diffusion_ppo.py` `PPODiffusion.loss`,
+        `use_bc_loss`): one full chain sampled by the frozen base policy per observation, its log-prob
+        under actor_ft at every fine-tuned step, clamped to [-5, 2] and averaged over the whole chunk
+        (all T_a actions), the K' steps and the batch; minus that mean."""
         _, chain = self.get_action(cond, base_only=True)
         B = chain.shape[0]
         i = torch.arange(self.ft_steps, device=cond.device).repeat(B)
         b = torch.arange(B, device=cond.device).repeat_interleave(self.ft_steps)
-        return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2)[:, :act_steps].mean()
-
+        return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2).mean()
 
 
 def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
@@ -575,7 +576,7 @@ def main(args: Args) -> dict:
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
                 if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
-                    bc_loss = agent.bc_loss(b_obs[s[: max(1, len(s) // K_ft)]], T_e)
+                    bc_loss = agent.bc_loss(b_obs[s])  # one base chain per pair's observation, as the reference
                     loss = loss + args.bc_coef * bc_loss
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)

@@ -233,3 +233,28 @@ def test_finetune_scales_rewards_once_per_iteration(pretrained, monkeypatch):
         m2 = var * count + x.var() * x.size + delta**2 * count * x.size / tot
         mean, var, count = mean + delta * x.size / tot, m2 / (tot - 1), tot
         np.testing.assert_allclose(out, np.clip(rewards / np.sqrt(var + 1e-8), -10, 10), rtol=1e-12)
+
+
+def test_bc_term_as_the_reference(pretrained, monkeypatch):
+    """`PPODiffusion.loss` with use_bc_loss: a base chain for every pair's observation, the clamped
+    log-prob of all K' steps averaged over the whole chunk (not only the T_e executed actions)."""
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    base = ft.build_network(ckpt, 4)
+    base.load_state_dict(ckpt["ema"])
+    agent = ft.DiffusionPPO(base, ft.ObsCritic(4, 1), 20, 10, 4, 2, False, 5, 0.1, 0.1, 3.0)
+    with torch.no_grad():  # move actor_ft away from the base so the log-probs are not those of its own chains
+        for p in agent.actor_ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = torch.randn(6, 1, 4)
+    torch.manual_seed(3)
+    got = agent.bc_loss(cond)
+    torch.manual_seed(3)
+    _, chain = agent.get_action(cond, base_only=True)
+    expected = torch.stack([agent.get_logprobs(cond, chain[:, i], chain[:, i + 1], torch.full((6,), i)).clamp(-5, 2).mean(dim=(1, 2))
+                            for i in range(10)], dim=1).mean()
+    assert got.item() == pytest.approx(-expected.item(), rel=1e-5)
+    sizes = []
+    real = ft.DiffusionPPO.bc_loss
+    monkeypatch.setattr(ft.DiffusionPPO, "bc_loss", lambda self, c: sizes.append(c.shape[0]) or real(self, c))
+    _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, bc_coef=0.1, batch_size=500, update_epochs=1)
+    assert sizes == [500] * 4  # one observation per (env-step, denoising-step) pair of the minibatch
