@@ -429,7 +429,8 @@ def main(args: Args) -> dict:
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_network(ckpt, args.horizon_steps)
     base.load_state_dict(ckpt["base"] if "base" in ckpt else ckpt["ema"])  # fine-tuning starts from the EMA
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,
                          task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
                          args.min_logprob_denoising_std, args.randn_clip_value).to(device)

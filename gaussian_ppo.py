@@ -580,7 +580,8 @@ def main(args: Args) -> dict:
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema")  # fine-tuning starts from the EMA
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = GaussianPPO(base, critic, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])

@@ -258,3 +258,22 @@ def test_bc_term_as_the_reference(pretrained, monkeypatch):
     monkeypatch.setattr(ft.DiffusionPPO, "bc_loss", lambda self, c: sizes.append(c.shape[0]) or real(self, c))
     _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, bc_coef=0.1, batch_size=500, update_epochs=1)
     assert sizes == [500] * 4  # one observation per (env-step, denoising-step) pair of the minibatch
+
+
+def test_furniture_and_square_network_defaults():
+    """The reference's pre-training networks (cfg/furniture/pretrain/one_leg_low/pre_diffusion_mlp.yaml,
+    cfg/robomimic/pretrain/square/pre_diffusion_mlp.yaml); checkpoints without the new keys still load."""
+    args = pt.Args(env_id="one-leg-low")
+    pt.fill_defaults(args)
+    arch = pt.network_arch(args, 58, 10)
+    assert arch["mlp_dims"] == [1024] * 7 and arch["cond_mlp_dims"] == [512, 64]
+    assert arch["time_dim"] == 32 and arch["use_layernorm"] is True
+    args = pt.Args(env_id="square")
+    pt.fill_defaults(args)
+    assert pt.network_arch(args, 23, 7)["time_dim"] == 32 and args.use_layernorm is False
+    args = pt.Args(env_id="avoid-m2")
+    pt.fill_defaults(args)
+    arch = pt.network_arch(args, 4, 2)
+    old = {k: v for k, v in arch.items() if k not in ("time_dim", "use_layernorm")}  # an older checkpoint's arch
+    assert arch["time_dim"] == 16 and arch["use_layernorm"] is False
+    assert pt.build_network("mlp", old).state_dict().keys() == pt.build_network("mlp", arch).state_dict().keys()
