@@ -58,7 +58,8 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli, cosine_annealing_warmup,
+from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli,
+                         cosine_annealing_warmup,
                          eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
                          policy_header, print_defaults, restore_training, resume_args, save_checkpoint, script_name,
                          seed_everything, step_schedulers)
@@ -148,7 +149,8 @@ class Args:
     lr_warmup_itr: int = 10
     """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
     lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules: warm-up plus cosine down to actor_lr_min (None: n_train_itr; furniture 10000)"""
+    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
+    (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
     """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid n_steps·num_envs·K'/2)"""
     update_epochs: int | None = None

@@ -197,7 +197,8 @@ class Args:
     lr_warmup_itr: int = 10
     """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
     lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules: warm-up plus cosine down to actor_lr_min (None: n_train_itr; furniture 10000)"""
+    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
+    (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
     """PPO minibatch of env-steps"""
     update_epochs: int | None = None
@@ -261,7 +262,8 @@ ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation
               "std_init", "n_modes")
 FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
                   "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
-                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef", "vf_coef",
+                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef",
+                  "vf_coef",
                   "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps", "reward_scale_running",
                   "bc_coef", "terminate_on_success")
 
@@ -290,7 +292,8 @@ def fill_defaults(args: Args) -> dict:
         if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (DPPO's minibatch without the K' factor)
             args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs",
-                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef",
+                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr",
+                   "clip_coef",
                    "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads",
                    "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr",
                    "ema_every", "n_eval_envs", "pretrain_save_every", "n_modes")
@@ -670,7 +673,8 @@ def main(args: Args) -> dict:
             for start in range(0, S - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
                 new_lp = agent.get_logprobs(b_obs[idx], b_act[idx])
-                pg_loss, kl, clipfrac = ppo_loss(clamp_logprobs(new_lp), clamp_logprobs(old_lp[idx]), b_adv[idx], args.clip_coef)
+                pg_loss, kl, clipfrac = ppo_loss(clamp_logprobs(new_lp), clamp_logprobs(old_lp[idx]), b_adv[idx],
+                                                 args.clip_coef)
                 v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)

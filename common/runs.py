@@ -360,7 +360,8 @@ def cosine_annealing_warmup(lr: float, lr_min: float, first_cycle_steps: int, wa
         s = step % first_cycle_steps
         if s < warmup_steps:
             return ((lr - lr_min) * s / warmup_steps + lr_min) / lr
-        return (lr_min + (lr - lr_min) * (1 + math.cos(math.pi * (s - warmup_steps) / (first_cycle_steps - warmup_steps))) / 2) / lr
+        progress = (s - warmup_steps) / (first_cycle_steps - warmup_steps)
+        return (lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2) / lr
     return f
 
 

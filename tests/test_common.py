@@ -201,12 +201,13 @@ def _reference_lr_trace(max_lr, min_lr, first_cycle, warmup, n):
         if step_in_cycle < warmup:
             lrs.append((max_lr - min_lr) * step_in_cycle / warmup + min_lr)
         else:
-            lrs.append(min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * (step_in_cycle - warmup) / (first_cycle - warmup))) / 2)
+            cos = math.cos(math.pi * (step_in_cycle - warmup) / (first_cycle - warmup))
+            lrs.append(min_lr + (max_lr - min_lr) * (1 + cos) / 2)
     return lrs
 
 
-@pytest.mark.parametrize("max_lr,min_lr,first_cycle,warmup", [(1e-5, 1e-6, 10000, 10), (1e-3, 1e-4, 20, 5), (1e-3, 1e-4, 12, 0),
-                                                              (1e-4, 1e-4, 1000, 10)])
+@pytest.mark.parametrize("max_lr,min_lr,first_cycle,warmup", [(1e-5, 1e-6, 10000, 10), (1e-3, 1e-4, 20, 5),
+                                                              (1e-3, 1e-4, 12, 0), (1e-4, 1e-4, 1000, 10)])
 def test_lr_schedule_matches_reference_cosine_annealing_warmup(max_lr, min_lr, first_cycle, warmup):
     from common.runs import cosine_annealing_warmup
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)

@@ -250,8 +250,8 @@ def test_bc_term_as_the_reference(pretrained, monkeypatch):
     got = agent.bc_loss(cond)
     torch.manual_seed(3)
     _, chain = agent.get_action(cond, base_only=True)
-    expected = torch.stack([agent.get_logprobs(cond, chain[:, i], chain[:, i + 1], torch.full((6,), i)).clamp(-5, 2).mean(dim=(1, 2))
-                            for i in range(10)], dim=1).mean()
+    expected = torch.stack([agent.get_logprobs(cond, chain[:, i], chain[:, i + 1], torch.full((6,), i))
+                            .clamp(-5, 2).mean(dim=(1, 2)) for i in range(10)], dim=1).mean()
     assert got.item() == pytest.approx(-expected.item(), rel=1e-5)
     sizes = []
     real = ft.DiffusionPPO.bc_loss
