@@ -55,13 +55,14 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli, cosine_warmup,
+from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli,
+                         cosine_annealing_warmup,
                          eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
                          policy_header, print_defaults, restore_training, resume_args, save_checkpoint, script_name,
-                         seed_everything)
+                         seed_everything, step_schedulers)
 from common.tasks import get_task
 
-# the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
+# the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
@@ -144,7 +145,10 @@ class Args:
     critic_lr: float = 1e-3
     """critic learning rate"""
     lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine schedules"""
+    """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
+    lr_cycle_itr: int | None = None
+    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
+    (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
     """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid
     n_steps·num_envs·K'/2)"""
@@ -183,10 +187,11 @@ SUITE_DEFAULTS = {
                 min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99, actor_lr=1e-4,
                       batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
-                      n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=True, use_ddim=False),
+                      n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
     "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9, actor_lr=1e-5,
-                      actor_lr_min=1e-6, batch_size=8800, update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
-                      n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=True, use_ddim=True),
+                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800,
+                      update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
+                      n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=False, use_ddim=True),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95, actor_lr=1e-5,
                   batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
@@ -208,12 +213,12 @@ def fill_defaults(args: Args) -> dict:
         raise UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
                          "(DDIM fine-tunes the last K' <= ddim_steps steps)")
     filled.update(apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
-                                        "actor_lr_min": args.actor_lr}))
+                                        "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps", "horizon_steps",
                    "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
-                   "actor_lr_min", "critic_lr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
+                   "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
                    "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
@@ -367,15 +372,16 @@ class DiffusionPPO(nn.Module):
     def get_value(self, cond: torch.Tensor) -> torch.Tensor:
         return self.critic(cond)
 
-    def bc_loss(self, cond: torch.Tensor, act_steps: int) -> torch.Tensor:
-        """Optional BC term: chains sampled by the frozen base policy should stay likely under actor_ft
-        (minus the mean clamped log-prob over the executed actions of every fine-tuned step)."""
+    def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
+        """Optional BC term (`irom-princeton/dppo` `model/diffusion/diffusion_ppo.py` `PPODiffusion.loss`,
+        `use_bc_loss`): one full chain sampled by the frozen base policy per observation, its log-prob
+        under actor_ft at every fine-tuned step, clamped to [-5, 2] and averaged over the whole chunk
+        (all T_a actions), the K' steps and the batch; minus that mean."""
         _, chain = self.get_action(cond, base_only=True)
         B = chain.shape[0]
         i = torch.arange(self.ft_steps, device=cond.device).repeat(B)
         b = torch.arange(B, device=cond.device).repeat_interleave(self.ft_steps)
-        return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2)[:, :act_steps].mean()
-
+        return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2).mean()
 
 
 def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
@@ -424,7 +430,8 @@ def main(args: Args) -> dict:
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_network(ckpt, args.horizon_steps)
     base.load_state_dict(ckpt["base"] if "base" in ckpt else ckpt["ema"])  # fine-tuning starts from the EMA
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,
                          task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
                          args.min_logprob_denoising_std, args.randn_clip_value).to(device)
@@ -456,11 +463,12 @@ def main(args: Args) -> dict:
     actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
     critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
     optimizers = {"actor": actor_opt, "critic": critic_opt}
+    # `irom-princeton/dppo` `util/scheduler.py` `CosineAnnealingWarmupRestarts`, stepped by `step_schedulers`
     schedulers = {
-        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_warmup(args.actor_lr, args.actor_lr_min, args.lr_warmup_itr,
-                                                                            args.n_train_itr)),
-        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_warmup(args.critic_lr, args.critic_lr, args.lr_warmup_itr,
-                                                                              args.n_train_itr))}
+        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_annealing_warmup(
+            args.actor_lr, args.actor_lr_min, args.lr_cycle_itr, args.lr_warmup_itr)),
+        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_annealing_warmup(
+            args.critic_lr, args.critic_lr, args.lr_cycle_itr, args.lr_warmup_itr))}
     scaler = RunningRewardScaler(N)
     clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)
     disc = denoising_discount(K_ft, args.gamma_denoising).to(device)
@@ -493,6 +501,7 @@ def main(args: Args) -> dict:
                 run.log_eval(itr, env_steps, "stochastic", last_train)
             need_reset = True
             bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
             continue
 
         # ---- rollout ----
@@ -502,8 +511,8 @@ def main(args: Args) -> dict:
             tracker.reset()
             need_reset = False
             first = np.ones(N)
-        else:
-            first = np.zeros(N)
+        # else: envs that continue across iterations keep the last step's done as the first step's
+        # `first` (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
@@ -529,7 +538,7 @@ def main(args: Args) -> dict:
         # ---- advantages: GAE over chunk-steps (paper eq. 4.7; truncation: docs/deviations.md) ----
         r_scaled = rewards
         if args.reward_scale_running:
-            r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
+            r_scaled = scaler(rewards, firsts)  # once per iteration, as the reference (docs/deviations.md)
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
@@ -569,15 +578,16 @@ def main(args: Args) -> dict:
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
                 if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
-                    bc_loss = agent.bc_loss(b_obs[s[: max(1, len(s) // K_ft)]], T_e)
+                    bc_loss = agent.bc_loss(b_obs[s])  # one base chain per pair's observation, as the reference
                     loss = loss + args.bc_coef * bc_loss
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if args.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
-                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)
                 if itr >= args.n_critic_warmup_itr:
+                    # the reference clips only actor_ft's gradients, after the critic warm-up
+                    # (`agent/finetune/train_ppo_diffusion_agent.py` `run`)
+                    if args.max_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
                 critic_opt.step()
                 kls.append(kl)
@@ -586,15 +596,16 @@ def main(args: Args) -> dict:
                     stats_t[k].append(v.detach())
             if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
                 break  # one host sync per epoch
-        for sched in schedulers.values():
-            sched.step()
+        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
+        step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
         timer.lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
         logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.log_iteration(itr, logged, last_train, sps, {k: o.param_groups[0]["lr"] for k, o in optimizers.items()})
+        run.log_iteration(itr, logged, last_train, sps, lrs)
+        logged.update({f"lr_{k}": v for k, v in lrs.items()})
         history[-1].update(logged)
         history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
         bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",

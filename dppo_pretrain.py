@@ -91,6 +91,10 @@ class Args:
     """optional observation MLP before the trunk, e.g. 512 64 for Square"""
     activation: str | None = None
     """relu (gym, Avoid) or mish (robomimic, furniture); None: per task"""
+    time_dim: int | None = None
+    """width of the denoising-step embedding (None: 16; square and furniture 32)"""
+    use_layernorm: bool | None = None
+    """LayerNorm in the residual MLP blocks (None: no; furniture yes)"""
     residual: bool = True
     """residual MLP trunk"""
     unet_dim: int = 40
@@ -131,14 +135,16 @@ SUITE_DEFAULTS = {
                 mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
     "robomimic": dict(batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
                       mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
+    # furniture network: `irom-princeton/dppo` cfg/furniture/pretrain/one_leg_low/pre_diffusion_mlp.yaml
     "furniture": dict(batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
-                      mlp_dims=(1024, 1024, 1024), n_epochs=8000, eval_every=0),
+                      mlp_dims=(1024,) * 7, cond_mlp_dims=(512, 64), time_dim=32, use_layernorm=True, n_epochs=8000,
+                      eval_every=0),
     "avoid": dict(batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                   mlp_dims=(512, 512, 512), n_epochs=300, eval_every=50),
 }
 PAPER_RECIPES = {"avoid": dict(batch_size=16, learning_rate=1e-4, min_lr=1e-5, n_epochs=15000, eval_every=1000)}
 TASK_DEFAULTS = {
-    "square": dict(mlp_dims=(1024, 1024, 1024), cond_mlp_dims=(512, 64)),
+    "square": dict(mlp_dims=(1024, 1024, 1024), cond_mlp_dims=(512, 64), time_dim=32),
     "transport": dict(mlp_dims=(1024, 1024, 1024)),
 }
 
@@ -147,11 +153,12 @@ def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
     args.env_id = task.id
-    defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "horizon_steps": task.horizon_steps}
+    defaults = {"time_dim": 16, "use_layernorm": False, **SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                "horizon_steps": task.horizon_steps}
     if args.paper_recipe:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
     filled = apply_defaults(args, defaults)
-    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "unet_dim", "n_epochs", "batch_size",
+    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "n_epochs", "batch_size",
                    "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every", "torch_threads")
     for name in ("seed", "warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
         check_range(args, name, 0, math.inf)
@@ -188,7 +195,8 @@ def network_arch(args: Args, obs_dim: int, action_dim: int) -> dict:
         return dict(action_dim=action_dim, horizon_steps=args.horizon_steps, obs_dim=obs_dim,
                     cond_steps=args.cond_steps, mlp_dims=list(args.mlp_dims),
                     cond_mlp_dims=list(args.cond_mlp_dims) if args.cond_mlp_dims else None,
-                    activation=args.activation, residual=args.residual)
+                    activation=args.activation, residual=args.residual, time_dim=args.time_dim,
+                    use_layernorm=args.use_layernorm)
     return dict(action_dim=action_dim, cond_dim=obs_dim * args.cond_steps, dim=args.unet_dim,
                 dim_mults=list(args.unet_dim_mults))
 

@@ -70,15 +70,16 @@ from common.datasets import Normalizer, WindowDataset, load_task_trajectories
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_positive,
-                         check_range, cli, cosine_warmup, eval_only_report, explained_variance, finetune_checkpoint,
+                         check_range, cli, cosine_annealing_warmup, eval_only_report, explained_variance, finetune_checkpoint,
                          load_checkpoint, load_resume, policy_header, print_defaults, refuse_flags, release_checkpoint,
-                         restore_training, resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
+                         restore_training, resume_args, save_checkpoint, script_name, seed_everything, step_schedulers,
+                         warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gaussian"
 
 
-# the actor's scheduler steps during critic warm-up too (as in the reference), before its optimiser has
+# the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 @dataclass
@@ -201,7 +202,10 @@ class Args:
     critic_lr: float = 1e-3
     """critic learning rate"""
     lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine schedules"""
+    """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
+    lr_cycle_itr: int | None = None
+    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
+    (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
     """PPO minibatch of env-steps"""
     update_epochs: int | None = None
@@ -233,9 +237,10 @@ SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
                 update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4, batch_size=750,
-                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=True),
+                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
     "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5, actor_lr_min=1e-6,
-                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=True),
+                      lr_cycle_itr=10000,
+                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5, batch_size=None,
                   update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
@@ -287,7 +292,8 @@ ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation
               "std_init")
 FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
                   "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
-                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "batch_size", "update_epochs", "clip_coef", "vf_coef",
+                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef",
+                  "vf_coef",
                   "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps", "reward_scale_running",
                   "bc_coef", "terminate_on_success", "from_scratch")
 
@@ -315,11 +321,12 @@ def fill_defaults(args: Args) -> dict:
             defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
     filled = apply_defaults(args, defaults)
     if not args.pretrain:
-        filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr}))
+        filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
         if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (DPPO's minibatch without the K' factor)
             args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs",
-                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "clip_coef",
+                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr",
+                   "clip_coef",
                    "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads",
                    "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr",
                    "ema_every", "n_eval_envs", "pretrain_save_every")
@@ -413,6 +420,12 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
         last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+def clamp_logprobs(lp: torch.Tensor) -> torch.Tensor:
+    """The reference clamps new and old log-probs to [-5, 2] before the ratio
+    (`irom-princeton/dppo` `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
+    return lp.clamp(-5, 2)
 
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: float
@@ -567,7 +580,8 @@ def main(args: Args) -> dict:
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema")  # fine-tuning starts from the EMA
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"])
+    # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = GaussianPPO(base, critic, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:
         agent.actor_ft.load_state_dict(ckpt["actor_ft"])
@@ -597,11 +611,12 @@ def main(args: Args) -> dict:
     actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
     critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
     optimizers = {"actor": actor_opt, "critic": critic_opt}
+    # `irom-princeton/dppo` `util/scheduler.py` `CosineAnnealingWarmupRestarts`, stepped by `step_schedulers`
     schedulers = {
-        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_warmup(args.actor_lr, args.actor_lr_min, args.lr_warmup_itr,
-                                                                            args.n_train_itr)),
-        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_warmup(args.critic_lr, args.critic_lr, args.lr_warmup_itr,
-                                                                              args.n_train_itr))}
+        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_annealing_warmup(
+            args.actor_lr, args.actor_lr_min, args.lr_cycle_itr, args.lr_warmup_itr)),
+        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_annealing_warmup(
+            args.critic_lr, args.critic_lr, args.lr_cycle_itr, args.lr_warmup_itr))}
     scaler = RunningRewardScaler(N)
     start_itr, env_steps = 0, 0
     if resume is not None:
@@ -632,6 +647,7 @@ def main(args: Args) -> dict:
                 run.log_eval(itr, env_steps, "stochastic", last_train)
             need_reset = True
             bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
             continue
 
         # ---- rollout ----
@@ -641,8 +657,8 @@ def main(args: Args) -> dict:
             tracker.reset()
             need_reset = False
             first = np.ones(N)
-        else:
-            first = np.zeros(N)
+        # else: envs that continue across iterations keep the last step's done as the first step's
+        # `first` (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
@@ -668,7 +684,7 @@ def main(args: Args) -> dict:
         # ---- advantages: GAE over chunk-steps (truncation: docs/deviations.md) ----
         r_scaled = rewards
         if args.reward_scale_running:
-            r_scaled = np.stack([scaler(rewards[t], firsts[t]) for t in range(args.n_steps)])
+            r_scaled = scaler(rewards, firsts)  # once per iteration, as the reference (docs/deviations.md)
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
@@ -696,7 +712,10 @@ def main(args: Args) -> dict:
             for start in range(0, S - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
                 new_lp = agent.get_logprobs(b_obs[idx], b_act[idx])
-                pg_loss, kl, clipfrac = ppo_loss(new_lp, old_lp[idx], b_adv[idx], args.clip_coef)
+                old = old_lp[idx]
+                if not args.from_scratch:  # CleanRL (--from-scratch) does not clamp
+                    new_lp, old = clamp_logprobs(new_lp), clamp_logprobs(old)
+                pg_loss, kl, clipfrac = ppo_loss(new_lp, old, b_adv[idx], args.clip_coef)
                 v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
                 loss = pg_loss + args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
@@ -706,11 +725,14 @@ def main(args: Args) -> dict:
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if args.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
-                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)
                 if itr >= args.n_critic_warmup_itr:
+                    # the reference clips only actor_ft's gradients, after the critic warm-up
+                    # (`agent/finetune/train_ppo_gaussian_agent.py` `run`)
+                    if args.max_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
+                if args.from_scratch and args.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)  # CleanRL clips both nets
                 critic_opt.step()
                 kls.append(kl)
                 for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", kl), ("bc_loss", bc_loss),
@@ -718,15 +740,16 @@ def main(args: Args) -> dict:
                     stats_t[k].append(v.detach())
             if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
                 break  # one host sync per epoch
-        for sched in schedulers.values():
-            sched.step()
+        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
+        step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
         timer.lap("update")
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
         logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.log_iteration(itr, logged, last_train, sps, {k: o.param_groups[0]["lr"] for k, o in optimizers.items()})
+        run.log_iteration(itr, logged, last_train, sps, lrs)
+        logged.update({f"lr_{k}": v for k, v in lrs.items()})
         logged["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
         run.scalars({"charts/std": logged["std"]}, itr)
         history[-1].update(logged)

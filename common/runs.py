@@ -381,14 +381,34 @@ def eval_only_report(run_eval: Callable[[bool], dict[str, Any]]) -> dict[str, An
     return {"eval": results}
 
 
-def cosine_warmup(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:
-    """LambdaLR factor: linear warm-up over `warmup` steps (only when the LR decays), then cosine
-    from `lr` to `lr_min` over `total` steps; constant when lr_min == lr."""
+def cosine_annealing_warmup(lr: float, lr_min: float, first_cycle_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor (of `lr`) per scheduler step s, as `irom-princeton/dppo` `util/scheduler.py`
+    `CosineAnnealingWarmupRestarts` (gamma 1, cycle_mult 1): the LR starts at lr_min (s = 0), rises
+    linearly to lr over `warmup_steps`, then follows a cosine from lr down to lr_min over
+    first_cycle_steps - warmup_steps steps, and restarts every first_cycle_steps. Constant (factor
+    exactly 1) when lr_min == lr."""
+    if lr_min != lr and not 0 <= warmup_steps < first_cycle_steps:  # (constant schedules never divide)
+        raise UsageError(f"the LR warm-up ({warmup_steps}) must be shorter than the LR cycle ({first_cycle_steps})")
+
     def f(step: int) -> float:
-        if step < warmup and lr_min != lr:
-            return (step + 1) / warmup
-        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))) / lr
+        if lr_min == lr:
+            return 1.0
+        if step == 0:  # the reference's init_lr() sets min_lr after construction
+            return lr_min / lr
+        s = step % first_cycle_steps
+        if s < warmup_steps:
+            return ((lr - lr_min) * s / warmup_steps + lr_min) / lr
+        progress = (s - warmup_steps) / (first_cycle_steps - warmup_steps)
+        return (lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2) / lr
     return f
+
+
+def step_schedulers(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> None:
+    """Once per iteration, evaluation iterations included; the actor's only after the critic warm-up
+    (`irom-princeton/dppo` `agent/finetune/train_ppo_diffusion_agent.py` `run`)."""
+    if itr >= n_critic_warmup_itr:
+        schedulers["actor"].step()
+    schedulers["critic"].step()
 
 
 def warmup_then_cosine(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:

@@ -1,6 +1,7 @@
 """common/: the task registry, chunked env wrappers and vector envs, evaluation, network blocks."""
 
 import importlib.util
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -187,3 +188,37 @@ def test_network_shapes():
     assert ObsCritic(23, 2)(torch.randn(3, 2, 23)).shape == (3,)
     q1, q2 = DoubleQCritic(23, 7, 4)(torch.randn(3, 1, 23), torch.randn(3, 4, 7))
     assert q1.shape == q2.shape == (3,) and not torch.allclose(q1, q2)
+
+
+def _reference_lr_trace(max_lr, min_lr, first_cycle, warmup, n):
+    """Plain transcription of `irom-princeton/dppo` `util/scheduler.py` `CosineAnnealingWarmupRestarts`
+    (gamma 1, cycle_mult 1): the LR after construction (init_lr: min_lr), then after each step()."""
+    lrs, step_in_cycle = [min_lr], 0
+    for _ in range(n - 1):
+        step_in_cycle += 1
+        if step_in_cycle >= first_cycle:
+            step_in_cycle -= first_cycle
+        if step_in_cycle < warmup:
+            lrs.append((max_lr - min_lr) * step_in_cycle / warmup + min_lr)
+        else:
+            cos = math.cos(math.pi * (step_in_cycle - warmup) / (first_cycle - warmup))
+            lrs.append(min_lr + (max_lr - min_lr) * (1 + cos) / 2)
+    return lrs
+
+
+@pytest.mark.parametrize("max_lr,min_lr,first_cycle,warmup", [(1e-5, 1e-6, 10000, 10), (1e-3, 1e-4, 20, 5),
+                                                              (1e-3, 1e-4, 12, 0), (1e-4, 1e-4, 1000, 10)])
+def test_lr_schedule_matches_reference_cosine_annealing_warmup(max_lr, min_lr, first_cycle, warmup):
+    from common.runs import cosine_annealing_warmup
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_annealing_warmup(max_lr, min_lr, first_cycle, warmup))
+    got = []
+    for _ in range(30):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(got, _reference_lr_trace(max_lr, min_lr, first_cycle, warmup, 30), rtol=1e-12)
+    if min_lr == max_lr:  # constant configs: the LR is the flag's value, bit for bit
+        assert all(x == max_lr for x in got)
+    if first_cycle == 10000:  # furniture: starts at 1e-6, 5.5e-6 half-way through the warm-up, 1e-5 after it
+        assert got[0] == pytest.approx(1e-6) and got[5] == pytest.approx(5.5e-6) and got[10] == pytest.approx(1e-5)

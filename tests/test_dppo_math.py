@@ -162,24 +162,36 @@ def test_ppo_loss_by_hand():
 
 
 def test_running_reward_scaler_against_plain_computation():
+    """Reference order (`util/reward_scaling.py` `RunningRewardScaler.__call__`): all of an iteration's
+    discounted returns update the running statistics in one batch, then every reward is scaled."""
     rng = np.random.default_rng(1)
+    rewards = rng.normal(size=(2, 20, 3)) + 1  # two iterations of (n_steps, N)
+    firsts = np.zeros((2, 20, 3))
+    firsts[0, 0] = 1
+    firsts[0, 7, 1] = 1
+    firsts[1, 3, 2] = 1
     sc = RunningRewardScaler(3)
-    rewards = rng.normal(size=(20, 3)) + 1
-    firsts = np.zeros((20, 3))
-    firsts[0] = 1
-    firsts[7, 1] = 1
-    rets, ret, out = [], np.zeros(3), []
-    for t in range(20):
-        ret = rewards[t] + 0.99 * (1 - firsts[t]) * ret
-        rets.append(ret.copy())
-        out.append(sc(rewards[t], firsts[t]))
-    pooled = np.concatenate(rets)
-    # with the 1e-4 prior count the running variance equals the pooled variance up to ~1e-5
-    assert sc.var == pytest.approx(pooled.var(), rel=1e-3)
-    np.testing.assert_allclose(out[-1], np.clip(rewards[-1] / np.sqrt(sc.var + 1e-8), -10, 10))
+    # plain computation: ret per env, pooled moments merged into (count 1e-4, mean 0, var 1), var = M2 / (count - 1)
+    ret, mean, var, count = np.zeros(3), 0.0, 1.0, 1e-4
+    for it in range(2):
+        rets = []
+        for t in range(20):
+            ret = rewards[it, t] + 0.99 * (1 - firsts[it, t]) * ret
+            rets.append(ret.copy())
+        x = np.concatenate(rets)
+        bm, bv, n = x.mean(), x.var(), x.size
+        delta, tot = bm - mean, count + n
+        m2 = var * count + bv * n + delta**2 * count * n / tot
+        mean, var, count = mean + delta * n / tot, m2 / (tot - 1), tot
+        expected = np.clip(rewards[it] / np.sqrt(var + 1e-8), -10, 10)
+        out = sc(rewards[it], firsts[it])
+        assert out.shape == (20, 3)
+        np.testing.assert_allclose(out, expected, rtol=1e-12)  # every step scaled with the variance after the update
+    assert sc.var == pytest.approx(var, rel=1e-12) and sc.count == pytest.approx(count)
     sc2 = RunningRewardScaler(3)
     sc2.load_state_dict(sc.state_dict())
     np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
+    assert sc2.var == sc.var
 
 
 def test_episode_tracker_counts_every_episode_that_ends():

@@ -205,3 +205,100 @@ def test_finetune_raises_avoid_success(tmp_path, monkeypatch):
     out = ft.main(ft.Args(checkpoint=SHIPPED, seed=1, n_train_itr=LEARN_ITR, val_freq=LEARN_ITR, plot=False))
     before, after = float(out["eval_rows"][0]["success_rate"]), out["final_eval"]["success_rate"]
     assert after >= before + 0.3, (before, after)
+
+
+# ---- wiring as in the reference (irom-princeton/dppo agent/finetune/train_ppo_diffusion_agent.py `run`) ----
+
+def test_finetune_lr_schedule_actor_steps_only_after_critic_warmup(pretrained):
+    """Actor LR 1e-3 -> 1e-4 over a 3-iteration cycle with 1 warm-up step, critic warm-up 1 iteration:
+    the actor's scheduler does not step in iteration 0, so iterations 0 and 1 run at min_lr and iteration
+    2 at the top of the cosine; the critic's LR is constant, bit for bit."""
+    out = _finetune(pretrained["checkpoint"], n_train_itr=3, val_freq=0, actor_lr=1e-3, actor_lr_min=1e-4,
+                    lr_cycle_itr=3, lr_warmup_itr=1, n_critic_warmup_itr=1)
+    assert [x["lr_actor"] for x in out["history"]] == pytest.approx([1e-4, 1e-4, 1e-3], rel=1e-12)
+    assert [x["lr_critic"] for x in out["history"]] == [1e-3] * 3
+    const = _finetune(pretrained["checkpoint"], n_train_itr=2, val_freq=0)  # Avoid default: constant 1e-5
+    assert [x["lr_actor"] for x in const["history"]] == [1e-5, 1e-5]
+
+
+def test_finetune_clips_only_the_actor_gradient_after_warmup(pretrained):
+    """--max-grad-norm acts on actor_ft only and only once the actor steps: the critic of a run with a
+    tiny clip equals the unclipped run's, the actor (which steps from iteration 1) does not."""
+    def weights(**kw):
+        out = _finetune(pretrained["checkpoint"], val_freq=0, n_critic_warmup_itr=1, exp_name=f"clip{len(kw)}", **kw)
+        return torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    free, clipped = weights(n_train_itr=2), weights(n_train_itr=2, max_grad_norm=1e-8)
+    assert all(torch.equal(free["critic"][k], v) for k, v in clipped["critic"].items())
+    assert any(not torch.equal(free["actor_ft"][k], v) for k, v in clipped["actor_ft"].items())
+
+
+def test_finetune_scales_rewards_once_per_iteration(pretrained, monkeypatch):
+    """One scaler call per iteration on the (n_steps, N) rewards, scaled with the variance of all that
+    iteration's discounted returns (reference `util/reward_scaling.py`)."""
+    calls = []
+    real = ft.RunningRewardScaler
+
+    class Recording(real):
+        def __call__(self, rewards, firsts):
+            out = super().__call__(rewards, firsts)
+            calls.append((rewards.copy(), firsts.copy(), out))
+            return out
+    monkeypatch.setattr(ft, "RunningRewardScaler", Recording)
+    _finetune(pretrained["checkpoint"], n_train_itr=2, val_freq=0)
+    assert len(calls) == 2 and all(r.shape == (25, 8) for r, _, _ in calls)
+    ret, mean, var, count = np.zeros(8), 0.0, 1.0, 1e-4
+    for rewards, firsts, out in calls:
+        assert (firsts[0] == 1).all()  # Avoid resets every iteration
+        rets = []
+        for t in range(25):
+            ret = rewards[t] + 0.99 * (1 - firsts[t]) * ret
+            rets.append(ret)
+        x = np.concatenate(rets)
+        delta, tot = x.mean() - mean, count + x.size
+        m2 = var * count + x.var() * x.size + delta**2 * count * x.size / tot
+        mean, var, count = mean + delta * x.size / tot, m2 / (tot - 1), tot
+        np.testing.assert_allclose(out, np.clip(rewards / np.sqrt(var + 1e-8), -10, 10), rtol=1e-12)
+
+
+def test_bc_term_as_the_reference(pretrained, monkeypatch):
+    """`PPODiffusion.loss` with use_bc_loss: a base chain for every pair's observation, the clamped
+    log-prob of all K' steps averaged over the whole chunk (not only the T_e executed actions)."""
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    base = ft.build_network(ckpt, 4)
+    base.load_state_dict(ckpt["ema"])
+    agent = ft.DiffusionPPO(base, ft.ObsCritic(4, 1), 20, 10, 4, 2, False, 5, 0.1, 0.1, 3.0)
+    with torch.no_grad():  # move actor_ft away from the base so the log-probs are not those of its own chains
+        for p in agent.actor_ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = torch.randn(6, 1, 4)
+    torch.manual_seed(3)
+    got = agent.bc_loss(cond)
+    torch.manual_seed(3)
+    _, chain = agent.get_action(cond, base_only=True)
+    expected = torch.stack([agent.get_logprobs(cond, chain[:, i], chain[:, i + 1], torch.full((6,), i))
+                            .clamp(-5, 2).mean(dim=(1, 2)) for i in range(10)], dim=1).mean()
+    assert got.item() == pytest.approx(-expected.item(), rel=1e-5)
+    sizes = []
+    real = ft.DiffusionPPO.bc_loss
+    monkeypatch.setattr(ft.DiffusionPPO, "bc_loss", lambda self, c: sizes.append(c.shape[0]) or real(self, c))
+    _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, bc_coef=0.1, batch_size=500, update_epochs=1)
+    assert sizes == [500] * 4  # one observation per (env-step, denoising-step) pair of the minibatch
+
+
+def test_furniture_and_square_network_defaults():
+    """The reference's pre-training networks (cfg/furniture/pretrain/one_leg_low/pre_diffusion_mlp.yaml,
+    cfg/robomimic/pretrain/square/pre_diffusion_mlp.yaml); checkpoints without the new keys still load."""
+    args = pt.Args(env_id="one-leg-low")
+    pt.fill_defaults(args)
+    arch = pt.network_arch(args, 58, 10)
+    assert arch["mlp_dims"] == [1024] * 7 and arch["cond_mlp_dims"] == [512, 64]
+    assert arch["time_dim"] == 32 and arch["use_layernorm"] is True
+    args = pt.Args(env_id="square")
+    pt.fill_defaults(args)
+    assert pt.network_arch(args, 23, 7)["time_dim"] == 32 and args.use_layernorm is False
+    args = pt.Args(env_id="avoid-m2")
+    pt.fill_defaults(args)
+    arch = pt.network_arch(args, 4, 2)
+    old = {k: v for k, v in arch.items() if k not in ("time_dim", "use_layernorm")}  # an older checkpoint's arch
+    assert arch["time_dim"] == 16 and arch["use_layernorm"] is False
+    assert pt.build_network("mlp", old).state_dict().keys() == pt.build_network("mlp", arch).state_dict().keys()

@@ -204,3 +204,67 @@ def test_from_scratch_learns_inverted_pendulum_and_collects_a_dataset(tmp_path):
     assert sum(len(t["actions"]) for t in trajs) == 400 and len(trajs) == data["n_trajectories"]
     # clipped to the bounds and all("rewards" in t for t in trajs)
     assert all(np.abs(t["actions"]).max() <= 3 + 1e-4 for t in trajs)
+
+
+# ---- wiring as in the reference (irom-princeton/dppo agent/finetune/train_ppo_gaussian_agent.py `run`) ----
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm"])
+def test_ppo_loss_sees_logprobs_clamped_as_the_reference(pretrained, monkeypatch, name):
+    """New and old log-probs enter `ppo_loss` clamped to [-5, 2] (`model/rl/gaussian_ppo.py`, `gmm_ppo.py`
+    `loss`); Avoid's GMM log-probs (summed over the chunk) exceed 2, so the clamp is active there."""
+    module = gauss if name == "gaussian" else gmm
+    seen, raw = [], []
+    real_loss, real_lp = module.ppo_loss, module.clamp_logprobs
+    monkeypatch.setattr(module, "ppo_loss", lambda new, old, *a: seen.append((new.max().item(), old.max().item()))
+                        or real_loss(new, old, *a))
+    monkeypatch.setattr(module, "clamp_logprobs", lambda lp: raw.append(lp.max().item()) or real_lp(lp))
+    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0)
+    assert seen and len(raw) == 2 * len(seen) and all(n <= 2 and o <= 2 for n, o in seen)
+    if name == "gmm":
+        assert max(raw) > 2  # the clamp changes the numbers here
+
+
+@pytest.mark.parametrize("module", [gauss, gmm])
+def test_final_action_clip_off_for_robomimic_and_furniture(module):
+    for env_id in ("square", "one-leg-low"):
+        args = module.Args(env_id=env_id, checkpoint="x.pt")
+        module.fill_defaults(args)
+        assert args.final_action_clip is False  # no reference config clamps the executed actions
+        if env_id == "one-leg-low":
+            assert args.lr_cycle_itr == 10000 and args.actor_lr_min == 1e-6
+    if module is gauss:  # CleanRL's PPO clips to the env bounds
+        args = gauss.Args(env_id="InvertedPendulum-v5", from_scratch=True)
+        gauss.fill_defaults(args)
+        assert args.final_action_clip is True
+
+
+def test_firsts_carry_the_last_done_across_iterations(tmp_path, monkeypatch):
+    """Envs that continue across iterations (gym): the first step's `first` is the previous step's
+    done (`firsts_trajs[0] = done_venv` in the reference), 1 only after a reset."""
+    pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)
+    calls, dones = [], []
+    real_scaler, real_make = gauss.RunningRewardScaler, gauss.make_vec_env
+
+    class Recording(real_scaler):
+        def __call__(self, rewards, firsts):
+            calls.append(firsts.copy())
+            return super().__call__(rewards, firsts)
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        step = envs.step
+
+        def recording_step(action):
+            out = step(action)
+            dones.append(out[2] | out[3])
+            return out
+        envs.step = recording_step
+        return envs
+    monkeypatch.setattr(gauss, "RunningRewardScaler", Recording)
+    monkeypatch.setattr(gauss, "make_vec_env", make)
+    gauss.main(gauss.Args(env_id="InvertedPendulum-v5", from_scratch=True, n_train_itr=2, num_envs=8, n_steps=16,
+                          batch_size=32, val_freq=0, seed=0))
+    assert len(calls) == 2 and (calls[0][0] == 1).all()
+    np.testing.assert_array_equal(calls[1][0], dones[15].astype(float))  # the done of iteration 0's last step
+    assert calls[1][0].any() and not calls[1][0].all()  # a random pendulum falls within a few steps: both cases occur

@@ -191,14 +191,11 @@ def test_diffusion_ppo_loss(name, case):
 
 # ---- Gaussian and GMM baselines (robomimic Can configs, small widths) ----
 
-def _gaussian_update_terms(agent, obs, act, adv, ret, old_lp, clip, logprob_clamp=False):
-    """Mirrors the PPO update of `gaussian_ppo.main` / `gmm_ppo.main` on one minibatch (all samples).
-    With `logprob_clamp` the log-probs are clamped to [-5, 2] first, as the reference's PPO_Gaussian.loss /
-    PPO_GMM.loss do; `main` does not clamp (see docs/fidelity.md)."""
-    new_lp = agent.get_logprobs(obs, act)
-    if logprob_clamp:
-        new_lp, old_lp = new_lp.clamp(-5, 2), old_lp.clamp(-5, 2)
-    pg_loss, kl, clipfrac = gp.ppo_loss(new_lp, old_lp, adv, clip)
+def _gaussian_update_terms(module, agent, obs, act, adv, ret, old_lp, clip):
+    """Mirrors the PPO update of `gaussian_ppo.main` / `gmm_ppo.main` on one minibatch (all samples):
+    new and old log-probs pass the script's `clamp_logprobs` ([-5, 2], as the reference's loss)."""
+    new_lp, old_lp = module.clamp_logprobs(agent.get_logprobs(obs, act)), module.clamp_logprobs(old_lp)
+    pg_loss, kl, clipfrac = module.ppo_loss(new_lp, old_lp, adv, clip)
     v_loss = 0.5 * ((agent.get_value(obs) - ret) ** 2).mean()
     return dict(pg_loss=pg_loss, v_loss=v_loss, approx_kl=kl, clipfrac=clipfrac, ratio_mean=(new_lp - old_lp).exp().mean())
 
@@ -224,7 +221,7 @@ def test_gaussian_logprobs_and_ppo_loss():
         check("gaussian.logprobs", lp, d["logprobs"])
         old = torch.from_numpy(d["logprobs_base"])
         assert lp.min() > -5 and lp.max() < 2 and old.min() > -5 and old.max() < 2  # the reference's clamp is inactive here
-        terms = _gaussian_update_terms(agent, obs, act, torch.from_numpy(d["advantages"]), torch.from_numpy(d["returns"]),
+        terms = _gaussian_update_terms(gp, agent, obs, act, torch.from_numpy(d["advantages"]), torch.from_numpy(d["returns"]),
                                        old, 0.01)
     for k, v in terms.items():
         check(f"gaussian.loss.{k}", v, d[f"loss.{k}"])
@@ -257,7 +254,7 @@ def test_gmm_logprobs_and_ppo_loss():
     load_by_order(critic, ref_weights(d, "critic"))
     agent = gm.GMMPPO(Outputs(), critic, 3.0)
     with torch.no_grad():
-        terms = _gaussian_update_terms(agent, torch.from_numpy(d["obs"]), act, torch.from_numpy(d["advantages"]),
-                                       torch.from_numpy(d["returns"]), old, 0.01, logprob_clamp=True)
+        terms = _gaussian_update_terms(gm, agent, torch.from_numpy(d["obs"]), act, torch.from_numpy(d["advantages"]),
+                                       torch.from_numpy(d["returns"]), old, 0.01)
     for k, v in terms.items():
         check(f"gmm.loss.{k}", v, d[f"loss.{k}"])
