@@ -67,7 +67,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
 # built-in pre-trained checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`)
-DEFAULT_CHECKPOINTS = {"avoid-m2": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "avoid-m2_diffusion.pt")}
+DEFAULT_CHECKPOINTS = {"avoid-m2": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints",
+                                                "avoid-m2_diffusion.pt")}
 
 
 @dataclass
@@ -182,17 +183,21 @@ class Args:
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
 SUITE_DEFAULTS = {
-    "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99, actor_lr=1e-4,
+    "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99,
+                actor_lr=1e-4,
                 batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
                 min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-    "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99, actor_lr=1e-4,
+    "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99,
+                      actor_lr=1e-4,
                       batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
                       n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9, actor_lr=1e-5,
+    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999,
+                      gamma_denoising=0.9, actor_lr=1e-5,
                       actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800,
                       update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
                       n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=False, use_ddim=True),
-    "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95, actor_lr=1e-5,
+    "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95,
+                  actor_lr=1e-5,
                   batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
 }
@@ -208,7 +213,8 @@ def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
     args.env_id = task.id
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps})
+    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                   "act_steps": task.act_steps})
     if args.use_ddim and args.ft_denoising_steps is not None and args.ft_denoising_steps > args.ddim_steps:
         raise UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
                          "(DDIM fine-tunes the last K' <= ddim_steps steps)")
@@ -216,7 +222,8 @@ def fill_defaults(args: Args) -> dict:
                                         "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps", "horizon_steps",
+    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps",
+                   "horizon_steps",
                    "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
                    "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
                    "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
@@ -228,7 +235,8 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) /
+    ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
 
     Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
     evaluates the same float64 values and returns them cast to float32; everything derived from β is
@@ -254,8 +262,9 @@ def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
-    observation after chunk-step t (the final observation when the episode ended there)."""
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
+    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
+    the episode ended there)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -412,12 +421,13 @@ def main(args: Args) -> dict:
         print_defaults(task.id, filled)
     args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS.get(task.id)
     if args.checkpoint is None:
-        raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python dppo_pretrain.py --env-id {task.id})")
+        raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {PRETRAIN_HINT.format(task.id)})")
     ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
     if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
-        raise UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {ckpt['denoising_steps']})")
+        raise UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it "
+                         f"(checkpoint K = {ckpt['denoising_steps']})")
     if not args.use_ddim and K_ft > ckpt["denoising_steps"]:
         raise UsageError(f"--ft-denoising-steps {K_ft} exceeds the checkpoint's K = {ckpt['denoising_steps']}")
     if T_e > args.horizon_steps:

@@ -169,7 +169,8 @@ def fill_defaults(args: Args) -> dict:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) / ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) /
+    ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
 
     Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
     evaluates the same float64 values and returns them cast to float32; everything derived from β is

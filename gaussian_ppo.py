@@ -234,14 +234,18 @@ class Args:
 
 # The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
 SUITE_DEFAULTS = {
-    "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, batch_size=5000,
+    "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
+                batch_size=5000,
                 update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
-    "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4, batch_size=750,
+    "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4,
+                      batch_size=750,
                       update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
-    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5, actor_lr_min=1e-6,
+    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5,
+                      actor_lr_min=1e-6,
                       lr_cycle_itr=10000,
                       batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=False),
-    "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5, batch_size=None,
+    "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5,
+                  batch_size=None,
                   update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
 TASK_DEFAULTS = {
@@ -287,7 +291,8 @@ def resolve_task(env_id: str) -> Task:
 
 # Which flags each mode reads: a flag the mode would not use is refused, never silently ignored.
 PRETRAIN_FLAGS = ("dataset", "output", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "warmup_epochs",
-                  "weight_decay", "ema_decay", "ema_every", "ema_start_epoch", "eval_every", "n_eval_envs", "pretrain_save_every")
+                  "weight_decay", "ema_decay", "ema_every", "ema_start_epoch", "eval_every", "n_eval_envs",
+                  "pretrain_save_every")
 ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation", "residual", "n_emb", "n_heads", "n_layers",
               "std_init")
 FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
@@ -411,8 +416,9 @@ class GaussianPPO(nn.Module):
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t) where s'_t is the
-    observation after chunk-step t (the final observation when the episode ended there)."""
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
+    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
+    the episode ended there)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -565,7 +571,8 @@ def main(args: Args) -> dict:
         if args.checkpoint is None and resume is None:
             raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py "
                                     f"--pretrain --env-id {task.id}, or use --from-scratch)")
-        ckpt = resume or load_checkpoint(args.checkpoint, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}", task)
+        ckpt = resume or load_checkpoint(args.checkpoint, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}",
+                                         task)
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e (e.g. from scratch, T_a = 1)
         args.act_steps = min(args.act_steps, args.horizon_steps)

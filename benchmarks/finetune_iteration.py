@@ -63,7 +63,8 @@ def main(bench: Bench) -> dict:
         n_steps, num_envs = bench.n_steps or paper.n_steps, bench.num_envs or paper.num_envs
         # keep the paper's number of minibatches per epoch when n_steps / num_envs are reduced
         batch = paper.batch_size * n_steps * num_envs // (paper.n_steps * paper.num_envs)
-        args = dppo_finetune.Args(batch_size=batch, env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0, plot=False,
+        args = dppo_finetune.Args(batch_size=batch, env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0,
+                                  plot=False,
                                   n_steps=bench.n_steps, num_envs=bench.num_envs, cuda=bench.device == "cuda",
                                   exp_name="bench", save_every=10**9, torch_deterministic=False,
                                   torch_threads=bench.threads)
@@ -71,7 +72,8 @@ def main(bench: Bench) -> dict:
     it = out["history"][-1]
     times = {k[5:]: v for k, v in it.items() if k.startswith("time_")}
     total = sum(times.values())
-    a = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs, batch_size=batch))
+    a = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs,
+                                                       batch_size=batch))
     steps = a.n_steps * a.num_envs * a.act_steps
     print(f"\n{bench.env_id}: {a.num_envs} envs x {a.n_steps} chunk-steps ({steps} env steps), K'={a.ft_denoising_steps}, "
           f"batch {a.batch_size}, {a.update_epochs} epochs, device {bench.device}, torch threads {torch.get_num_threads()}")
@@ -80,7 +82,8 @@ def main(bench: Bench) -> dict:
     print(f"  {'total':13s} {total:8.2f} s")
     scale = paper.n_steps * paper.num_envs / (n_steps * num_envs)
     if scale != 1:
-        print(f"  x{scale:g} for the paper's size (every phase scales linearly with n_steps x num_envs): {total * scale:.1f} s")
+        print(f"  x{scale:g} for the paper's size (every phase scales linearly with n_steps x num_envs): "
+              f"{total * scale:.1f} s")
     return {"times": times, "total": total, "env_steps": steps}
 
 

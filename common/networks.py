@@ -156,7 +156,8 @@ class ChunkMLP(nn.Module):
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = cond.shape[0]
         h = self.net(cond.reshape(B, -1))
-        return h[:, : self.horizon_steps * self.out_dim].view(B, self.horizon_steps, self.out_dim), h[:, h.shape[1] - self.n_extra:]
+        chunk = h[:, : self.horizon_steps * self.out_dim].view(B, self.horizon_steps, self.out_dim)
+        return chunk, h[:, h.shape[1] - self.n_extra:]
 
 
 class ChunkTransformer(nn.Module):

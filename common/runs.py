@@ -251,8 +251,9 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
             if get_task(given).id == saved.get("env_id"):
                 continue
         if f.name not in RESUME_OVERRIDABLE:
-            raise UsageError(f"--{f.name.replace('_', '-')} {given} differs from the resumed run's {getattr(resumed, f.name)}; "
-                             "a resumed run keeps its own arguments (start a new run to change it)")
+            raise UsageError(f"--{f.name.replace('_', '-')} {given} differs from the resumed run's "
+                             f"{getattr(resumed, f.name)}; a resumed run keeps its own arguments "
+                             "(start a new run to change it)")
         print(f"resume: --{f.name.replace('_', '-')} {given} (the run had {getattr(resumed, f.name)})")
         setattr(resumed, f.name, given)
     return resumed
@@ -330,7 +331,8 @@ class Run:
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(args_dict(args), f, indent=1)
         self.writer = SummaryWriter(self.dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project_name, config=args_dict(args), name=os.path.basename(self.dir),

@@ -58,7 +58,8 @@ def collect(args: Args) -> dict:
     except Exception:  # noqa: BLE001 - load_checkpoint below gives the one-line answer
         policy_type = "gaussian"
     if policy_type not in SCRIPTS:
-        raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {policy_type} policy; this script rolls gaussian or gmm ones")
+        raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {policy_type} policy; "
+                           "this script rolls gaussian or gmm ones")
     script = SCRIPTS[policy_type]
     task = gaussian_ppo.resolve_task(args.env_id) if args.env_id else None
     ckpt = script.load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task)

@@ -25,7 +25,8 @@ SMALL = dict(mlp_dims=(64, 64, 64), n_emb=32, n_heads=2, pretrain_batch_size=128
 
 
 def _gauss_policy(backbone="mlp", T_a=4, D_a=2, D_o=3):
-    net = ChunkMLP(D_o, T_a, D_a, mlp_dims=(32, 32, 32)) if backbone == "mlp" else ChunkTransformer(D_o, T_a, D_a, n_emb=16, n_heads=2)
+    net = ChunkMLP(D_o, T_a, D_a, mlp_dims=(32, 32, 32)) if backbone == "mlp" else ChunkTransformer(D_o, T_a, D_a, n_emb=16,
+                                                                                                    n_heads=2)
     return gauss.GaussianPolicy(net, D_a, 0.1, 0.01, 0.2)
 
 

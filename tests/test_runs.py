@@ -50,7 +50,8 @@ def test_checkpoints_are_atomic_readable_and_leave_no_temp_files(tmp_path):
 
 
 def _policy_ckpt(**weights):
-    return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": "mlp", "arch": {}, "task": "avoid-m2", "obs_dim": 4,
+    return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": "mlp", "arch": {}, "task": "avoid-m2",
+            "obs_dim": 4,
             "action_dim": 2, "horizon_steps": 4, "cond_steps": 1, "normalization": {}, "args": {},
             "ema": weights, "model": weights, "optimizer": {"state": {}}}
 
