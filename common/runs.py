@@ -46,11 +46,29 @@ def script_name(file: str) -> str:
 
 
 def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
-    """`main(tyro.cli(Args))`; an error the user can fix ends in one line on stderr and exit code 2."""
+    """`main(tyro.cli(Args))`; an error the user can fix, a command-line parse error included, ends in
+    one line on stderr and exit code 2."""
+    import contextlib
+    import io
+
     import tyro
 
+    captured = io.StringIO()
     try:
-        main(tyro.cli(args_type))
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(args_type)
+    except SystemExit as e:
+        if e.code not in (0, None):  # tyro's boxed message, folded to its first paragraph on one line
+            lines = [line.strip("│╭╮╰╯─ \t") for line in captured.getvalue().splitlines()]
+            lines = [line for line in lines if line] and lines[1:]
+            message = " ".join(lines[:lines.index("")] if "" in lines else lines) or "bad command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        else:
+            sys.stderr.write(captured.getvalue())
+        raise
+    sys.stderr.write(captured.getvalue())
+    try:
+        main(args)
     except (UsageError, TaskError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
