@@ -55,11 +55,10 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_positive, check_range, cli,
-                         cosine_annealing_warmup,
-                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
-                         policy_header, print_defaults, restore_training, resume_args, save_checkpoint, script_name,
-                         seed_everything, step_schedulers)
+from common.runs import (PhaseTimer, Run, UsageError, apply_defaults, check_finite, check_positive, check_range, cli,
+                         cosine_annealing_warmup, eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint,
+                         load_resume, policy_header, print_defaults, restore_training, resume_args, save_checkpoint,
+                         script_name, seed_everything, step_schedulers)
 from common.tasks import get_task
 
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
@@ -612,6 +611,7 @@ def main(args: Args) -> dict:
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
+        check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)
         logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
         run.log_iteration(itr, logged, last_train, sps, lrs)

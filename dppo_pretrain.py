@@ -44,9 +44,9 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_output_path, check_positive,
-                         check_range, cli, load_checkpoint, print_defaults, release_checkpoint, resume_args, save_checkpoint,
-                         script_name, seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
+                         check_positive, check_range, cli, load_checkpoint, print_defaults, release_checkpoint, resume_args,
+                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages
 
 
@@ -347,6 +347,7 @@ def main(args: Args) -> dict:
                 ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         mean_loss = (epoch_loss / max(n_batches, 1)).item()  # one host sync per epoch
+        check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
         losses.append(mean_loss)
         run.scalars({"losses/loss": mean_loss, "charts/learning_rate": optimizer.param_groups[0]["lr"],
                      "charts/SPS": step * args.batch_size / max(time.time() - t0, 1e-9)}, epoch)

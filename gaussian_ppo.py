@@ -69,11 +69,11 @@ from tqdm import tqdm
 from common.datasets import Normalizer, WindowDataset, load_task_trajectories
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_positive,
-                         check_range, cli, cosine_annealing_warmup, eval_only_report, explained_variance, finetune_checkpoint,
-                         load_checkpoint, load_resume, policy_header, print_defaults, refuse_flags, release_checkpoint,
-                         restore_training, resume_args, save_checkpoint, script_name, seed_everything, step_schedulers,
-                         warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
+                         check_positive, check_range, cli, cosine_annealing_warmup, eval_only_report, explained_variance,
+                         finetune_checkpoint, load_checkpoint, load_resume, policy_header, print_defaults, refuse_flags,
+                         release_checkpoint, restore_training, resume_args, save_checkpoint, script_name, seed_everything,
+                         step_schedulers, warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gaussian"
@@ -517,6 +517,7 @@ def pretrain(args: Args, task: Task) -> dict:
                 ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         losses.append((epoch_loss / max(n_batches, 1)).item())  # one host sync per epoch
+        check_finite(f"epoch {epoch}", {"loss": losses[-1]}, policy)
         run.scalars({"losses/loss": losses[-1], "charts/learning_rate": optimizer.param_groups[0]["lr"],
                      "charts/std": policy(data.obs[:1])[1].mean().item()}, epoch)
         postfix = {"loss": f"{losses[-1]:.4f}"}
@@ -753,6 +754,7 @@ def main(args: Args) -> dict:
 
         # ---- logging, once per iteration ----
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
+        check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)
         logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
         run.log_iteration(itr, logged, last_train, sps, lrs)

@@ -28,6 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from common.runs import NonFiniteError
 from common.tasks import Task, TaskError, require_simulator
 
 
@@ -382,7 +383,11 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
     tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward)
     modes, collided, paths, path = [], [], [], [[] for _ in range(n)]
     for _ in range(n_steps):
-        obs, reward, term, trunc, info = envs.step(act(obs)[:, :act_steps])
+        chunk = act(obs)[:, :act_steps]
+        if not np.isfinite(chunk).all():
+            raise NonFiniteError("the policy produced non-finite actions in evaluation; "
+                                 "its weights or normalisation are broken")
+        obs, reward, term, trunc, info = envs.step(chunk)
         done = term | trunc
         tracker.step(reward, done)
         if "mode" in info:  # Avoid: latched row modes and the end-effector path

@@ -40,6 +40,21 @@ class UsageError(ValueError):
     """The command line cannot work: a flag value out of range or a combination of flags that conflict."""
 
 
+class NonFiniteError(ValueError):
+    """A loss, a weight or an action became NaN or inf: the run stops before it saves anything from that state."""
+
+
+def check_finite(where: str, values: dict[str, float], *modules: nn.Module) -> None:
+    """NonFiniteError naming the first non-finite value or module (one host sync for all the weights)."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    params = [p for m in modules for p in m.parameters()]
+    if not bad and params and not torch.stack([p.isfinite().all() for p in params]).all().item():
+        bad = [type(m).__name__ + " weights" for m in modules if not all(p.isfinite().all() for p in m.parameters())]
+    if bad:
+        raise NonFiniteError(f"non-finite {', '.join(bad)} at {where}; stopped before saving it (the last checkpoint "
+                             "is the last good state): lower the learning rate or check the data and rewards")
+
+
 def script_name(file: str) -> str:
     """`dppo_finetune` for `.../dppo_finetune.py`: the default `exp_name`, so a copied script keeps its own name."""
     return os.path.splitext(os.path.basename(file))[0]
@@ -69,7 +84,7 @@ def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
     sys.stderr.write(captured.getvalue())
     try:
         main(args)
-    except (UsageError, TaskError, DatasetError, FileNotFoundError) as e:
+    except (UsageError, TaskError, DatasetError, NonFiniteError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

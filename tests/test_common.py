@@ -149,6 +149,13 @@ def test_evaluate_counts_finished_episodes():
     assert out["success_rate"] == 0.0
 
 
+def test_evaluate_refuses_non_finite_actions():
+    from common.runs import NonFiniteError
+    envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(2)])
+    with pytest.raises(NonFiniteError, match="non-finite actions"):
+        evaluate(envs, lambda obs: np.full((len(obs), 4, 1), np.nan), _counter_task(5.0), act_steps=4)
+
+
 def test_evaluate_default_horizon_is_one_episode():
     """Every script evaluates on the same horizon: ⌈max_episode_steps / T_e⌉ chunk-steps."""
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(3)])

@@ -1,6 +1,7 @@
 """dppo_pretrain.py and dppo_finetune.py through `main(args)`: smoke, resume, bad input, learning."""
 
 import csv
+import glob
 import os
 import subprocess
 import sys
@@ -93,6 +94,18 @@ def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretra
     assert out["history"] == [] and int(out["eval_rows"][-1]["iteration"]) == 2
     with pytest.raises(UsageError, match="--clip-coef 0.5 differs"):
         ft.main(ft.Args(resume=part["run_dir"], clip_coef=0.5))
+
+
+def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
+    from common.runs import NonFiniteError
+    saves, real_save, real_loss = [], ft.save_checkpoint, ft.ppo_loss
+    monkeypatch.setattr(ft, "save_checkpoint", lambda path, payload: saves.append(payload["itr"]) or real_save(path, payload))
+    monkeypatch.setattr(ft, "ppo_loss", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl, cf))(
+        *real_loss(*a)))
+    with pytest.raises(NonFiniteError, match="non-finite pg_loss at iteration 1"):
+        _finetune(pretrained["checkpoint"], n_train_itr=3, val_freq=0, exp_name="nan")
+    run_dir = max(glob.glob("runs/avoid-m2__nan__*"), key=os.path.getmtime)
+    assert saves == [1] and torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["itr"] == 1
 
 
 def test_ddim_k_prime_is_never_silently_replaced(tmp_path, monkeypatch):

@@ -12,11 +12,11 @@ import torch
 from torch import distributions as D
 
 import gaussian_ppo as gauss
-from scripts import collect_dataset
 import gmm_ppo as gmm
 from common.datasets import DatasetError, load_train_npz
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import UsageError
+from scripts import collect_dataset
 from tests.helpers import assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ import torch
 import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
-from scripts import collect_dataset
 from common.datasets import load_train_npz
+from scripts import collect_dataset
 
 
 def test_from_scratch_hopper_to_diffusion_pretraining(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common.datasets import DatasetError
-from common.runs import (CHECKPOINT_FORMAT, UsageError, apply_defaults, check_output_path, check_positive, check_range,
-                         load_checkpoint, new_run_dir, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
-                         script_name)
+from common.runs import (CHECKPOINT_FORMAT, NonFiniteError, UsageError, apply_defaults, check_finite, check_output_path,
+                         check_positive, check_range, load_checkpoint, new_run_dir, refuse_flags, release_checkpoint,
+                         resume_args, save_checkpoint, script_name)
 
 
 @dataclasses.dataclass
@@ -113,3 +113,14 @@ def test_output_path_checked_before_work(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="cannot write under"):
         check_output_path(str(tmp_path / "f" / "p.pt"))
+
+
+def test_check_finite_names_what_broke():
+    net = torch.nn.Linear(2, 2)
+    check_finite("iteration 3", {"pg_loss": 0.1}, net)
+    with pytest.raises(NonFiniteError, match="non-finite pg_loss at iteration 3"):
+        check_finite("iteration 3", {"pg_loss": float("nan")}, net)
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="Linear weights"):
+        check_finite("iteration 3", {"pg_loss": 0.1}, net)
