@@ -6,8 +6,8 @@ module holds them; `--validate` replays every real demo's recorded desired posit
 from its recorded start through the simulator and reports the fidelity stated in the module's
 docstring (planar end-effector RMSE, demos whose row modes agree, demos that collide).
 
-    python scripts/avoid_sysid.py --validate ../shared/data/d3il_avoid/avoid_demos.npz
-    python scripts/avoid_sysid.py --fit ../shared/data/d3il_avoid/avoid_demos.npz   # ~4 min on 1 core
+    python scripts/avoid_sysid.py --validate avoid_demos.npz     # the 96 real D3IL demos, converted
+    python scripts/avoid_sysid.py --fit avoid_demos.npz          # ~4 min on 1 core
 """
 
 from __future__ import annotations
