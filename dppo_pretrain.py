@@ -300,7 +300,7 @@ def main(args: Args) -> dict:
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
-    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch)
+    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)  # keeps the rows up to the checkpoint's epoch
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()
