@@ -70,9 +70,9 @@ from common.datasets import Normalizer, WindowDataset, load_task_trajectories
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
-                         check_positive, check_range, cli, cosine_annealing_warmup, eval_only_report, explained_variance,
-                         finetune_checkpoint, load_checkpoint, load_resume, policy_header, print_defaults, refuse_flags,
-                         release_checkpoint, restore_training, resume_args, save_checkpoint, script_name, seed_everything,
+                         check_positive, check_range, cli, eval_only_report, explained_variance, finetune_checkpoint,
+                         load_checkpoint, load_resume, policy_header, ppo_optimizers, print_defaults, refuse_flags,
+                         release_checkpoint, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages
 
@@ -616,25 +616,11 @@ def main(args: Args) -> dict:
         envs.close()
         return out
 
-    actor_opt = torch.optim.AdamW(agent.actor_ft.parameters(), lr=args.actor_lr, weight_decay=0)
-    critic_opt = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=0)
-    optimizers = {"actor": actor_opt, "critic": critic_opt}
-    # `irom-princeton/dppo` `util/scheduler.py` `CosineAnnealingWarmupRestarts`, stepped by `step_schedulers`
-    schedulers = {
-        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_annealing_warmup(
-            args.actor_lr, args.actor_lr_min, args.lr_cycle_itr, args.lr_warmup_itr)),
-        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_annealing_warmup(
-            args.critic_lr, args.critic_lr, args.lr_cycle_itr, args.lr_warmup_itr))}
+    optimizers, schedulers = ppo_optimizers(agent.actor_ft, agent.critic, args)
+    actor_opt, critic_opt = optimizers["actor"], optimizers["critic"]
     scaler = RunningRewardScaler(N)
-    start_itr, env_steps = 0, 0
-    if resume is not None:
-        start_itr, env_steps = restore_training(resume, optimizers, schedulers)
-        scaler.load_state_dict(resume["reward_scaler"])
-    paths_before = None
-    if task.suite == "avoid" and args.plot and start_itr == 0:
-        with torch.random.fork_rng():  # the picture's rollouts leave the training's random numbers alone
-            paths_before = run_eval(eval_deterministic)["paths"]
-    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
+    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, scaler,
+                                                 lambda: run_eval(eval_deterministic))
     header = policy_header(ckpt)
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
@@ -773,10 +759,6 @@ def main(args: Args) -> dict:
     final = run_eval(eval_deterministic)  # a final evaluation row after the last update
     out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
                      {"history": history})
-    if paths_before is not None:
-        from common.plots import plot_avoid_paths
-        plot_avoid_paths({"before fine-tuning": paths_before, "after fine-tuning": final["paths"]},
-                         os.path.join(run.dir, "trajectories.png"))
     envs.close()
     return out
 

@@ -359,6 +359,7 @@ class Run:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = resume_dir or new_run_dir(task_id, args.exp_name, args.seed)
+        self.paths_before: list | None = None  # Avoid: evaluation paths before training, for the picture
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
         self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
         with open(os.path.join(self.dir, "args.json"), "w") as f:
@@ -391,9 +392,14 @@ class Run:
                       "charts/SPS": sps, **{f"charts/{k}_learning_rate": v for k, v in lrs.items()}}, itr)
 
     def finish(self, itr: int, env_steps: int, mode: str, final: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        """Write the final evaluation row, print the one-line summary (the run's first evaluation
-        row -> `final`) and return what `main` returns: absolute run folder and checkpoint paths,
-        the eval rows, the final evaluation and `extra`."""
+        """Write the final evaluation row, the Avoid before/after picture (`trajectories.png`) when
+        `paths_before` was taken, print the one-line summary (the run's first evaluation row -> `final`)
+        and return what `main` returns: absolute run folder and checkpoint paths, the eval rows, the
+        final evaluation and `extra`."""
+        if self.paths_before is not None and "paths" in final:
+            from common.plots import plot_avoid_paths
+            plot_avoid_paths({"before fine-tuning": self.paths_before, "after fine-tuning": final["paths"]},
+                             os.path.join(self.dir, "trajectories.png"))
         rows = self.eval_log.rows
         first = rows[0] if rows else {"success_rate": math.nan, "return_mean": math.nan}
         self.log_eval(itr, env_steps, mode, final)
@@ -436,6 +442,38 @@ def cosine_annealing_warmup(lr: float, lr_min: float, first_cycle_steps: int, wa
         progress = (s - warmup_steps) / (first_cycle_steps - warmup_steps)
         return (lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2) / lr
     return f
+
+
+def ppo_optimizers(actor: nn.Module, critic: nn.Module, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW without weight decay for the actor and the critic, each with the reference's cosine
+    schedule (`cosine_annealing_warmup`; the critic's LR is constant), as the PPO scripts use them."""
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0)
+    schedulers = {
+        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_annealing_warmup(
+            args.actor_lr, args.actor_lr_min, args.lr_cycle_itr, args.lr_warmup_itr)),
+        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_annealing_warmup(
+            args.critic_lr, args.critic_lr, args.lr_cycle_itr, args.lr_warmup_itr))}
+    return {"actor": actor_opt, "critic": critic_opt}, schedulers
+
+
+def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimizers: dict[str, Any],
+                     schedulers: dict[str, Any], scaler: Any, evaluate_paths: Callable[[], dict[str, Any]]
+                     ) -> tuple[Run, int, int]:
+    """Restore a resumed run's training state (optimisers, schedulers, reward scaler, torch RNG), take
+    the Avoid "before" rollouts for the picture (their random numbers do not touch the training's),
+    and open the run folder. Returns (run, first iteration, env steps so far)."""
+    start_itr, env_steps = 0, 0
+    if resume is not None:
+        start_itr, env_steps = restore_training(resume, optimizers, schedulers)
+        scaler.load_state_dict(resume["reward_scaler"])
+    paths_before = None
+    if task.suite == "avoid" and args.plot and start_itr == 0:
+        with torch.random.fork_rng():
+            paths_before = evaluate_paths()["paths"]
+    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
+    run.paths_before = paths_before
+    return run, start_itr, env_steps
 
 
 def step_schedulers(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> None:
