@@ -56,7 +56,7 @@ from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import DiffusionMLP, ObsCritic
 from common.runs import (PhaseTimer, UsageError, apply_defaults, check_finite, check_positive, check_range, cli,
-                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
+                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
                          policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint, script_name,
                          seed_everything, start_finetuning, step_schedulers)
 from common.tasks import get_task
@@ -438,15 +438,16 @@ def main(args: Args) -> dict:
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_network(ckpt, args.horizon_steps)
-    base.load_state_dict(ckpt["base"] if "base" in ckpt else ckpt["ema"])  # fine-tuning starts from the EMA
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    load_weights(base, ckpt["base"] if "base" in ckpt else ckpt["ema"], ckpt_path)  # fine-tuning starts from the EMA
     # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
     critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,
                          task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
                          args.min_logprob_denoising_std, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:
-        agent.actor_ft.load_state_dict(ckpt["actor_ft"])
-        agent.critic.load_state_dict(ckpt["critic"])
+        load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
+        load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend)
     print(f"envs: {N} x {task.id} on {envs.backend}")

@@ -45,8 +45,8 @@ from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_t
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
 from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
-                         check_positive, check_range, cli, load_checkpoint, print_defaults, release_checkpoint, resume_args,
-                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
+                         check_positive, check_range, cli, load_checkpoint, load_weights, print_defaults, release_checkpoint,
+                         resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages
 
 
@@ -258,9 +258,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
 def main(args: Args) -> dict:
     resume_ckpt = None
     if args.resume:  # the run's own arguments; explicit flags win visibly or are refused
+        if not os.path.isdir(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: no such run folder")
         resume_ckpt = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
-        if "optimizer" not in resume_ckpt:
-            raise DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint")
+        missing = [k for k in ("args", "model", "optimizer", "scheduler", "rng", "epoch", "step") if k not in resume_ckpt]
+        if missing:
+            fix = "; resume it with dppo_finetune.py" if "itr" in resume_ckpt else ""
+            raise DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint "
+                               f"(it lacks {', '.join(missing)}){fix}")
         args = resume_args(args, resume_ckpt["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
@@ -289,8 +294,9 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, step, last_eval = 0, 0, {}
     if resume_ckpt is not None:
-        policy.network.load_state_dict(resume_ckpt["model"])
-        ema.network.load_state_dict(resume_ckpt["ema"])
+        resume_path = os.path.join(args.resume, "checkpoint.pt")
+        load_weights(policy.network, resume_ckpt["model"], resume_path)
+        load_weights(ema.network, resume_ckpt["ema"], resume_path)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         generator.set_state(resume_ckpt["rng"]["generator"])

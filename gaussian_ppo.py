@@ -70,10 +70,10 @@ from common.datasets import Normalizer, WindowDataset, load_task_trajectories
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
-                         check_positive, check_range, cli, eval_only_report, explained_variance, finetune_checkpoint,
-                         load_checkpoint, load_resume, policy_header, ppo_optimizers, print_defaults, refuse_flags,
-                         release_checkpoint, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
-                         step_schedulers, warmup_then_cosine)
+                         check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
+                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
+                         seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages
 
 POLICY = "gaussian"
@@ -447,10 +447,10 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
     return pg_loss, approx_kl, clipfrac
 
 
-def policy_from_checkpoint(ckpt: dict, args: Args, weights: str) -> GaussianPolicy:
+def policy_from_checkpoint(ckpt: dict, args: Args, weights: str, path: str = "checkpoint") -> GaussianPolicy:
     std_min, std_max = args.std_min or ckpt["std_limits"][0], args.std_max or ckpt["std_limits"][1]
     policy = GaussianPolicy(build_network(ckpt["backbone"], ckpt["arch"]), ckpt["action_dim"], 0.1, std_min, std_max)
-    policy.load_state_dict(ckpt[weights])
+    load_weights(policy, ckpt[weights], path)
     return policy
 
 
@@ -545,6 +545,7 @@ def main(args: Args) -> dict:
     check_mode_flags(args)
     if args.pretrain:
         print_defaults(resolve_task(args.env_id).id, fill_defaults(args))
+        check_output_path(args.output)  # before any work
         return pretrain(args, resolve_task(args.env_id))
     explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
     resume = None
@@ -579,7 +580,7 @@ def main(args: Args) -> dict:
         args.act_steps = min(args.act_steps, args.horizon_steps)
     elif args.act_steps > args.horizon_steps:
         raise UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
-    if explicit_clip is None and ckpt["args"].get("from_scratch"):  # its normalisation is the env's bounds
+    if explicit_clip is None and ckpt.get("args", {}).get("from_scratch"):  # its normalisation is the env's bounds
         args.final_action_clip = True
     T_e, N = args.act_steps, args.num_envs
     if not args.eval_only and args.batch_size > args.n_steps * N:
@@ -587,13 +588,15 @@ def main(args: Args) -> dict:
                          f"(n_steps {args.n_steps} x num_envs {N})")
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema")  # fine-tuning starts from the EMA
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    # fine-tuning starts from the EMA
+    base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema", ckpt_path)
     # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
     critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = GaussianPPO(base, critic, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:
-        agent.actor_ft.load_state_dict(ckpt["actor_ft"])
-        agent.critic.load_state_dict(ckpt["critic"])
+        load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
+        load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend)
     print(f"envs: {N} x {task.id} on {envs.backend}")

@@ -185,7 +185,7 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in HEADER_KEYS if k not in ckpt]
+    missing = [k for k in HEADER_KEYS if k not in ckpt] + ([] if "ema" in ckpt or "base" in ckpt else ["ema"])
     if missing:
         raise DatasetError(f"checkpoint {path!r} lacks {', '.join(missing)}; it was not written by these scripts")
     if ckpt["policy"] != policy:
@@ -200,6 +200,18 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
         raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
                            f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
     return ckpt
+
+
+def load_weights(module: nn.Module, state_dict: Any, path: str) -> None:
+    """`module.load_state_dict(state_dict)`; weights that do not fit the network the checkpoint's header
+    describes (another architecture, missing or extra tensors) end in one line naming the checkpoint."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__).rstrip(".")
+        raise DatasetError(f"checkpoint {path!r} does not fit the network its header describes ({detail}); "
+                           "it was written for another architecture or version") from None
 
 
 def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -292,13 +304,19 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
     return resumed
 
 
+# what `finetune_checkpoint` writes and a resumed fine-tuning run reads
+RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "reward_scaler", "args", "base", "actor_ft", "critic")
+
+
 def load_resume(run_dir: str, policy: str, pretrain_command: str) -> dict[str, Any]:
     """The fine-tuning checkpoint of a run folder (its task is taken from the run itself)."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), policy, pretrain_command)
-    if "itr" not in ckpt or "optimizers" not in ckpt:
-        raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version "
+                           f"(it lacks {', '.join(missing)})")
     return ckpt
 
 

@@ -24,7 +24,7 @@ import gaussian_ppo  # noqa: E402
 import gmm_ppo  # noqa: E402
 from common.datasets import DatasetError, Normalizer, save_train_npz  # noqa: E402
 from common.envs import make_vec_env  # noqa: E402
-from common.runs import UsageError, check_positive, cli, seed_everything  # noqa: E402
+from common.runs import UsageError, check_output_path, check_positive, check_range, cli, seed_everything  # noqa: E402
 
 SCRIPTS = {"gaussian": gaussian_ppo, "gmm": gmm_ppo}
 
@@ -51,10 +51,10 @@ class Args:
 
 def collect(args: Args) -> dict:
     check_positive(args, "n_env_steps", "num_envs", "act_steps", "n_workers")
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a folder; give a file path such as {os.path.join(args.out, 'train.npz')}")
+    check_range(args, "seed", 0, 2**32 - 1)  # numpy's seed range
+    check_output_path(args.out, "--out")  # a folder, or a path under a file, is refused before any work
     try:
-        policy_type = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("policy")
+        policy_type = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("policy") or "gaussian"
     except Exception:  # noqa: BLE001 - load_checkpoint below gives the one-line answer
         policy_type = "gaussian"
     if policy_type not in SCRIPTS:
@@ -65,9 +65,13 @@ def collect(args: Args) -> dict:
     ckpt = script.load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task)
     task = task or gaussian_ppo.resolve_task(ckpt["task"])
     device = seed_everything(args.seed, True, 1, cuda=False)
-    policy = script.policy_from_checkpoint(ckpt, script.Args(), "actor_ft" if "actor_ft" in ckpt else "ema").to(device)
+    if args.act_steps is not None and args.act_steps > ckpt["horizon_steps"]:
+        raise UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {ckpt['horizon_steps']}")
+    policy = script.policy_from_checkpoint(ckpt, script.Args(), "actor_ft" if "actor_ft" in ckpt else "ema",
+                                           args.checkpoint).to(device)
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    final_clip = bool(ckpt["args"].get("final_action_clip") or ckpt["args"].get("from_scratch"))
+    saved = ckpt.get("args", {})
+    final_clip = bool(saved.get("final_action_clip") or saved.get("from_scratch"))
     N, T_e = args.num_envs, min(args.act_steps or task.act_steps, ckpt["horizon_steps"])
     envs = make_vec_env(task, N, seed=args.seed, act_steps=1, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers)
     obs = envs.reset(seed=args.seed)
