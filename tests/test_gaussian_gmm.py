@@ -280,8 +280,10 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, na
     rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
     losses, real_loss = [], module.ppo_loss
     monkeypatch.setattr(module, "ppo_loss", lambda *a: losses.append(a[2]) or real_loss(*a))
-    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, n_steps=50, batch_size=400,
-              update_epochs=1, bootstrap_truncated=True, n_critic_warmup_itr=0)
+    out = _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, n_steps=50, batch_size=400,
+                    update_epochs=1, bootstrap_truncated=True, n_critic_warmup_itr=0)
     rec.check_first_iteration(50, 0.99, 0.95, True, seed=0, num_envs=8)
+    post = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    assert any(not torch.equal(post["actor_ft"][k], v) for k, v in post["base"].items())  # no warm-up: the actor steps
     adv, = losses
     torch.testing.assert_close(adv.sort().values, rec.gae[0]["advantages"].flatten().sort().values)
