@@ -373,8 +373,8 @@ def test_pair_logprobs_clamp_then_keep_the_executed_actions(pretrained):
 
 
 def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
-    """What `main` hands to its parts in a 50-chunk-step Avoid iteration (an episode truncated in the middle),
-    T_e = 2 < T_a = 4, a per-step clip range from 0.01 to 0.1, one minibatch of all pairs: firsts, the
+    """What `main` hands to its parts in a 60-chunk-step Avoid iteration (50-step episodes truncated in the middle),
+    T_e = 2 < T_a = 4, a per-step clip range from 0.01 to 0.1, one minibatch of all pairs, 2 epochs: firsts, the
     bootstrap observation, γ and λ, each pair's advantage, denoising discount and clip range."""
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(ft, monkeypatch, ckpt["normalization"])
@@ -383,12 +383,13 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
     monkeypatch.setattr(ft, "pair_logprobs", lambda agent, obs, x_t, x_prev, i, T_e: lps.append((i, T_e))
                         or real_lp(agent, obs, x_t, x_prev, i, T_e))
     monkeypatch.setattr(ft, "ppo_loss", lambda *a: losses.append((a[2], a[3], a[4], lps[-1][0])) or real_loss(*a))
-    K, n_steps, N = 10, 50, 8
+    K, n_steps, N = 10, 60, 8
     _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, n_steps=n_steps, act_steps=2, clip_coef_base=0.01,
-              clip_coef=0.1, batch_size=n_steps * N * K, update_epochs=1, bootstrap_truncated=True, n_critic_warmup_itr=0)
+              clip_coef=0.1, batch_size=n_steps * N * K, update_epochs=2, bootstrap_truncated=True, n_critic_warmup_itr=0)
     rec.check_first_iteration(n_steps, 0.99, 0.95, True, seed=0, num_envs=N)
     assert {T_e for _, T_e in lps} == {2}
-    (adv, disc, eps, i), = losses
+    adv, disc, eps, i = losses[0]
+    assert len(losses) == 2
     assert len(i) == n_steps * N * K and set(i.tolist()) == set(range(K))
     torch.testing.assert_close(disc, 0.95 ** (K - 1 - i).float())
     torch.testing.assert_close(eps, ft.clip_schedule(K, 0.01, 0.1, 3.0)[i])
