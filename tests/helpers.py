@@ -16,3 +16,93 @@ def assert_resumed_run_matches(full: dict, resumed: dict, n_eval_rows: int) -> N
     a = torch.load(full["checkpoint"], weights_only=True)["actor_ft"]
     b = torch.load(resumed["checkpoint"], weights_only=True)["actor_ft"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class WiringRecorder:
+    """Records what a fine-tuning script's `main` hands to its parts, by wrapping the names it imported:
+    every env step and reset, the evaluation seeds, the reward scaler's inputs, the GAE call (with the
+    next values recomputed from the finished episodes' final observations) and, per backward pass,
+    whether each critic parameter started from a zeroed gradient."""
+
+    def __init__(self, module, monkeypatch, normalization: dict) -> None:
+        import numpy as np
+
+        from common.datasets import Normalizer
+        self.normalizer = Normalizer.from_state_dict(normalization)
+        self.steps, self.resets, self.eval_seeds, self.firsts, self.gae = [], [], [], [], []
+        self.fresh_grads: list[bool] = []
+        self.critic = None
+        rec = self
+        real_make, real_eval, real_scaler, real_critic = (module.make_vec_env, module.evaluate, module.RunningRewardScaler,
+                                                          module.ObsCritic)
+        real_gae = module.compute_gae
+
+        def make(*a, **kw):
+            envs = real_make(*a, **kw)
+            step, reset = envs.step, envs.reset
+
+            def recording_step(action):
+                out = step(action)
+                rec.steps.append(dict(action=np.array(action), reward=np.array(out[1]), term=np.array(out[2]),
+                                      trunc=np.array(out[3]), final_obs=np.array(out[4]["final_obs"])))
+                return out
+
+            def recording_reset(seed=None):
+                rec.resets.append(seed)
+                return reset(seed=seed)
+            envs.step, envs.reset = recording_step, recording_reset
+            return envs
+
+        def evaluate(*a, **kw):
+            rec.eval_seeds.append(kw.get("seed"))
+            return real_eval(*a, **kw)
+
+        class Scaler(real_scaler):
+            def __call__(self, rewards, firsts):
+                rec.firsts.append((rewards.copy(), firsts.copy()))
+                return super().__call__(rewards, firsts)
+
+        class Critic(real_critic):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                rec.critic = self
+                for p in self.parameters():
+                    p.register_hook(lambda g, p=p: setattr(p, "_incoming", g.clone()))
+                    p.register_post_accumulate_grad_hook(
+                        lambda p: rec.fresh_grads.append(torch.equal(p.grad, p._incoming)))
+
+        def compute_gae(rewards, values, next_values, cut, dones, gamma, gae_lambda):
+            out = real_gae(rewards, values, next_values, cut, dones, gamma, gae_lambda)
+            final = torch.as_tensor(np.stack([s["final_obs"] for s in rec.steps[-rewards.shape[0]:]]), dtype=torch.float32)
+            with torch.no_grad():  # V now of each step's next observation (the final one where an episode ended)
+                expected = rec.critic(rec.normalizer.normalize_obs(final).flatten(0, 1)).view(rewards.shape)
+            rec.gae.append(dict(rewards=rewards, values=values, next_values=next_values, cut=cut, dones=dones,
+                                gamma=gamma, gae_lambda=gae_lambda, advantages=out[0], expected_next_values=expected))
+            return out
+        for name, f in (("make_vec_env", make), ("evaluate", evaluate), ("RunningRewardScaler", Scaler),
+                        ("ObsCritic", Critic), ("compute_gae", compute_gae)):
+            monkeypatch.setattr(module, name, f)
+
+    def check_first_iteration(self, n_steps: int, gamma: float, gae_lambda: float, bootstrap_truncated: bool,
+                              seed: int, num_envs: int) -> None:
+        """Iteration 0 (the first n_steps env steps) was wired into the scaler and GAE as the reference does."""
+        import numpy as np
+        steps = self.steps[:n_steps]
+        term = np.stack([s["term"] for s in steps]).astype(np.float64)
+        dones = np.stack([s["term"] | s["trunc"] for s in steps]).astype(np.float64)
+        assert dones[:-1].all(1).any() and (term != dones).any()  # episodes truncated inside the iteration
+        rewards, firsts = self.firsts[0]
+        np.testing.assert_array_equal(rewards, np.stack([s["reward"] for s in steps]))
+        np.testing.assert_array_equal(firsts[0], np.ones(num_envs))  # after the reset
+        np.testing.assert_array_equal(firsts[1:], dones[:-1])  # then the previous step's done
+        actions = torch.as_tensor(np.stack([s["action"] for s in steps]), dtype=torch.float32)
+        executed = self.normalizer.normalize_action(actions)
+        assert executed.abs().max() > 1.001  # final_action_clip is off (the Avoid default): nothing clamps the chunk
+        g = self.gae[0]
+        assert (g["gamma"], g["gae_lambda"]) == (gamma, gae_lambda)
+        np.testing.assert_array_equal(g["dones"].numpy(), dones)
+        np.testing.assert_array_equal(g["cut"].numpy(), term if bootstrap_truncated else dones)
+        torch.testing.assert_close(g["next_values"], g["expected_next_values"])
+        train_seeds = {s for s in self.resets if s not in self.eval_seeds}
+        assert seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
+        assert self.fresh_grads and all(self.fresh_grads)  # every backward starts from zeroed critic gradients

@@ -193,6 +193,11 @@ def test_running_reward_scaler_against_plain_computation():
     np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
     assert sc2.var == sc.var
 
+    spike = np.zeros((200, 2))
+    spike[100, 0] = 1e3  # one reward ~20 running stds above the rest: clipped to +10
+    out = RunningRewardScaler(2)(spike, np.ones((200, 2)))
+    assert out.max() == 10.0 and (out[spike == 0] == 0).all()
+
 
 def test_episode_tracker_counts_every_episode_that_ends():
     tracker = EpisodeTracker(2, act_steps=4, success_chunk_reward=1.0)

@@ -15,7 +15,7 @@ import dppo_pretrain as pt
 from common.datasets import DatasetError, save_train_npz
 from common.runs import UsageError
 from common.tasks import TaskError
-from tests.helpers import assert_resumed_run_matches
+from tests.helpers import WiringRecorder, assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(mlp_dims=(64, 64, 64), batch_size=128, learning_rate=1e-3, min_lr=1e-4, n_eval_envs=8)
@@ -54,6 +54,46 @@ def test_pretrain_loss_decreases(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=6, eval_every=0, seed=0, **SMALL))
     assert out["losses"][-1] < 0.7 * out["losses"][0]
+
+
+def test_ema_update_and_its_start_in_pretraining(tmp_path, monkeypatch):
+    """ema <- decay·ema + (1 - decay)·model once the EMA has started; before, a copy of the model."""
+    ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    for p, q in zip(ema.parameters(), model.parameters()):
+        torch.nn.init.constant_(p, 1.0), torch.nn.init.constant_(q, 3.0)
+    pt.ema_update(ema, model, 0.9, reset=False)
+    assert all(torch.allclose(p, torch.full_like(p, 1.2)) for p in ema.parameters())
+    pt.ema_update(ema, model, 0.9, reset=True)
+    assert all(torch.equal(p, q) for p, q in zip(ema.parameters(), model.parameters()))
+    monkeypatch.chdir(tmp_path)
+
+    def final(start):  # 2 epochs, an EMA update after every batch, starting at epoch `start`
+        out = pt.main(pt.Args(env_id="avoid-m2", n_epochs=2, eval_every=0, seed=0, ema_every=1, ema_decay=0.5,
+                              ema_start_epoch=start, exp_name=f"ema{start}", **SMALL))
+        ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+        return [torch.equal(ckpt["model"][k], v) for k, v in ckpt["ema"].items()]
+    assert all(final(5))  # not started: the EMA is the model
+    assert not any(final(1))  # started in epoch 1: an average
+
+
+def test_pretrain_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    """A run stopped after epoch 2 of 3 and resumed ends with the uninterrupted run's weights (same batches, noise)."""
+    monkeypatch.chdir(tmp_path)
+    kw = dict(env_id="avoid-m2", n_epochs=3, eval_every=0, seed=0, save_every=1, **SMALL)
+    full = pt.main(pt.Args(exp_name="full", **kw))
+    real = pt.save_checkpoint
+
+    def save_then_stop(path, payload):
+        real(path, payload)
+        if payload["epoch"] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(pt, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pt.main(pt.Args(exp_name="part", **kw))
+    monkeypatch.setattr(pt, "save_checkpoint", real)
+    resumed = pt.main(pt.Args(resume=glob.glob("runs/avoid-m2__part__*")[0]))
+    a, b = (torch.load(o["checkpoint"], map_location="cpu", weights_only=True) for o in (full, resumed))
+    assert b["epoch"] == 3 and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
 
 def _finetune(ckpt, **kw):
@@ -315,3 +355,43 @@ def test_furniture_and_square_network_defaults():
     old = {k: v for k, v in arch.items() if k not in ("time_dim", "use_layernorm")}  # an older checkpoint's arch
     assert arch["time_dim"] == 16 and arch["use_layernorm"] is False
     assert pt.build_network("mlp", old).state_dict().keys() == pt.build_network("mlp", arch).state_dict().keys()
+
+
+def test_pair_logprobs_clamp_then_keep_the_executed_actions(pretrained):
+    """One number per pair: element-wise log-probs clamped to [-5, 2], the first T_e of the T_a actions, averaged."""
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    base = ft.build_network(ckpt, 4)
+    base.load_state_dict(ckpt["ema"])
+    agent = ft.DiffusionPPO(base, ft.ObsCritic(4, 1), 20, 10, 4, 2, False, 5, 0.1, 0.1, 3.0)
+    torch.manual_seed(0)
+    cond, x_t, x_prev, i = torch.randn(64, 1, 4), torch.randn(64, 4, 2), torch.randn(64, 4, 2), torch.randint(0, 10, (64,))
+    raw = agent.get_logprobs(cond, x_t, x_prev, i)
+    assert raw.min() < -5  # the clamp is active
+    got = ft.pair_logprobs(agent, cond, x_t, x_prev, i, 2)
+    torch.testing.assert_close(got, raw.clamp(-5, 2)[:, :2].mean(dim=(1, 2)))
+    assert not torch.allclose(got, raw.clamp(-5, 2).mean(dim=(1, 2)))
+
+
+def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
+    """What `main` hands to its parts in a 60-chunk-step Avoid iteration (50-step episodes truncated in the middle),
+    T_e = 2 < T_a = 4, a per-step clip range from 0.01 to 0.1, one minibatch of all pairs, 2 epochs: firsts, the
+    bootstrap observation, γ and λ, each pair's advantage, denoising discount and clip range."""
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    rec = WiringRecorder(ft, monkeypatch, ckpt["normalization"])
+    lps, losses = [], []
+    real_lp, real_loss = ft.pair_logprobs, ft.ppo_loss
+    monkeypatch.setattr(ft, "pair_logprobs", lambda agent, obs, x_t, x_prev, i, T_e: lps.append((i, T_e))
+                        or real_lp(agent, obs, x_t, x_prev, i, T_e))
+    monkeypatch.setattr(ft, "ppo_loss", lambda *a: losses.append((a[2], a[3], a[4], lps[-1][0])) or real_loss(*a))
+    K, n_steps, N = 10, 60, 8
+    _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, n_steps=n_steps, act_steps=2, clip_coef_base=0.01,
+              clip_coef=0.1, batch_size=n_steps * N * K, update_epochs=2, bootstrap_truncated=True, n_critic_warmup_itr=0)
+    rec.check_first_iteration(n_steps, 0.99, 0.95, True, seed=0, num_envs=N)
+    assert {T_e for _, T_e in lps} == {2}
+    adv, disc, eps, i = losses[0]
+    assert len(losses) == 2
+    assert len(i) == n_steps * N * K and set(i.tolist()) == set(range(K))
+    torch.testing.assert_close(disc, 0.95 ** (K - 1 - i).float())
+    torch.testing.assert_close(eps, ft.clip_schedule(K, 0.01, 0.1, 3.0)[i])
+    expected = rec.gae[0]["advantages"].flatten().repeat_interleave(K)  # each env-step's advantage, once per step
+    torch.testing.assert_close(adv.sort().values, expected.sort().values)

@@ -17,7 +17,7 @@ from common.datasets import DatasetError, load_train_npz
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import UsageError
 from scripts import collect_dataset
-from tests.helpers import assert_resumed_run_matches
+from tests.helpers import WiringRecorder, assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(mlp_dims=(64, 64, 64), n_emb=32, n_heads=2, pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4,
@@ -269,3 +269,21 @@ def test_firsts_carry_the_last_done_across_iterations(tmp_path, monkeypatch):
     assert len(calls) == 2 and (calls[0][0] == 1).all()
     np.testing.assert_array_equal(calls[1][0], dones[15].astype(float))  # the done of iteration 0's last step
     assert calls[1][0].any() and not calls[1][0].all()  # a random pendulum falls within a few steps: both cases occur
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm"])
+def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, name):
+    """What `main` hands to its parts in a 50-chunk-step Avoid iteration (an episode truncated in the middle),
+    one minibatch of all env-steps: firsts, the bootstrap observation, γ and λ, the advantages' sign."""
+    module = gauss if name == "gaussian" else gmm
+    ckpt = torch.load(pretrained[name, "mlp"]["checkpoint"], map_location="cpu", weights_only=True)
+    rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
+    losses, real_loss = [], module.ppo_loss
+    monkeypatch.setattr(module, "ppo_loss", lambda *a: losses.append(a[2]) or real_loss(*a))
+    out = _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, n_steps=50, batch_size=400,
+                    update_epochs=1, bootstrap_truncated=True, n_critic_warmup_itr=0)
+    rec.check_first_iteration(50, 0.99, 0.95, True, seed=0, num_envs=8)
+    post = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    assert any(not torch.equal(post["actor_ft"][k], v) for k, v in post["base"].items())  # no warm-up: the actor steps
+    adv, = losses
+    torch.testing.assert_close(adv.sort().values, rec.gae[0]["advantages"].flatten().sort().values)

@@ -73,6 +73,8 @@ def test_load_checkpoint_refuses_missing_keys_and_non_finite_weights(tmp_path):
 def test_release_checkpoint_keeps_what_fine_tuning_reads():
     rel = release_checkpoint(_policy_ckpt(w=torch.ones(2)))
     assert "ema" in rel and "model" not in rel and "optimizer" not in rel and rel["task"] == "avoid-m2"
+    ckpt = {**_policy_ckpt(w=torch.ones(2)), "model": {"w": torch.zeros(2)}}
+    assert torch.equal(release_checkpoint(ckpt)["ema"]["w"], torch.ones(2))  # the EMA weights, not the raw model's
 
 
 def test_numeric_checks_name_the_flag():
