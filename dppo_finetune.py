@@ -228,7 +228,8 @@ def fill_defaults(args: Args) -> dict:
                    "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
-    for name in ("seed", "val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef"):
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef"):
         check_range(args, name, 0, math.inf)
     return filled
 

@@ -160,7 +160,8 @@ def fill_defaults(args: Args) -> dict:
     filled = apply_defaults(args, defaults)
     check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "n_epochs", "batch_size",
                    "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every", "torch_threads")
-    for name in ("seed", "warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
         check_range(args, name, 0, math.inf)
     check_range(args, "ema_decay", 0.0, 1.0)
     if any(not d > 0 for d in (*args.mlp_dims, *(args.cond_mlp_dims or ()), *args.unet_dim_mults)):

@@ -301,7 +301,8 @@ def fill_defaults(args: Args) -> dict:
                    "ema_every", "n_eval_envs", "pretrain_save_every", "n_modes")
     for name in ("gamma", "gae_lambda", "ema_decay"):
         check_range(args, name, 0.0, 1.0)
-    for name in ("seed", "val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef", "warmup_epochs",
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef", "warmup_epochs",
                  "weight_decay", "ema_start_epoch", "eval_every"):
         check_range(args, name, 0, math.inf)
     if args.mlp_dims is not None and any(not d > 0 for d in args.mlp_dims):
