@@ -331,10 +331,9 @@ def fill_defaults(args: Args) -> dict:
             args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs",
                    "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr",
-                   "clip_coef",
-                   "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads",
-                   "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr",
-                   "ema_every", "n_eval_envs", "pretrain_save_every")
+                   "clip_coef", "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb",
+                   "n_heads", "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate",
+                   "min_lr", "ema_every", "n_eval_envs", "pretrain_save_every")
     for name in ("gamma", "gae_lambda", "ema_decay"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
