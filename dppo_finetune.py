@@ -222,10 +222,10 @@ def fill_defaults(args: Args) -> dict:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps",
-                   "horizon_steps",
-                   "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
-                   "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
-                   "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
+                   "horizon_steps", "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps",
+                   "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base",
+                   "min_logprob_denoising_std", "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm",
+                   "clip_coef_rate")
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets

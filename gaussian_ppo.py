@@ -298,8 +298,8 @@ ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation
 FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
                   "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
                   "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef",
-                  "vf_coef",
-                  "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps", "reward_scale_running",
+                  "vf_coef", "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps",
+                  "reward_scale_running",
                   "bc_coef", "terminate_on_success", "from_scratch")
 
 
