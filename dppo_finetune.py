@@ -183,21 +183,17 @@ class Args:
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99,
-                actor_lr=1e-4,
-                batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
+                actor_lr=1e-4, batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
                 min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99,
-                      actor_lr=1e-4,
-                      batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
+                      actor_lr=1e-4, batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
                       n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999,
-                      gamma_denoising=0.9, actor_lr=1e-5,
-                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800,
-                      update_epochs=5, clip_coef=0.001, clip_coef_base=0.001,
-                      n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=False, use_ddim=True),
+    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9,
+                      actor_lr=1e-5, actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800, update_epochs=5, clip_coef=0.001,
+                      clip_coef_base=0.001, n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=False,
+                      use_ddim=True),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95,
-                  actor_lr=1e-5,
-                  batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
+                  actor_lr=1e-5, batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
 }
 TASK_DEFAULTS = {

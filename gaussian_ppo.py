@@ -235,18 +235,14 @@ class Args:
 # The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
-                batch_size=5000,
-                update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
+                batch_size=5000, update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4,
-                      batch_size=750,
-                      update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
+                      batch_size=750, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
     "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5,
-                      actor_lr_min=1e-6,
-                      lr_cycle_itr=10000,
-                      batch_size=880, update_epochs=5, clip_coef=0.001, n_critic_warmup_itr=1, final_action_clip=False),
+                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=880, update_epochs=5, clip_coef=0.001,
+                      n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5,
-                  batch_size=None,
-                  update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
+                  batch_size=None, update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
