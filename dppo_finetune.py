@@ -54,20 +54,17 @@ from tqdm import tqdm
 
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
-from common.networks import DiffusionMLP, ObsCritic
-from common.runs import (PhaseTimer, UsageError, apply_defaults, check_finite, check_positive, check_range, cli,
-                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
-                         policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint, script_name,
-                         seed_everything, start_finetuning, step_schedulers)
+from common.networks import ObsCritic, build_diffusion_network
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
+                         check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         step_schedulers, whole_network_weights)
 from common.tasks import get_task
 
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
-PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
-# built-in pre-trained checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`)
-DEFAULT_CHECKPOINTS = {"avoid-m2": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints",
-                                                "avoid-m2_diffusion.pt")}
 
 
 @dataclass
@@ -389,16 +386,6 @@ class DiffusionPPO(nn.Module):
         return -self.get_logprobs(cond[b], chain[b, i], chain[b, i + 1], i).clamp(-5, 2).mean()
 
 
-def build_network(ckpt: dict, horizon_steps: int) -> nn.Module:
-    arch = dict(ckpt["arch"])
-    if ckpt["backbone"] == "unet":
-        from common.unet import UNet1D
-        return UNet1D(**arch)
-    if horizon_steps != arch["horizon_steps"]:
-        raise UsageError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
-    return DiffusionMLP(**arch)
-
-
 def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor,
                   act_steps: int) -> torch.Tensor:
     """One scalar per (env-step, denoising-step) pair: element-wise log-probs clamped to [-5, 2],
@@ -409,16 +396,14 @@ def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_p
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", PRETRAIN_HINT.format(args.env_id))
+        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id))
         args = resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
         print_defaults(task.id, filled)
-    args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS.get(task.id)
-    if args.checkpoint is None:
-        raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {PRETRAIN_HINT.format(task.id)})")
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task)
+    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
     if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
@@ -434,9 +419,10 @@ def main(args: Args) -> dict:
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    base = build_network(ckpt, args.horizon_steps)
+    base = build_diffusion_network(ckpt, args.horizon_steps)
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    load_weights(base, ckpt["base"] if "base" in ckpt else ckpt["ema"], ckpt_path)  # fine-tuning starts from the EMA
+    # fine-tuning starts from the EMA of pre-training (or a whole-network fine-tuned `actor`, e.g. drwr.py's)
+    load_weights(base, ckpt["base"] if "base" in ckpt else whole_network_weights(ckpt, ckpt_path), ckpt_path)
     # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
     critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,

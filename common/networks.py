@@ -190,3 +190,16 @@ class ChunkTransformer(nn.Module):
         h = self.norm(self.blocks(tokens + self.pos_emb, mask=self.mask))
         last_obs = h[:, self.cond_steps - 1]
         return self.head(h[:, self.cond_steps:]), (self.extra_head(last_obs) if self.extra_head else last_obs[:, :0])
+
+
+def build_diffusion_network(ckpt: dict, horizon_steps: int) -> nn.Module:
+    """The ε-network a diffusion checkpoint's header describes (`backbone`, `arch`): a `DiffusionMLP`,
+    or a `UNet1D`, whose convolutions also run at another chunk length T_a than pre-training's."""
+    arch = dict(ckpt["arch"])
+    if ckpt["backbone"] == "unet":
+        from common.unet import UNet1D
+        return UNet1D(**arch)
+    if horizon_steps != arch["horizon_steps"]:
+        from common.runs import UsageError
+        raise UsageError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
+    return DiffusionMLP(**arch)

@@ -185,7 +185,8 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in HEADER_KEYS if k not in ckpt] + ([] if "ema" in ckpt or "base" in ckpt else ["ema"])
+    has_weights = any(k in ckpt for k in ("ema", "base", "actor"))
+    missing = [k for k in HEADER_KEYS if k not in ckpt] + ([] if has_weights else ["ema"])
     if missing:
         raise DatasetError(f"checkpoint {path!r} lacks {', '.join(missing)}; it was not written by these scripts")
     if ckpt["policy"] != policy:
@@ -200,6 +201,36 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
         raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
                            f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
     return ckpt
+
+
+# Built-in pre-trained diffusion checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`),
+# used when a diffusion fine-tuning script gets no --checkpoint.
+BUILTIN_DIFFUSION_CHECKPOINTS = {
+    "avoid-m2": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
+                             "avoid-m2_diffusion.pt")}
+DIFFUSION_PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
+
+
+def diffusion_checkpoint_path(checkpoint: str | None, task_id: str) -> str:
+    """--checkpoint, or the built-in pre-trained diffusion checkpoint of the task; one line naming the fix otherwise."""
+    path = checkpoint or BUILTIN_DIFFUSION_CHECKPOINTS.get(task_id)
+    if path is None:
+        raise FileNotFoundError(f"--checkpoint is required for {task_id} "
+                                f"(pre-train: {DIFFUSION_PRETRAIN_HINT.format(task_id)})")
+    return path
+
+
+def whole_network_weights(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+    """The diffusion network a whole-network fine-tuning script (DRWR, DAWR, DIPO, IDQL, DQL, QSM,
+    exact-likelihood PG) starts from: `actor` (the fine-tuned network such a script saves) or `ema`
+    (a pre-training checkpoint). A DPPO fine-tuning checkpoint holds two networks (frozen `base` for
+    the first K - K' steps, `actor_ft` for the last K'), which is not one network to fine-tune."""
+    if "actor" in ckpt:
+        return ckpt["actor"]
+    if "ema" in ckpt:
+        return ckpt["ema"]
+    raise DatasetError(f"checkpoint {path!r} is a DPPO fine-tuning checkpoint (frozen base + actor_ft), not one network; "
+                       "start from a pre-training checkpoint, or evaluate it with dppo_finetune.py --eval-only")
 
 
 def load_weights(module: nn.Module, state_dict: Any, path: str) -> None:
@@ -308,12 +339,13 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
 RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "reward_scaler", "args", "base", "actor_ft", "critic")
 
 
-def load_resume(run_dir: str, policy: str, pretrain_command: str) -> dict[str, Any]:
-    """The fine-tuning checkpoint of a run folder (its task is taken from the run itself)."""
+def load_resume(run_dir: str, policy: str, pretrain_command: str, keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+    """The fine-tuning checkpoint of a run folder (its task is taken from the run itself); `keys`:
+    what the script's own checkpoints hold (the PPO scripts' RESUME_KEYS by default)."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), policy, pretrain_command)
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    missing = [k for k in keys if k not in ckpt]
     if missing:
         raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version "
                            f"(it lacks {', '.join(missing)})")
@@ -462,29 +494,35 @@ def cosine_annealing_warmup(lr: float, lr_min: float, first_cycle_steps: int, wa
     return f
 
 
+def optimizer_with_schedule(module: nn.Module, lr: float, lr_min: float, cycle_itr: int, warmup_itr: int,
+                            weight_decay: float = 0.0) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay 0 in every reference fine-tuning config) with the reference's per-iteration
+    cosine schedule (`cosine_annealing_warmup`; constant when lr_min == lr)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_annealing_warmup(lr, lr_min, cycle_itr, warmup_itr))
+
+
 def ppo_optimizers(actor: nn.Module, critic: nn.Module, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """AdamW without weight decay for the actor and the critic, each with the reference's cosine
     schedule (`cosine_annealing_warmup`; the critic's LR is constant), as the PPO scripts use them."""
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0)
-    schedulers = {
-        "actor": torch.optim.lr_scheduler.LambdaLR(actor_opt, cosine_annealing_warmup(
-            args.actor_lr, args.actor_lr_min, args.lr_cycle_itr, args.lr_warmup_itr)),
-        "critic": torch.optim.lr_scheduler.LambdaLR(critic_opt, cosine_annealing_warmup(
-            args.critic_lr, args.critic_lr, args.lr_cycle_itr, args.lr_warmup_itr))}
-    return {"actor": actor_opt, "critic": critic_opt}, schedulers
+    actor_opt, actor_sched = optimizer_with_schedule(actor, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
+                                                     args.lr_warmup_itr)
+    critic_opt, critic_sched = optimizer_with_schedule(critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
+                                                       args.lr_warmup_itr)
+    return {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
 
 
 def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimizers: dict[str, Any],
-                     schedulers: dict[str, Any], scaler: Any, evaluate_paths: Callable[[], dict[str, Any]]
+                     schedulers: dict[str, Any], scaler: Any | None, evaluate_paths: Callable[[], dict[str, Any]]
                      ) -> tuple[Run, int, int]:
-    """Restore a resumed run's training state (optimisers, schedulers, reward scaler, torch RNG), take
+    """Restore a resumed run's training state (optimisers, schedulers, reward scaler unless None, torch RNG), take
     the Avoid "before" rollouts for the picture (their random numbers do not touch the training's),
     and open the run folder. Returns (run, first iteration, env steps so far)."""
     start_itr, env_steps = 0, 0
     if resume is not None:
         start_itr, env_steps = restore_training(resume, optimizers, schedulers)
-        scaler.load_state_dict(resume["reward_scaler"])
+        if scaler is not None:
+            scaler.load_state_dict(resume["reward_scaler"])
     paths_before = None
     if task.suite == "avoid" and args.plot and start_itr == 0:
         with torch.random.fork_rng():
@@ -496,10 +534,11 @@ def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimi
 
 def step_schedulers(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> None:
     """Once per iteration, evaluation iterations included; the actor's only after the critic warm-up
-    (`irom-princeton/dppo` `agent/finetune/train_ppo_diffusion_agent.py` `run`)."""
-    if itr >= n_critic_warmup_itr:
-        schedulers["actor"].step()
-    schedulers["critic"].step()
+    (`irom-princeton/dppo` `agent/finetune/train_ppo_diffusion_agent.py` `run`); every other
+    scheduler (critics) every iteration."""
+    for name, sched in schedulers.items():
+        if name != "actor" or itr >= n_critic_warmup_itr:
+            sched.step()
 
 
 def warmup_then_cosine(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:

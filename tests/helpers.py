@@ -6,15 +6,16 @@ import os
 import torch
 
 
-def assert_resumed_run_matches(full: dict, resumed: dict, n_eval_rows: int) -> None:
-    """A resumed run wrote the same eval.csv and the same final actor_ft as an uninterrupted one."""
+def assert_resumed_run_matches(full: dict, resumed: dict, n_eval_rows: int, key: str = "actor_ft") -> None:
+    """A resumed run wrote the same eval.csv and the same final weights (`key`: actor_ft, or actor for the
+    whole-network fine-tuning scripts) as an uninterrupted one."""
     def read(out: dict) -> list[dict]:
         with open(os.path.join(out["run_dir"], "eval.csv")) as f:
             return list(csv.DictReader(f))
 
     assert read(full) == read(resumed) and len(read(full)) == n_eval_rows
-    a = torch.load(full["checkpoint"], weights_only=True)["actor_ft"]
-    b = torch.load(resumed["checkpoint"], weights_only=True)["actor_ft"]
+    a = torch.load(full["checkpoint"], weights_only=True)[key]
+    b = torch.load(resumed["checkpoint"], weights_only=True)[key]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

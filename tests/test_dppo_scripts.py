@@ -13,6 +13,7 @@ import torch
 import dppo_finetune as ft
 import dppo_pretrain as pt
 from common.datasets import DatasetError, save_train_npz
+from common.networks import build_diffusion_network
 from common.runs import UsageError
 from common.tasks import TaskError
 from tests.helpers import WiringRecorder, assert_resumed_run_matches
@@ -317,7 +318,7 @@ def test_bc_term_as_the_reference(pretrained, monkeypatch):
     """`PPODiffusion.loss` with use_bc_loss: a base chain for every pair's observation, the clamped
     log-prob of all K' steps averaged over the whole chunk (not only the T_e executed actions)."""
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
-    base = ft.build_network(ckpt, 4)
+    base = build_diffusion_network(ckpt, 4)
     base.load_state_dict(ckpt["ema"])
     agent = ft.DiffusionPPO(base, ft.ObsCritic(4, 1), 20, 10, 4, 2, False, 5, 0.1, 0.1, 3.0)
     with torch.no_grad():  # move actor_ft away from the base so the log-probs are not those of its own chains
@@ -360,7 +361,7 @@ def test_furniture_and_square_network_defaults():
 def test_pair_logprobs_clamp_then_keep_the_executed_actions(pretrained):
     """One number per pair: element-wise log-probs clamped to [-5, 2], the first T_e of the T_a actions, averaged."""
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
-    base = ft.build_network(ckpt, 4)
+    base = build_diffusion_network(ckpt, 4)
     base.load_state_dict(ckpt["ema"])
     agent = ft.DiffusionPPO(base, ft.ObsCritic(4, 1), 20, 10, 4, 2, False, 5, 0.1, 0.1, 3.0)
     torch.manual_seed(0)
