@@ -1,0 +1,166 @@
+"""Paper Fig. 4: DPPO against the diffusion RL baselines, from the same pre-trained checkpoint, one seed each.
+
+Every method runs its own script with its task defaults (the reference's configs) and is evaluated by
+the same function (`common.envs.evaluate`) on the same horizon and reset seeds:
+
+- Avoid M2: 51 iterations of 50 envs x 25 chunk-steps from the shipped checkpoint; success with the
+  training noise (App. D.8).
+- Hopper: from the diffusion policy pre-trained on the built-in medium data (`scripts/hopper_data.sh`),
+  40 envs, a 2-core budget of 25 iterations of 100 chunk-steps (the reference runs 1000 of 500);
+  deterministic evaluations every 10 iterations (the reference's val_freq) and at the end. Where a
+  method's minibatch was sized for 500 chunk-steps it is scaled by the same 1/5 (DPPO 50000 -> 10000
+  pairs, exact-likelihood PG 5000 -> 1000 samples); nothing else is changed.
+
+Each run is a separate process (one torch thread); `--jobs` run at once. Per run it writes
+`<task>__<method>.json` (eval rows, per-iteration history, wall time), and at the end `table.md`
+and `comparison.png` into --out.
+
+    python scripts/baselines_comparison.py                               # everything
+    python scripts/baselines_comparison.py --tasks avoid-m2 --methods dppo drwr
+    python scripts/baselines_comparison.py --report-only                 # table and plot from the json files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = {"dppo": "dppo_finetune", "drwr": "drwr", "dawr": "dawr", "exact": "exact_likelihood_pg", "dipo": "dipo",
+           "idql": "idql", "dql": "dql", "qsm": "qsm"}
+LABELS = {"dppo": "DPPO", "drwr": "DRWR", "dawr": "DAWR", "exact": "Exact-likelihood PG", "dipo": "DIPO", "idql": "IDQL",
+          "dql": "DQL", "qsm": "QSM"}
+# the budget of each task (flags given to every method) and per-method minibatch scaling (module docstring)
+BUDGETS = {"avoid-m2": {}, "hopper": {"checkpoint": "data/hopper/diffusion_medium.pt", "n_train_itr": 25, "n_steps": 100}}
+SCALED = {"hopper": {"dppo": {"batch_size": 10000}, "exact": {"batch_size": 1000}}}
+
+
+@dataclass
+class Args:
+    out: str = "runs/baselines_comparison"
+    """folder for the per-run json files, table.md and comparison.png"""
+    tasks: list[str] = field(default_factory=lambda: ["avoid-m2", "hopper"])
+    """tasks to run (avoid-m2, hopper)"""
+    methods: list[str] = field(default_factory=lambda: list(MODULES))
+    """methods to run"""
+    seed: int = 1
+    """seed of every run"""
+    jobs: int = 2
+    """runs at once (each uses one torch thread)"""
+    report_only: bool = False
+    """only write table.md and comparison.png from the json files already in --out"""
+    one: str | None = None
+    """internal: run one "task:method" in this process and write its json"""
+
+
+def run_one(task: str, method: str, args: Args) -> None:
+    import importlib
+
+    sys.path.insert(0, ROOT)
+    module = importlib.import_module(MODULES[method])
+    flags = {**BUDGETS[task], **SCALED.get(task, {}).get(method, {})}
+    t0 = time.time()
+    out = module.main(module.Args(env_id=task, seed=args.seed, exp_name=f"cmp_{method}", plot=False, **flags))
+    wall = time.time() - t0
+    history = [{k: v for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               for h in out["history"]]
+    iter_times = [sum(v for k, v in h.items() if k.startswith("time_")) for h in history]
+    result = {"task": task, "method": method, "flags": flags, "run_dir": out["run_dir"], "wall_s": wall,
+              "train_iteration_s": sum(iter_times) / max(1, len(iter_times)), "eval_rows": out["eval_rows"],
+              "history": history}
+    with open(os.path.join(args.out, f"{task}__{method}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=float)
+
+
+def load_results(args: Args) -> dict[tuple[str, str], dict]:
+    results = {}
+    for task in args.tasks:
+        for method in args.methods:
+            path = os.path.join(args.out, f"{task}__{method}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    results[(task, method)] = json.load(f)
+    return results
+
+
+def write_report(args: Args) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(args)
+    metric = {"avoid-m2": ("success_rate", "success rate (training noise)"), "hopper": ("return_mean", "return")}
+    lines = ["| method | " + " | ".join(f"{t}: first → last evaluation | {t}: s / iteration" for t in args.tasks) + " |",
+             "|---|" + "---|---|" * len(args.tasks)]
+    for method in args.methods:
+        cells = []
+        for task in args.tasks:
+            r = results.get((task, method))
+            if r is None:
+                cells += ["not run", ""]
+                continue
+            key = metric.get(task, ("return_mean", ""))[0]
+            rows = [x for x in r["eval_rows"] if x["mode"] == ("stochastic" if task.startswith("avoid") else "deterministic")]
+            vals = [float(x[key]) for x in rows]
+            fmt = "{:.2f}" if key == "success_rate" else "{:.0f}"
+            cells += [f"{fmt.format(vals[0])} → {fmt.format(vals[-1])} (best {fmt.format(max(vals))})",
+                      f"{r['train_iteration_s']:.1f}"]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.5 * len(args.tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], args.tasks):
+        key, label = metric.get(task, ("return_mean", "return"))
+        mode = "stochastic" if task.startswith("avoid") else "deterministic"
+        for method in args.methods:
+            r = results.get((task, method))
+            if r is None:
+                continue
+            rows = [x for x in r["eval_rows"] if x["mode"] == mode]
+            ax.plot([int(x["env_steps"]) for x in rows], [float(x[key]) for x in rows], marker="o", ms=3,
+                    label=LABELS[method], lw=2.2 if method == "dppo" else 1.2)
+        ax.set(title=task, xlabel="env steps", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "comparison.png"), dpi=100)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return table
+
+
+def main(args: Args) -> None:
+    args.out = os.path.abspath(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    if args.one:
+        task, method = args.one.split(":")
+        run_one(task, method, args)
+        return
+    if not args.report_only:
+        queue = [(t, m) for t in args.tasks for m in args.methods]
+        running: list[tuple[subprocess.Popen, str]] = []
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                task, method = queue.pop(0)
+                log = open(os.path.join(args.out, f"{task}__{method}.log"), "w")
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{task}:{method}", "--out", args.out,
+                       "--seed", str(args.seed)]
+                running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                                f"{task}:{method}"))
+                print(f"started {task}:{method}")
+            time.sleep(2)
+            for p, name in list(running):
+                if p.poll() is not None:
+                    running.remove((p, name))
+                    print(f"finished {name} (exit {p.returncode})")
+    write_report(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
