@@ -1,5 +1,5 @@
-"""DAWR: advantage-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and Fig. 4
-baselines, App. D.3 eq. A2, settings App. D.2/D.5 and Table A8).
+"""DAWR: advantage-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and its
+Fig. 5 comparison, App. D.3 eq. A2, settings App. D.2/D.5 and Table A8).
 
 Off-policy, with a state-value critic. Every iteration appends its chunk-steps to a FIFO buffer of the last
 `buffer_size` vector steps (each holds N chunk-steps), recomputes TD(λ) value targets over the whole buffer

@@ -1,5 +1,5 @@
-"""DRWR: reward-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and Fig. 4
-baselines, App. D.3 eq. A1, settings App. D.2/D.5 and Table A8).
+"""DRWR: reward-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and its
+Fig. 5 comparison, App. D.3 eq. A1, settings App. D.2/D.5 and Table A8).
 
 On-policy and critic-free. Each iteration samples chunks with the current policy (DDPM, every one of the K
 denoising steps run by the one trainable ε-network), then fits the network to its own executed chunks by
