@@ -376,6 +376,7 @@ def main(args: Args) -> dict:
     obs, need_reset = None, True
     n_batch = int(args.n_steps * N / args.batch_size * args.replay_ratio)  # actor steps per iteration (reference)
     timer = PhaseTimer(device)
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
 
     def targets_and_values() -> tuple[torch.Tensor, torch.Tensor]:
         """TD(λ) targets and V(s) of the filled buffer with the current critic, both (count·N,) in buffer order."""
@@ -421,7 +422,6 @@ def main(args: Args) -> dict:
             obs, reward, term, trunc, info = envs.step(action)
             done = term | trunc
             tracker.step(reward, done)
-            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
             buf["obs"][ptr], buf["x"][ptr] = cond, x
             buf["next_obs"][ptr] = normalizer.normalize_obs(as_t(info["final_obs"]))
             buf["reward"][ptr] = as_t(reward) * args.reward_scale
