@@ -1,0 +1,501 @@
+"""DAWR: advantage-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and its
+Fig. 5 comparison, App. D.3 eq. A2, settings App. D.2/D.5 and Table A8).
+
+Off-policy, with a state-value critic. Every iteration appends its chunk-steps to a FIFO buffer of the last
+`buffer_size` vector steps (each holds N chunk-steps), recomputes TD(λ) value targets over the whole buffer
+with the current critic, regresses V on them, recomputes the targets with the updated critic and fits the
+ε-network (one trainable network for all K DDPM steps) to the buffer's chunks by the pre-training
+ε-prediction loss weighted by the exponentiated, normalised advantage (reference `AWRDiffusion`,
+`agent/finetune/train_awr_diffusion_agent.py` `TrainAWRDiffusionAgent.run` and `td_values`).
+
+| paper | here | shape / value |
+|---|---|---|
+| K | `denoising_steps` (from the checkpoint) | 20 |
+| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
+| γ, λ | `gamma`, `td_lambda` | 0.99, 0.95 |
+| α (step of the target towards the λ-return) | `td_alpha` | 0.95 |
+| β, w_max | `beta`, `max_weight` | 10, 100 |
+| buffer (C vector steps) | `buf[k]`, k in `BUFFER_KEYS` | (C, N, ...): obs, next obs (T_o, D_o), chunk x (T_a, D_a) |
+| δ_t = r_t + γ(1 - cut_t) V(s'_t) - V(s_t) | inside `td_lambda_targets` | (C, N) |
+| G_t = α δ_t + γλ(1 - end_t) G_{t+1}; target y_t = V(s_t) + G_t | `targets` | (C, N) |
+| A_t = y_t - V(s_t), Â = (A - mean)/(std + 1e-6) per batch | `adv`, inside `awr_weights` | (C·N,), (batch,) |
+| w = min(exp(β Â), w_max) | inside `awr_weights` | (batch,) |
+
+Updates per iteration (reference): n_batch = int(n_steps·N / batch_size · replay_ratio) actor steps and
+n_batch // critic_update_ratio critic steps, each on a batch drawn with replacement from all C·N (step, env)
+samples; critic loss = mean((V(s) - y)²) with y fixed during the critic's steps; the actor steps only after
+`n_critic_warmup_itr` iterations. Rewards are scaled by `reward_scale` (gym 0.01) before they are stored.
+
+Per-suite defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_awr_diffusion_mlp.yaml`,
+`cfg/robomimic/finetune/{lift,can,square,transport}/ft_awr_diffusion_mlp.yaml`). The reference calls its
+`td_values` without the config's `gamma`, so its targets use the function's default γ = 0.99 on every suite
+(the robomimic configs list 0.999, never used): `--gamma` defaults to 0.99 everywhere. Avoid has no
+reference config for this method: it takes DPPO's Avoid run size (50 envs x 25 chunk-steps, 51 iterations,
+envs reset every iteration, `--bootstrap-truncated False`) and the gym config's method settings (lr,
+buffer 5000, batch 1000, replay ratio 64, reward scale 0.01, no critic warm-up); a batch of 1000 fits the
+1250 chunk-steps of one Avoid iteration. Furniture is refused (no reference config).
+
+Where the reference config (our default) differs from the paper's Table A8: batch 1000 (Table A8: 256);
+robomimic critic replay ratio 64/4 = 16 (Table A8: 4); γ of the TD targets 0.99 on robomimic (Table A8:
+0.999, see above); Transport's actor LR constant 1e-5 (Table A8: decayed to 1e-6) and σ^exp_min 0.1
+(Table A8: 0.08). The buffer sizes agree (5000 x 40 = 200000 gym, 3000 x 50 = 150000 robomimic).
+
+Deviations from the reference implementation (docs/deviations.md, "dawr.py"):
+- Critic batches are drawn over all C·N (step, env) samples of the buffer. The reference draws indices
+  over the C vector steps but applies them to the flattened (steps x envs) array, so its critic only ever
+  sees the oldest 1/N of its buffer.
+- A truncated episode bootstraps from V of its true final observation (`info["final_obs"]`, not the next
+  episode's first) and only `terminated` removes the bootstrap (`--bootstrap-truncated False` on Avoid, as
+  dppo_finetune.py); every episode end, and an env reset at the start of an iteration, cuts the
+  λ-recursion (the reference cuts it only at terminations); the newest step bootstraps from V of its next
+  observation (the reference uses V of its own observation).
+- The buffer keeps the whole sampled chunk (T_a actions); the reference stores the executed T_e, the same
+  thing in all its configs (T_a = T_e).
+- During the critic warm-up no actor loss is computed (the reference computes it and does not step).
+- One evaluation function (`common.envs.evaluate`) for training, the final row and `--eval-only`, as
+  dppo_finetune.py; Avoid is evaluated with the training noise (App. D.8).
+- Resumed runs (the buffer is in the checkpoint) reproduce uninterrupted ones for tasks that reset their
+  envs every iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common.datasets import Normalizer
+from common.envs import EpisodeTracker, evaluate, make_vec_env
+from common.networks import ObsCritic, build_diffusion_network
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
+                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
+                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         step_schedulers, whole_network_weights)
+from common.tasks import get_task
+
+
+@dataclass
+class Args:
+    # experiment
+    env_id: str = "avoid-m2"
+    """task id (see common/tasks.py)"""
+    checkpoint: str | None = None
+    """pre-trained (or whole-network fine-tuned) checkpoint; None: the built-in one for the task, if any"""
+    exp_name: str = script_name(__file__)
+    """name of this experiment (part of the run folder)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets torch.use_deterministic_algorithms"""
+    cuda: bool = True
+    """use CUDA when available"""
+    torch_threads: int | None = 1
+    """CPU threads for torch (see README "Threads"); None: torch's default"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "dppo"
+    """the wandb project"""
+    resume: str | None = None
+    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
+    eval_only: bool = False
+    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
+    plot: bool = True
+    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
+    save_every: int = 1
+    """iterations between checkpoints"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: int | None = None
+    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
+    num_envs: int | None = None
+    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
+    n_steps: int | None = None
+    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
+    n_workers: int | None = None
+    """worker processes for slow simulators (robomimic); None: number of cores"""
+    horizon_steps: int | None = None
+    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
+    act_steps: int | None = None
+    """T_e (None: the task's)"""
+    gamma: float = 0.99
+    """discount per chunk-step of the TD(λ) targets (the reference's td_values default, on every suite)"""
+    td_lambda: float = 0.95
+    """λ of the TD(λ) targets"""
+    td_alpha: float = 0.95
+    """α: target = V + α·(λ-return - V) (reference `td_values`)"""
+    bootstrap_truncated: bool | None = None
+    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
+    docs/deviations.md)"""
+    min_sampling_denoising_std: float = 0.1
+    """exploration std floor while sampling"""
+    randn_clip_value: float = 3.0
+    """sampling noise clamp"""
+    actor_lr: float | None = None
+    """actor learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
+    actor_lr_min: float | None = None
+    """end of the actor's cosine schedule (None: actor_lr, i.e. constant, as every reference config)"""
+    critic_lr: float = 1e-3
+    """critic learning rate (constant)"""
+    lr_warmup_itr: int = 10
+    """warm-up iterations of the cosine LR schedules (constant schedules ignore it)"""
+    lr_cycle_itr: int | None = None
+    """first_cycle_steps of the cosine LR schedules (gym/robomimic 1000; Avoid n_train_itr)"""
+    reward_scale: float | None = None
+    """factor on the rewards stored in the buffer (gym/Avoid 0.01, robomimic 1)"""
+    buffer_size: int | None = None
+    """FIFO buffer length in vector steps (gym/Avoid 5000, robomimic 3000)"""
+    batch_size: int = 1000
+    """samples per gradient step (actor and critic)"""
+    replay_ratio: int = 64
+    """actor steps per iteration = int(n_steps·num_envs / batch_size · replay_ratio)"""
+    critic_update_ratio: int = 4
+    """critic steps per iteration = actor steps // critic_update_ratio"""
+    beta: float = 10.0
+    """β: weight = exp(β · normalised advantage)"""
+    max_weight: float = 100.0
+    """upper clip of the weights"""
+    n_critic_warmup_itr: int | None = None
+    """iterations before the actor starts to step (gym/Avoid 0, robomimic 2)"""
+    max_grad_norm: float | None = None
+    """actor gradient norm clip (None: off, as every reference config)"""
+    val_freq: int = 10
+    """iterations between evaluations (0: only the final one)"""
+    eval_n_steps: int | None = None
+    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
+    terminate_on_success: bool = False
+    """robomimic: end episodes on success (the paper does not)"""
+
+
+# The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
+SUITE_DEFAULTS = {
+    "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, actor_lr=1e-4, lr_cycle_itr=1000,
+                reward_scale=0.01, buffer_size=5000, n_critic_warmup_itr=0),
+    "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, actor_lr=1e-5,
+                      lr_cycle_itr=1000, reward_scale=1.0, buffer_size=3000, n_critic_warmup_itr=2),
+    # no reference config: DPPO's Avoid run size, the gym config's method settings
+    "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, actor_lr=1e-4, reward_scale=0.01,
+                  buffer_size=5000, n_critic_warmup_itr=0),
+}
+TASK_DEFAULTS = {
+    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
+    "square": dict(n_steps=400, n_train_itr=201), "transport": dict(n_steps=400, n_train_itr=201),
+}
+
+
+def fill_defaults(args: Args) -> dict:
+    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
+    task = get_task(args.env_id)
+    args.env_id = task.id
+    if task.suite not in SUITE_DEFAULTS:
+        raise UsageError(f"{task.id}: the reference has no DAWR config for {task.suite} (and Isaac Gym is not installable)")
+    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                   "act_steps": task.act_steps})
+    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
+                   "buffer_size", "replay_ratio", "critic_update_ratio", "save_every", "torch_threads", "eval_n_steps",
+                   "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "min_sampling_denoising_std",
+                   "randn_clip_value", "max_weight", "max_grad_norm", "reward_scale")
+    for name in ("gamma", "td_lambda", "td_alpha"):
+        check_range(args, name, 0.0, 1.0)
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "beta"):
+        check_range(args, name, 0, math.inf)
+    if int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio) < 1:
+        raise UsageError(f"n_steps {args.n_steps} x num_envs {args.num_envs} / batch_size {args.batch_size} x "
+                         f"replay_ratio {args.replay_ratio} gives no actor update per iteration")
+    return filled
+
+
+def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`), float64 as the
+    reference evaluates it; callers cast to float32 as the reference returns it."""
+    i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)
+    alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+
+
+class DiffusionPolicy(nn.Module):
+    """One trainable ε-network for all K DDPM steps: sampling (reference `RWRDiffusion.forward`) and the
+    forward noising of the ε-prediction loss (`DiffusionModel.q_sample`)."""
+
+    def __init__(self, network: nn.Module, denoising_steps: int, horizon_steps: int, action_dim: int,
+                 min_sampling_std: float, randn_clip: float) -> None:
+        super().__init__()
+        self.network = network
+        self.K, self.horizon_steps, self.action_dim = denoising_steps, horizon_steps, action_dim
+        self.min_sampling_std, self.randn_clip = min_sampling_std, randn_clip
+        # float32 from float32 β in the reference's operation order (model/diffusion/diffusion.py, DiffusionModel.__init__)
+        betas = cosine_beta_schedule(denoising_steps).float()
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, 0)
+        ac_prev = torch.cat([torch.ones(1), ac[:-1]])
+        logvar = torch.log(torch.clamp(betas * (1.0 - ac_prev) / (1.0 - ac), min=1e-20))
+        coefs = dict(sqrt_ac=torch.sqrt(ac), sqrt_1m_ac=torch.sqrt(1.0 - ac), sqrt_recip_ac=torch.sqrt(1.0 / ac),
+                     sqrt_recipm1_ac=torch.sqrt(1.0 / ac - 1), c1=betas * torch.sqrt(ac_prev) / (1.0 - ac),
+                     c2=(1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac), std=torch.exp(0.5 * logvar))
+        for name, value in coefs.items():  # indexed by the denoising step t
+            self.register_buffer(name, value, persistent=False)
+
+    @torch.no_grad()
+    def get_action(self, cond: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Sample a chunk x_0 (B, T_a, D_a), t = K-1 ... 0. Training std = max(σ_t, σ^exp_min) at every step;
+        deterministic: max(σ_t, 1e-3), none at t = 0 (reference `RWRDiffusion.forward`)."""
+        B = cond.shape[0]
+        x = torch.randn(B, self.horizon_steps, self.action_dim, device=cond.device)
+        for t in range(self.K - 1, -1, -1):
+            t_b = torch.full((B,), t, device=cond.device)
+            eps = self.network(x, t_b, cond)
+            x0 = (self.sqrt_recip_ac[t] * x - self.sqrt_recipm1_ac[t] * eps).clamp(-1, 1)
+            mean = self.c1[t] * x0 + self.c2[t] * x
+            if deterministic:
+                std = 0.0 if t == 0 else self.std[t].clamp(min=1e-3)
+            else:
+                std = self.std[t].clamp(min=self.min_sampling_std)
+            x = mean + std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
+        return x
+
+    def weighted_loss(self, x0: torch.Tensor, cond: torch.Tensor, weights: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """mean_b w_b · mean_(T_a, D_a) (ε_θ(√ᾱ_t x0 + √(1-ᾱ_t) ε, t, obs) - ε)² (reference `RWRDiffusion.p_losses`)."""
+        v = lambda buf: buf[t].view(-1, 1, 1)  # noqa: E731
+        x_t = v(self.sqrt_ac) * x0 + v(self.sqrt_1m_ac) * noise
+        per_sample = ((self.network(x_t, t, cond) - noise) ** 2).mean(dim=(1, 2))
+        return (per_sample * weights).mean()
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`weighted_loss` at t ~ U{0..K-1}, ε ~ N(0, I) drawn per sample (reference `DiffusionModel.loss`)."""
+        t = torch.randint(0, self.K, (x0.shape[0],), device=x0.device)
+        return self.weighted_loss(x0, cond, weights, t, torch.randn_like(x0))
+
+
+def td_lambda_targets(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, cut: torch.Tensor,
+                      ends: torch.Tensor, gamma: float, lam: float, alpha: float) -> torch.Tensor:
+    """TD(λ) targets over a buffer in time order, (T, N) each (reference `train_awr_diffusion_agent.py` `td_values`):
+    δ_t = r_t + γ(1 - cut_t) V(s'_t) - V(s_t); G_t = α δ_t + γλ(1 - end_t) G_{t+1} (G_T = 0); y_t = V(s_t) + G_t.
+
+    s'_t is the observation after chunk-step t (the true final one where an episode ended); `cut` removes the
+    bootstrap (terminations), `ends` stops the recursion (every episode end, and the step before a reset)."""
+    delta = rewards + gamma * (1 - cut) * next_values - values
+    g = torch.zeros_like(values)
+    last = torch.zeros_like(values[0])
+    for t in range(values.shape[0] - 1, -1, -1):
+        last = alpha * delta[t] + gamma * lam * (1 - ends[t]) * last
+        g[t] = last
+    return values + g
+
+
+def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """min(exp(β Â), w_max), Â = (A - mean)/(std + 1e-6) within the batch (reference `TrainAWRDiffusionAgent.run`)."""
+    return torch.exp(beta * (adv - adv.mean()) / (adv.std() + 1e-6)).clamp(max=max_weight)
+
+
+RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "actor", "critic", "method", "buffer",
+               "buffer_ptr", "buffer_count")
+BUFFER_KEYS = ("obs", "next_obs", "x", "reward", "cut", "end")
+
+
+def main(args: Args) -> dict:
+    resume = None
+    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
+        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id), keys=RESUME_KEYS)
+        if resume["method"] != script_name(__file__):
+            raise UsageError(f"--resume {args.resume} is a {resume['method']} run, not a {script_name(__file__)} one")
+        args = resume_args(args, resume["args"], args.resume)
+    filled = fill_defaults(args)
+    task = get_task(args.env_id)
+    if resume is None:
+        print_defaults(task.id, filled)
+    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    T_e, N = args.act_steps, args.num_envs
+    if T_e > args.horizon_steps:
+        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    network = build_diffusion_network(ckpt, args.horizon_steps)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    load_weights(network, whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or a fine-tuned actor
+    agent = DiffusionPolicy(network, ckpt["denoising_steps"], args.horizon_steps, task.action_dim,
+                            args.min_sampling_denoising_std, args.randn_clip_value).to(device)
+    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(256,) * 3).to(device)  # Mish, residual
+    if "critic" in ckpt and resume is not None:
+        load_weights(critic, ckpt["critic"], ckpt_path)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+    print(f"envs: {N} x {task.id} on {envs.backend}")
+    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
+    eval_deterministic = task.suite != "avoid"
+
+    def act(deterministic: bool):
+        def f(obs: np.ndarray) -> np.ndarray:
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
+        return f
+
+    def run_eval(deterministic: bool) -> dict:
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+
+    if args.eval_only:
+        out = eval_only_report(run_eval)
+        envs.close()
+        return out
+
+    actor_opt, actor_sched = optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
+                                                     args.lr_warmup_itr)
+    critic_opt, critic_sched = optimizer_with_schedule(critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
+                                                       args.lr_warmup_itr)
+    optimizers, schedulers = {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
+    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
+                                                 lambda: run_eval(eval_deterministic))
+    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
+
+    # FIFO buffer of the last C vector steps, preallocated on the device; `ptr` is the next row to write
+    T_o, D_o, T_a, D_a, C = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim, args.buffer_size
+    buf = dict(obs=torch.zeros(C, N, T_o, D_o), next_obs=torch.zeros(C, N, T_o, D_o), x=torch.zeros(C, N, T_a, D_a),
+               reward=torch.zeros(C, N), cut=torch.zeros(C, N), end=torch.zeros(C, N))
+    buf = {k: v.to(device) for k, v in buf.items()}
+    ptr, count = 0, 0
+    if resume is not None:
+        ptr, count = resume["buffer_ptr"], resume["buffer_count"]
+        for k in BUFFER_KEYS:
+            buf[k][:count] = resume["buffer"][k].to(device)
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    history, last_train = [], {}
+    obs, need_reset = None, True
+    n_batch = int(args.n_steps * N / args.batch_size * args.replay_ratio)  # actor steps per iteration (reference)
+    timer = PhaseTimer(device)
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+
+    def targets_and_values() -> tuple[torch.Tensor, torch.Tensor]:
+        """TD(λ) targets and V(s) of the filled buffer with the current critic, both (count·N,) in buffer order."""
+        with torch.no_grad():
+            def value(o: torch.Tensor) -> torch.Tensor:
+                flat = o[:count].flatten(0, 1)
+                return torch.cat([critic(c) for c in flat.split(50_000)]).view(count, N)
+            values, next_values = value(buf["obs"]), value(buf["next_obs"])
+            oldest = ptr if count == C else 0  # buffer row of the oldest step
+            order = (torch.arange(count, device=device) + oldest) % count  # rows in time order
+            y = td_lambda_targets(buf["reward"][order], values[order], next_values[order], buf["cut"][order],
+                                  buf["end"][order], args.gamma, args.td_lambda, args.td_alpha)
+            targets = y[(torch.arange(count, device=device) - oldest) % count]  # back to buffer rows (a gather)
+        return targets.flatten(), values.flatten()
+
+    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
+    for itr in bar:
+        t_itr = time.time()
+        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `run`)
+            run.log_eval(itr, env_steps, "deterministic", r)
+            if last_train:
+                run.log_eval(itr, env_steps, "stochastic", last_train)
+            need_reset = True
+            bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            step_schedulers(schedulers, itr, 0)  # the reference steps both schedules every iteration
+            continue
+
+        # ---- rollout into the FIFO buffer ----
+        timer.reset()
+        if need_reset or task.reset_every_iteration:
+            obs = envs.reset(seed=args.seed + itr * N)
+            tracker.reset()
+            need_reset = False
+            if count > 0:  # the buffer's newest step is not followed by the next one: cut the λ-recursion there
+                buf["end"][(ptr - 1) % C] = 1
+        agent.eval()
+        for step in range(args.n_steps):
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x = agent.get_action(cond)
+            timer.lap("sampling")
+            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs, reward, term, trunc, info = envs.step(action)
+            done = term | trunc
+            tracker.step(reward, done)
+            buf["obs"][ptr], buf["x"][ptr] = cond, x
+            buf["next_obs"][ptr] = normalizer.normalize_obs(as_t(info["final_obs"]))
+            buf["reward"][ptr] = as_t(reward) * args.reward_scale
+            buf["cut"][ptr] = as_t(term if args.bootstrap_truncated else done)
+            buf["end"][ptr] = as_t(done)
+            ptr, count = (ptr + 1) % C, min(count + 1, C)
+            timer.lap("env")
+        env_steps += args.n_steps * N * T_e
+        last_train = tracker.pop()
+        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
+        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            run.log_eval(itr, env_steps, "stochastic", last_train)
+
+        # ---- critic: regression on TD(λ) targets of the whole buffer (fixed during these steps) ----
+        targets, _ = targets_and_values()
+        b_obs, b_x = buf["obs"][:count].flatten(0, 1), buf["x"][:count].flatten(0, 1)
+        timer.lap("targets")
+        critic_losses, actor_losses = [], []
+        for _ in range(n_batch // args.critic_update_ratio):
+            idx = torch.randint(count * N, (args.batch_size,), device=device)  # over all (step, env) samples
+            critic_loss = ((critic(b_obs[idx]) - targets[idx]) ** 2).mean()
+            critic_opt.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_opt.step()
+            critic_losses.append(critic_loss.detach())
+        timer.lap("critic")
+
+        # ---- actor: advantage-weighted ε-prediction regression (App. D.3 eq. A2) ----
+        targets, values = targets_and_values()  # with the updated critic, as the reference
+        adv = targets - values
+        timer.lap("targets")
+        if itr >= args.n_critic_warmup_itr:
+            agent.train()
+            for _ in range(n_batch):
+                idx = torch.randint(count * N, (args.batch_size,), device=device)
+                loss = agent.loss(b_x[idx], b_obs[idx], awr_weights(adv[idx], args.beta, args.max_weight))
+                actor_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(agent.network.parameters(), args.max_grad_norm)
+                actor_opt.step()
+                actor_losses.append(loss.detach())
+        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
+        step_schedulers(schedulers, itr, 0)  # the reference steps both schedules every iteration, warm-up included
+        timer.lap("actor")
+
+        # ---- logging, once per iteration ----
+        stats = {"critic_loss": torch.stack(critic_losses).mean() if critic_losses else None,
+                 "actor_loss": torch.stack(actor_losses).mean() if actor_losses else None,
+                 "advantage_mean": adv.mean(), "advantage_std": adv.std(), "value_mean": values.mean()}
+        stats = {k: v for k, v in stats.items() if v is not None}
+        logged = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+        check_finite(f"iteration {itr}", logged, agent.network, critic)
+        logged["buffer_steps"] = count
+        sps = args.n_steps * N * T_e / (time.time() - t_itr)
+        run.log_iteration(itr, logged, last_train, sps, lrs)
+        logged.update({f"lr_{k}": v for k, v in lrs.items()})
+        history[-1].update(logged)
+        history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
+        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
+                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
+            extra = {"method": script_name(__file__), "buffer": {k: buf[k][:count] for k in BUFFER_KEYS},
+                     "buffer_ptr": ptr, "buffer_count": count}
+            save_checkpoint(run.checkpoint, finetune_checkpoint(
+                header, args, {"actor": agent.network, "critic": critic}, optimizers, schedulers, extra, itr + 1,
+                env_steps))
+    bar.close()
+    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
+                     {"history": history})
+    envs.close()
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, Args)

@@ -1,0 +1,437 @@
+"""DRWR: reward-weighted regression for a pre-trained diffusion policy (Ren et al., ICLR 2025, §5.1 and its
+Fig. 5 comparison, App. D.3 eq. A1, settings App. D.2/D.5 and Table A8).
+
+On-policy and critic-free. Each iteration samples chunks with the current policy (DDPM, every one of the K
+denoising steps run by the one trainable ε-network), then fits the network to its own executed chunks by
+the pre-training ε-prediction loss, each sample weighted by its exponentiated, normalised discounted
+return-to-go: chunks that led to higher returns are imitated more (reference `RWRDiffusion.p_losses`,
+`agent/finetune/train_rwr_diffusion_agent.py` `TrainRWRDiffusionAgent.run`).
+
+| paper | here | shape / value |
+|---|---|---|
+| K | `denoising_steps` (from the checkpoint) | 20 |
+| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
+| γ (per chunk-step) | `gamma` | gym/Avoid 0.99, robomimic 0.999 |
+| β, w_max | `beta`, `max_weight` | 10, 100 |
+| R_t (discounted return-to-go of chunk-step t) | `returns` | (S,), S = chunk-steps of the finished episodes |
+| R̂_t = (R_t - mean)/(std + 1e-3) | inside `rwr_weights` | (S,) |
+| w_t = min(exp(β R̂_t), w_max) | `weights` | (S,) |
+| a_t (the sampled chunk, normalised) | `x_buf` | (n_steps, N, T_a, D_a) |
+| obs | `obs_buf` | (n_steps, N, T_o, D_o), normalised |
+
+Which chunk-steps enter the update (as the reference): only those of episodes that start and end inside
+the iteration (a `first` flag after each reset or episode end marks starts) and that last at least two
+chunk-steps (the reference keeps episodes with end - start > 1). Returns use the raw, unscaled chunk
+rewards, discounted by γ once per chunk-step and cut at the episode's end. They are standardised over all
+of the iteration's samples (population std). Each of `update_epochs` epochs shuffles them into
+max(1, S // batch_size) batches (the remainder is skipped). Every sample gets its own t ~ U{0..K-1} and
+ε ~ N(0, I); loss = mean over the batch of w · mean over (T_a, D_a) of (ε_θ(x_t, t, obs) - ε)².
+
+Per-suite defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_rwr_diffusion_mlp.yaml`,
+`cfg/robomimic/finetune/{lift,can,square,transport}/ft_rwr_diffusion_mlp.yaml`). Avoid has no reference
+config for this method: it takes DPPO's Avoid run size (50 envs x 25 chunk-steps, 51 iterations, γ 0.99,
+envs reset every iteration) and the gym config's lr, β, w_max, batch and epochs; one Avoid iteration
+holds 1250 chunk-steps, so a batch of 1000 fits. Furniture is refused (no reference config).
+
+Where the reference config (our default) differs from the paper's Table A8: Transport's actor LR is
+constant 1e-5 (Table A8: decayed to 1e-6) and its σ^exp_min is 0.1 (Table A8: 0.08); robomimic uses
+weight decay 1e-6 (not in Table A8).
+
+Deviations from the reference implementation (docs/deviations.md, "drwr.py"):
+- An iteration in which no episode finished makes no update (the reference reuses the previous
+  iteration's samples, or fails on the first).
+- One evaluation function (`common.envs.evaluate`) for training, the final row and `--eval-only`, as
+  dppo_finetune.py; Avoid is evaluated with the training noise (App. D.8).
+- Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every iteration
+  (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common.datasets import Normalizer
+from common.envs import EpisodeTracker, evaluate, make_vec_env
+from common.networks import build_diffusion_network
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
+                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
+                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         step_schedulers, whole_network_weights)
+from common.tasks import get_task
+
+
+@dataclass
+class Args:
+    # experiment
+    env_id: str = "avoid-m2"
+    """task id (see common/tasks.py)"""
+    checkpoint: str | None = None
+    """pre-trained (or whole-network fine-tuned) checkpoint; None: the built-in one for the task, if any"""
+    exp_name: str = script_name(__file__)
+    """name of this experiment (part of the run folder)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets torch.use_deterministic_algorithms"""
+    cuda: bool = True
+    """use CUDA when available"""
+    torch_threads: int | None = 1
+    """CPU threads for torch (see README "Threads"); None: torch's default"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "dppo"
+    """the wandb project"""
+    resume: str | None = None
+    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
+    eval_only: bool = False
+    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
+    plot: bool = True
+    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
+    save_every: int = 1
+    """iterations between checkpoints"""
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
+    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: int | None = None
+    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
+    num_envs: int | None = None
+    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
+    n_steps: int | None = None
+    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
+    n_workers: int | None = None
+    """worker processes for slow simulators (robomimic); None: number of cores"""
+    horizon_steps: int | None = None
+    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
+    act_steps: int | None = None
+    """T_e (None: the task's)"""
+    gamma: float | None = None
+    """discount per chunk-step of the return-to-go (gym/Avoid 0.99, robomimic 0.999)"""
+    min_sampling_denoising_std: float = 0.1
+    """exploration std floor while sampling"""
+    randn_clip_value: float = 3.0
+    """sampling noise clamp"""
+    actor_lr: float | None = None
+    """learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
+    actor_lr_min: float | None = None
+    """end of the cosine schedule (None: actor_lr, i.e. constant, as every reference config)"""
+    lr_warmup_itr: int = 10
+    """warm-up iterations of the cosine LR schedule (constant schedules ignore it)"""
+    lr_cycle_itr: int | None = None
+    """first_cycle_steps of the cosine LR schedule (gym/robomimic 1000; Avoid n_train_itr)"""
+    weight_decay: float | None = None
+    """AdamW weight decay (gym/Avoid 0, robomimic 1e-6)"""
+    beta: float = 10.0
+    """β: weight = exp(β · normalised return-to-go)"""
+    max_weight: float = 100.0
+    """upper clip of the weights"""
+    batch_size: int = 1000
+    """chunk-steps per gradient step"""
+    update_epochs: int = 16
+    """passes over the iteration's samples"""
+    max_grad_norm: float | None = None
+    """gradient norm clip (None: off, as every reference config)"""
+    val_freq: int = 10
+    """iterations between evaluations (0: only the final one)"""
+    eval_n_steps: int | None = None
+    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
+    terminate_on_success: bool = False
+    """robomimic: end episodes on success (the paper does not)"""
+
+
+# The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
+SUITE_DEFAULTS = {
+    "gym": dict(n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, lr_cycle_itr=1000,
+                weight_decay=0.0),
+    "robomimic": dict(n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-5, lr_cycle_itr=1000,
+                      weight_decay=1e-6),
+    # no reference config: DPPO's Avoid run size, the gym config's method settings
+    "avoid": dict(n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-4, weight_decay=0.0),
+}
+TASK_DEFAULTS = {
+    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
+    "square": dict(n_steps=400, n_train_itr=201), "transport": dict(n_steps=400, n_train_itr=201),
+}
+
+
+def fill_defaults(args: Args) -> dict:
+    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
+    task = get_task(args.env_id)
+    args.env_id = task.id
+    if task.suite not in SUITE_DEFAULTS:
+        raise UsageError(f"{task.id}: the reference has no DRWR config for {task.suite} (and Isaac Gym is not installable)")
+    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                   "act_steps": task.act_steps})
+    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
+                   "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min",
+                   "lr_cycle_itr", "min_sampling_denoising_std", "randn_clip_value", "max_weight", "max_grad_norm")
+    check_range(args, "gamma", 0.0, 1.0)
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("val_freq", "lr_warmup_itr", "weight_decay", "beta"):
+        check_range(args, name, 0, math.inf)
+    return filled
+
+
+def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
+    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`), float64 as the
+    reference evaluates it; callers cast to float32 as the reference returns it."""
+    i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)
+    alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+
+
+class DiffusionPolicy(nn.Module):
+    """One trainable ε-network for all K DDPM steps: sampling (reference `RWRDiffusion.forward`) and the
+    forward noising of the ε-prediction loss (`DiffusionModel.q_sample`)."""
+
+    def __init__(self, network: nn.Module, denoising_steps: int, horizon_steps: int, action_dim: int,
+                 min_sampling_std: float, randn_clip: float) -> None:
+        super().__init__()
+        self.network = network
+        self.K, self.horizon_steps, self.action_dim = denoising_steps, horizon_steps, action_dim
+        self.min_sampling_std, self.randn_clip = min_sampling_std, randn_clip
+        # float32 from float32 β in the reference's operation order (model/diffusion/diffusion.py, DiffusionModel.__init__)
+        betas = cosine_beta_schedule(denoising_steps).float()
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, 0)
+        ac_prev = torch.cat([torch.ones(1), ac[:-1]])
+        logvar = torch.log(torch.clamp(betas * (1.0 - ac_prev) / (1.0 - ac), min=1e-20))
+        coefs = dict(sqrt_ac=torch.sqrt(ac), sqrt_1m_ac=torch.sqrt(1.0 - ac), sqrt_recip_ac=torch.sqrt(1.0 / ac),
+                     sqrt_recipm1_ac=torch.sqrt(1.0 / ac - 1), c1=betas * torch.sqrt(ac_prev) / (1.0 - ac),
+                     c2=(1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac), std=torch.exp(0.5 * logvar))
+        for name, value in coefs.items():  # indexed by the denoising step t
+            self.register_buffer(name, value, persistent=False)
+
+    @torch.no_grad()
+    def get_action(self, cond: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Sample a chunk x_0 (B, T_a, D_a), t = K-1 ... 0. Training std = max(σ_t, σ^exp_min) at every step;
+        deterministic: max(σ_t, 1e-3), none at t = 0 (reference `RWRDiffusion.forward`)."""
+        B = cond.shape[0]
+        x = torch.randn(B, self.horizon_steps, self.action_dim, device=cond.device)
+        for t in range(self.K - 1, -1, -1):
+            t_b = torch.full((B,), t, device=cond.device)
+            eps = self.network(x, t_b, cond)
+            x0 = (self.sqrt_recip_ac[t] * x - self.sqrt_recipm1_ac[t] * eps).clamp(-1, 1)
+            mean = self.c1[t] * x0 + self.c2[t] * x
+            if deterministic:
+                std = 0.0 if t == 0 else self.std[t].clamp(min=1e-3)
+            else:
+                std = self.std[t].clamp(min=self.min_sampling_std)
+            x = mean + std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
+        return x
+
+    def weighted_loss(self, x0: torch.Tensor, cond: torch.Tensor, weights: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """mean_b w_b · mean_(T_a, D_a) (ε_θ(√ᾱ_t x0 + √(1-ᾱ_t) ε, t, obs) - ε)² (reference `RWRDiffusion.p_losses`)."""
+        v = lambda buf: buf[t].view(-1, 1, 1)  # noqa: E731
+        x_t = v(self.sqrt_ac) * x0 + v(self.sqrt_1m_ac) * noise
+        per_sample = ((self.network(x_t, t, cond) - noise) ** 2).mean(dim=(1, 2))
+        return (per_sample * weights).mean()
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`weighted_loss` at t ~ U{0..K-1}, ε ~ N(0, I) drawn per sample (reference `DiffusionModel.loss`)."""
+        t = torch.randint(0, self.K, (x0.shape[0],), device=x0.device)
+        return self.weighted_loss(x0, cond, weights, t, torch.randn_like(x0))
+
+
+def reward_to_go(rewards: np.ndarray, firsts: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The samples of one iteration (reference `TrainRWRDiffusionAgent.run`): rewards (n_steps, N); firsts
+    (n_steps + 1, N), 1 where an episode starts (after a reset, or after the previous chunk-step's done).
+
+    Keeps the chunk-steps of episodes that start and end inside the iteration and last at least two
+    chunk-steps. Returns (step index, env index, R_t) per kept chunk-step, R_t = r_t + γ R_{t+1} within
+    its episode (0 after its last chunk-step)."""
+    steps, envs, returns = [], [], []
+    for env in range(rewards.shape[1]):
+        starts = np.flatnonzero(firsts[:, env] == 1)
+        for start, end in zip(starts[:-1], starts[1:]):  # an episode: chunk-steps start .. end - 1
+            if end - start > 1:
+                ret, ep = 0.0, np.zeros(end - start)
+                for t in range(end - 1, start - 1, -1):
+                    ret = rewards[t, env] + gamma * ret
+                    ep[t - start] = ret
+                steps.append(np.arange(start, end))
+                envs.append(np.full(end - start, env))
+                returns.append(ep)
+    if not steps:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+    return np.concatenate(steps), np.concatenate(envs), np.concatenate(returns)
+
+
+def rwr_weights(returns: np.ndarray, beta: float, max_weight: float) -> torch.Tensor:
+    """min(exp(β R̂), w_max), R̂ = (R - mean)/(std + 1e-3) over all the iteration's samples (float64, population
+    std), then float32 as the reference (`TrainRWRDiffusionAgent.run`)."""
+    normalised = (returns - returns.mean()) / (returns.std() + 1e-3)
+    return torch.exp(beta * torch.as_tensor(normalised, dtype=torch.float32)).clamp(max=max_weight)
+
+
+RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "actor", "method")
+
+
+def main(args: Args) -> dict:
+    resume = None
+    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
+        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id), keys=RESUME_KEYS)
+        if resume["method"] != script_name(__file__):
+            raise UsageError(f"--resume {args.resume} is a {resume['method']} run, not a {script_name(__file__)} one")
+        args = resume_args(args, resume["args"], args.resume)
+    filled = fill_defaults(args)
+    task = get_task(args.env_id)
+    if resume is None:
+        print_defaults(task.id, filled)
+    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    T_e, N = args.act_steps, args.num_envs
+    if T_e > args.horizon_steps:
+        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
+    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
+    network = build_diffusion_network(ckpt, args.horizon_steps)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    load_weights(network, whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or a fine-tuned actor
+    agent = DiffusionPolicy(network, ckpt["denoising_steps"], args.horizon_steps, task.action_dim,
+                            args.min_sampling_denoising_std, args.randn_clip_value).to(device)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+    print(f"envs: {N} x {task.id} on {envs.backend}")
+    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
+    eval_deterministic = task.suite != "avoid"
+
+    def act(deterministic: bool):
+        def f(obs: np.ndarray) -> np.ndarray:
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
+        return f
+
+    def run_eval(deterministic: bool) -> dict:
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+
+    if args.eval_only:
+        out = eval_only_report(run_eval)
+        envs.close()
+        return out
+
+    opt, sched = optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
+                                         args.lr_warmup_itr, args.weight_decay)
+    optimizers, schedulers = {"actor": opt}, {"actor": sched}
+    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
+                                                 lambda: run_eval(eval_deterministic))
+    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
+
+    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
+    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
+    x_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    history, last_train = [], {}
+    obs, need_reset, done = None, True, np.zeros(N)
+    timer = PhaseTimer(device)
+    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
+    for itr in bar:
+        t_itr = time.time()
+        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `run`)
+            run.log_eval(itr, env_steps, "deterministic", r)
+            if last_train:
+                run.log_eval(itr, env_steps, "stochastic", last_train)
+            need_reset = True
+            bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
+            step_schedulers(schedulers, itr, 0)  # the reference steps its schedule on evaluation iterations too
+            continue
+
+        # ---- rollout ----
+        timer.reset()
+        firsts = np.zeros((args.n_steps + 1, N))
+        if need_reset or task.reset_every_iteration:
+            obs = envs.reset(seed=args.seed + itr * N)
+            tracker.reset()
+            need_reset = False
+            firsts[0] = 1
+        else:  # envs that continue across iterations: an episode starts here only where the last one just ended
+            firsts[0] = done
+        rewards = np.zeros((args.n_steps, N))
+        agent.eval()
+        for step in range(args.n_steps):
+            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x = agent.get_action(cond)
+            obs_buf[step], x_buf[step] = cond, x
+            timer.lap("sampling")
+            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs, rewards[step], term, trunc, _ = envs.step(action)
+            done = (term | trunc).astype(np.float64)
+            firsts[step + 1] = done
+            tracker.step(rewards[step], done.astype(bool))
+            timer.lap("env")
+        env_steps += args.n_steps * N * T_e
+        last_train = tracker.pop()
+        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
+        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
+            run.log_eval(itr, env_steps, "stochastic", last_train)
+
+        # ---- weights: normalised discounted return-to-go of the finished episodes (App. D.3 eq. A1) ----
+        step_idx, env_idx, returns = reward_to_go(rewards, firsts, args.gamma)
+        S = len(returns)
+        logged = {"n_samples": S}
+        timer.lap("returns")
+
+        # ---- reward-weighted ε-prediction regression ----
+        losses = []
+        if S > 0:  # no finished episode, no update (docs/deviations.md)
+            s_t, e_t = (torch.as_tensor(a, device=device) for a in (step_idx, env_idx))
+            b_obs, b_x = obs_buf[s_t, e_t], x_buf[s_t, e_t]
+            weights = rwr_weights(returns, args.beta, args.max_weight).to(device)
+            agent.train()
+            n_batch = max(1, S // args.batch_size)  # the remainder is skipped, as the reference
+            for epoch in range(args.update_epochs):
+                perm = torch.randperm(S, device=device)
+                for b in range(n_batch):
+                    idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
+                    loss = agent.loss(b_x[idx], b_obs[idx], weights[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if args.max_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(agent.network.parameters(), args.max_grad_norm)
+                    opt.step()
+                    losses.append(loss.detach())
+        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
+        step_schedulers(schedulers, itr, 0)
+        timer.lap("update")
+
+        # ---- logging, once per iteration ----
+        if losses:  # one host sync
+            stats = torch.stack([torch.stack(losses).mean(), weights.mean(), weights.max()]).tolist()
+            logged.update(zip(("loss", "weight_mean", "weight_max"), stats))
+        check_finite(f"iteration {itr}", {k: v for k, v in logged.items() if k != "n_samples"}, agent.network)
+        sps = args.n_steps * N * T_e / (time.time() - t_itr)
+        run.log_iteration(itr, logged, last_train, sps, lrs)
+        logged.update({f"lr_{k}": v for k, v in lrs.items()})
+        history[-1].update(logged)
+        history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
+        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
+                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
+            save_checkpoint(run.checkpoint, finetune_checkpoint(
+                header, args, {"actor": agent.network}, optimizers, schedulers, {"method": script_name(__file__)},
+                itr + 1, env_steps))
+    bar.close()
+    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
+                     {"history": history})
+    envs.close()
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, Args)
