@@ -45,7 +45,8 @@ Deviations from the reference implementation (docs/deviations.md, "exact_likelih
 - The whole network is fine-tuned at every denoising step (the reference samples the first K - K'
   steps and integrates the drift above step K' with the frozen network).
 - The divergence is exact (T_a·D_a basis probes) when T_a·D_a ≤ `exact_divergence_max_dim` (8:
-  Avoid; gym and robomimic keep the reference's 2 Rademacher probes, fresh at every evaluation).
+  Avoid; gym and robomimic keep the reference's 2 Rademacher probes, fresh at every evaluation;
+  `--fixed-probes` reuses a sample's old-log-likelihood probes in the update, off by default).
 - Sampling noise is clamped to ±3 as in DPPO; the reference's exact-likelihood configs leave it at
   the code default ±10.
 - Truncation bootstraps from the finished episode's final observation; Avoid's time limit ends the
@@ -152,6 +153,9 @@ class Args:
     docs/deviations.md); K makes ∫β(t)dt = Σβ_i, the DDPM's total noise"""
     sde_num_probes: int = 2
     """Rademacher probes of Hutchinson's divergence estimator"""
+    fixed_probes: bool = False
+    """reuse each sample's Rademacher probes of its old log-likelihood in the update (common random numbers: the
+    ratio starts at 1); False: fresh probes at every evaluation, as the reference"""
     exact_divergence_max_dim: int = 8
     """T_a·D_a at or below which the divergence is exact (T_a·D_a basis probes); 0: always Hutchinson (the reference)"""
     actor_lr: float = 1e-5
@@ -510,8 +514,14 @@ def main(args: Args) -> dict:
         b_adv, b_ret = advantages.flatten(), returns.flatten()
         S = b_obs.shape[0]
 
+        b_probes, weight = agent.probes(S, device) if args.fixed_probes else (None, 0.0)  # (S·P, T_a, D_a)
+
         def loglik(idx: torch.Tensor) -> torch.Tensor:
-            return agent.log_likelihood(b_obs[idx], b_act[idx], *agent.probes(len(idx), device))
+            if b_probes is None:
+                return agent.log_likelihood(b_obs[idx], b_act[idx], *agent.probes(len(idx), device))
+            P = b_probes.shape[0] // S
+            rows = (idx.unsqueeze(1) * P + torch.arange(P, device=device)).flatten()  # sample-major, as drawn
+            return agent.log_likelihood(b_obs[idx], b_act[idx], b_probes[rows], weight)
 
         with torch.no_grad():
             old_lp = torch.cat([loglik(idx) for idx in torch.arange(S, device=device).split(args.batch_size)])

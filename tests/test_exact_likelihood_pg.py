@@ -200,6 +200,23 @@ def test_smoke_two_iterations(pretrained):
     assert any(not torch.equal(post["actor"][k], v) for k, v in pre["ema"].items())  # the whole network moved
     el.main(el.Args(resume=out["run_dir"], n_train_itr=3, plot=False))  # the checkpoint reloads and continues
     assert torch.load(out["checkpoint"], weights_only=True)["itr"] == 3
+    ev = el.main(el.Args(checkpoint=out["checkpoint"], eval_only=True, num_envs=4, seed=0))  # its `actor` evaluates
+    assert ev["eval"]["stochastic"]["n_episodes"] == 4
+
+
+@pytest.mark.parametrize("exact_max,fixed,noisy", [(8, False, False), (0, False, True), (0, True, False)])
+def test_ratio_is_one_before_the_actor_steps(pretrained, exact_max, fixed, noisy):
+    """During the critic warm-up the actor does not move, so each minibatch's new log-likelihoods equal the old ones
+    of the same samples: no clipping with the exact divergence or with fixed probes; fresh Hutchinson probes (the
+    reference's way) already clip by estimator noise alone."""
+    out = el.main(el.Args(env_id="avoid-m2", checkpoint=pretrained["checkpoint"], n_train_itr=1, num_envs=4,
+                          n_steps=25, seed=0, plot=False, n_critic_warmup_itr=1, update_epochs=1,
+                          exact_divergence_max_dim=exact_max, fixed_probes=fixed, exp_name=f"ratio{exact_max}{fixed}"))
+    h = out["history"][0]
+    if noisy:
+        assert h["clipfrac"] > 0.05 and h["approx_kl"] > 1e-6
+    else:
+        assert h["clipfrac"] == 0 and h["approx_kl"] < 1e-9
 
 
 def test_defaults_and_refusals():
