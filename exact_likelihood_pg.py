@@ -76,8 +76,8 @@ from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_
 from common.networks import ObsCritic, build_diffusion_network
 from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
                          check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
-                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header,
-                         optimizer_with_schedule, print_defaults, resume_args, save_checkpoint, script_name,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
+                         print_defaults, resume_args, save_checkpoint, script_name,
                          seed_everything, start_finetuning, step_schedulers, whole_network_weights)
 from common.tasks import get_task
 
@@ -435,11 +435,7 @@ def main(args: Args) -> dict:
         envs.close()
         return out
 
-    optimizers, schedulers = {}, {}
-    optimizers["actor"], schedulers["actor"] = optimizer_with_schedule(agent.actor, args.actor_lr, args.actor_lr_min,
-                                                                       args.lr_cycle_itr, args.lr_warmup_itr)
-    optimizers["critic"], schedulers["critic"] = optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
-                                                                         args.lr_cycle_itr, args.lr_warmup_itr)
+    optimizers, schedulers = ppo_optimizers(agent.actor, agent.critic, args)  # AdamW, the reference's cosine schedules
     actor_opt, critic_opt = optimizers["actor"], optimizers["critic"]
     scaler = RunningRewardScaler(N)
     run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, scaler,
