@@ -77,8 +77,8 @@ from common.networks import ObsCritic, build_diffusion_network
 from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
                          check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, resume_args, save_checkpoint, script_name,
-                         seed_everything, start_finetuning, step_schedulers, whole_network_weights)
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         step_schedulers, whole_network_weights)
 from common.tasks import get_task
 
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
