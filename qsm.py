@@ -56,6 +56,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +75,9 @@ from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, whole_network_weights)
 from common.tasks import get_task
+
+# the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 METHOD = "qsm"
 

@@ -272,11 +272,12 @@ def test_suite_defaults_and_refusals(module):
 
 # ---- main: wiring, smoke, resume ----
 
-def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch):
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
     """What goes into the buffer: normalised obs, executed chunk, reward × scale, the final observation of a
     truncated episode, and terminal = truncated only under --bootstrap-truncated False."""
     steps = []
-    real = idql.make_vec_env
+    real = module.make_vec_env
 
     def make(*a, **kw):
         envs = real(*a, **kw)
@@ -289,14 +290,15 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch):
             return out
         envs.step = recording_step
         return envs
-    monkeypatch.setattr(idql, "make_vec_env", make)
+    monkeypatch.setattr(module, "make_vec_env", make)
     ckpt = torch.load(pretrained["checkpoint"], weights_only=True)
     norm = Normalizer.from_state_dict(ckpt["normalization"])
     for boot in (False, True):
         steps.clear()
-        out = idql.main(idql.Args(**{**TINY, "n_train_itr": 1, "n_steps": 30, "val_freq": 0, "num_sample": 3,
-                                     "bootstrap_truncated": boot, "scale_reward_factor": 0.5},
-                                  checkpoint=pretrained["checkpoint"], exp_name=f"wiring{boot}"))
+        extra = {"num_sample": 3} if module is idql else {}
+        out = module.main(module.Args(**{**TINY, "n_train_itr": 1, "n_steps": 30, "val_freq": 0, **extra,
+                                         "bootstrap_truncated": boot, "scale_reward_factor": 0.5},
+                                      checkpoint=pretrained["checkpoint"], exp_name=f"wiring{boot}"))
         buf = torch.load(out["checkpoint"], weights_only=True)["buffer"]
         train = steps[:30]  # the training rollout (the final evaluation follows)
         trunc = np.stack([s["trunc"] for s in train])
@@ -359,9 +361,10 @@ def test_idql_resume_is_bit_identical(pretrained, monkeypatch):
         qsm.main(qsm.Args(resume=resumed["run_dir"]))
 
 
-def test_executed_chunk_must_be_the_whole_chunk(pretrained):
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_executed_chunk_must_be_the_whole_chunk(pretrained, module):
     with pytest.raises(UsageError, match="T_a must equal T_e"):
-        qsm.main(qsm.Args(**{**TINY, "act_steps": 2}, checkpoint=pretrained["checkpoint"]))
+        module.main(module.Args(**{**TINY, "act_steps": 2}, checkpoint=pretrained["checkpoint"]))
 
 
 @pytest.mark.slow
