@@ -6,10 +6,12 @@ the same function (`common.envs.evaluate`) on the same horizon and reset seeds:
 - Avoid M2: 51 iterations of 50 envs x 25 chunk-steps from the shipped checkpoint; success with the
   training noise (App. D.8).
 - Hopper: from the diffusion policy pre-trained on the built-in medium data (`scripts/hopper_data.sh`),
-  40 envs, a 2-core budget of 25 iterations of 100 chunk-steps (the reference runs 1000 of 500);
+  40 envs, a 2-core budget of 25 iterations of 50 chunk-steps (the reference runs 1000 of 500);
   deterministic evaluations every 10 iterations (the reference's val_freq) and at the end. Where a
-  method's minibatch was sized for 500 chunk-steps it is scaled by the same 1/5 (DPPO 50000 -> 10000
-  pairs, exact-likelihood PG 5000 -> 1000 samples); nothing else is changed.
+  method's minibatch was sized for 500 chunk-steps it is scaled by the same 1/10, so an epoch keeps
+  its number of minibatches (DPPO 50000 -> 5000 pairs, exact-likelihood PG 5000 -> 500 samples); the
+  off-policy methods' updates per iteration (n_steps·n_envs/batch × replay ratio) scale by themselves.
+  Nothing else is changed.
 
 Each run is a separate process (one torch thread); `--jobs` run at once. Per run it writes
 `<task>__<method>.json` (eval rows, per-iteration history, wall time), and at the end `table.md`
@@ -37,8 +39,8 @@ MODULES = {"dppo": "dppo_finetune", "drwr": "drwr", "dawr": "dawr", "exact": "ex
 LABELS = {"dppo": "DPPO", "drwr": "DRWR", "dawr": "DAWR", "exact": "Exact-likelihood PG", "dipo": "DIPO", "idql": "IDQL",
           "dql": "DQL", "qsm": "QSM"}
 # the budget of each task (flags given to every method) and per-method minibatch scaling (module docstring)
-BUDGETS = {"avoid-m2": {}, "hopper": {"checkpoint": "data/hopper/diffusion_medium.pt", "n_train_itr": 25, "n_steps": 100}}
-SCALED = {"hopper": {"dppo": {"batch_size": 10000}, "exact": {"batch_size": 1000}}}
+BUDGETS = {"avoid-m2": {}, "hopper": {"checkpoint": "data/hopper/diffusion_medium.pt", "n_train_itr": 25, "n_steps": 50}}
+SCALED = {"hopper": {"dppo": {"batch_size": 5000}, "exact": {"batch_size": 500}}}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Bad input to every script (dppo_pretrain.py, dppo_finetune.py, gaussian_ppo.py, gmm_ppo.py,
+"""Bad input to every script (dppo_pretrain.py, dppo_finetune.py, gaussian_ppo.py, gmm_ppo.py, the
+diffusion RL baselines drwr.py, dawr.py, exact_likelihood_pg.py, dipo.py, idql.py, dql.py, qsm.py, and
 scripts/collect_dataset.py): numbers out of range, wrong types, unknown choices and flags, flags of
 another mode, bad or foreign checkpoints and run folders, output paths that cannot be written.
 
@@ -28,13 +29,21 @@ import pytest
 import torch
 import tyro
 
+import dawr
+import dipo
 import dppo_finetune as ft
 import dppo_pretrain as pt
+import dql
+import drwr
+import exact_likelihood_pg as exact
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
+import idql
+import qsm
 from common import runs
 from common.datasets import DatasetError
 from common.runs import UsageError, load_checkpoint, load_resume
+from common.tasks import TaskError
 from scripts import collect_dataset as collect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +51,14 @@ NAN = math.nan
 PT = dict(env_id="avoid-m2", n_epochs=1, eval_every=0, seed=0, mlp_dims=(64, 64, 64), batch_size=128)
 BC = dict(pretrain=True, env_id="avoid-m2", n_epochs=1, eval_every=0, seed=0, mlp_dims=(64, 64, 64), pretrain_batch_size=128)
 FT = dict(env_id="avoid-m2", n_train_itr=1, num_envs=2, n_steps=5, val_freq=0, plot=False, seed=0)
+BL = dict(FT, batch_size=10)  # the baselines: a minibatch that one iteration of 2 envs x 5 chunk-steps fills
 SCRIPTS = {"pt": (pt, pt.main, "dppo_pretrain.py"), "ft": (ft, ft.main, "dppo_finetune.py"),
            "gauss": (gauss, gauss.main, "gaussian_ppo.py"), "gmm": (gmm, gmm.main, "gmm_ppo.py"),
-           "collect": (collect, collect.collect, "scripts/collect_dataset.py")}
+           "collect": (collect, collect.collect, "scripts/collect_dataset.py"),
+           **{name: (m, m.main, f"{m.__name__}.py") for name, m in (("drwr", drwr), ("dawr", dawr), ("exact", exact),
+                                                                   ("dipo", dipo), ("idql", idql), ("dql", dql),
+                                                                   ("qsm", qsm))}}
+BASELINES = ("drwr", "dawr", "exact", "dipo", "idql", "dql", "qsm")
 
 
 class Ordered(collections.OrderedDict):
@@ -138,7 +152,7 @@ class Case:
     id: str
     script: str
     args: Callable[[World], dict]
-    error: type
+    error: type | tuple[type, ...]
     match: str
     runs_file: bool = False  # `runs` is a file in the working folder
 
@@ -268,6 +282,30 @@ CASES = [
       lambda w: dict(checkpoint=w.f("gauss_other_arch.pt"), out="d/train.npz"), DatasetError, "does not fit"),
     C("collect-checkpoint-other-task", "collect", lambda w: dict(checkpoint=w.gauss, out="d/train.npz", env_id="avoid-m1"),
       DatasetError, "not 'avoid-m1'"),
+    # the diffusion RL baselines: the same refusals in every one of them
+    *[c for b in BASELINES for c in (
+        C(f"{b}-num-envs-0", b, lambda w: dict(BL, checkpoint=w.pre, num_envs=0), UsageError, "--num-envs must be positive"),
+        C(f"{b}-seed-negative", b, lambda w: dict(BL, checkpoint=w.pre, seed=-1), UsageError, "--seed must be in"),
+        C(f"{b}-gamma-nan", b, lambda w: dict(BL, checkpoint=w.pre, gamma=NAN), UsageError, "--gamma must be in"),
+        C(f"{b}-furniture", b, lambda w: dict(BL, env_id="one-leg-low"), UsageError, "furniture"),
+        C(f"{b}-unknown-task", b, lambda w: dict(BL, env_id="no-such-task"), TaskError, "no-such-task"),
+        C(f"{b}-checkpoint-missing", b, lambda w: dict(BL, checkpoint=w.f("missing.pt")), FileNotFoundError,
+          "missing.pt' not found"),
+        C(f"{b}-checkpoint-pickle", b, lambda w: dict(BL, checkpoint=w.f("pickle.pt")), DatasetError,
+          "not a readable DPPO checkpoint"),
+        C(f"{b}-checkpoint-gaussian", b, lambda w: dict(BL, checkpoint=w.gauss), DatasetError,
+          "holds a gaussian policy, not a diffusion one"),
+        C(f"{b}-checkpoint-other-task", b, lambda w: dict(BL, checkpoint=w.pre, env_id="avoid-m1"), DatasetError,
+          "not 'avoid-m1'"),
+        C(f"{b}-checkpoint-other-architecture", b, lambda w: dict(BL, checkpoint=w.f("other_arch.pt")), DatasetError,
+          "other_arch.pt' does not fit"),
+        C(f"{b}-checkpoint-dppo-finetuned", b, lambda w: dict(BL, checkpoint=os.path.join(w.ft_run, "checkpoint.pt")),
+          DatasetError, "is a DPPO fine-tuning checkpoint .*not one network"),
+        C(f"{b}-resume-dppo-run", b, lambda w: dict(resume=w.ft_run), (DatasetError, UsageError), "resume"),
+        C(f"{b}-resume-pretrain-run", b, lambda w: dict(resume=w.pre_run), DatasetError, "not a fine-tuning checkpoint"),
+        C(f"{b}-resume-missing-folder", b, lambda w: dict(resume=w.f("nope")), FileNotFoundError, "no such run folder"),
+        C(f"{b}-runs-is-a-file", b, lambda w: dict(BL, checkpoint=w.pre), UsageError, "'runs' is a file", runs_file=True),
+    )],
 ]
 
 
