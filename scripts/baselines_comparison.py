@@ -6,8 +6,9 @@ the same function (`common.envs.evaluate`) on the same horizon and reset seeds:
 - Avoid M2: 51 iterations of 50 envs x 25 chunk-steps from the shipped checkpoint; success with the
   training noise (App. D.8).
 - Hopper: from the diffusion policy pre-trained on the built-in medium data (`scripts/hopper_data.sh`),
-  40 envs, a 2-core budget of 25 iterations of 50 chunk-steps (the reference runs 1000 of 500);
-  deterministic evaluations every 10 iterations (the reference's val_freq) and at the end. Where a
+  40 envs, a 2-core budget of 15 iterations of 50 chunk-steps (the reference runs 1000 of 500);
+  deterministic evaluations every 5 iterations (the reference: 10) and after the last, so 12
+  iterations train (96k env steps). Where a
   method's minibatch was sized for 500 chunk-steps it is scaled by the same 1/10, so an epoch keeps
   its number of minibatches (DPPO 50000 -> 5000 pairs, exact-likelihood PG 5000 -> 500 samples); the
   off-policy methods' updates per iteration (n_steps·n_envs/batch × replay ratio) scale by themselves.
@@ -39,7 +40,8 @@ MODULES = {"dppo": "dppo_finetune", "drwr": "drwr", "dawr": "dawr", "exact": "ex
 LABELS = {"dppo": "DPPO", "drwr": "DRWR", "dawr": "DAWR", "exact": "Exact-likelihood PG", "dipo": "DIPO", "idql": "IDQL",
           "dql": "DQL", "qsm": "QSM"}
 # the budget of each task (flags given to every method) and per-method minibatch scaling (module docstring)
-BUDGETS = {"avoid-m2": {}, "hopper": {"checkpoint": "data/hopper/diffusion_medium.pt", "n_train_itr": 25, "n_steps": 50}}
+BUDGETS = {"avoid-m2": {}, "hopper": {"checkpoint": "data/hopper/diffusion_medium.pt", "n_train_itr": 15, "n_steps": 50,
+                                   "val_freq": 5}}
 SCALED = {"hopper": {"dppo": {"batch_size": 5000}, "exact": {"batch_size": 500}}}
 
 
@@ -67,13 +69,13 @@ def run_one(task: str, method: str, args: Args) -> None:
     sys.path.insert(0, ROOT)
     module = importlib.import_module(MODULES[method])
     flags = {**BUDGETS[task], **SCALED.get(task, {}).get(method, {})}
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     out = module.main(module.Args(env_id=task, seed=args.seed, exp_name=f"cmp_{method}", plot=False, **flags))
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     history = [{k: v for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                for h in out["history"]]
     iter_times = [sum(v for k, v in h.items() if k.startswith("time_")) for h in history]
-    result = {"task": task, "method": method, "flags": flags, "run_dir": out["run_dir"], "wall_s": wall,
+    result = {"task": task, "method": method, "flags": flags, "run_dir": out["run_dir"], "wall_s": wall, "cpu_s": cpu,
               "train_iteration_s": sum(iter_times) / max(1, len(iter_times)), "eval_rows": out["eval_rows"],
               "history": history}
     with open(os.path.join(args.out, f"{task}__{method}.json"), "w") as f:
@@ -98,23 +100,27 @@ def write_report(args: Args) -> str:
 
     results = load_results(args)
     metric = {"avoid-m2": ("success_rate", "success rate (training noise)"), "hopper": ("return_mean", "return")}
-    lines = ["| method | " + " | ".join(f"{t}: first → last evaluation | {t}: s / iteration" for t in args.tasks) + " |",
-             "|---|" + "---|---|" * len(args.tasks)]
-    for method in args.methods:
-        cells = []
-        for task in args.tasks:
+    lines = []
+    for task in args.tasks:
+        key = metric.get(task, ("return_mean", ""))[0]
+        fmt = "{:.2f}" if key == "success_rate" else "{:.0f}"
+        what = "success rate with the training noise" if key == "success_rate" else "deterministic return"
+        lines += [f"**{task}** ({what})",
+                  "", "| method | first evaluation | last evaluation | best | env steps | wall s / training iteration "
+                  "| CPU s / iteration |", "|---|---|---|---|---|---|---|"]
+        for method in args.methods:
             r = results.get((task, method))
             if r is None:
-                cells += ["not run", ""]
+                lines.append(f"| {LABELS[method]} | not run | | | | | |")
                 continue
-            key = metric.get(task, ("return_mean", ""))[0]
             rows = [x for x in r["eval_rows"] if x["mode"] == ("stochastic" if task.startswith("avoid") else "deterministic")]
             vals = [float(x[key]) for x in rows]
-            fmt = "{:.2f}" if key == "success_rate" else "{:.0f}"
-            cells += [f"{fmt.format(vals[0])} → {fmt.format(vals[-1])} (best {fmt.format(max(vals))})",
-                      f"{r['train_iteration_s']:.1f}"]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+            n_itr = r["history"][-1]["iteration"] + 1 if r["history"] else 1
+            cpu = f"{r['cpu_s'] / n_itr:.1f}" if "cpu_s" in r else "–"
+            lines.append(f"| {LABELS[method]} | {fmt.format(vals[0])} | {fmt.format(vals[-1])} | {fmt.format(max(vals))} "
+                         f"| {int(rows[-1]['env_steps'])} | {r['train_iteration_s']:.1f} | {cpu} |")
+        lines.append("")
+    table = "\n".join(lines)
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.5 * len(args.tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], args.tasks):
         key, label = metric.get(task, ("return_mean", "return"))

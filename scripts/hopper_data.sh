@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=${PY:-.venv/bin/python}
 LOG_DIR=${LOG_DIR:-/tmp/hopper}
 CKPT_DIR=data/hopper/ckpt
-MEDIUM_ITR=${MEDIUM_ITR:-60}          # the checkpoint that plays D4RL's "medium" policy
+MEDIUM_ITR=${MEDIUM_ITR:-100}         # the checkpoint that plays D4RL's "medium" policy
 DATASET=data/hopper/medium/train.npz
 N_COLLECT=${N_COLLECT:-150000}        # transitions in the dataset
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-60}
@@ -31,7 +31,13 @@ mkdir -p "$LOG_DIR" "$CKPT_DIR"
 #    Every deterministic evaluation row in eval.csv (8 envs, 1000 steps) is written while
 #    checkpoint.pt holds exactly the evaluated weights, so the loop below snapshots checkpoint.pt to
 #    $CKPT_DIR/itr<k>.pt at each row (k = 20, 40, ...; its "itr" field says k).
-#    Measured: 12.0 min wall. Deterministic eval rows (iteration: return): 20: 311, 40: 414,
+#    Re-measured 2026-11-26 with the current gaussian_ppo.py (changed since the earlier measurement by
+#    the fidelity round of docs/deviations.md; which change slows it was not isolated), run stopped at
+#    iteration ~115: deterministic
+#    eval rows 20: 316, 40: 378, 60: 471, 80: 694, 100: 1058. The expert learns more slowly than in the
+#    earlier measurement below, so the "medium" checkpoint moved from iteration 60 to 100; the rows
+#    after 100 and the expert evaluation (step 2) were not re-measured.
+#    Earlier measurement (before that change): 12.0 min wall. Deterministic eval rows (iteration: return): 20: 311, 40: 414,
 #    60: 2162, 80: 2223, 100: 1184, 120: 2619, 160: 2821, 200: 2848, 260: 2067, 300: 3260,
 #    320: 3318, 340: 3201, 360: 3323, 380: 3116, 400: 3166. (Measured in a run launched with
 #    --n-train-itr 700 and stopped after iteration 400; the learning rate is constant from scratch,
@@ -68,7 +74,9 @@ echo "expert run folder: $RUN"
     | tee "$LOG_DIR/expert_eval.log"
 
 # 3. Medium policy = the same run at iteration $MEDIUM_ITR (117k env steps).
-#    Measured: deterministic 2157.8 +- 12.4 over 10 episodes, stochastic 846.4 +- 376.2 over 28
+#    Re-measured 2026-11-26: iteration 100 (194.6k env steps) evaluates at 1058 +- 58 deterministic (its
+#    eval.csv row). Earlier measurement, iteration 60 of the earlier run:
+#    deterministic 2157.8 +- 12.4 over 10 episodes, stochastic 846.4 +- 376.2 over 28
 #    (the stochastic policy, sigma ~0.5, is the one that collects data: ~0.27 of the expert's 3165;
 #    iteration 40 gives 414 / 379, iteration 80 2223 / 1414).
 "$PY" gaussian_ppo.py --env-id hopper --checkpoint "$CKPT_DIR/itr$MEDIUM_ITR.pt" --eval-only --num-envs 10 \
@@ -77,7 +85,8 @@ echo "expert run folder: $RUN"
 # 4. Medium dataset: roll the medium checkpoint's stochastic policy (as D4RL does) in 8 envs for
 #    $N_COLLECT env steps; reference train.npz (states, actions, traj_lengths, rewards); unfinished
 #    episode tails are kept, as D4RL keeps timeouts.
-#    Measured (23 s): 150000 transitions, 508 trajectories (500 finished + 8 unfinished tails),
+#    Re-measured 2026-11-26 from iteration 100: 150000 transitions, 553 trajectories, mean return 827.7.
+#    Earlier measurement (23 s): 150000 transitions, 508 trajectories (500 finished + 8 unfinished tails),
 #    mean episode return 846.2 +- 326.0 (853.8 over the 500 finished ones), mean length 295 steps,
 #    max 2470; 2 of them reach the 1000-step limit.
 "$PY" scripts/collect_dataset.py --env-id hopper --checkpoint "$CKPT_DIR/itr$MEDIUM_ITR.pt" \
@@ -97,7 +106,8 @@ EOF
 # 5. Diffusion pre-training (the reference's gym settings: K = 20, T_a = 4, MLP 512x3, batch 128, lr
 #    1e-3 -> 1e-4 cosine, EMA) for $PRETRAIN_EPOCHS epochs instead of 3000 (fits ~15 min here);
 #    in-training evaluation off (step 6 evaluates).
-#    Measured: 13.4 min (803 s) for 60 epochs of 148476 windows (1160 steps/epoch, 69.6k gradient
+#    Re-measured 2026-11-26: 21.0 min on the shared 2-core machine (2-3 other jobs), final epoch loss 0.2308.
+#    Earlier measurement: 13.4 min (803 s) for 60 epochs of 148476 windows (1160 steps/epoch, 69.6k gradient
 #    steps), 9-19 s per epoch depending on the other jobs' load; final epoch loss 0.2535.
 "$PY" dppo_pretrain.py --env-id hopper --dataset "$DATASET" --n-epochs "$PRETRAIN_EPOCHS" --eval-every 0 \
     --exp-name hopper_medium_pretrain --output data/hopper/diffusion_medium.pt > "$LOG_DIR/pretrain.log" 2>&1
@@ -105,7 +115,9 @@ tail -1 "$LOG_DIR/pretrain.log"
 
 # 6. Evaluate the pre-trained diffusion policy (EMA weights; K' = 10 fine-tuned steps are the same
 #    network before fine-tuning): 40 envs x 250 chunk-steps of 4 actions = one full episode each.
-#    Measured (32 s): deterministic 1023.3 +- 308.7 over 96 episodes, stochastic 826.8 +- 246.9 over
+#    Re-measured 2026-11-26: deterministic 852.6 +- 134.5 over 124 episodes, stochastic 785.3 +- 133.1
+#    over 134 (dataset: 828). Earlier measurement:
+#    (32 s): deterministic 1023.3 +- 308.7 over 96 episodes, stochastic 826.8 +- 246.9 over
 #    116 (dataset: 846). Episodes are those that finish inside each env's 1000-step window, so
 #    after each env's first episode the short ones are over-represented (reference `TrainPPODiffusionAgent.run` counting).
 "$PY" dppo_finetune.py --env-id hopper --checkpoint data/hopper/diffusion_medium.pt --eval-only --n-steps 250 \
