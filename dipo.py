@@ -1,5 +1,5 @@
 """DIPO: fine-tuning a pre-trained diffusion policy with action gradients (Yang et al. 2023; Ren et al.,
-ICLR 2025, Fig. 4 baselines, App. D.3 eqs. A4-A6, D.9 Table A8).
+ICLR 2025, Fig. 5 baselines, App. D.3 eqs. A4-A6, D.9 Table A8).
 
 Off-policy: every executed chunk goes into a replay buffer. A double-Q critic learns
 Q(s, a^{1:T_e}) by TD with the next chunk sampled by an EMA target actor and the minimum of the two

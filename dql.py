@@ -1,5 +1,5 @@
 """DQL: Diffusion Q-Learning, fine-tuning a pre-trained diffusion policy through its critic (Wang et al. 2023;
-Ren et al., ICLR 2025, Fig. 4 baselines, App. D.3 eqs. A10-A11, D.9 Table A8).
+Ren et al., ICLR 2025, Fig. 5 baselines, App. D.3 eqs. A10-A11, D.9 Table A8).
 
 Off-policy: every executed chunk goes into a replay buffer. A double-Q critic learns Q(s, a^{1:T_e})
 by TD with the next chunk sampled by the current actor and the minimum of the two EMA target Qs

@@ -1,5 +1,5 @@
 """IDQL: implicit diffusion Q-learning, fine-tuning the whole pre-trained diffusion policy off-policy
-(Hansen-Estruch et al. 2023; a diffusion RL baseline of Ren et al., ICLR 2025, Fig. 4, App. D.4).
+(Hansen-Estruch et al. 2023; a diffusion RL baseline of Ren et al., ICLR 2025, Fig. 5, App. D.3).
 
 A replay buffer keeps every executed chunk. V(s) is fit by expectile regression (τ = 0.8) to the
 minimum of the two target Q-networks; Q(s, a) by TD to r + γ·V(s'); the target Q follows Q by EMA.

@@ -1,5 +1,5 @@
 """QSM: Q-score matching, fine-tuning the whole pre-trained diffusion policy off-policy
-(Psenka et al. 2024; a diffusion RL baseline of Ren et al., ICLR 2025, Fig. 4, App. D.4).
+(Psenka et al. 2024; a diffusion RL baseline of Ren et al., ICLR 2025, Fig. 5, App. D.3).
 
 A replay buffer keeps every executed chunk. A double Q is fit by TD to r + γ·min(target Q1, Q2)(s', a')
 with a' a fresh (noisy, σ floor 0.1) sample of the current policy at s'; the target Q follows Q by EMA.

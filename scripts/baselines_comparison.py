@@ -1,4 +1,4 @@
-"""Paper Fig. 4: DPPO against the diffusion RL baselines, from the same pre-trained checkpoint, one seed each.
+"""Paper §5.1, Fig. 5: DPPO against the diffusion RL baselines, from the same pre-trained checkpoint, one seed each.
 
 Every method runs its own script with its task defaults (the reference's configs) and is evaluated by
 the same function (`common.envs.evaluate`) on the same horizon and reset seeds:
