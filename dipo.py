@@ -325,10 +325,8 @@ def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
         resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
-        if resume.get("method") != script_name(__file__):
-            raise UsageError(f"--resume {args.resume} is a {resume.get('method', 'dppo_finetune')} run, not a "
-                             f"{script_name(__file__)} run; resume it with its own script")
+                             keys=("itr", "env_steps", "optimizers",
+                                   "schedulers", "rng", "args"), method=script_name(__file__))
         args = resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)

@@ -282,9 +282,8 @@ RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "a
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id), keys=RESUME_KEYS)
-        if resume["method"] != script_name(__file__):
-            raise UsageError(f"--resume {args.resume} is a {resume['method']} run, not a {script_name(__file__)} one")
+        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
+                             keys=RESUME_KEYS, method=script_name(__file__))
         args = resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)

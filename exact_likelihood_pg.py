@@ -382,10 +382,8 @@ def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
         resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "reward_scaler", "args",
-                                   "actor", "critic", "method"))
-        if resume["method"] != METHOD:
-            raise UsageError(f"--resume {args.resume} is a {resume['method']} run, not {METHOD}")
+                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng",
+                                   "reward_scaler", "args", "actor", "critic", "method"), method=METHOD)
         args = resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)

@@ -362,10 +362,7 @@ def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
         resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
-        if resume.get("method") != METHOD:
-            raise UsageError(f"--resume {args.resume} holds a {resume.get('method', 'dppo_finetune')} run, "
-                             f"not a {METHOD}.py one")  # (this script's checkpoints hold its networks and buffer)
+                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"), method=METHOD)
         args = resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)

@@ -339,12 +339,18 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
 RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "reward_scaler", "args", "base", "actor_ft", "critic")
 
 
-def load_resume(run_dir: str, policy: str, pretrain_command: str, keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+def load_resume(run_dir: str, policy: str, pretrain_command: str, keys: tuple[str, ...] = RESUME_KEYS,
+                method: str | None = None) -> dict[str, Any]:
     """The fine-tuning checkpoint of a run folder (its task is taken from the run itself); `keys`:
-    what the script's own checkpoints hold (the PPO scripts' RESUME_KEYS by default)."""
+    what the script's own checkpoints hold (the PPO scripts' RESUME_KEYS by default). `method`: the
+    script whose runs these are (the diffusion RL baselines save it as `method`); a fine-tuning run of
+    another script is refused naming that script."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), policy, pretrain_command)
+    if method is not None and "itr" in ckpt and ckpt.get("method") != method:
+        other = ckpt.get("method") or script_name(FINETUNE_SCRIPTS[ckpt["policy"]])
+        raise UsageError(f"--resume {run_dir} is a run of {other}.py, not of {method}.py; resume it with {other}.py")
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version "

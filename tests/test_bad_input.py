@@ -152,7 +152,7 @@ class Case:
     id: str
     script: str
     args: Callable[[World], dict]
-    error: type | tuple[type, ...]
+    error: type
     match: str
     runs_file: bool = False  # `runs` is a file in the working folder
 
@@ -301,7 +301,8 @@ CASES = [
           "other_arch.pt' does not fit"),
         C(f"{b}-checkpoint-dppo-finetuned", b, lambda w: dict(BL, checkpoint=os.path.join(w.ft_run, "checkpoint.pt")),
           DatasetError, "is a DPPO fine-tuning checkpoint .*not one network"),
-        C(f"{b}-resume-dppo-run", b, lambda w: dict(resume=w.ft_run), (DatasetError, UsageError), "resume"),
+        C(f"{b}-resume-dppo-run", b, lambda w: dict(resume=w.ft_run), UsageError,
+          f"is a run of dppo_finetune.py, not of {SCRIPTS[b][2]}; resume it with dppo_finetune.py"),
         C(f"{b}-resume-pretrain-run", b, lambda w: dict(resume=w.pre_run), DatasetError, "not a fine-tuning checkpoint"),
         C(f"{b}-resume-missing-folder", b, lambda w: dict(resume=w.f("nope")), FileNotFoundError, "no such run folder"),
         C(f"{b}-runs-is-a-file", b, lambda w: dict(BL, checkpoint=w.pre), UsageError, "'runs' is a file", runs_file=True),

@@ -301,7 +301,7 @@ def test_dipo_resume_is_bit_identical(pretrained):
 
 def test_resume_refuses_another_method(pretrained):
     part = _run(dql, pretrained["checkpoint"], n_train_itr=1, buffer_size=300, exp_name="other")
-    with pytest.raises(UsageError, match="is a dql run, not a dipo run"):
+    with pytest.raises(UsageError, match="is a run of dql.py, not of dipo.py; resume it with dql.py"):
         dipo.main(dipo.Args(resume=part["run_dir"]))
 
 

@@ -13,7 +13,6 @@ import dawr
 import dppo_pretrain as pt
 import drwr
 from common.networks import DiffusionMLP, ObsCritic
-from common.datasets import DatasetError
 from common.runs import UsageError
 from tests.helpers import assert_resumed_run_matches
 
@@ -215,7 +214,7 @@ def test_drwr_resume_matches_uninterrupted(pretrained):
     part = drwr.main(drwr.Args(**{**kw, "exp_name": "part"}))
     resumed = drwr.main(drwr.Args(resume=part["run_dir"], n_train_itr=3))
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="actor")
-    with pytest.raises(DatasetError, match="lacks critic, buffer"):  # another script's run is refused
+    with pytest.raises(UsageError, match="is a run of drwr.py, not of dawr.py; resume it with drwr.py"):
         dawr.main(dawr.Args(resume=part["run_dir"], n_train_itr=3))
 
 
@@ -226,7 +225,7 @@ def test_dawr_resume_matches_uninterrupted(pretrained):
     resumed = dawr.main(dawr.Args(resume=part["run_dir"], n_train_itr=3))
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="actor")
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="critic")
-    with pytest.raises(UsageError, match="is a dawr run, not a drwr one"):
+    with pytest.raises(UsageError, match="is a run of dawr.py, not of drwr.py; resume it with dawr.py"):
         drwr.main(drwr.Args(resume=part["run_dir"], n_train_itr=3))
 
 

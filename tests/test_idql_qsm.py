@@ -357,7 +357,7 @@ def test_idql_resume_is_bit_identical(pretrained, monkeypatch):
     assert a["buffer"]["size"] == 60 and a["buffer"]["ptr"] == 15  # wrapped: 75 vector steps
     assert all(torch.equal(a["buffer"][k], b["buffer"][k]) for k in ("obs", "next_obs", "actions", "rewards", "terminal"))
     assert (a["buffer"]["ptr"], a["buffer"]["size"]) == (b["buffer"]["ptr"], b["buffer"]["size"])
-    with pytest.raises(UsageError, match="not a qsm.py one"):
+    with pytest.raises(UsageError, match="is a run of idql.py, not of qsm.py; resume it with idql.py"):
         qsm.main(qsm.Args(resume=resumed["run_dir"]))
 
 
