@@ -635,11 +635,8 @@ def main(args: Args) -> dict:
         t_itr = time.time()
         if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
             r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
-            run.log_eval(itr, env_steps, "deterministic", r)
-            if last_train:
-                run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
             need_reset = True
-            bar.set_postfix(steps=env_steps, eval_success=f"{r['success_rate']:.2f}", eval_return=f"{r['return_mean']:.1f}")
             step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
             continue
 

@@ -438,6 +438,16 @@ class Run:
         if mode == "deterministic":
             self.scalars({"eval/episodic_return": result["return_mean"], "eval/success_rate": result["success_rate"]}, itr)
 
+    def log_evaluation_iteration(self, itr: int, env_steps: int, result: dict[str, Any], last_train: dict[str, Any],
+                                 bar: Any) -> None:
+        """An evaluation-only iteration of a fine-tuning loop: the deterministic `result` row, the row of the
+        training episodes since the last one (`last_train`, when there were any) and the progress bar."""
+        self.log_eval(itr, env_steps, "deterministic", result)
+        if last_train:
+            self.log_eval(itr, env_steps, "stochastic", last_train)
+        bar.set_postfix(steps=env_steps, eval_success=f"{result['success_rate']:.2f}",
+                        eval_return=f"{result['return_mean']:.1f}")
+
     def log_iteration(self, itr: int, losses: dict[str, float], train: dict[str, Any], sps: float,
                       lrs: dict[str, float]) -> None:
         """`losses/*` (policy_loss, value_loss, approx_kl, clipfrac, explained_variance, ...),
