@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
+from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.networks import DiffusionMLP
 from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
@@ -56,7 +56,8 @@ class Args:
     env_id: str = "avoid-m2"
     """task id (see common/tasks.py), e.g. avoid-m2, hopper, lift"""
     dataset: str | None = None
-    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz (None: the task's default)"""
+    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz, or `paper` for the reference's train.npz
+    (downloaded; a normalization.npz beside a train.npz is used as is) (None: the task's default)"""
     exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
@@ -276,8 +277,7 @@ def main(args: Args) -> dict:
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
-    trajs = load_task_trajectories(task, args.dataset)
-    normalizer = Normalizer.from_trajectories(trajs)
+    trajs, normalizer = load_task_dataset(task, args.dataset)  # the reference's normalization.npz when beside a train.npz
     if resume_ckpt is not None:
         normalizer = Normalizer.from_state_dict(resume_ckpt["normalization"])
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)

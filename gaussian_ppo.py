@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer, WindowDataset, load_task_trajectories
+from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
@@ -118,7 +118,7 @@ class Args:
     pretrain: bool = False
     """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
     dataset: str | None = None
-    """pre-training demonstrations (None: the task's default)"""
+    """pre-training demonstrations, or `paper` for the reference's train.npz (None: the task's default)"""
     from_scratch: bool = False
     """PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint"""
     output: str | None = None
@@ -466,9 +466,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
 
 def pretrain(args: Args, task: Task) -> dict:
     """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
-    trajs = load_task_trajectories(task, args.dataset)  # checked before anything is written
+    trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    normalizer = Normalizer.from_trajectories(trajs)
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     arch = network_arch(args, task)
     std_limits = [args.std_min or 0.01, args.std_max or 0.2]

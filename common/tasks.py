@@ -85,7 +85,7 @@ _TASKS: list[Task] = [
            options=(("subset", f"M{m}"),)) for m in (1, 2, 3)],
     # Furniture-Bench (paper §5.3): needs Isaac Gym on an NVIDIA GPU.
     *[Task(f"{name}-{rand}", "furniture", name.replace("-", "_"), obs, 10, steps, 8, 8,
-           requires=_ISAAC, data="https://github.com/irom-lab/dppo (furniture datasets)",
+           requires=_ISAAC, data="the reference's furniture datasets (--dataset paper downloads them)",
            options=(("randomness", rand), ("n_parts", str(parts))),
            aliases=(f"{name.replace('-', '_')}_{rand}",))
       for name, obs, steps, parts in (("one-leg", 58, 700, 1), ("lamp", 44, 1000, 2),

@@ -201,7 +201,8 @@ def test_finetune_refuses_wrong_checkpoints(pretrained, tmp_path):
 
 def _cli(script, *argv, cwd):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT, "DPPO_OFFLINE": "1",
+                                                       "DPPO_DATA_DIR": str(cwd / "data")})
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
@@ -212,8 +213,10 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     r = _cli("dppo_pretrain.py", "--env-id", "avoid-m2", "--dataset", str(wrong), cwd=tmp_path)
     assert r.returncode == 2 and "states" in r.stderr and "(10, 5)" in r.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written before the input was checked
-    r = _cli("dppo_finetune.py", "--env-id", "hopper", cwd=tmp_path)
-    assert r.returncode == 2 and "--checkpoint is required" in r.stderr
+    r = _cli("dppo_finetune.py", "--env-id", "hopper", cwd=tmp_path)  # no checkpoint: the paper's, downloaded (offline here)
+    dest = tmp_path / "data" / "hopper" / "paper" / "hopper-medium-v2_pre_diffusion_mlp_ta4_td20_state_3000.pt"
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and f"put the file at {dest}" in r.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
     r = _cli("dppo_finetune.py", "--checkpoint", str(tmp_path / "missing.pt"), cwd=tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr
     r = _cli("dppo_finetune.py", "--num-envs", "-3", cwd=tmp_path)
