@@ -107,3 +107,17 @@ class WiringRecorder:
         train_seeds = {s for s in self.resets if s not in self.eval_seeds}
         assert seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
         assert self.fresh_grads and all(self.fresh_grads)  # every backward starts from zeroed critic gradients
+
+
+def ref_weights(d: dict, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """A reference network's state_dict stored in an npz as `<prefix>.000`, ... and `<prefix>.names`, in its order."""
+    return [(str(n), torch.from_numpy(d[f"{prefix}.{i:03d}"])) for i, n in enumerate(d[f"{prefix}.names"])]
+
+
+def load_by_order(module: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy the reference tensors into `module`'s state_dict entries, in order; shapes must agree."""
+    sd = module.state_dict()
+    assert len(sd) == len(weights), (list(sd), [n for n, _ in weights])
+    for (k, v), (n, w) in zip(sd.items(), weights):
+        assert v.shape == w.shape, f"{k} {tuple(v.shape)} vs reference {n} {tuple(w.shape)}"
+    module.load_state_dict({k: w for k, (_, w) in zip(sd, weights)})

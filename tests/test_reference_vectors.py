@@ -19,6 +19,7 @@ import dppo_pretrain as pt
 import gaussian_ppo as gp
 import gmm_ppo as gm
 from common.networks import ChunkMLP, DiffusionMLP, ObsCritic
+from tests.helpers import load_by_order, ref_weights
 
 REF = Path(__file__).parent / "reference"
 ATOL = 1e-5
@@ -36,20 +37,6 @@ def check(name: str, ours, ref, atol: float = ATOL) -> None:
     diff = (ours - ref).abs().max().item() if ours.numel() else 0.0
     print(f"REFDIFF {name} {diff:.3e}")
     assert diff <= atol, f"{name}: max abs difference {diff:.3e} > {atol}"
-
-
-def ref_weights(d: dict, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    names = d[f"{prefix}.names"]
-    return [(str(n), torch.from_numpy(d[f"{prefix}.{i:03d}"])) for i, n in enumerate(names)]
-
-
-def load_by_order(module: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy the reference tensors into `module`'s state_dict entries, in order; shapes must agree."""
-    sd = module.state_dict()
-    assert len(sd) == len(weights), (list(sd), [n for n, _ in weights])
-    for (k, v), (n, w) in zip(sd.items(), weights):
-        assert v.shape == w.shape, f"{k} {tuple(v.shape)} vs reference {n} {tuple(w.shape)}"
-    module.load_state_dict({k: w for k, (_, w) in zip(sd, weights)})
 
 
 # ---- the diffusion agents of the two reference configurations (small widths) ----
