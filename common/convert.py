@@ -70,6 +70,8 @@ _ROBOMIMIC = {
     "transport": ("1EVHmFx-YdX4MEE1EjwduVayvaH9vvqvK", "1EmC80gIgLoqQ8kRPH5r0mDVqX6NqHO3p", {
         "diffusion_mlp": ("transport_pre_diffusion_mlp_ta8_td20/2024-07-08_11-18-59/checkpoint/state_8000.pt",
                           "1240FmcDPg_VyXReEtePjBN4MML-OT21C"),
+        "diffusion_unet": ("transport_pre_diffusion_unet_ta16_td20/2024-07-04_02-20-53/checkpoint/state_8000.pt",
+                           "1MNGT8j9x1uudugGUcia-xwP_7f7xVY4K"),
         "gaussian_mlp": ("transport_pre_gaussian_mlp_ta8/2024-07-10_01-50-52/checkpoint/state_5000.pt",
                          "1NOHDNHu1sTabxBd4DZrSrTyX9l1I2GuO")}),
 }
@@ -105,32 +107,43 @@ _FURNITURE = {
     "one-leg-low": ("1v4LG2D1fS8id5hqE7Jjt7MYNFUEBNyh4", "1fbYxau8Z0tifeuu_06UKdRRz8zozxMUE", {
         "diffusion_mlp": ("one_leg_low_dim_pre_diffusion_mlp_ta8_td100/2024-07-22_20-01-16/checkpoint/state_8000.pt",
                           "1tP0i53EMwNyw_bS2lt9WtQDIAoTxn40g"),
-        "diffusion_unet": ("one_leg_low_dim_pre_diffusion_unet_ta16_td100/2024-07-03_22-23-38/checkpoint/state_8000.pt", None),
+        "diffusion_unet": ("one_leg_low_dim_pre_diffusion_unet_ta16_td100/2024-07-03_22-23-38/checkpoint/state_8000.pt",
+                           "13nOr7EI79RqdRuoc-je0LoTX5Y-IaO9J"),
         "gaussian_mlp": ("one_leg_low_dim_pre_gaussian_mlp_ta8/2024-06-26_23-43-02/checkpoint/state_3000.pt",
                          "1DeHj-IEX3a2ZLXFlV0MYe1N_5qupod_w")}),
     "one-leg-med": ("1ohDuMSgCqGN1CSh1cI_8A0ia3DVHzj3w", "1bT-MIG99-uwSXL3VwCz6kK9Kg9t6a7BZ", {
         "diffusion_mlp": ("one_leg_med_dim_pre_diffusion_mlp_ta8_td100/2024-07-23_01-28-11/checkpoint/state_8000.pt",
                           "1aEzObl4EkOBKSs0wI2MGmkslzIjZy2_L"),
+        "diffusion_unet": ("one_leg_med_dim_pre_diffusion_unet_ta16_td100/2024-07-04_02-16-16/checkpoint/state_8000.pt",
+                           "1pSwp_IUDSQ15OszChCkrrTQYdvG3pHc1"),
         "gaussian_mlp": ("one_leg_med_dim_pre_gaussian_mlp_ta8/2024-06-28_16-27-02/checkpoint/state_3000.pt",
                          "1lC4PKRPn4tRWR9VW5fSfCu3MKnRvYqD6")}),
     "lamp-low": ("14MqDUmuNmTFcBtKw5gcvx7nuir0zmF7V", "1KRyCcCT63-cikz6Q_McXM0iVYx9M2E_o", {
         "diffusion_mlp": ("lamp_low_dim_pre_diffusion_mlp_ta8_td100/2024-07-23_01-28-20/checkpoint/state_8000.pt",
                           "1md5m4vpe5MmStu-fOk8snF-52BYGZpSc"),
+        "diffusion_unet": ("lamp_low_dim_pre_diffusion_unet_ta16_td100/2024-07-04_02-16-48/checkpoint/state_8000.pt",
+                           "103lUuvyKPvp97hzBYnUDAWgor6LsUf21"),
         "gaussian_mlp": ("lamp_low_dim_pre_gaussian_mlp_ta8/2024-06-28_16-26-51/checkpoint/state_3000.pt",
                          "1tK6NuZf4_xtTlZksIR9oQxiFEADFRVA9")}),
     "lamp-med": ("1bhOoN0xet4ga0rOIvcRHUFoaCjPRNRLf", "1WBHKbA6BtSfF3qfRIkyuWga5T9X3fEvg", {
         "diffusion_mlp": ("lamp_med_dim_pre_diffusion_mlp_ta8_td100/2024-07-23_01-28-20/checkpoint/state_8000.pt",
                           "1yVUXYCK_vFhQ7mawxnCGxuHS6RgWWDjj"),
+        "diffusion_unet": ("lamp_med_dim_pre_diffusion_unet_ta16_td100/2024-07-04_02-17-21/checkpoint/state_8000.pt",
+                           "1_qd47U50on-T1Pqojlfy7S3Cl6bLm_D1"),
         "gaussian_mlp": ("lamp_med_dim_pre_gaussian_mlp_ta8/2024-06-28_16-26-56/checkpoint/state_3000.pt",
                          "1d16HmHgidtXForqoN5QJg_e152XCaJM5")}),
     "round-table-low": ("15oF3qiqGzlT_98FDoTIVtGmLtHd5SIbi", "1CwfNLI5KXEkl_jVgtAY7-xfq7jED-xc0", {
         "diffusion_mlp": ("round_table_low_dim_pre_diffusion_mlp_ta8_td100/2024-07-23_01-28-26/checkpoint/state_8000.pt",
                           "1iJyqJr84AtszGqPeSysN70A-SmP73mKu"),
+        "diffusion_unet": ("round_table_low_dim_pre_diffusion_unet_ta16_td100/2024-07-04_02-19-48/checkpoint/state_8000.pt",
+                           "1F3RFgLcFemU-IDUrLCXMzmQXknC2ISgJ"),
         "gaussian_mlp": ("round_table_low_dim_pre_gaussian_mlp_ta8/2024-06-28_16-26-51/checkpoint/state_3000.pt",
                          "1eX2u0cvu_zveblrg2htFomAxSToJmHyL")}),
     "round-table-med": ("1U27xjdRrKlLC8E33o7jMFZ1HF5P_Soik", "1vNxzok6f6HROGxQR2eoThsN62hVjpayn", {
         "diffusion_mlp": ("round_table_med_dim_pre_diffusion_mlp_ta8_td100/2024-07-23_01-28-29/checkpoint/state_8000.pt",
                           "1DDvHEqb7WqVgT3_W6gYCNDQrvGyreatP"),
+        "diffusion_unet": ("round_table_med_dim_pre_diffusion_unet_ta16_td100/2024-07-04_02-20-21/checkpoint/state_8000.pt",
+                           "1hzungyvt3Uc-XbrCzVghzdr59zDf6FlD"),
         "gaussian_mlp": ("round_table_med_dim_pre_gaussian_mlp_ta8/2024-06-28_16-26-38/checkpoint/state_3000.pt",
                          "1LvELZ7A-whxKk1Oq7S8M9uBiSrWPAGQT")}),
 }
