@@ -121,3 +121,10 @@ def load_by_order(module: torch.nn.Module, weights: list[tuple[str, torch.Tensor
     for (k, v), (n, w) in zip(sd.items(), weights):
         assert v.shape == w.shape, f"{k} {tuple(v.shape)} vs reference {n} {tuple(w.shape)}"
     module.load_state_dict({k: w for k, (_, w) in zip(sd, weights)})
+
+
+def policy_action(norm, executed: torch.Tensor) -> torch.Tensor:
+    """The policy-space action an env executed: the exact inverse of `Normalizer.unnormalize_action`, which maps back
+    with (max − min) as the reference's env wrappers do (normalize_action divides by max − min + 1e-6)."""
+    lo, hi = norm.action_min.to(executed), norm.action_max.to(executed)
+    return 2 * (executed - lo) / (hi - lo) - 1
