@@ -14,11 +14,11 @@ raw chunks (N, T_e, 10) (position, 6D rotation, gripper), the chunk's rewards su
 What it adds to the reference (docs/deviations.md, "Furniture-Bench"):
 - Truncation at the task's 700 / 1000 steps exactly: an env that reaches the limit inside a chunk
   collects no more reward in it and its final observation is the one at the limit (the batched simulator
-  still steps it to the end of the chunk; the reference counts those few extra steps).
+  steps it on while other envs run; the reference counts the reward of those few extra steps).
 - A guard against non-finite observations (the reference README warns that Isaac Gym can produce NaN
-  observations; its wrapper does not handle them): an env whose observation becomes NaN/inf stops
-  collecting reward, its episode ends (truncated) with its last finite observation as the final one,
-  it is reset, and the count is printed.
+  observations; its wrapper does not handle them): an env whose observation becomes NaN/inf (or whose
+  quaternion is zero) collects no more reward, its episode ends (truncated) with its last finite
+  observation as the final one, it is reset, and the count is printed.
 - Sim-to-real domain randomisation (App. D.7), off by default: Gaussian noise on every observation and on
   every executed action, with standard deviations in the dataset's normalised units ([-1, 1] per
   dimension), so 0.03 is the paper's action noise on the policy's sampled action.
@@ -191,9 +191,8 @@ class FurnitureChunkVecEnv:
     # -- observations
     def _process(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw sim observation -> (obs (N, D_o) as the policy sees it, finite (N,) bool)."""
-        rs, parts = raw["robot_state"].float(), raw["parts_poses"].float()
-        finite = torch.isfinite(rs).all(-1) & torch.isfinite(parts).all(-1)
-        obs = torch.cat([robot_state_to_6d(rs), parts], dim=-1)
+        obs = torch.cat([robot_state_to_6d(raw["robot_state"].float()), raw["parts_poses"].float()], dim=-1)
+        finite = torch.isfinite(obs).all(-1)  # NaN/inf anywhere, or a zero quaternion
         if obs.shape[-1] != self.task.obs_dim:
             raise TaskError(f"task {self.task.id!r}: FurnitureSim gives {obs.shape[-1]}-d observations, the task has "
                             f"{self.task.obs_dim}; is the installed furniture-bench the fork ({FORK_URL})?")

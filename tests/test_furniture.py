@@ -14,6 +14,8 @@ from scipy.spatial.transform import Rotation
 import common.furniture as fur
 import dppo_finetune as ft
 import dppo_pretrain as pt
+import gaussian_ppo as gauss
+import gmm_ppo as gmm
 from common.datasets import Normalizer, save_train_npz
 from common.envs import make_vec_env
 from common.runs import NonFiniteError, UsageError
@@ -254,6 +256,29 @@ def test_non_finite_observations_end_the_episode_and_reset_the_env():
     assert not trunc.any() and info["nonfinite_resets"] == 0 and env.nonfinite_resets == 1
 
 
+def test_an_env_past_its_limit_earns_nothing_while_the_others_run_on():
+    """Env 1 restarts after a NaN in the first chunk, so in the third chunk env 0 reaches its limit (step 20)
+    while env 1 still runs: the batched sim steps env 0 on to step 24, but its reward at step 22 does not
+    count and its final observation is the one at step 20."""
+    sim = FakeFurnitureSim(2, assemble_at={0: (22,)}, nan_at={(1, 5)})
+    env = make_env(sim)
+    env.reset()
+    for _ in range(3):
+        obs, r, _, trunc, info = env.step(identity_6d_actions(2, 8))
+    assert len(sim.actions) == 24 and sim.env_steps.tolist() == [0, 16]  # env 0 was reset after the chunk
+    np.testing.assert_array_equal(r, [0, 0])
+    np.testing.assert_array_equal(trunc, [True, False])
+    assert info["final_obs"][0, 0, 9] == 20.0 and obs[0, 0, 9] == 0.0 and obs[1, 0, 9] == 16.0
+
+
+def test_a_zero_quaternion_counts_as_non_finite():
+    env = make_env(FakeFurnitureSim(2))
+    raw = FakeFurnitureSim(2).reset()
+    raw["robot_state"][1, 3:7] = 0.0
+    obs, finite = env._process(raw)
+    assert finite.tolist() == [True, False] and torch.isfinite(obs[0]).all()
+
+
 def test_non_finite_after_a_reset_is_retried_then_refused():
     sim = FakeFurnitureSim(2, nan_resets=2)
     env = make_env(sim)
@@ -355,31 +380,51 @@ def test_noise_flags_refuse_bad_values(flag, value, match):
 
 # ---------------------------------------------------------------- a DPPO run on the fake simulator
 @pytest.fixture(scope="module")
-def furniture_checkpoint(tmp_path_factory):
-    """A tiny K = 100 MLP pre-trained for one epoch on 4 synthetic One-leg demos in the train.npz format."""
+def furniture_data(tmp_path_factory):
+    """4 synthetic One-leg demos in the train.npz format, and a folder for the pre-training runs."""
     d = tmp_path_factory.mktemp("furniture")
     rng = np.random.default_rng(0)
     trajs = [{"obs": rng.normal(size=(40, 58)).astype(np.float32), "actions": rng.uniform(-1, 1, (40, 10)).astype(np.float32)}
              for _ in range(4)]
     save_train_npz(str(d / "train.npz"), trajs)
+    return d
+
+
+def pretrain_in(d, module, args):
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        out = pt.main(pt.Args(env_id="one-leg-low", dataset=str(d / "train.npz"), n_epochs=1, denoising_steps=100,
-                              mlp_dims=(32, 32, 32), cond_mlp_dims=(16,), time_dim=8, batch_size=64, seed=0))
+        return os.path.join(d, module.main(args)["checkpoint"])
     finally:
         os.chdir(cwd)
-    return os.path.join(d, out["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def furniture_checkpoint(furniture_data):
+    """A tiny K = 100 MLP pre-trained for one epoch on the synthetic demos."""
+    return pretrain_in(furniture_data, pt, pt.Args(env_id="one-leg-low", dataset=str(furniture_data / "train.npz"),
+                                                   n_epochs=1, denoising_steps=100, mlp_dims=(32, 32, 32),
+                                                   cond_mlp_dims=(16,), time_dim=8, batch_size=64, seed=0))
+
+
+def fake_furniture(monkeypatch, module):
+    """The furniture tasks of `module` run on FakeFurnitureSim with 16-step episodes: envs 0 and 2 assemble
+    One-leg's one part inside each episode, env 3 one step after its end. Returns the list of sims made."""
+    sims = []
+    schedule = {0: (5,), 2: (16,), 3: (17,)}
+    def make_sim(task, num_envs, max_episode_steps):
+        sims.append(FakeFurnitureSim(num_envs, assemble_at=schedule))
+        return sims[-1]
+    monkeypatch.setattr(fur, "make_sim", make_sim)
+    real_make = module.make_vec_env
+    monkeypatch.setattr(module, "make_vec_env", lambda *a, **kw: real_make(*a, **{**kw, "max_episode_steps": 16}))
+    return sims
 
 
 def test_dppo_finetune_two_iterations_on_the_fake_simulator(furniture_checkpoint, tmp_path, monkeypatch):
     """Envs 0 and 2 assemble One-leg's one part inside their 16-step episodes: success 0.5 in every iteration."""
     monkeypatch.chdir(tmp_path)
-    sims = []
-    schedule = {0: (5,), 2: (16,), 3: (17,)}  # env 3's comes one step after its episode's end
-    monkeypatch.setattr(fur, "make_sim", lambda task, n, steps: sims.append(FakeFurnitureSim(n, assemble_at=schedule)) or sims[-1])
-    real_make = ft.make_vec_env
-    monkeypatch.setattr(ft, "make_vec_env", lambda *a, **kw: real_make(*a, **{**kw, "max_episode_steps": 16}))
+    sims = fake_furniture(monkeypatch, ft)
     out = ft.main(ft.Args(env_id="one-leg-low", checkpoint=furniture_checkpoint, n_train_itr=2, num_envs=4, n_steps=3,
                           batch_size=20, val_freq=0, eval_n_steps=2, seed=0, action_noise_std=0.03, cuda=False))
     h = out["history"]
@@ -394,3 +439,20 @@ def test_dppo_finetune_two_iterations_on_the_fake_simulator(furniture_checkpoint
     saved = json.load(open(os.path.join(out["run_dir"], "args.json")))
     assert saved["action_noise_std"] == 0.03 and saved["obs_noise_std"] == 0.0
     assert any(v.ndim == 2 and v.shape[0] == 512 for v in post["critic"].values())  # the furniture critic, [512] x 3
+
+
+@pytest.mark.parametrize("module", [gauss, gmm])
+def test_gaussian_and_gmm_ppo_on_the_fake_simulator(module, furniture_data, tmp_path, monkeypatch):
+    """The same adapter, success rule and furniture defaults serve gaussian_ppo.py and gmm_ppo.py."""
+    ckpt = pretrain_in(furniture_data, module, module.Args(env_id="one-leg-low", pretrain=True, n_epochs=1, seed=0,
+                                                           dataset=str(furniture_data / "train.npz"), mlp_dims=(32, 32, 32),
+                                                           pretrain_batch_size=64, exp_name=module.__name__))
+    monkeypatch.chdir(tmp_path)
+    sims = fake_furniture(monkeypatch, module)
+    out = module.main(module.Args(env_id="one-leg-low", checkpoint=ckpt, n_train_itr=2, num_envs=4, n_steps=3, batch_size=4,
+                                  val_freq=0, eval_n_steps=2, seed=0, cuda=False))
+    h = out["history"]
+    assert len(h) == 2 and all(np.isfinite(x["pg_loss"]) for x in h)
+    assert all(x["n_episodes"] == 4 and x["success_rate"] == 0.5 for x in h) and len(sims[0].actions) == 8 * 8
+    assert not torch.load(out["checkpoint"], weights_only=True)["args"]["bootstrap_truncated"]
+
