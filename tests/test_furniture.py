@@ -456,3 +456,34 @@ def test_gaussian_and_gmm_ppo_on_the_fake_simulator(module, furniture_data, tmp_
     assert all(x["n_episodes"] == 4 and x["success_rate"] == 0.5 for x in h) and len(sims[0].actions) == 8 * 8
     assert not torch.load(out["checkpoint"], weights_only=True)["args"]["bootstrap_truncated"]
 
+
+
+def test_unet_checkpoint_takes_the_reference_unet_batch(furniture_data, tmp_path, monkeypatch):
+    """cfg/furniture/finetune/one_leg_low/ft_ppo_diffusion_unet.yaml: T_a 16, batch 30000; an explicit --batch-size wins."""
+    ckpt = pretrain_in(furniture_data, pt, pt.Args(env_id="one-leg-low", dataset=str(furniture_data / "train.npz"),
+                                                   backbone="unet", horizon_steps=16, unet_dim=8, n_epochs=1,
+                                                   denoising_steps=100, batch_size=64, seed=0, exp_name="unet"))
+    monkeypatch.chdir(tmp_path)
+    fake_furniture(monkeypatch, ft)
+    small = dict(env_id="one-leg-low", checkpoint=ckpt, n_train_itr=1, num_envs=4, n_steps=3, val_freq=0, eval_n_steps=1,
+                 cuda=False)
+    with pytest.raises(UsageError, match="--batch-size 30000 exceeds"):
+        ft.main(ft.Args(**small))
+    out = ft.main(ft.Args(**small, batch_size=20))
+    a = torch.load(out["checkpoint"], weights_only=True)["args"]
+    assert (a["batch_size"], a["horizon_steps"], a["act_steps"]) == (20, 16, 8) and np.isfinite(out["history"][0]["pg_loss"])
+
+
+def test_command_line_without_isaac_gym_is_one_line_and_writes_nothing(furniture_checkpoint, tmp_path):
+    if fur.install_error() is None:
+        pytest.skip("Isaac Gym and the fork are installed here")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "dppo_finetune.py")
+    for argv, match in ((["--action-noise-std", "-1"], "error: --action-noise-std must be a finite number >= 0 (got -1.0)"),
+                        (["--checkpoint", furniture_checkpoint, "--num-envs", "2", "--n-steps", "2", "--batch-size", "4",
+                          "--action-noise-std", "0.03"], "error: task 'one-leg-low': Furniture-Bench needs Isaac Gym")):
+        out = subprocess.run([sys.executable, script, "--env-id", "one-leg-low", *argv], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=180)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(match), out.stderr
+    assert os.listdir(tmp_path) == []  # no run folder
