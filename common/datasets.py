@@ -417,25 +417,31 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
     sits beside a `train.npz` (the statistics the reference normalises that dataset with, so a policy trained here sees
     the observations a reference policy saw), else the min/max of the trajectories."""
     path, trajs = _load_checked(task, path, n_demos)
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "normalization.npz")
-    if os.path.basename(path) != "train.npz" or not os.path.exists(beside):
+    folder = os.path.dirname(os.path.abspath(path))
+    found = [os.path.join(folder, n) for n in ("normalization.npz", "normalization.pth")
+             if os.path.exists(os.path.join(folder, n))]
+    if os.path.basename(path) != "train.npz" or not found:
         return trajs, Normalizer.from_trajectories(trajs)
     # The reference's layout (script/dataset/process_robomimic_dataset.py, get_d4rl_dataset.py, process_d3il_dataset.py):
-    # train.npz holds states and actions already normalised, 2·(x − min)/(max − min + 1e-6) − 1, with normalization.npz.
-    normalizer = Normalizer.from_npz(beside)
+    # train.npz holds states and actions already normalised, 2·(x − min)/(max − min + 1e-6) − 1, with normalization.npz;
+    # furniture's with a LinearNormalizer normalization.pth, 2·(x − min)/(max − min) − 1
+    # (env/gym_utils/furniture_normalizer.py).
+    beside = found[0]
+    eps = 0.0 if beside.endswith(".pth") else 1e-6
+    normalizer = Normalizer.from_file(beside)
     dims = (normalizer.obs_min.numel(), normalizer.action_min.numel())
     if dims != (task.obs_dim, task.action_dim):
         raise DatasetError(f"{beside} normalises {dims[0]} observation and {dims[1]} action dimensions, {task.id} has "
                            f"{task.obs_dim} and {task.action_dim}: move it away from {path} or replace it")
     peak = max(float(np.abs(t[k]).max()) for t in trajs for k in ("obs", "actions"))
-    if peak > 1.5:
+    if peak > (5.0 if eps == 0 else 1.5):  # furniture observations are clamped to ±5 after normalising
         raise DatasetError(f"{path} holds values up to {peak:.3g}, so it is not normalised with {beside} (the reference's "
-                           "layout: a train.npz beside its normalization.npz holds data in [-1, 1]); move normalization.npz "
-                           "away to train on the raw values")
+                           f"layout: a train.npz beside its {os.path.basename(beside)} holds normalised data); move "
+                           f"{os.path.basename(beside)} away to train on the raw values")
     stats = {k: v.astype(np.float64) for k, v in normalizer._np.items()}
     for t in trajs:  # back to env units with the exact inverse of that formula; WindowDataset normalises them again
         for key, lo, hi in (("obs", "obs_min", "obs_max"), ("actions", "action_min", "action_max")):
-            scale = stats[hi] - stats[lo] + 1e-6
+            scale = stats[hi] - stats[lo] + eps
             t[key] = ((t[key].astype(np.float64) + 1) / 2 * scale + stats[lo]).astype(np.float32)
     print(f"dataset in the reference's normalised layout; statistics: {beside}")
     return trajs, normalizer
@@ -482,8 +488,12 @@ def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[s
             path = default_data_path(task)
             if not os.path.exists(path):
                 if not _is_url(task.data):
-                    raise DatasetError(f"no dataset for task {task.id!r} at {path}; get it from {task.data} "
-                                       "and put it there (or pass the path)")
+                    from common.convert import DRIVE_FOLDER, PAPER_FILES
+
+                    where = (f"--dataset paper downloads the reference's ({DRIVE_FOLDER.format(PAPER_FILES[task.id][0])})"
+                             if task.id in PAPER_FILES else f"get it from {task.data}")
+                    raise DatasetError(f"no dataset for task {task.id!r} at {path}; {where}, or put a train.npz there "
+                                       "(or pass the path)")
                 download(task.data, path)
         if not os.path.exists(path):
             raise DatasetError(f"dataset file {path} does not exist; check the path")

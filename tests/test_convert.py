@@ -275,3 +275,31 @@ def test_furniture_normalization_pth(tmp_path):
     with pytest.raises(DatasetError, match="LinearNormalizer state dict"):
         load_checkpoint(str(path), "diffusion", "", task)
     assert convert.normalization_name(task) == "normalization.pth"
+
+
+def test_furniture_dataset_layout_and_missing_dataset(tmp_path):
+    """The reference's furniture data: train.npz normalised with the LinearNormalizer of normalization.pth beside it
+    (no 1e-6); obs 58, action 10. A missing dataset names `--dataset paper` and the Drive folder."""
+    task = get_task("one-leg-low")
+    rng = np.random.default_rng(1)
+    lo, hi = rng.uniform(-2, 0, 58).astype(np.float32), rng.uniform(0.5, 2, 58).astype(np.float32)
+    alo, ahi = -np.ones(10, np.float32), np.ones(10, np.float32) * 3
+    trajs = [{"obs": rng.uniform(-1, 1, (30, 58)).astype(np.float32),
+              "actions": rng.uniform(-1, 1, (30, 10)).astype(np.float32)} for _ in range(2)]
+    save_train_npz(str(tmp_path / "train.npz"), trajs)
+    torch.save({"stats.observations.min": torch.from_numpy(lo), "stats.observations.max": torch.from_numpy(hi),
+                "stats.actions.min": torch.from_numpy(alo), "stats.actions.max": torch.from_numpy(ahi)},
+               tmp_path / "normalization.pth")
+    loaded, normalizer = load_task_dataset(task, str(tmp_path / "train.npz"))
+    raw = (trajs[0]["obs"].astype(np.float64) + 1) / 2 * (hi - lo) + lo  # the LinearNormalizer's inverse
+    np.testing.assert_allclose(loaded[0]["obs"], raw, atol=1e-5)
+    np.testing.assert_allclose(normalizer.normalize_obs(loaded[0]["obs"]), trajs[0]["obs"], atol=1e-5)
+    lamp = [{"obs": np.zeros((5, 44), np.float32), "actions": np.zeros((5, 10), np.float32)}]
+    save_train_npz(str(tmp_path / "train.npz"), lamp)
+    with pytest.raises(DatasetError, match=r"\(5, 58\)"):  # a Lamp file given for One-leg
+        load_task_dataset(task, str(tmp_path / "train.npz"))
+    with pytest.raises(DatasetError) as e:
+        load_task_dataset(task)
+    folder = "https://drive.google.com/drive/folders/1v4LG2D1fS8id5hqE7Jjt7MYNFUEBNyh4"
+    assert f"--dataset paper downloads the reference's ({folder})" in str(e.value)
+    assert str(tmp_path / "data" / "one-leg-low" / "train.npz") in str(e.value)
