@@ -130,10 +130,11 @@ def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
     envs = SyncChunkVecEnv(env_fns)
     while True:
         cmd, data = remote.recv()
-        if cmd == "step":
-            remote.send(envs.step(data))
-        elif cmd == "reset":
-            remote.send(envs.reset(seeds=data))
+        if cmd in ("step", "reset"):
+            try:
+                remote.send(envs.step(data) if cmd == "step" else envs.reset(seeds=data))
+            except TaskError as e:  # e.g. --capture-video cannot render here: raised again in the parent, one line
+                remote.send(e)
         elif cmd == "record":
             envs.set_recording(data)
         else:
@@ -169,12 +170,19 @@ class ProcessChunkVecEnv:
     def reset(self, seed: int | None = None) -> np.ndarray:
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("reset", [None if seed is None else seed + int(i) for i in idx]))
-        return np.concatenate([remote.recv() for remote in self._remotes])
+        return np.concatenate(self._receive())
+
+    def _receive(self) -> list[Any]:
+        results = [remote.recv() for remote in self._remotes]
+        for r in results:
+            if isinstance(r, TaskError):
+                raise r
+        return results
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("step", actions[idx]))
-        results = [remote.recv() for remote in self._remotes]
+        results = self._receive()
         obs, rew, term, trunc = (np.concatenate([r[k] for r in results]) for k in range(4))
         info = {"final_obs": np.concatenate([r[4]["final_obs"] for r in results])}
         if any("frames" in r[4] for r in results):  # worker-local env indices -> global ones

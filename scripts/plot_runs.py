@@ -87,6 +87,11 @@ def read_run(path: str) -> RunCurve | None:
         missing = {"env_steps", "mode", "return_mean", "success_rate"} - set(rows[0] if rows else {})
         if rows and missing:
             raise PlotError(f"{csv_path}: not an eval.csv of these scripts (no {', '.join(sorted(missing))} column)")
+        for n, r in enumerate(rows, start=2):
+            try:
+                float(r["env_steps"]), float(r["return_mean"]), float(r["success_rate"])
+            except (TypeError, ValueError):
+                raise PlotError(f"{csv_path} line {n}: env_steps, return_mean and success_rate must be numbers") from None
     if not rows:
         print(f"warning: {path}: no evaluations in eval.csv yet; skipped", file=sys.stderr)
         return None

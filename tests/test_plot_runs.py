@@ -103,6 +103,14 @@ def test_not_a_run_folder_is_one_line_and_exit_2(runs, tmp_path):
         assert "not a run folder" in proc.stderr and not os.path.exists(tmp_path / "x.png")
 
 
+def test_a_broken_eval_csv_names_its_line(tmp_path):
+    path = _run(tmp_path, "avoid-m2", "x", 1, [(0, 0, "stochastic", 0, 0.2)])
+    with open(os.path.join(path, "eval.csv"), "a") as f:
+        f.write("1,500,stochastic,oops,1.0,0.5,10\n")
+    with pytest.raises(plot_runs.PlotError, match="eval.csv line 3"):
+        plot_runs.read_run(path)
+
+
 def test_eval_csv_columns_are_the_ones_the_scripts_write():
     """The columns plot_runs reads are in EvalLog.FIELDS (a renamed column would silently break the plots)."""
     assert {"env_steps", "mode", "return_mean", "success_rate"} <= set(EvalLog.FIELDS)

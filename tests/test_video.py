@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -151,6 +152,7 @@ def test_missing_renderer_or_writer_is_one_line(monkeypatch):
 
 HOPPER = r"""
 import json, sys, time
+import gymnasium as gym
 import numpy as np
 from common.envs import evaluate, make_vec_env
 from common.tasks import get_task
@@ -197,6 +199,7 @@ def test_hopper_recording_keeps_the_numbers(tmp_path):
 
 LIFT = r"""
 import json, sys
+import gymnasium as gym
 import numpy as np
 from common.envs import make_vec_env
 from common.tasks import get_task
@@ -237,3 +240,34 @@ def test_resume_may_switch_recording_on(tmp_path, monkeypatch):
     out = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=2, capture_video=True))
     names = sorted(os.listdir(os.path.join(out["run_dir"], "videos")))
     assert out["run_dir"] == part["run_dir"] and [n[:12] for n in names] == ["itr_0002_ep0", "itr_0002_ep1", "itr_0002_ep2"]
+
+
+class _NoGL(gym.Env):
+    """A one-number env whose renderer is missing, as on a machine without libEGL."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    render_mode = "rgb_array"
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+    def render(self):
+        raise RuntimeError("no EGL display")
+
+
+def test_a_render_failure_in_a_worker_process_is_one_line_in_the_parent():
+    from common.envs import MultiStep, ProcessChunkVecEnv
+    from common.video import RenderFrames
+    envs = ProcessChunkVecEnv([lambda: MultiStep(RenderFrames(_NoGL(), 1), 2)] * 2, 2)
+    try:
+        envs.set_recording([1])
+        with pytest.raises(TaskError, match="rendering failed .*no EGL display.*MUJOCO_GL=egl"):
+            envs.reset(seed=0)
+        envs.set_recording([])
+        assert envs.reset(seed=0).shape == (2, 1, 1)  # the workers are still there
+    finally:
+        envs.close()
