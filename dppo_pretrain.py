@@ -129,6 +129,9 @@ class Args:
     """epochs between evaluation rollouts (0: never; None: per task)"""
     n_eval_envs: int = 50
     """parallel envs in an evaluation"""
+    capture_video: bool = False
+    """record a few episodes of every evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
+    MUJOCO_GL=egl without a display)"""
     save_every: int = 50
     """epochs between checkpoints"""
     paper_recipe: bool = False
@@ -333,8 +336,11 @@ def main(args: Args) -> dict:
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
 
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if args.capture_video and not can_simulate:
+        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no simulator)")
     if can_simulate:
-        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
+        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
+                                 capture_video=args.capture_video)
     run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)  # keeps the rows up to the checkpoint's epoch
 
     def run_evaluation(epoch: int) -> dict:

@@ -100,6 +100,9 @@ class Args:
     """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
     plot: bool = True
     """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
+    capture_video: bool = False
+    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
+    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
     save_every: int = 1
     """fine-tuning iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
@@ -454,8 +457,11 @@ def pretrain(args: Args, task: Task) -> dict:
                                                                                 args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if args.capture_video and not can_simulate:
+        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no simulator)")
     if can_simulate:
-        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps)
+        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
+                                 capture_video=args.capture_video)
     run = Run(args, task.id)
 
     @torch.no_grad()
@@ -552,7 +558,8 @@ def main(args: Args) -> dict:
         load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
-                        terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer)
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
+                        capture_video=args.capture_video)
     print(f"envs: {N} x {task.id} on {envs.backend}")
     # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
     eval_deterministic = task.suite != "avoid"
@@ -569,7 +576,7 @@ def main(args: Args) -> dict:
         return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval)
+        out = eval_only_report(run_eval, args, task.id)
         envs.close()
         return out
 

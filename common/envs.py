@@ -30,6 +30,8 @@ import torch
 
 from common.runs import NonFiniteError
 from common.tasks import Task, TaskError, require_simulator
+from common.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
+                          video_timing)
 
 
 class ChunkVecEnv(Protocol):
@@ -79,10 +81,20 @@ class SyncChunkVecEnv:
     """MultiStep envs stepped one after another in this process, with same-step autoreset."""
 
     backend = "gymnasium"
+    video_fps: float | None = None  # set by make_vec_env when the envs render (--capture-video)
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]) -> None:
         self.envs = [fn() for fn in env_fns]
         self.num_envs = len(self.envs)
+        self._recording: list[int] = []
+
+    def set_recording(self, indices: list[int]) -> None:
+        """Render frames of these envs (their RenderFrames wrapper) from now on, into info["frames"]."""
+        self._recording = list(indices)
+        for i, env in enumerate(self.envs):
+            if isinstance(env.env, RenderFrames):
+                env.env.recording = i in self._recording
+                env.env.pop_frames()
 
     def reset(self, seed: int | None = None, seeds: list[int | None] | None = None) -> np.ndarray:
         if seeds is None:
@@ -94,13 +106,19 @@ class SyncChunkVecEnv:
         reward = np.zeros(self.num_envs, np.float32)
         terminated = np.zeros(self.num_envs, bool)
         truncated = np.zeros(self.num_envs, bool)
+        frames = {}
         for i, env in enumerate(self.envs):
             o, reward[i], terminated[i], truncated[i], _ = env.step(actions[i])
             final_obs.append(o)
+            if i in self._recording:  # the episode's frames, before an autoreset starts the next one's
+                frames[i] = env.env.pop_frames()
             if terminated[i] or truncated[i]:
                 o, _ = env.reset()
             obs.append(o)
-        return np.stack(obs), reward, terminated, truncated, {"final_obs": np.stack(final_obs)}
+        info = {"final_obs": np.stack(final_obs)}
+        if self._recording:
+            info["frames"] = frames
+        return np.stack(obs), reward, terminated, truncated, info
 
     def close(self) -> None:
         for env in self.envs:
@@ -112,10 +130,13 @@ def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
     envs = SyncChunkVecEnv(env_fns)
     while True:
         cmd, data = remote.recv()
-        if cmd == "step":
-            remote.send(envs.step(data))
-        elif cmd == "reset":
-            remote.send(envs.reset(seeds=data))
+        if cmd in ("step", "reset"):
+            try:
+                remote.send(envs.step(data) if cmd == "step" else envs.reset(seeds=data))
+            except TaskError as e:  # e.g. --capture-video cannot render here: raised again in the parent, one line
+                remote.send(e)
+        elif cmd == "record":
+            envs.set_recording(data)
         else:
             envs.close()
             remote.close()
@@ -126,6 +147,7 @@ class ProcessChunkVecEnv:
     """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv."""
 
     backend = "gymnasium (worker processes)"
+    video_fps: float | None = None
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
         self.num_envs = len(env_fns)
@@ -148,14 +170,29 @@ class ProcessChunkVecEnv:
     def reset(self, seed: int | None = None) -> np.ndarray:
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("reset", [None if seed is None else seed + int(i) for i in idx]))
-        return np.concatenate([remote.recv() for remote in self._remotes])
+        return np.concatenate(self._receive())
+
+    def _receive(self) -> list[Any]:
+        results = [remote.recv() for remote in self._remotes]
+        for r in results:
+            if isinstance(r, TaskError):
+                raise r
+        return results
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("step", actions[idx]))
-        results = [remote.recv() for remote in self._remotes]
+        results = self._receive()
         obs, rew, term, trunc = (np.concatenate([r[k] for r in results]) for k in range(4))
-        return obs, rew, term, trunc, {"final_obs": np.concatenate([r[4]["final_obs"] for r in results])}
+        info = {"final_obs": np.concatenate([r[4]["final_obs"] for r in results])}
+        if any("frames" in r[4] for r in results):  # worker-local env indices -> global ones
+            info["frames"] = {int(idx[i]): f for r, idx in zip(results, self._splits)
+                              for i, f in r[4].get("frames", {}).items()}
+        return obs, rew, term, trunc, info
+
+    def set_recording(self, indices: list[int]) -> None:
+        for remote, idx in zip(self._remotes, self._splits):
+            remote.send(("record", [int(j) for j, g in enumerate(idx) if g in indices]))
 
     def close(self) -> None:
         for remote in self._remotes:
@@ -219,15 +256,20 @@ class EnvpoolChunkVecEnv:
 
 
 def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = False,
-             max_episode_steps: int | None = None) -> gym.Env:
-    """One raw (un-chunked) gymnasium env of the task."""
+             max_episode_steps: int | None = None, render: bool = False) -> gym.Env:
+    """One raw (un-chunked) gymnasium env of the task; `render`: `env.render()` returns RGB frames
+    (VIDEO_SIZE square) for evaluation videos."""
     require_simulator(task)
     steps = max_episode_steps or task.max_episode_steps
     if task.suite == "gym":
-        env = gym.make(task.env_name, max_episode_steps=steps)
+        # the locomotion models' own "track" camera follows the body (gymnasium's default free camera does not)
+        frames = dict(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE, camera_name="track") if render else {}
+        env = gym.make(task.env_name, max_episode_steps=steps, **frames)
+        if render:
+            plain_lighting(env.unwrapped.model)
     elif task.suite == "robomimic":
         from common.robomimic import make_robomimic_env
-        env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success)
+        env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success, video_frames=render)
     elif task.suite == "furniture":  # GPU-batched: make_vec_env only (common/furniture.py)
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     else:
@@ -242,7 +284,7 @@ ENV_BACKENDS = ("auto", "envpool", "gymnasium")
 def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
                  max_episode_steps: int | None = None, backend: str = "auto", normalizer: Any = None,
-                 obs_noise_std: float = 0.0, action_noise_std: float = 0.0) -> ChunkVecEnv:
+                 obs_noise_std: float = 0.0, action_noise_std: float = 0.0, capture_video: bool = False) -> ChunkVecEnv:
     """`num_envs` chunked envs of `task` following the protocol in this module's docstring; the
     returned env's `backend` attribute names what runs it.
 
@@ -251,11 +293,15 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     it saves). backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
     installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
     Furniture only: the dataset `normalizer` and the sim-to-real noise (common/furniture.py).
+    capture_video: envs 0..VIDEO_EPISODES-1 can render and `evaluate` records their episodes
+    (common/video.py); the returned env's `video_fps` is then set.
     """
     if obs_noise_std or action_noise_std:
         if task.suite != "furniture":
             raise TaskError(f"observation / action noise is the Furniture-Bench sim-to-real option; {task.id!r} has none")
     if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (common/furniture.py checks the install)
+        if capture_video:
+            require_video(task)  # no renderer for furniture here: one line
         from common.furniture import make_furniture_vec_env
         return make_furniture_vec_env(task, num_envs, act_steps or task.act_steps, cond_steps, max_episode_steps,
                                       normalizer, obs_noise_std, action_noise_std, seed)
@@ -263,6 +309,11 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     if backend not in ENV_BACKENDS:
         raise TaskError(f"env backend {backend!r}: choose one of {', '.join(ENV_BACKENDS)}")
     has_envpool = importlib.util.find_spec("envpool") is not None
+    if capture_video:
+        require_video(task)
+        if task.suite == "gym" and has_envpool and backend != "gymnasium":  # same simulator with and without videos
+            raise TaskError("--capture-video renders gymnasium's MuJoCo envs, and envpool is installed: "
+                            "add --env-backend gymnasium")
     if backend == "envpool" and (task.suite != "gym" or not has_envpool):
         raise TaskError("--env-backend envpool runs gym locomotion only, and needs `pip install envpool==1.2.5`"
                         if task.suite == "gym" else f"--env-backend envpool is for gym locomotion, not {task.id!r}")
@@ -272,22 +323,43 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
         avoid = AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
                             max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
         avoid.backend = "numpy (common/avoid.py)"
+        avoid.video_fps = 1 / AVOID_DT if capture_video else None
         return avoid
+
+    stride, video_fps = 1, None
+    if capture_video:  # env fps: gym's metadata (1/dt), robosuite's control frequency (20 Hz)
+        if task.suite == "robomimic":
+            from common.robomimic import env_kwargs
+            env_fps = float(env_kwargs(task)["control_freq"])
+        else:
+            env_fps = _gym_render_fps(task)
+        stride, video_fps = video_timing(env_fps)
 
     def env_fn(i: int) -> Callable[[], gym.Env]:
         def thunk() -> gym.Env:
-            env = make_env(task, None if seed is None else seed + i, terminate_on_success, max_episode_steps)
-            return MultiStep(env, act_steps, cond_steps)
+            render = capture_video and i < VIDEO_EPISODES
+            env = make_env(task, None if seed is None else seed + i, terminate_on_success, max_episode_steps, render)
+            return MultiStep(RenderFrames(env, stride) if render else env, act_steps, cond_steps)
         return thunk
 
     if task.suite == "gym" and has_envpool and backend != "gymnasium":
         return EnvpoolChunkVecEnv(task, num_envs, seed, act_steps, cond_steps, max_episode_steps or task.max_episode_steps)
     fns = [env_fn(i) for i in range(num_envs)]
-    if task.suite == "robomimic":
-        workers = n_workers or os.cpu_count() or 1
-        if workers > 1 and num_envs > 1:
-            return ProcessChunkVecEnv(fns, workers, context="fork")
-    return SyncChunkVecEnv(fns)
+    workers = (n_workers or os.cpu_count() or 1) if task.suite == "robomimic" else 1
+    vec = ProcessChunkVecEnv(fns, workers, context="fork") if workers > 1 and num_envs > 1 else SyncChunkVecEnv(fns)
+    vec.video_fps = video_fps
+    return vec
+
+
+def _gym_render_fps(task: Task) -> float:
+    """The env's own frame rate (1/dt), from one env that also proves rendering works here (one line if not)."""
+    env = make_env(task, render=True)
+    try:
+        env.reset(seed=0)
+        RenderFrames(env, 1)._grab()
+        return float(env.metadata["render_fps"])
+    finally:
+        env.close()
 
 
 class RunningRewardScaler:
@@ -387,9 +459,11 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
 
     Returns return_mean/return_std/success_rate/episode_length/n_episodes, and for Avoid
     `mode_fractions` (the share of finished episodes through each row-3 mode 5..8),
-    `collision_rate` and `paths` (end-effector paths of the finished episodes).
+    `collision_rate` and `paths` (end-effector paths of the finished episodes); with envs made with
+    `capture_video`, `videos` (`common.video.EvalVideos`: recorded episodes the run folder keeps).
     """
     n_steps = n_steps or eval_horizon(task, act_steps)
+    videos = EvalVideos(envs) if getattr(envs, "video_fps", None) else None  # before the reset: its first frame
     obs = envs.reset(seed=seed)
     n = envs.num_envs
     tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward, task.success_return)
@@ -401,7 +475,12 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
                                  "its weights or normalisation are broken")
         obs, reward, term, trunc, info = envs.step(chunk)
         done = term | trunc
+        n_before = len(tracker.returns)
         tracker.step(reward, done)
+        if videos is not None:  # (return, success) of each episode that just ended, in env order as the tracker
+            no_rule = task.success_chunk_reward is None
+            videos.step(info, {int(i): (tracker.returns[n_before + k], None if no_rule else tracker.successes[n_before + k])
+                               for k, i in enumerate(np.flatnonzero(done))})
         if "mode" in info:  # Avoid: latched row modes and the end-effector path
             for i in range(n):
                 path[i].extend(info["ee_pos"][i])
@@ -416,4 +495,6 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
         out["mode_fractions"] = {m: float((modes_arr == m).mean()) for m in (5, 6, 7, 8)}
         out["collision_rate"] = float(np.mean(collided))
         out["paths"] = paths
+    if videos is not None:
+        out["videos"] = videos.finish()
     return out

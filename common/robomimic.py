@@ -143,10 +143,12 @@ def _global_np_random(rs: np.random.RandomState) -> Iterator[None]:
 class RobomimicEnv(gym.Env):
     """A robosuite 1.4.1 env with the robomimic dataset settings and a flat float32 state obs."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"]}
+    VIDEO_CAMERA = "agentview"
+    """the camera of evaluation videos (`render()`, with `video_frames=True`)"""
 
     def __init__(self, task: Task | str, seed: int | None = None,
-                 terminate_on_success: bool = False, render: bool = False) -> None:
+                 terminate_on_success: bool = False, render: bool = False, video_frames: bool = False) -> None:
         self.task = _resolve(task)
         require_simulator(self.task)
         if render:
@@ -159,7 +161,12 @@ class RobomimicEnv(gym.Env):
         # building the model draws from np.random too (Lift's cube size): seed it with `seed`
         seeded = seed is not None
         with _global_np_random(np.random.RandomState(seed)) if seeded else contextlib.nullcontext():
-            self.env = robosuite.make(self.task.env_name, **env_kwargs(self.task))
+            # video frames: robosuite's offscreen renderer (a GL context; the physics is the same)
+            self.env = robosuite.make(self.task.env_name, **{**env_kwargs(self.task), "has_offscreen_renderer": video_frames})
+        self.render_mode = "rgb_array" if video_frames else None
+        if video_frames:
+            from common.video import plain_lighting
+            plain_lighting(self.env.sim.model._model)
         self.terminate_on_success = terminate_on_success
         self.keys = obs_keys(self.task)
         self.obs_slices: dict[str, slice] = {}
@@ -207,16 +214,21 @@ class RobomimicEnv(gym.Env):
         truncated = self._t >= self.task.max_episode_steps
         return self._flat(self.raw_obs), float(reward), terminated, truncated, {"success": success}
 
+    def render(self) -> np.ndarray:
+        """(VIDEO_SIZE, VIDEO_SIZE, 3) uint8 frame of the `agentview` camera (needs video_frames=True)."""
+        from common.video import VIDEO_SIZE
+        return self.env.sim.render(camera_name=self.VIDEO_CAMERA, width=VIDEO_SIZE, height=VIDEO_SIZE)[::-1]
+
     def close(self) -> None:
         self.env.close()
 
 
-def make_robomimic_env(task: Task | str, seed: int | None = None,
-                       terminate_on_success: bool = False, render: bool = False) -> gym.Env:
+def make_robomimic_env(task: Task | str, seed: int | None = None, terminate_on_success: bool = False,
+                       render: bool = False, video_frames: bool = False) -> gym.Env:
     """A robomimic task as a gymnasium env (see the module docstring). `seed` seeds the model build
     (Lift's cube size is drawn then), the first reset and the action space; later `reset()` calls
     continue the env's own random stream. Use seed + i for the i-th of several envs."""
-    env = RobomimicEnv(task, seed=seed, terminate_on_success=terminate_on_success, render=render)
+    env = RobomimicEnv(task, seed=seed, terminate_on_success=terminate_on_success, render=render, video_frames=video_frames)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)

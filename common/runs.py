@@ -319,7 +319,7 @@ def restore_training(ckpt: dict[str, Any], optimizers: dict[str, torch.optim.Opt
 
 # flags that may differ on resume (they do not change what the run computes, or extend it)
 RESUME_OVERRIDABLE = ("n_train_itr", "n_epochs", "save_every", "track", "torch_threads", "cuda", "n_workers", "plot",
-                      "wandb_project_name")
+                      "wandb_project_name", "capture_video")
 
 
 def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
@@ -439,12 +439,21 @@ class Run:
             wandb.init(project=args.wandb_project_name, config=args_dict(args), name=os.path.basename(self.dir),
                        sync_tensorboard=True)
 
+    def save_videos(self, itr: int, result: dict[str, Any]) -> None:
+        """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""
+        if result.get("videos"):
+            from common.video import save_videos
+            result["videos"] = save_videos(result["videos"], os.path.join(self.dir, "videos"), f"itr_{itr:04d}")
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
 
     def log_eval(self, itr: int, env_steps: int, mode: str, result: dict[str, Any]) -> None:
-        """One `eval.csv` row; deterministic evaluations also go to TensorBoard under `eval/`."""
+        """One `eval.csv` row; deterministic evaluations also go to TensorBoard under `eval/`; the evaluation's
+        recorded episodes (`--capture-video`) are moved to `videos/itr_{itr:04d}_ep{env}_return_..._success_....mp4`
+        and `result["videos"]` becomes their paths."""
+        self.save_videos(itr, result)
         self.eval_log.write(itr, env_steps, mode, result)
         if mode == "deterministic":
             self.scalars({"eval/episodic_return": result["return_mean"], "eval/success_rate": result["success_rate"]}, itr)
@@ -489,13 +498,22 @@ class Run:
 
 # ---- evaluation report and small shared numbers ----
 
-def eval_only_report(run_eval: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
-    """`--eval-only`: the one evaluation function, deterministic and stochastic, printed; nothing is written."""
+def eval_only_report(run_eval: Callable[[bool], dict[str, Any]], args: Any = None, task_id: str = "") -> dict[str, Any]:
+    """`--eval-only`: the one evaluation function, deterministic and stochastic, printed; nothing is written,
+    except with `--capture-video`: the recorded episodes go to a new run folder
+    `runs/{task_id}__{exp_name}__{seed}__{time}/videos/eval_only_{mode}_ep{env}_return_..._success_....mp4`
+    (made only once the evaluations have succeeded; no eval.csv, no checkpoint)."""
     results = {}
     for mode, det in (("deterministic", True), ("stochastic", False)):
         r = results[mode] = run_eval(det)
         print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
               f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
+    if any(r.get("videos") for r in results.values()):
+        from common.video import save_videos
+        folder = os.path.join(new_run_dir(task_id, args.exp_name, args.seed), "videos")
+        for mode, r in results.items():
+            r["videos"] = save_videos(r.get("videos", []), folder, f"eval_only_{mode}")
+        print(f"videos: {folder}")
     return {"eval": results}
 
 
@@ -550,12 +568,14 @@ def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimi
         start_itr, env_steps = restore_training(resume, optimizers, schedulers)
         if scaler is not None:
             scaler.load_state_dict(resume["reward_scaler"])
-    paths_before = None
+    before = None
     if task.suite == "avoid" and args.plot and start_itr == 0:
         with torch.random.fork_rng():
-            paths_before = evaluate_paths()["paths"]
+            before = evaluate_paths()
     run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
-    run.paths_before = paths_before
+    if before is not None:
+        run.paths_before = before["paths"]
+        run.save_videos(0, before)  # --capture-video: the policy before fine-tuning, as itr_0000
     return run, start_itr, env_steps
 
 

@@ -16,7 +16,8 @@ the same function (`common.envs.evaluate`) on the same horizon and reset seeds:
 
 Each run is a separate process (one torch thread); `--jobs` run at once. Per run it writes
 `<task>__<method>.json` (eval rows, per-iteration history, wall time), and at the end `table.md`
-and `comparison.png` into --out.
+and `comparison.png` (drawn by `scripts/plot_runs.py`, as `plot_runs.py runs/*__cmp_*` would from the run
+folders) into --out.
 
     python scripts/baselines_comparison.py                               # everything
     python scripts/baselines_comparison.py --tasks avoid-m2 --methods dppo drwr
@@ -94,10 +95,6 @@ def load_results(args: Args) -> dict[tuple[str, str], dict]:
 
 
 def write_report(args: Args) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = load_results(args)
     metric = {"avoid-m2": ("success_rate", "success rate (training noise)"), "hopper": ("return_mean", "return")}
     lines = []
@@ -121,21 +118,14 @@ def write_report(args: Args) -> str:
                          f"| {int(rows[-1]['env_steps'])} | {r['train_iteration_s']:.1f} | {cpu} |")
         lines.append("")
     table = "\n".join(lines)
-    fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.5 * len(args.tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], args.tasks):
-        key, label = metric.get(task, ("return_mean", "return"))
-        mode = "stochastic" if task.startswith("avoid") else "deterministic"
-        for method in args.methods:
-            r = results.get((task, method))
-            if r is None:
-                continue
-            rows = [x for x in r["eval_rows"] if x["mode"] == mode]
-            ax.plot([int(x["env_steps"]) for x in rows], [float(x[key]) for x in rows], marker="o", ms=3,
-                    label=LABELS[method], lw=2.2 if method == "dppo" else 1.2)
-        ax.set(title=task, xlabel="env steps", ylabel=label)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "comparison.png"), dpi=100)
+    # the figure: scripts/plot_runs.py's curves, from the eval rows each run's json keeps (its run folder may be gone)
+    sys.path.insert(0, ROOT)
+    from scripts.plot_runs import RunCurve, plot
+
+    groups = {task: {f"cmp_{m}": [RunCurve(r["run_dir"], task, f"cmp_{m}", args.seed, r["eval_rows"])]
+                     for m in args.methods if (r := results.get((task, m))) is not None} for task in args.tasks}
+    plot({t: g for t, g in groups.items() if g}, os.path.join(args.out, "comparison.png"), mode="auto",
+         labels={f"cmp_{m}": LABELS[m] for m in MODULES}, title="DPPO vs the diffusion RL baselines, one seed each")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
