@@ -220,7 +220,7 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     except Exception:  # noqa: BLE001 - load_checkpoint gives the one-line answer
         kind = "diffusion"
     ckpt = load_checkpoint(path, kind if kind in ("diffusion", "gaussian", "gmm") else "diffusion",
-                           "pre-train and fine-tune one with this project's scripts")
+                           "python dppo_pretrain.py, then dppo_finetune.py")
     if ckpt["action_dim"] != ACTION_DIM or (ckpt["obs_dim"] - ROBOT_OBS_DIM) % POSE_DIM or ckpt["obs_dim"] < ROBOT_OBS_DIM:
         raise UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action {ckpt['action_dim']}) "
                          f"does not act in absolute end-effector poses: deploy_franka.py needs action {ACTION_DIM} "
@@ -383,6 +383,8 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
                 state = robot.observe()
                 poses = pose_source.read() if pose_source is not None else np.zeros((0, POSE_DIM))
                 obs = np.concatenate([robot_obs(state), poses.ravel()])
+                if not np.isfinite(obs).all():
+                    raise RobotError(f"non-finite observation at step {step}: {np.round(obs, 4).tolist()}")
                 hist.append(obs)
                 speed = float(np.linalg.norm(state.ee_lin_vel))
                 if speed > 2 * args.max_speed:
@@ -434,6 +436,7 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
                                 answer = ""
                             if answer.strip().lower() != "yes":
                                 reason = "not confirmed"
+                                print(f"not confirmed: nothing was sent; log {log_path}")
                                 return {"log": log_path, "steps": step, "stop_reason": reason}
                         robot.start()
                         started = True
@@ -463,6 +466,9 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
         reason = "interrupted"
     except (RobotError, NonFiniteError) as e:
         reason, error = f"{type(e).__name__}: {e}", e
+    except BaseException as e:  # a bug or SystemExit: still stop, still log why, then let it through
+        reason = f"{type(e).__name__}: {e}"
+        raise
     finally:
         robot.stop()  # also when never started (dry run, refused): a no-op there
         lat = np.array(latencies) if latencies else np.zeros(1)
