@@ -305,11 +305,11 @@ class PoseSource(Protocol):
 
 
 def _check_poses(poses: Any, n_objects: int, where: str) -> np.ndarray:
-    arr = np.asarray(poses, dtype=np.float64).reshape(-1, 7) if np.size(poses) else np.zeros((0, 7))
-    if arr.shape != (n_objects, 7) or not np.isfinite(arr).all():
+    arr = np.asarray(poses, dtype=np.float64)
+    if arr.size != 7 * n_objects or not np.isfinite(arr).all():
         raise RobotError(f"{where}: expected {n_objects} finite object poses of 7 numbers (x y z qx qy qz qw), "
                          f"got {np.size(poses)} numbers")
-    return arr
+    return arr.reshape(n_objects, 7)
 
 
 class FilePoseSource:

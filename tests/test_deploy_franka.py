@@ -253,6 +253,34 @@ def test_object_poses_from_a_file_enter_the_observation(tmp_path):
         source.read()
 
 
+def test_udp_poses_newest_wins_and_stale_stops():
+    import socket
+    from common.robot import UDPPoseSource
+    source = UDPPoseSource("127.0.0.1:0", 1, max_age=0.3)
+    address = source.sock.getsockname()
+    with pytest.raises(RobotError, match="no object poses"):
+        source.read()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for x in (0.1, 0.2):
+        tx.sendto(json.dumps([[x, 0, 0, 0, 0, 0, 1]]).encode(), address)
+    time.sleep(0.05)
+    assert np.allclose(source.read(), [[0.2, 0, 0, 0, 0, 0, 1]])
+    time.sleep(0.35)
+    with pytest.raises(RobotError, match="no object poses"):
+        source.read()
+    tx.sendto(json.dumps([[0.1, 0, 0]]).encode(), address)
+    time.sleep(0.05)
+    with pytest.raises(RobotError, match="expected 1"):
+        source.read()
+
+
+def test_apriltag_source_without_its_package_is_one_line(tmp_path, monkeypatch):
+    from common.robot import AprilTagPoseSource
+    monkeypatch.setitem(sys.modules, "pupil_apriltags", None)
+    with pytest.raises(UsageError, match="pip install pupil-apriltags"):
+        AprilTagPoseSource(str(tmp_path / "cal.json"), 1)
+
+
 def test_bad_input_is_refused_in_one_line(tmp_path, monkeypatch):
     ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.5, 0.0, 0.3]))
     with pytest.raises(UsageError, match="gripper-force"):
