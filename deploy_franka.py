@@ -471,6 +471,7 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
         raise
     finally:
         robot.stop()  # also when never started (dry run, refused): a no-op there
+        robot.close()
         lat = np.array(latencies) if latencies else np.zeros(1)
         late = np.array(lateness) if lateness else np.zeros(1)
         summary = dict(steps=step, stop_reason=reason, clipped_steps=n_clipped, policy_latency_mean=float(lat.mean()),

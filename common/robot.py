@@ -165,6 +165,9 @@ class Robot(Protocol):
     def stop(self) -> None:
         """Bring the arm to rest and release control (safe to call more than once, and after a fault)."""
 
+    def close(self) -> None:
+        """Drop the connection (after `stop`), so that another client can connect at once."""
+
 
 class FakeRobot:
     """In-process stand-in for unit tests: every `observe` moves the end-effector a fraction `tracking` of the
@@ -178,7 +181,7 @@ class FakeRobot:
         self.tracking, self.gripper_width, self.fail_after, self.dt = tracking, gripper_width, fail_after, dt
         self.sent: list[tuple] = []
         self.twists: list[np.ndarray | None] = []
-        self.started = self.stopped = False
+        self.started = self.stopped = self.closed = False
         self.n_observe = 0
 
     def start(self) -> None:
@@ -209,6 +212,9 @@ class FakeRobot:
     def stop(self) -> None:
         self.stopped = True
 
+    def close(self) -> None:
+        self.closed = True
+
 
 def _import_franky() -> Any:
     try:
@@ -235,6 +241,7 @@ class FrankyRobot:
         except Exception as e:  # noqa: BLE001 - franky raises its own exception types, all mean "cannot connect"
             raise RobotError(f"cannot connect to the robot at {host} ({type(e).__name__}: {e})") from None
         self.tracker: Any = None
+        self._model: Any = None
         self._gripper_busy: Any = None
 
     def start(self) -> None:
@@ -246,15 +253,19 @@ class FrankyRobot:
             raise RobotError(f"cannot start the impedance controller ({type(e).__name__}: {e})") from None
 
     def observe(self) -> RobotState:
+        """One libfranka state snapshot: the measured pose O_T_EE, joints q, dq, and the end-effector twist
+        J(q)·dq in the base frame (the `_c`/`_d` twists of the state are commands, not measurements)."""
         try:
-            cart, joints = self.robot.current_cartesian_state, self.robot.current_joint_state
+            s = self.robot.state
+            if self._model is None:
+                self._model = self.robot.model
+            twist = self._model.zero_jacobian(self.franky.Frame.EndEffector, s) @ np.asarray(s.dq, dtype=np.float64)
             width = float(self.gripper.width) if self.gripper is not None else 0.0
         except Exception as e:  # noqa: BLE001
             raise RobotError(f"lost the robot ({type(e).__name__}: {e})") from None
-        pose, twist = cart.pose.end_effector_pose, cart.velocity.end_effector_twist
+        pose = s.O_T_EE
         return RobotState(np.array(pose.translation, dtype=np.float64), np.array(pose.quaternion, dtype=np.float64),
-                          np.array(twist.linear, dtype=np.float64), np.array(twist.angular, dtype=np.float64), width,
-                          np.array(joints.position, dtype=np.float64), np.array(joints.velocity, dtype=np.float64))
+                          twist[:3], twist[3:], width, np.array(s.q, dtype=np.float64), np.array(s.dq, dtype=np.float64))
 
     def command_pose(self, pos: np.ndarray, quat: np.ndarray, twist: np.ndarray | None = None) -> None:
         try:
@@ -294,6 +305,11 @@ class FrankyRobot:
             except Exception:  # noqa: BLE001
                 pass
         self.tracker = None
+
+    def close(self) -> None:
+        """Release franky's objects: their destructors close the libfranka connections (a traceback that keeps
+        this object alive then does not keep the robot connected)."""
+        self.tracker = self._model = self._gripper_busy = self.gripper = self.robot = None
 
 
 # ---- object poses ----

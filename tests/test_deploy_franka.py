@@ -199,7 +199,7 @@ def test_keyboard_interrupt_stops_and_leaves_a_complete_log(tmp_path):
     robot = InterruptedRobot(6)
     out = deploy.main(fake_args(tmp_path, ckpt, max_steps=50), robot=robot)
     log = read_log(out["log"])
-    assert out["stop_reason"] == "interrupted" and robot.stopped
+    assert out["stop_reason"] == "interrupted" and robot.stopped and robot.closed
     assert [r["step"] for r in log if r["type"] == "step"] == [0, 1, 2, 3, 4]
     assert log[-1] == {"type": "end", **{k: out[k] for k in log[-1] if k != "type"}} and log[-1]["steps"] == 5
 
