@@ -19,11 +19,11 @@ Safety, before anything reaches the arm: every commanded position is clipped to 
 to a maximum translation per step (--max-step, and --max-speed / control_hz), every rotation to
 --max-rotation-step; a clipped command is logged with what the policy asked for. A measured
 end-effector speed above 2·--max-speed, a lost connection or robot fault, stale object poses, or a
-policy output that is not finite stops the robot; so does Ctrl-C. The episode file (JSON lines: a
-header, one line per control step with observation, action, sent command, clips and timings, one
-line per chunk with the policy latency, a last `end` line with the reason) is flushed line by line,
-so it is complete whatever ends the episode. `--dry-run` prints what would be sent and sends nothing;
-a prompt asks before the first motion unless `--yes`.
+policy output that is not finite stops the robot; so do Ctrl-C and SIGTERM. The episode file (JSON
+lines: a header, one line per control step with observation, action, sent command, clips and
+timings, one line per chunk with the policy latency, a last `end` line with the reason) is flushed
+line by line, so it is complete whatever ends the episode. `--dry-run` prints what would be sent and
+sends nothing; a prompt asks before the first motion unless `--yes`.
 
 Deviations from the paper's hardware setup (docs/deviations.md, docs/deployment.md):
 - Tracking is franky's Cartesian impedance controller, not joint impedance after differential IK
@@ -37,6 +37,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -351,6 +353,14 @@ def check_args(args: Args) -> None:
 
 # ---- the loop ----
 
+class Terminated(Exception):
+    """SIGTERM (a supervisor, `kill`, `timeout`): the episode stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
     """Run one episode; `robot`/`pose_source` replace what the flags would build (tests pass a FakeRobot)."""
     check_args(args)
@@ -374,6 +384,8 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
     last_grasp = -1.0  # the gripper starts open, as in furniture-bench's reset
     hist: deque = deque(maxlen=T_o)
     started = False
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         while step < info["max_steps"]:
             for k in range(T_e):
@@ -464,6 +476,8 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
                     t_start += lateness[-1]
     except KeyboardInterrupt:
         reason = "interrupted"
+    except Terminated:
+        reason = "terminated"
     except (RobotError, NonFiniteError) as e:
         reason, error = f"{type(e).__name__}: {e}", e
     except BaseException as e:  # a bug or SystemExit: still stop, still log why, then let it through
@@ -472,6 +486,8 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
     finally:
         robot.stop()  # also when never started (dry run, refused): a no-op there
         robot.close()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
         lat = np.array(latencies) if latencies else np.zeros(1)
         late = np.array(lateness) if lateness else np.zeros(1)
         summary = dict(steps=step, stop_reason=reason, clipped_steps=n_clipped, policy_latency_mean=float(lat.mean()),

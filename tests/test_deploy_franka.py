@@ -204,6 +204,26 @@ def test_keyboard_interrupt_stops_and_leaves_a_complete_log(tmp_path):
     assert log[-1] == {"type": "end", **{k: out[k] for k in log[-1] if k != "type"}} and log[-1]["steps"] == 5
 
 
+@pytest.mark.parametrize("sig,reason", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_signals_to_the_script_leave_a_complete_log(tmp_path, sig, reason):
+    ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.5, 0.0, 0.3]))
+    log = tmp_path / "signal.jsonl"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deploy_franka.py"), "--checkpoint", ckpt, "--robot", "fake",
+                             "--yes", "--max-steps", "100000", "--control-hz", "50", "--log", str(log)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log.exists() or log.read_text().count('"type": "step"') < 5):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=30)
+    records = read_log(log)
+    steps = [r for r in records if r["type"] == "step"]
+    assert proc.returncode == 0, output
+    assert records[-1]["type"] == "end" and records[-1]["stop_reason"] == reason and records[-1]["steps"] == len(steps) >= 5
+    assert [s["step"] for s in steps] == list(range(len(steps))) and f"({reason})" in output
+
+
 def test_lost_connection_stops_and_leaves_a_complete_log(tmp_path):
     ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.5, 0.0, 0.3]))
     robot = FakeRobot(fail_after=3)
