@@ -384,7 +384,8 @@ class AprilTagPoseSource:
     tag36h11) and their camera-frame poses; a calibration JSON gives the camera intrinsics (fx, fy, cx, cy),
     the tag size [m], the camera pose in the base frame (`base_T_camera`, 4x4) and, per object, its tag ids
     and each tag's offset to the object centre (`tag_T_object`, 4x4). Several tags of one object are
-    averaged; each object's pose is low-pass filtered (EMA `alpha`, paper App. D.7). Untested here: no camera."""
+    averaged; each object's pose is low-pass filtered (EMA `alpha`, paper App. D.7). Tested with stand-in
+    detections only (no camera here)."""
 
     def __init__(self, calibration: str, n_objects: int, camera: int = 0, alpha: float = 0.5) -> None:
         try:

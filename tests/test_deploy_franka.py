@@ -294,6 +294,44 @@ def test_udp_poses_newest_wins_and_stale_stops():
         source.read()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pupil_apriltags") is None, reason="pupil-apriltags is not installed")
+def test_apriltag_source_transforms_averages_and_filters(tmp_path):
+    """The detector and camera are stand-ins (no camera here): what is tested is base_T_camera @ camera_T_tag @
+    tag_T_object, the average over an object's tags, the moving average, and the refusal of a never-seen object."""
+    from types import SimpleNamespace
+
+    from common.robot import AprilTagPoseSource
+
+    def T(R, t):
+        M = np.eye(4)
+        M[:3, :3], M[:3, 3] = R, t
+        return M
+    base_T_cam = T(Rotation.from_euler("xyz", [180, 0, 30], degrees=True).as_matrix(), [0.5, 0.0, 0.8])
+    tag_T_obj = T(np.eye(3), [0.0, 0.0, -0.01])
+    cal = {"intrinsics": [600, 600, 320, 240], "tag_size": 0.02, "base_T_camera": base_T_cam.tolist(),
+           "objects": [{"3": tag_T_obj.tolist(), "4": tag_T_obj.tolist()}, {"7": np.eye(4).tolist()}]}
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    source = AprilTagPoseSource(str(tmp_path / "cal.json"), 2, alpha=0.5)
+    source.cap = SimpleNamespace(read=lambda: (True, np.zeros((480, 640, 3), np.uint8)))
+    R_tag = Rotation.from_euler("z", 20, degrees=True).as_matrix()
+    seen = [SimpleNamespace(tag_id=3, pose_R=R_tag, pose_t=np.array([[0.1], [0.0], [0.6]])),
+            SimpleNamespace(tag_id=4, pose_R=R_tag, pose_t=np.array([[0.1], [0.02], [0.6]]))]
+    source.detector = SimpleNamespace(detect=lambda *a, **k: seen)
+    with pytest.raises(RobotError, match="never seen"):
+        source.read()  # object 2 (tag 7) not seen yet
+    seen.append(SimpleNamespace(tag_id=7, pose_R=np.eye(3), pose_t=np.array([[0.0], [0.0], [0.5]])))
+    source._poses = None
+    poses = source.read()
+    expect = base_T_cam @ T(R_tag, [0.1, 0.01, 0.6]) @ tag_T_obj  # the two tags' mean
+    assert np.allclose(poses[0, :3], expect[:3, 3]) and np.allclose(quat_to_matrix(poses[0, 3:]), expect[:3, :3])
+    assert np.allclose(poses[1, :3], (base_T_cam @ T(np.eye(3), [0, 0, 0.5]))[:3, 3])
+    seen[2] = SimpleNamespace(tag_id=7, pose_R=np.eye(3), pose_t=np.array([[0.0], [0.0], [0.6]]))  # moved 10 cm
+    moved = source.read()
+    assert np.allclose(moved[1, :3], (poses[1, :3] + (base_T_cam @ T(np.eye(3), [0, 0, 0.6]))[:3, 3]) / 2)  # EMA 0.5
+    del seen[2]
+    assert np.allclose(source.read()[1], moved[1])  # hidden: keeps its last pose
+
+
 def test_apriltag_source_without_its_package_is_one_line(tmp_path, monkeypatch):
     from common.robot import AprilTagPoseSource
     monkeypatch.setitem(sys.modules, "pupil_apriltags", None)
