@@ -35,6 +35,9 @@ Deviations from the reference implementation (docs/deviations.md):
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
   iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+- Furniture-Bench (`common/furniture.py`, run through `python -m common.furniture dppo_finetune.py ...`):
+  truncation at exactly 700 / 1000 steps, a reset of envs whose observations turn non-finite, and the
+  optional sim-to-real noise (App. D.7) in normalised units.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class Args:
     num_envs: int | None = None
     """parallel environments (gym 40, robomimic 50, furniture 1000, Avoid 50)"""
     n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
+    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25, furniture 88 One-leg,
+    125 Lamp/Round-table)"""
     n_workers: int | None = None
     """worker processes for slow simulators (robomimic); None: number of cores"""
     ft_denoising_steps: int | None = None
@@ -134,7 +138,7 @@ class Args:
     randn_clip_value: float = 3.0
     """sampling noise clamp"""
     final_action_clip: bool | None = None
-    """clamp executed actions to [-1, 1] before un-normalising (robomimic/furniture yes)"""
+    """clamp executed actions to [-1, 1] before un-normalising (None: no; the reference's configs never clamp)"""
     actor_lr: float | None = None
     """actor learning rate (gym/robomimic 1e-4, furniture/Avoid 1e-5)"""
     actor_lr_min: float | None = None
@@ -148,7 +152,7 @@ class Args:
     (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
     """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid
-    n_steps·num_envs·K'/2)"""
+    n_steps·num_envs·K'/2, furniture MLP 8800 (one-leg-low 17600), UNet 30000 One-leg / 40000)"""
     update_epochs: int | None = None
     """PPO epochs per iteration (10; gym, transport, furniture 5)"""
     clip_coef: float | None = None
@@ -175,6 +179,12 @@ class Args:
     """optional BC term: log-prob of base-policy chains under actor_ft (off by default)"""
     terminate_on_success: bool = False
     """robomimic: end episodes on success (the paper does not)"""
+    obs_noise_std: float = 0.0
+    """furniture sim-to-real (paper App. D.7): std of Gaussian noise on every observation, in the dataset's normalised
+    units, applied by the env in training and evaluation (0: off)"""
+    action_noise_std: float = 0.0
+    """furniture sim-to-real (paper App. D.7 uses 0.03): std of Gaussian noise on every executed action, in normalised
+    units, applied by the env in training and evaluation (0: off)"""
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -185,10 +195,12 @@ SUITE_DEFAULTS = {
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99,
                       actor_lr=1e-4, batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
                       n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, gamma_denoising=0.9,
-                      actor_lr=1e-5, actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800, update_epochs=5, clip_coef=0.001,
-                      clip_coef_base=0.001, n_critic_warmup_itr=1, min_sampling_denoising_std=0.04, final_action_clip=False,
-                      use_ddim=True),
+    # furniture: the reference's wrapper ends every episode at the time limit as terminal (no bootstrap), and
+    # n_steps = round(max_episode_steps / T_e) = 88 (One-leg) or 125 (Lamp, Round-table)
+    "furniture": dict(bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125, gamma=0.999,
+                      gamma_denoising=0.9, actor_lr=1e-5, actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800,
+                      update_epochs=5, clip_coef=0.001, clip_coef_base=0.001, n_critic_warmup_itr=1,
+                      min_sampling_denoising_std=0.04, final_action_clip=False, use_ddim=True),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95,
                   actor_lr=1e-5, batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
@@ -197,8 +209,10 @@ TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
     "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
     "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
-    "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
+    "one-leg-low": dict(n_steps=88, batch_size=17600), "one-leg-med": dict(n_steps=88),
 }
+# cfg/furniture/finetune/*/ft_ppo_diffusion_unet.yaml: the UNet's batch (used when --batch-size is not given)
+FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
 
 
 def fill_defaults(args: Args) -> dict:
@@ -222,6 +236,12 @@ def fill_defaults(args: Args) -> dict:
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    for name in ("obs_noise_std", "action_noise_std"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})")
+        if value and task.suite != "furniture":
+            raise UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
     for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef"):
         check_range(args, name, 0, math.inf)
     return filled
@@ -405,6 +425,9 @@ def main(args: Args) -> dict:
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
+        args.batch_size = FURNITURE_UNET_BATCH[task.env_name]
+        print(f"{task.id} UNet default: batch_size={args.batch_size}")
     K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
     if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
         raise UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it "
@@ -432,7 +455,8 @@ def main(args: Args) -> dict:
         load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
-                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
+                        obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std)
     print(f"envs: {N} x {task.id} on {envs.backend}")
     # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
     eval_deterministic = task.suite != "avoid"
@@ -466,7 +490,7 @@ def main(args: Args) -> dict:
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
     next_obs_buf = torch.zeros_like(obs_buf)
     chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward, task.success_return)
     history, last_train = [], {}
     obs, need_reset = None, True
     timer = PhaseTimer(device)

@@ -15,8 +15,10 @@ script writes.
 
 Loss: t ~ U{0..K-1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, MSE(ε_θ(x_t, t, s), ε).
 
-Backbones: `mlp` (DiffusionMLP, paper App. D.1) and `unet` (UNet1D, `common/unet.py`, which lets
-pre-training T_a differ from fine-tuning T_a). Gaussian and GMM policies are pre-trained inside
+Backbones: `mlp` (DiffusionMLP, paper App. D.1) and `unet` (UNet1D, `common/unet.py`: the reference's
+`Unet1D`, which lets pre-training T_a differ from fine-tuning T_a). Defaults per task are the reference's
+configs (`cfg/{gym,robomimic,furniture}/pretrain/*/pre_diffusion_{mlp,unet}.yaml`); the UNet's are listed in
+docs/deviations.md (UNet1D). Gaussian and GMM policies are pre-trained inside
 their own scripts (`gaussian_ppo.py`, `gmm_ppo.py`), see README.
 
 Deviations from the reference implementation:
@@ -41,13 +43,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_trajectories
+from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
-from common.networks import DiffusionMLP
+from common.networks import ACTIVATIONS, DiffusionMLP
 from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
-                         check_positive, check_range, cli, load_checkpoint, load_weights, print_defaults, release_checkpoint,
-                         resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
+                         check_positive, check_range, cli, load_checkpoint, load_weights, print_defaults, refuse_flags,
+                         release_checkpoint, resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages
+from common.unet import UNET_ACTIVATIONS, UNet1D
 
 
 @dataclass
@@ -56,7 +59,8 @@ class Args:
     env_id: str = "avoid-m2"
     """task id (see common/tasks.py), e.g. avoid-m2, hopper, lift"""
     dataset: str | None = None
-    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz (None: the task's default)"""
+    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz, or `paper` for the reference's train.npz
+    (downloaded; a normalization.npz beside a train.npz is used as is) (None: the task's default)"""
     exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
@@ -79,28 +83,30 @@ class Args:
     # algorithm
     backbone: Literal["mlp", "unet"] = "mlp"
     """`mlp` (DiffusionMLP) or `unet` (UNet1D)"""
-    denoising_steps: int = 20
-    """K: DDPM steps"""
+    denoising_steps: int | None = None
+    """K: DDPM steps (None: 20; furniture 100)"""
     horizon_steps: int | None = None
-    """T_a (None: the task's)"""
+    """T_a (None: the task's; a UNet's transport and furniture chunk is 16)"""
     cond_steps: int = 1
     """T_o"""
     mlp_dims: tuple[int, ...] | None = None
-    """hidden widths of the MLP trunk (None: per task)"""
+    """hidden widths of the MLP trunk (None: per task; MLP only)"""
     cond_mlp_dims: tuple[int, ...] | None = None
-    """optional observation MLP before the trunk, e.g. 512 64 for Square"""
+    """optional observation MLP before the trunk, e.g. 512 64 for Square (MLP only)"""
     activation: str | None = None
-    """relu (gym, Avoid) or mish (robomimic, furniture); None: per task"""
+    """relu (gym, Avoid) or mish (robomimic, furniture, every UNet); None: per task"""
     time_dim: int | None = None
-    """width of the denoising-step embedding (None: 16; square and furniture 32)"""
+    """width of the denoising-step embedding (None: 16; square and furniture MLPs 32)"""
     use_layernorm: bool | None = None
-    """LayerNorm in the residual MLP blocks (None: no; furniture yes)"""
+    """LayerNorm in the residual MLP blocks (None: no; furniture yes; MLP only)"""
     residual: bool = True
-    """residual MLP trunk"""
-    unet_dim: int = 40
-    """UNet1D base channels (robomimic 40, furniture 64)"""
-    unet_dim_mults: tuple[int, ...] = (1, 2)
-    """UNet1D channel multipliers"""
+    """residual MLP trunk (MLP only)"""
+    unet_dim: int | None = None
+    """UNet1D base channels (None: 40; square, transport and furniture 64)"""
+    unet_dim_mults: tuple[int, ...] | None = None
+    """UNet1D channel multipliers (None: 1 2; furniture 1 2 4)"""
+    unet_groupnorm_eps: float | None = None
+    """UNet1D GroupNorm eps (None: 1e-5; one-leg-low and lamp-low 1e-4)"""
     n_epochs: int | None = None
     """passes over the dataset (None: per task)"""
     batch_size: int | None = None
@@ -136,9 +142,9 @@ SUITE_DEFAULTS = {
     "robomimic": dict(batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
                       mlp_dims=(512, 512, 512), n_epochs=3000, eval_every=100),
     # furniture network: `irom-princeton/dppo` cfg/furniture/pretrain/one_leg_low/pre_diffusion_mlp.yaml
-    "furniture": dict(batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10, activation="mish",
-                      mlp_dims=(1024,) * 7, cond_mlp_dims=(512, 64), time_dim=32, use_layernorm=True, n_epochs=8000,
-                      eval_every=0),
+    "furniture": dict(denoising_steps=100, batch_size=256, learning_rate=1e-4, min_lr=1e-5, warmup_epochs=10,
+                      activation="mish", mlp_dims=(1024,) * 7, cond_mlp_dims=(512, 64), time_dim=32, use_layernorm=True,
+                      n_epochs=8000, eval_every=0),
     "avoid": dict(batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                   mlp_dims=(512, 512, 512), n_epochs=300, eval_every=50),
 }
@@ -147,25 +153,47 @@ TASK_DEFAULTS = {
     "square": dict(mlp_dims=(1024, 1024, 1024), cond_mlp_dims=(512, 64), time_dim=32),
     "transport": dict(mlp_dims=(1024, 1024, 1024)),
 }
+# --backbone unet: `irom-princeton/dppo` cfg/{robomimic,furniture}/pretrain/*/pre_diffusion_unet.yaml (time embedding 16,
+# Mish, kernel 5, 8 groups, FiLM scale, large FiLM encoder); gym and Avoid have no UNet config and get lift's network.
+MLP_FLAGS = ("mlp_dims", "cond_mlp_dims", "use_layernorm", "residual")
+UNET_GROUPS = 8  # GroupNorm groups of every reference UNet config
+UNET_FLAGS = ("unet_dim", "unet_dim_mults", "unet_groupnorm_eps")
+UNET_DEFAULTS = dict(time_dim=16, activation="mish", unet_dim=40, unet_dim_mults=(1, 2), unet_groupnorm_eps=1e-5)
+UNET_SUITE_DEFAULTS = {"furniture": dict(unet_dim=64, unet_dim_mults=(1, 2, 4), horizon_steps=16)}
+UNET_TASK_DEFAULTS = {"square": dict(unet_dim=64), "transport": dict(unet_dim=64, horizon_steps=16),
+                      "one-leg-low": dict(unet_groupnorm_eps=1e-4), "lamp-low": dict(unet_groupnorm_eps=1e-4)}
 
 
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
     args.env_id = task.id
-    defaults = {"time_dim": 16, "use_layernorm": False, **SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                "horizon_steps": task.horizon_steps}
+    unet = args.backbone == "unet"
+    if not args.resume:  # a resumed run's arguments were checked when it started
+        refuse_flags(args, MLP_FLAGS if unet else UNET_FLAGS, f"does not apply to --backbone {args.backbone}")
+    defaults = {"denoising_steps": 20, "time_dim": 16, "use_layernorm": False, **SUITE_DEFAULTS[task.suite],
+                **TASK_DEFAULTS.get(task.id, {}), "horizon_steps": task.horizon_steps}
+    if unet:
+        defaults = {k: v for k, v in defaults.items() if k not in MLP_FLAGS}
+        defaults.update({**UNET_DEFAULTS, **UNET_SUITE_DEFAULTS.get(task.suite, {}), **UNET_TASK_DEFAULTS.get(task.id, {})})
     if args.paper_recipe:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
     filled = apply_defaults(args, defaults)
-    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "n_epochs", "batch_size",
-                   "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every", "torch_threads")
+    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "unet_groupnorm_eps",
+                   "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every",
+                   "torch_threads")
     check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
     for name in ("warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
         check_range(args, name, 0, math.inf)
     check_range(args, "ema_decay", 0.0, 1.0)
-    if any(not d > 0 for d in (*args.mlp_dims, *(args.cond_mlp_dims or ()), *args.unet_dim_mults)):
+    if any(not d > 0 for d in (*(args.mlp_dims or ()), *(args.cond_mlp_dims or ()), *(args.unet_dim_mults or ()))):
         raise UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
+    allowed = UNET_ACTIVATIONS if unet else tuple(ACTIVATIONS)
+    if args.activation not in allowed:
+        raise UsageError(f"--activation {args.activation}: one of {', '.join(allowed)}")
+    if unet and any(args.unet_dim * m % UNET_GROUPS for m in args.unet_dim_mults):
+        raise UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of {UNET_GROUPS} "
+                         "(the GroupNorm groups)")
     return filled
 
 
@@ -186,7 +214,6 @@ def build_network(backbone: str, arch: dict) -> nn.Module:
     if backbone == "mlp":
         return DiffusionMLP(**arch)
     if backbone == "unet":
-        from common.unet import UNet1D
         return UNet1D(**arch)
     raise ValueError(f"unknown backbone {backbone!r} (mlp or unet)")
 
@@ -200,7 +227,9 @@ def network_arch(args: Args, obs_dim: int, action_dim: int) -> dict:
                     activation=args.activation, residual=args.residual, time_dim=args.time_dim,
                     use_layernorm=args.use_layernorm)
     return dict(action_dim=action_dim, cond_dim=obs_dim * args.cond_steps, dim=args.unet_dim,
-                dim_mults=list(args.unet_dim_mults))
+                dim_mults=list(args.unet_dim_mults), kernel_size=5, n_groups=UNET_GROUPS, time_dim=args.time_dim,
+                cond_predict_scale=True, large_cond_encoder=True, groupnorm_eps=args.unet_groupnorm_eps,
+                activation=args.activation)
 
 
 class DiffusionPolicy(nn.Module):
@@ -276,8 +305,7 @@ def main(args: Args) -> dict:
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
-    trajs = load_task_trajectories(task, args.dataset)
-    normalizer = Normalizer.from_trajectories(trajs)
+    trajs, normalizer = load_task_dataset(task, args.dataset)  # the reference's normalization.npz when beside a train.npz
     if resume_ckpt is not None:
         normalizer = Normalizer.from_state_dict(resume_ckpt["normalization"])
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)

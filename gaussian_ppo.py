@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer, WindowDataset, load_task_trajectories
+from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
@@ -118,7 +118,7 @@ class Args:
     pretrain: bool = False
     """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
     dataset: str | None = None
-    """pre-training demonstrations (None: the task's default)"""
+    """pre-training demonstrations, or `paper` for the reference's train.npz (None: the task's default)"""
     from_scratch: bool = False
     """PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint"""
     output: str | None = None
@@ -238,7 +238,7 @@ SUITE_DEFAULTS = {
                 batch_size=5000, update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4,
                       batch_size=750, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
-    "furniture": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=1000, n_steps=88, gamma=0.999, actor_lr=1e-5,
+    "furniture": dict(bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125, gamma=0.999, actor_lr=1e-5,
                       actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=880, update_epochs=5, clip_coef=0.001,
                       n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5,
@@ -466,9 +466,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
 
 def pretrain(args: Args, task: Task) -> dict:
     """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
-    trajs = load_task_trajectories(task, args.dataset)  # checked before anything is written
+    trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    normalizer = Normalizer.from_trajectories(trajs)
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     arch = network_arch(args, task)
     std_limits = [args.std_min or 0.01, args.std_max or 0.2]
@@ -594,7 +593,7 @@ def main(args: Args) -> dict:
         load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
-                        terminate_on_success=args.terminate_on_success, backend=args.env_backend)
+                        terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer)
     print(f"envs: {N} x {task.id} on {envs.backend}")
     # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
     eval_deterministic = task.suite != "avoid"
@@ -626,7 +625,7 @@ def main(args: Args) -> dict:
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
     next_obs_buf = torch.zeros_like(obs_buf)
     act_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
+    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward, task.success_return)
     history, last_train = [], {}
     obs, need_reset = None, True
     timer = PhaseTimer(device)

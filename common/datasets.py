@@ -322,14 +322,17 @@ def _download_problem(part: str, dest: str, sha256: str | None, digest: str) -> 
         except DatasetError as e:
             if isinstance(e.__cause__, OSError):  # (without h5py only the signature is checked)
                 return f"the HDF5 file is truncated or corrupt ({_one_line(e.__cause__)})"
-    elif ext == ".npz":
+    elif ext in (".npz", ".pt"):  # both are zip archives (torch.save's format since PyTorch 1.6)
+        what = "an .npz (zip) archive" if ext == ".npz" else "a PyTorch checkpoint (zip archive)"
         if not head.startswith(ZIP_SIGNATURES):
-            return f"the server sent {_describe(head)}, not an .npz (zip) archive"
+            return f"the server sent {_describe(head)}, not {what}"
         try:
-            with zipfile.ZipFile(part):
-                pass
-        except (zipfile.BadZipFile, OSError) as e:
-            return f"the .npz archive is truncated or corrupt ({_one_line(e)})"
+            with zipfile.ZipFile(part) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, zlib.error) as e:
+            return f"the {ext} archive is truncated or corrupt ({_one_line(e)})"
+        if bad is not None:
+            return f"the {ext} archive is corrupt (member {bad} fails its CRC check)"
     elif _describe(head).startswith(("an HTML page", "an empty file")):
         return f"the server sent {_describe(head)}"
     return None
@@ -342,6 +345,8 @@ def download(url: str, dest: str, sha256: str | None = None) -> None:
     for .hdf5/.h5, a complete zip archive for .npz; never an HTML page), and against `sha256` when the source
     publishes one: a captive-portal page or a cut-off transfer is refused, not saved as the dataset.
     """
+    if os.environ.get("DPPO_OFFLINE") and urllib.parse.urlparse(url).scheme in ("http", "https"):
+        raise DatasetError(f"DPPO_OFFLINE is set, so {url} is not downloaded; put the file at {dest} and run again")
     part = dest + ".part"
     created = _make_folders(os.path.dirname(os.path.abspath(dest)), dest)
     saved = False
@@ -404,6 +409,45 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
     (None: all of them, `AVOID_N_DEMOS`). Every file is checked to hold only finite numbers (a value beyond the
     float32 range becomes inf, which is reported, not warned about).
     """
+    return _load_checked(task, path, n_demos)[1]
+
+
+def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = None) -> tuple[list[Traj], Normalizer]:
+    """`load_task_trajectories` and the normalisation to pre-train with: the reference's `normalization.npz` when it
+    sits beside a `train.npz` (the statistics the reference normalises that dataset with, so a policy trained here sees
+    the observations a reference policy saw), else the min/max of the trajectories."""
+    path, trajs = _load_checked(task, path, n_demos)
+    folder = os.path.dirname(os.path.abspath(path))
+    found = [os.path.join(folder, n) for n in ("normalization.npz", "normalization.pth")
+             if os.path.exists(os.path.join(folder, n))]
+    if os.path.basename(path) != "train.npz" or not found:
+        return trajs, Normalizer.from_trajectories(trajs)
+    # The reference's layout (script/dataset/process_robomimic_dataset.py, get_d4rl_dataset.py, process_d3il_dataset.py):
+    # train.npz holds states and actions already normalised, 2·(x − min)/(max − min + 1e-6) − 1, with normalization.npz;
+    # furniture's with a LinearNormalizer normalization.pth, 2·(x − min)/(max − min) − 1
+    # (env/gym_utils/furniture_normalizer.py).
+    beside = found[0]
+    eps = 0.0 if beside.endswith(".pth") else 1e-6
+    normalizer = Normalizer.from_file(beside)
+    dims = (normalizer.obs_min.numel(), normalizer.action_min.numel())
+    if dims != (task.obs_dim, task.action_dim):
+        raise DatasetError(f"{beside} normalises {dims[0]} observation and {dims[1]} action dimensions, {task.id} has "
+                           f"{task.obs_dim} and {task.action_dim}: move it away from {path} or replace it")
+    peak = max(float(np.abs(t[k]).max()) for t in trajs for k in ("obs", "actions"))
+    if peak > (5.0 if eps == 0 else 1.5):  # furniture observations are clamped to ±5 after normalising
+        raise DatasetError(f"{path} holds values up to {peak:.3g}, so it is not normalised with {beside} (the reference's "
+                           f"layout: a train.npz beside its {os.path.basename(beside)} holds normalised data); move "
+                           f"{os.path.basename(beside)} away to train on the raw values")
+    stats = {k: v.astype(np.float64) for k, v in normalizer._np.items()}
+    for t in trajs:  # back to env units with the exact inverse of that formula; WindowDataset normalises them again
+        for key, lo, hi in (("obs", "obs_min", "obs_max"), ("actions", "action_min", "action_max")):
+            scale = stats[hi] - stats[lo] + eps
+            t[key] = ((t[key].astype(np.float64) + 1) / 2 * scale + stats[lo]).astype(np.float32)
+    print(f"dataset in the reference's normalised layout; statistics: {beside}")
+    return trajs, normalizer
+
+
+def _load_checked(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
     with np.errstate(over="ignore"):
         path, trajs = _load_task_file(task, path, n_demos)
     if not trajs:
@@ -415,11 +459,15 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
                 raise _shape_error(path, f"{key}[{i}]", arr.shape, f"({len(arr)}, {dim}) for task {task.id!r}",
                                    "is this the dataset of another task?")
     _check_finite(path, trajs)
-    return trajs
+    return path, trajs
 
 
 def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
     """The file `load_task_trajectories` reads (downloaded if needed) and its trajectories, before the checks."""
+    if path == "paper":  # the reference implementation's own train.npz (+ normalization.npz), downloaded once
+        from common.convert import paper_dataset
+
+        path = paper_dataset(task)
     if path is None and task.suite == "avoid":
         path = str(AVOID_DEMO_DIR / avoid_demo_file(task.option("subset")))
         if not os.path.exists(path):
@@ -440,8 +488,12 @@ def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[s
             path = default_data_path(task)
             if not os.path.exists(path):
                 if not _is_url(task.data):
-                    raise DatasetError(f"no dataset for task {task.id!r} at {path}; get it from {task.data} "
-                                       "and put it there (or pass the path)")
+                    from common.convert import DRIVE_FOLDER, PAPER_FILES
+
+                    where = (f"--dataset paper downloads the reference's ({DRIVE_FOLDER.format(PAPER_FILES[task.id][0])})"
+                             if task.id in PAPER_FILES else f"get it from {task.data}")
+                    raise DatasetError(f"no dataset for task {task.id!r} at {path}; {where}, or put a train.npz there "
+                                       "(or pass the path)")
                 download(task.data, path)
         if not os.path.exists(path):
             raise DatasetError(f"dataset file {path} does not exist; check the path")
@@ -514,7 +566,8 @@ def _check_d3il_avoid(path: str) -> None:
 
 
 class Normalizer:
-    """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1, and its exact inverse."""
+    """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1; back with (x+1)/2·(max−min) + min,
+    as the reference's env wrappers map actions back (the inverse within 1e-6·(x+1)/2)."""
 
     KEYS = ("obs_min", "obs_max", "action_min", "action_max")
 
@@ -539,6 +592,21 @@ class Normalizer:
             return cls(*(_npz_array(path, f, k) for k in cls.KEYS))
 
     @classmethod
+    def from_file(cls, path: str) -> Normalizer:
+        """`normalization.npz`, or the reference's furniture `normalization.pth` (a `LinearNormalizer` state dict with
+        `stats.observations.min/max`, `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py)."""
+        if not path.endswith((".pth", ".pt")):
+            return cls.from_npz(path)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
+        keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
+        if not isinstance(sd, dict) or any(k not in sd for k in keys):
+            raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
+        return cls(*(sd[k] for k in keys))
+
+    @classmethod
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> Normalizer:
         return cls(*(d[k] for k in cls.KEYS))
 
@@ -558,8 +626,9 @@ class Normalizer:
             x = np.asarray(x)
             dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
             lo, hi = self._np[lo_key].astype(dtype), self._np[hi_key].astype(dtype)
-        scale = hi - lo + 1e-6
-        return (x + 1) / 2 * scale + lo if inverse else 2 * (x - lo) / scale - 1
+        # the reference's env wrappers: normalise with (max - min + 1e-6), map actions back with (max - min)
+        # (irom-princeton/dppo, env/gym_utils/wrapper/robomimic_lowdim.py, normalize_obs / unnormalize_action)
+        return (x + 1) / 2 * (hi - lo) + lo if inverse else 2 * (x - lo) / (hi - lo + 1e-6) - 1
 
     def normalize_obs(self, x: ArrayT) -> ArrayT:
         return self._apply(x, "obs_min", "obs_max", inverse=False)

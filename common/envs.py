@@ -228,8 +228,8 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
     elif task.suite == "robomimic":
         from common.robomimic import make_robomimic_env
         env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success)
-    elif task.suite == "furniture":  # pragma: no cover - needs Isaac Gym on a GPU
-        raise TaskError(f"task {task.id!r}: Furniture-Bench simulation is not supported yet")
+    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (common/furniture.py)
+        raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     else:
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     env.action_space.seed(seed)
@@ -241,7 +241,8 @@ ENV_BACKENDS = ("auto", "envpool", "gymnasium")
 
 def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
-                 max_episode_steps: int | None = None, backend: str = "auto") -> ChunkVecEnv:
+                 max_episode_steps: int | None = None, backend: str = "auto", normalizer: Any = None,
+                 obs_noise_std: float = 0.0, action_noise_std: float = 0.0) -> ChunkVecEnv:
     """`num_envs` chunked envs of `task` following the protocol in this module's docstring; the
     returned env's `backend` attribute names what runs it.
 
@@ -249,7 +250,15 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     of cores. Gym locomotion stays in-process (on 2 cores the inter-process traffic costs more than
     it saves). backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
     installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
+    Furniture only: the dataset `normalizer` and the sim-to-real noise (common/furniture.py).
     """
+    if obs_noise_std or action_noise_std:
+        if task.suite != "furniture":
+            raise TaskError(f"observation / action noise is the Furniture-Bench sim-to-real option; {task.id!r} has none")
+    if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (common/furniture.py checks the install)
+        from common.furniture import make_furniture_vec_env
+        return make_furniture_vec_env(task, num_envs, act_steps or task.act_steps, cond_steps, max_episode_steps,
+                                      normalizer, obs_noise_std, action_noise_std, seed)
     require_simulator(task)
     if backend not in ENV_BACKENDS:
         raise TaskError(f"env backend {backend!r}: choose one of {', '.join(ENV_BACKENDS)}")
@@ -327,11 +336,13 @@ class EpisodeTracker:
     after each chunk-step; `pop()` returns the summary of the episodes that ended since the last
     `pop` (nan when none did, or when the task has no success rule). Success: some executed chunk
     with reward / T_e >= `success_chunk_reward` (robomimic: the task held for a whole chunk; Avoid:
-    mode 5 passed and above y = 0.4).
+    mode 5 passed and above y = 0.4), or a return >= `success_return` (furniture: every part pair assembled,
+    the reference's threshold `len(pairs_to_assemble)`, `agent/finetune/train_agent.py`).
     """
 
-    def __init__(self, num_envs: int, act_steps: int, success_chunk_reward: float | None) -> None:
-        self.act_steps, self.success_chunk_reward = act_steps, success_chunk_reward
+    def __init__(self, num_envs: int, act_steps: int, success_chunk_reward: float | None,
+                 success_return: float | None = None) -> None:
+        self.act_steps, self.success_chunk_reward, self.success_return = act_steps, success_chunk_reward, success_return
         self.ret, self.length, self.best = np.zeros(num_envs), np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         self.returns: list[float] = []
         self.lengths: list[int] = []
@@ -347,16 +358,17 @@ class EpisodeTracker:
         for i in np.flatnonzero(done):
             self.returns.append(float(self.ret[i]))
             self.lengths.append(int(self.length[i]))
-            self.successes.append(self.success_chunk_reward is not None
-                                  and self.best[i] / self.act_steps >= self.success_chunk_reward - 1e-6)
+            self.successes.append(
+                (self.success_chunk_reward is not None and self.best[i] / self.act_steps >= self.success_chunk_reward - 1e-6)
+                or (self.success_return is not None and self.ret[i] >= self.success_return - 1e-6))
         self.ret[done], self.length[done], self.best[done] = 0.0, 0, -np.inf
 
     def pop(self) -> dict[str, Any]:
         returns, n = np.array(self.returns), len(self.returns)
         out = {"return_mean": float(returns.mean()) if n else float("nan"),
                "return_std": float(returns.std()) if n else float("nan"),
-               "success_rate": float(np.mean(self.successes)) if n and self.success_chunk_reward is not None
-               else float("nan"),
+               "success_rate": float(np.mean(self.successes))
+               if n and (self.success_chunk_reward is not None or self.success_return is not None) else float("nan"),
                "episode_length": float(np.mean(self.lengths)) if n else float("nan"), "n_episodes": n}
         self.returns, self.lengths, self.successes = [], [], []
         return out
@@ -380,7 +392,7 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
     n_steps = n_steps or eval_horizon(task, act_steps)
     obs = envs.reset(seed=seed)
     n = envs.num_envs
-    tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward)
+    tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward, task.success_return)
     modes, collided, paths, path = [], [], [], [[] for _ in range(n)]
     for _ in range(n_steps):
         chunk = act(obs)[:, :act_steps]

@@ -177,12 +177,23 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = None) -> dict[str, Any]:
     """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (for `task`,
     when given); anything else is refused with one line naming the fix."""
+    from common import convert
+
+    if path in PAPER_CHECKPOINTS:  # the reference's published pre-trained policy of the task, downloaded once
+        if task is None:
+            raise UsageError(f"--checkpoint {path} needs the task (--env-id)")
+        if policy == "gmm" or (policy != "diffusion" and path != "paper"):
+            raise UsageError(f"--checkpoint {path}: the reference publishes no {policy} policy this project's network can "
+                             f"load; pre-train one: {pretrain_command}")
+        path = convert.paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: {pretrain_command})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
+    if convert.is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
+        ckpt = convert.load_reference(path, ckpt, task)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
     has_weights = any(k in ckpt for k in ("ema", "base", "actor"))
@@ -209,15 +220,15 @@ BUILTIN_DIFFUSION_CHECKPOINTS = {
     "avoid-m2": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
                              "avoid-m2_diffusion.pt")}
 DIFFUSION_PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
+# `--checkpoint paper`: the pre-trained policy the reference implementation publishes for the task (common/convert.py);
+# for diffusion scripts the MLP one (what the reference's DPPO configs fine-tune) or, with `paper-unet`, the UNet one
+PAPER_CHECKPOINTS = {"paper": "diffusion_mlp", "paper-unet": "diffusion_unet"}
 
 
 def diffusion_checkpoint_path(checkpoint: str | None, task_id: str) -> str:
-    """--checkpoint, or the built-in pre-trained diffusion checkpoint of the task; one line naming the fix otherwise."""
-    path = checkpoint or BUILTIN_DIFFUSION_CHECKPOINTS.get(task_id)
-    if path is None:
-        raise FileNotFoundError(f"--checkpoint is required for {task_id} "
-                                f"(pre-train: {DIFFUSION_PRETRAIN_HINT.format(task_id)})")
-    return path
+    """--checkpoint; without one, the built-in pre-trained diffusion checkpoint of the task (Avoid M2) or else the
+    paper's published one (`paper`, downloaded once by `load_checkpoint`)."""
+    return checkpoint or BUILTIN_DIFFUSION_CHECKPOINTS.get(task_id) or "paper"
 
 
 def whole_network_weights(ckpt: dict[str, Any], path: str) -> dict[str, Any]:

@@ -38,6 +38,8 @@ class Task:
     """where demonstrations come from (URL, or `built-in`)"""
     success_chunk_reward: float | None = None
     """an episode succeeds if some executed chunk has mean reward >= this (None: no success rate)"""
+    success_return: float | None = None
+    """an episode succeeds if its return (sum of rewards) >= this (furniture: every part pair assembled)"""
     reset_every_iteration: bool = True
     """envs are reset at the start of every fine-tuning iteration (False for gym locomotion)"""
     ref_scores: tuple[float, float] | None = None
@@ -54,8 +56,8 @@ _D4RL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_medi
 _ROBOMIMIC = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/low_dim_v141.hdf5"
 _MUJOCO = ("mujoco:gymnasium[mujoco]==1.4.0",)
 _ROBOSUITE = ("robosuite:robosuite==1.4.1", "mujoco:mujoco==3.9.0")
-_ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI)",
-          "furniture_bench:furniture-bench (the ankile/furniture-bench fork)")
+_ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI: https://developer.nvidia.com/isaac-gym)",
+          "furniture_bench:furniture-bench (the fork: https://github.com/ankile/furniture-bench)")
 
 _TASKS: list[Task] = [
     # Gym locomotion (paper App. D.9): T_a = T_e = 4, envs continue across iterations.
@@ -85,8 +87,9 @@ _TASKS: list[Task] = [
            options=(("subset", f"M{m}"),)) for m in (1, 2, 3)],
     # Furniture-Bench (paper §5.3): needs Isaac Gym on an NVIDIA GPU.
     *[Task(f"{name}-{rand}", "furniture", name.replace("-", "_"), obs, 10, steps, 8, 8,
-           requires=_ISAAC, data="https://github.com/irom-lab/dppo (furniture datasets)",
+           requires=_ISAAC, data="the reference's furniture datasets (--dataset paper downloads them)",
            options=(("randomness", rand), ("n_parts", str(parts))),
+           success_return=float(parts),  # all part pairs assembled (reference: len(pairs_to_assemble))
            aliases=(f"{name.replace('-', '_')}_{rand}",))
       for name, obs, steps, parts in (("one-leg", 58, 700, 1), ("lamp", 44, 1000, 2),
                                       ("round-table", 44, 1000, 2))

@@ -107,3 +107,24 @@ class WiringRecorder:
         train_seeds = {s for s in self.resets if s not in self.eval_seeds}
         assert seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
         assert self.fresh_grads and all(self.fresh_grads)  # every backward starts from zeroed critic gradients
+
+
+def ref_weights(d: dict, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """A reference network's state_dict stored in an npz as `<prefix>.000`, ... and `<prefix>.names`, in its order."""
+    return [(str(n), torch.from_numpy(d[f"{prefix}.{i:03d}"])) for i, n in enumerate(d[f"{prefix}.names"])]
+
+
+def load_by_order(module: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy the reference tensors into `module`'s state_dict entries, in order; shapes must agree."""
+    sd = module.state_dict()
+    assert len(sd) == len(weights), (list(sd), [n for n, _ in weights])
+    for (k, v), (n, w) in zip(sd.items(), weights):
+        assert v.shape == w.shape, f"{k} {tuple(v.shape)} vs reference {n} {tuple(w.shape)}"
+    module.load_state_dict({k: w for k, (_, w) in zip(sd, weights)})
+
+
+def policy_action(norm, executed: torch.Tensor) -> torch.Tensor:
+    """The policy-space action an env executed: the exact inverse of `Normalizer.unnormalize_action`, which maps back
+    with (max − min) as the reference's env wrappers do (normalize_action divides by max − min + 1e-6)."""
+    lo, hi = norm.action_min.to(executed), norm.action_max.to(executed)
+    return 2 * (executed - lo) / (hi - lo) - 1

@@ -81,6 +81,25 @@ def test_rotation_conversions_round_trip_and_match_scipy():
         rot6d_to_matrix(np.array([1.0, 0, 0, 2.0, 0, 0]))
 
 
+def test_deployment_observation_equals_the_furniture_envs():
+    """The robot part of the observation built here (numpy, float64) equals the one the furniture env feeds the
+    policy in training (common/furniture.py, torch): same order, same quaternion order, same 6D rows."""
+    from common import furniture
+    from common.robot import RobotState
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        q = rng.normal(size=4)
+        state = RobotState(rng.normal(size=3), q / np.linalg.norm(q), rng.normal(size=3), rng.normal(size=3),
+                           float(rng.uniform(0, 0.08)))
+        raw = np.concatenate([state.ee_pos, state.ee_quat, state.ee_lin_vel, state.ee_ang_vel, [state.gripper_width]])
+        train = furniture.robot_state_to_6d(torch.as_tensor(raw, dtype=torch.float64)).numpy()
+        assert np.allclose(deploy.robot_obs(state), train, atol=1e-12)
+        d6 = train[3:9] + 0.05 * rng.normal(size=6)  # an action's (not orthonormal) 6D: same rotation both ways
+        ours = quat_to_matrix(matrix_to_quat(rot6d_to_matrix(d6)))
+        theirs = furniture.quat_to_matrix(furniture.rot6d_to_quat(torch.as_tensor(d6))).numpy()
+        assert np.allclose(ours, theirs, atol=1e-9)
+
+
 # ---- the loop on the fake robot ----
 
 def test_fixed_target_is_reached_and_everything_is_logged(tmp_path):

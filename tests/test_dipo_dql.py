@@ -16,7 +16,7 @@ import dql
 from common.datasets import Normalizer
 from common.networks import DiffusionMLP, DoubleQCritic
 from common.runs import UsageError
-from tests.helpers import assert_resumed_run_matches
+from tests.helpers import assert_resumed_run_matches, policy_action
 
 REF = Path(__file__).parent / "reference"
 SMALL = dict(mlp_dims=(64, 64, 64), batch_size=128, learning_rate=1e-3, min_lr=1e-4, n_eval_envs=8)
@@ -280,7 +280,7 @@ def test_dipo_buffer_wiring(pretrained, monkeypatch, bootstrap_truncated):
     torch.testing.assert_close(buf["next_obs"], norm.normalize_obs(torch.as_tensor(final, dtype=torch.float32)))
     torch.testing.assert_close(buf["reward"], torch.as_tensor(reward * 0.01, dtype=torch.float32))
     assert torch.equal(buf["cut"], torch.as_tensor(trunc if not bootstrap_truncated else term, dtype=torch.float32))
-    executed = norm.normalize_action(torch.as_tensor(action, dtype=torch.float32))
+    executed = policy_action(norm, torch.as_tensor(action, dtype=torch.float32))
     moved = (buf["action"] - executed).abs().amax(dim=(1, 2)) > 1e-4
     assert buf["reward"].shape[0] == n and 0 < moved.sum() < n and buf["action"][moved].abs().max() <= 1
 

@@ -173,7 +173,9 @@ def test_unet_pretrained_on_16_finetuned_on_4(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pre = pt.main(pt.Args(env_id="avoid-m2", n_epochs=1, eval_every=0, backbone="unet", horizon_steps=16,
                           unet_dim=16, batch_size=128))
-    assert torch.load(pre["checkpoint"], weights_only=True)["horizon_steps"] == 16
+    ckpt = torch.load(pre["checkpoint"], weights_only=True)
+    assert ckpt["horizon_steps"] == 16 and ckpt["arch"]["dim"] == 16 and ckpt["arch"]["large_cond_encoder"]
+    build_diffusion_network(ckpt, 4).load_state_dict(ckpt["ema"])  # rebuilt from the stored arch (strict)
     out = _finetune(pre["checkpoint"], horizon_steps=4, n_train_itr=2)
     assert np.isfinite(out["history"][-1]["pg_loss"])
 
@@ -201,7 +203,8 @@ def test_finetune_refuses_wrong_checkpoints(pretrained, tmp_path):
 
 def _cli(script, *argv, cwd):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT, "DPPO_OFFLINE": "1",
+                                                       "DPPO_DATA_DIR": str(cwd / "data")})
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
@@ -212,8 +215,10 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     r = _cli("dppo_pretrain.py", "--env-id", "avoid-m2", "--dataset", str(wrong), cwd=tmp_path)
     assert r.returncode == 2 and "states" in r.stderr and "(10, 5)" in r.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written before the input was checked
-    r = _cli("dppo_finetune.py", "--env-id", "hopper", cwd=tmp_path)
-    assert r.returncode == 2 and "--checkpoint is required" in r.stderr
+    r = _cli("dppo_finetune.py", "--env-id", "hopper", cwd=tmp_path)  # no checkpoint: the paper's, downloaded (offline here)
+    dest = tmp_path / "data" / "hopper" / "paper" / "hopper-medium-v2_pre_diffusion_mlp_ta4_td20_state_3000.pt"
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and f"put the file at {dest}" in r.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
     r = _cli("dppo_finetune.py", "--checkpoint", str(tmp_path / "missing.pt"), cwd=tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr
     r = _cli("dppo_finetune.py", "--num-envs", "-3", cwd=tmp_path)
@@ -356,6 +361,44 @@ def test_furniture_and_square_network_defaults():
     old = {k: v for k, v in arch.items() if k not in ("time_dim", "use_layernorm")}  # an older checkpoint's arch
     assert arch["time_dim"] == 16 and arch["use_layernorm"] is False
     assert pt.build_network("mlp", old).state_dict().keys() == pt.build_network("mlp", arch).state_dict().keys()
+
+
+@pytest.mark.parametrize("task,dim,mults,T_a,K,eps", [
+    ("lift", 40, [1, 2], 4, 20, 1e-5), ("can", 40, [1, 2], 4, 20, 1e-5), ("square", 64, [1, 2], 4, 20, 1e-5),
+    ("transport", 64, [1, 2], 16, 20, 1e-5), ("one-leg-low", 64, [1, 2, 4], 16, 100, 1e-4),
+    ("one-leg-med", 64, [1, 2, 4], 16, 100, 1e-5), ("lamp-low", 64, [1, 2, 4], 16, 100, 1e-4),
+    ("round-table-low", 64, [1, 2, 4], 16, 100, 1e-5), ("avoid-m2", 40, [1, 2], 4, 20, 1e-5)])
+def test_unet_network_defaults(task, dim, mults, T_a, K, eps):
+    """The reference's UNet pre-training configs (cfg/{robomimic,furniture}/pretrain/*/pre_diffusion_unet.yaml):
+    the stored arch holds every UNet1D argument."""
+    import inspect
+
+    from common.unet import UNet1D
+    args = pt.Args(env_id=task, backbone="unet")
+    pt.fill_defaults(args)
+    arch = pt.network_arch(args, 7, 3)
+    assert set(arch) == set(inspect.signature(UNet1D).parameters)
+    assert (arch["dim"], arch["dim_mults"], args.horizon_steps, args.denoising_steps, arch["groupnorm_eps"]) == \
+        (dim, mults, T_a, K, eps)
+    assert (arch["time_dim"], arch["activation"], arch["kernel_size"], arch["n_groups"]) == (16, "mish", 5, 8)
+    assert arch["cond_predict_scale"] and arch["large_cond_encoder"] and args.mlp_dims is None
+    args = pt.Args(env_id=task, backbone="unet", horizon_steps=8, denoising_steps=10)  # explicit flags win
+    pt.fill_defaults(args)
+    assert (args.horizon_steps, args.denoising_steps) == (8, 10)
+
+
+def test_unet_and_mlp_flags_defaults_and_refusals():
+    for task, T_a, K in (("one-leg-low", 8, 100), ("transport", 8, 20), ("hopper", 4, 20)):  # MLP: T_a unchanged
+        args = pt.Args(env_id=task)
+        pt.fill_defaults(args)
+        assert (args.horizon_steps, args.denoising_steps, args.unet_dim) == (T_a, K, None)
+    for kw, flag in ((dict(backbone="unet", cond_mlp_dims=(8,)), "--cond-mlp-dims"),
+                     (dict(backbone="unet", residual=False), "--residual"), (dict(unet_dim=16), "--unet-dim"),
+                     (dict(backbone="unet", unet_dim=20), "--unet-dim 20 times"),
+                     (dict(backbone="unet", activation="gelu"), "--activation gelu"),
+                     (dict(backbone="unet", unet_groupnorm_eps=0.0), "--unet-groupnorm-eps")):
+        with pytest.raises(UsageError, match=flag):
+            pt.fill_defaults(pt.Args(env_id="lift", **kw))
 
 
 def test_pair_logprobs_clamp_then_keep_the_executed_actions(pretrained):

@@ -14,7 +14,7 @@ import dppo_pretrain as pt
 import drwr
 from common.networks import DiffusionMLP, ObsCritic
 from common.runs import UsageError
-from tests.helpers import assert_resumed_run_matches
+from tests.helpers import assert_resumed_run_matches, policy_action
 
 REF = Path(__file__).parent / "reference"
 SMALL = dict(mlp_dims=(64, 64, 64), batch_size=128, learning_rate=1e-3, min_lr=1e-4, n_eval_envs=8)
@@ -358,7 +358,7 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     (x0, w_loss), = loss_in  # one batch of all 100 samples (batch_size > S)
     assert torch.equal(w_loss.sort().values, w.sort().values)
     norm = Normalizer.from_state_dict(torch.load(pretrained["checkpoint"], weights_only=True)["normalization"])
-    executed = norm.normalize_action(torch.as_tensor(np.stack([s["action"] for s in steps[:50]]), dtype=torch.float32))
+    executed = policy_action(norm, torch.as_tensor(np.stack([s["action"] for s in steps[:50]]), dtype=torch.float32))
     sampled = executed.transpose(0, 1).flatten(0, 1)  # (env, step) order, as the samples
     order = [int(torch.argmin((x0[:, :2] - a).abs().flatten(1).sum(1))) for a in sampled]
     assert sorted(order) == list(range(100))  # every finished chunk-step's chunk is in the batch once

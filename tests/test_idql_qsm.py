@@ -18,7 +18,7 @@ import qsm
 from common.datasets import Normalizer
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic
 from common.runs import UsageError
-from tests.helpers import assert_resumed_run_matches
+from tests.helpers import assert_resumed_run_matches, policy_action
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, "tests", "reference", "idql_qsm.npz")
@@ -310,7 +310,7 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
         assert not torch.allclose(buf["next_obs"][24], norm.normalize_obs(torch.as_tensor(train[24]["obs"]).float()))
         torch.testing.assert_close(buf["obs"][25], norm.normalize_obs(torch.as_tensor(train[24]["obs"]).float()))
         torch.testing.assert_close(buf["rewards"], torch.as_tensor(np.stack([s["reward"] for s in train]) * 0.5).float())
-        executed = norm.normalize_action(torch.as_tensor(np.stack([s["action"] for s in train])).float())
+        executed = policy_action(norm, torch.as_tensor(np.stack([s["action"] for s in train])).float())
         torch.testing.assert_close(buf["actions"], executed, atol=1e-5, rtol=1e-5)
 
 

@@ -19,6 +19,7 @@ import dppo_pretrain as pt
 import gaussian_ppo as gp
 import gmm_ppo as gm
 from common.networks import ChunkMLP, DiffusionMLP, ObsCritic
+from tests.helpers import load_by_order, ref_weights
 
 REF = Path(__file__).parent / "reference"
 ATOL = 1e-5
@@ -36,20 +37,6 @@ def check(name: str, ours, ref, atol: float = ATOL) -> None:
     diff = (ours - ref).abs().max().item() if ours.numel() else 0.0
     print(f"REFDIFF {name} {diff:.3e}")
     assert diff <= atol, f"{name}: max abs difference {diff:.3e} > {atol}"
-
-
-def ref_weights(d: dict, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    names = d[f"{prefix}.names"]
-    return [(str(n), torch.from_numpy(d[f"{prefix}.{i:03d}"])) for i, n in enumerate(names)]
-
-
-def load_by_order(module: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy the reference tensors into `module`'s state_dict entries, in order; shapes must agree."""
-    sd = module.state_dict()
-    assert len(sd) == len(weights), (list(sd), [n for n, _ in weights])
-    for (k, v), (n, w) in zip(sd.items(), weights):
-        assert v.shape == w.shape, f"{k} {tuple(v.shape)} vs reference {n} {tuple(w.shape)}"
-    module.load_state_dict({k: w for k, (_, w) in zip(sd, weights)})
 
 
 # ---- the diffusion agents of the two reference configurations (small widths) ----
@@ -258,3 +245,31 @@ def test_gmm_logprobs_and_ppo_loss():
                                        torch.from_numpy(d["returns"]), old, 0.01)
     for k, v in terms.items():
         check(f"gmm.loss.{k}", v, d[f"loss.{k}"])
+
+
+def test_ref_checkpoints_file():
+    """`ref_checkpoints.npz` (reference pre-training checkpoints, README) is internally consistent: every
+    `model`/`ema` name has its tensor, the two sets share names and shapes but differ, everything is finite,
+    the raw observations lie inside the stored bounds, and the stored normalised obs / env actions follow
+    the reference env wrappers' formulas from the stored raw values."""
+    d = load("ref_checkpoints.npz")
+    for case in map(str, d["cases"]):
+        names = [str(n) for n in d[f"{case}.model.names"]]
+        assert names == [str(n) for n in d[f"{case}.ema.names"]] and len(names) == len(set(names)), case
+        n_stored = sum(k.startswith(f"{case}.model.") for k in d) - 1
+        assert n_stored == len(names), (case, n_stored, len(names))
+        pairs = [(d[f"{case}.model.{i:03d}"], d[f"{case}.ema.{i:03d}"]) for i in range(len(names))]
+        assert all(m.shape == e.shape and np.isfinite(m).all() and np.isfinite(e).all() for m, e in pairs), case
+        assert sum(not np.array_equal(m, e) for m, e in pairs) > len(pairs) // 2, case
+        if f"{case}.obs" not in d:
+            continue
+        lo, hi, obs = d[f"{case}.obs_min"], d[f"{case}.obs_max"], d[f"{case}.obs"]
+        assert obs.shape == (8, 1, lo.size) and (hi > lo).all() and ((obs >= lo) & (obs <= hi)).all(), case
+        obs_norm = 2 * ((obs.astype(np.float64) - lo) / (hi.astype(np.float64) - lo + 1e-6) - 0.5)
+        np.testing.assert_allclose(d[f"{case}.obs_norm"], obs_norm, atol=1e-6)
+        alo, ahi = d[f"{case}.action_min"], d[f"{case}.action_max"]
+        for suffix in ("", "_model", "_det"):
+            if f"{case}.actions{suffix}" in d:
+                a = d[f"{case}.actions_norm{suffix}" if suffix != "_det" else f"{case}.actions_det_norm"]
+                assert a.shape[0] == 8 and a.shape[2] == alo.size and np.isfinite(a).all(), case
+                np.testing.assert_allclose(d[f"{case}.actions{suffix}"], (a + 1) / 2 * (ahi - alo) + alo, atol=1e-6)

@@ -1,14 +1,20 @@
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from common.unet import SinusoidalPosEmb, UNet1D
+from tests.helpers import load_by_order, ref_weights
 
 torch.set_num_threads(1)
 
 ROBOMIMIC_ARCH = dict(action_dim=7, cond_dim=23, dim=40, dim_mults=(1, 2), kernel_size=5,
                       n_groups=8, time_dim=16)
+# the reference's Unet1D at small width (tests/reference/README.md, `unet.npz`)
+REF_ARCH = {"robomimic": dict(action_dim=7, cond_dim=23, dim=8, dim_mults=(1, 2)),
+            "furniture": dict(action_dim=10, cond_dim=58, dim=8, dim_mults=(1, 2, 4), groupnorm_eps=1e-4)}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def test_gradient_reaches_every_parameter():
 
 def test_param_count_and_rebuild_from_arch(tmp_path, net):
     n = sum(p.numel() for p in net.parameters())
-    assert 1e5 < n < 2e6, n  # robomimic 40*(1, 2): ~0.39 M
+    assert n == 652_455, n  # the reference's Unet1D in the can config (dim 40, cond 23) counts 652,455
     path = tmp_path / "ckpt.pt"
     torch.save({"arch": ROBOMIMIC_ARCH, "model": net.state_dict()}, path)
     ckpt = torch.load(path, weights_only=True)
@@ -88,3 +94,38 @@ def test_sinusoidal_embedding_matches_formula():
             f = math.exp(-math.log(10000.0) * i / 7)
             assert row[i].item() == pytest.approx(math.sin(t * f), abs=1e-5)
             assert row[8 + i].item() == pytest.approx(math.cos(t * f), abs=1e-5)
+
+
+@pytest.mark.parametrize("config,T", [("robomimic", 4), ("robomimic", 8), ("furniture", 16)])
+def test_matches_reference_unet(config, T):
+    """The reference's Unet1D weights load by order (same names, same shapes) and give its outputs."""
+    with np.load(Path(__file__).parent / "reference" / "unet.npz") as f:
+        d = {k: f[k] for k in f.files}
+    net = UNet1D(**REF_ARCH[config])
+    weights = ref_weights(d, config)
+    assert list(net.state_dict()) == [n for n, _ in weights]
+    load_by_order(net, weights)
+    x, t, cond = (torch.from_numpy(d[f"{config}.T{T}.{k}"]) for k in ("x", "t", "cond"))
+    with torch.no_grad():
+        out = net(x, t, cond)
+        out_scalar = net(x, t[0], cond)
+    for ours, key in ((out, "out"), (out_scalar, "out_scalar_t")):
+        ref = torch.from_numpy(d[f"{config}.T{T}.{key}"])
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() <= 1e-5, (key, (ours - ref).abs().max())
+    if config == "furniture":  # the stored eps matters: the default 1e-5 gives other numbers
+        load_by_order(other := UNet1D(**{**REF_ARCH[config], "groupnorm_eps": 1e-5}), weights)
+        with torch.no_grad():
+            assert (other(x, t, cond) - out).abs().max() > 1e-5
+
+
+def test_encoder_and_activation_options():
+    """The reference's smaller FiLM encoder (act -> Linear) and ReLU; anything else is refused."""
+    small = UNet1D(7, 23, dim=8, large_cond_encoder=False, activation="relu")
+    enc = small.mid_modules[0].cond_encoder
+    assert isinstance(enc[0], torch.nn.ReLU) and isinstance(enc[1], torch.nn.Linear) and len(enc) == 2
+    assert isinstance(small.final_conv[0].block[4], torch.nn.ReLU)
+    assert isinstance(small.time_mlp[2], torch.nn.Mish)  # the time MLP keeps Mish, as the reference's
+    assert small(torch.randn(2, 4, 7), torch.tensor([1, 2]), torch.randn(2, 23)).shape == (2, 4, 7)
+    with pytest.raises(ValueError, match="activation"):
+        UNet1D(7, 23, dim=8, activation="gelu")
