@@ -35,6 +35,7 @@ Deviations from the reference implementation:
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -446,6 +447,10 @@ def main(args: Args) -> dict:
             save_checkpoint(run.checkpoint, checkpoint(epoch + 1))
     bar.close()
     if world > 1:
+        # free DDP (its C++ Reducer holds the process group) while the group is still registered: dropped last by the
+        # Reducer, a gloo group is destroyed holding the GIL its worker thread may need, and the process hangs at exit
+        del ddp_network
+        gc.collect()
         dist.barrier()  # rank 0 has written its last checkpoint
         dist.destroy_process_group()
     if not is_main:

@@ -30,6 +30,23 @@ def _flags(args: dict) -> list[str]:
     return out
 
 
+def _run_torchrun(cmd: list[str], cwd: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`subprocess.run`, except that on a timeout torchrun gets SIGTERM, on which it stops its workers (they run in
+    sessions of their own, which a plain kill of torchrun leaves behind), and the failure shows their output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = "", "(no output: torchrun did not stop on SIGTERM)"
+        pytest.fail(f"torchrun did not finish in {timeout} s; its output:\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _tensorboard_losses(run_dir: str) -> np.ndarray:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -44,8 +61,7 @@ def test_two_gloo_processes_give_the_single_process_loss_curve(tmp_path: Path, m
     (tmp_path / "ddp").mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "dppo_pretrain.py"), *_flags({**TINY, "seed": 0})]
-    r = subprocess.run(cmd, cwd=tmp_path / "ddp", capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    r = _run_torchrun(cmd, cwd=tmp_path / "ddp", env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     runs = glob.glob(str(tmp_path / "ddp" / "runs" / "*"))
     assert len(runs) == 1 and r.stdout.count("pre-training avoid-m2") == 1  # only rank 0 writes and prints
