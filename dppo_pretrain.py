@@ -27,10 +27,15 @@ Deviations from the reference implementation:
   in a few minutes on 2 CPU cores; on the built-in M2 demos it gives both modes (44 % / 56 %) with
   <= 10 % collisions. `--paper-recipe` restores the paper's numbers.
 - Evaluation rollouts during pre-training use the same `common.envs.evaluate` as fine-tuning.
+- Several GPUs or processes (`torchrun --nproc-per-node N dppo_pretrain.py ...`, DistributedDataParallel; the reference
+  trains on one device): every rank draws the same global batch, t and ε (same seed) and keeps its 1/N of the rows, so
+  N processes take the single-process steps up to float summation order; only rank 0 writes the run folder
+  (docs/deviations.md, "dppo_pretrain.py under torchrun").
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -39,8 +44,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
@@ -59,8 +66,9 @@ class Args:
     env_id: str = "avoid-m2"
     """task id (see common/tasks.py), e.g. avoid-m2, hopper, lift"""
     dataset: str | None = None
-    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz, or `paper` for the reference's train.npz
-    (downloaded; a normalization.npz beside a train.npz is used as is) (None: the task's default)"""
+    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz, `minari:<id>` for a Minari dataset
+    (e.g. minari:mujoco/hopper/medium-v0), or `paper` for the reference's train.npz (downloaded; a normalization.npz beside
+    a train.npz is used as is) (None: the task's default)"""
     exp_name: str = script_name(__file__)
     """name of this experiment (part of the run folder)"""
     seed: int = 1
@@ -110,7 +118,8 @@ class Args:
     n_epochs: int | None = None
     """passes over the dataset (None: per task)"""
     batch_size: int | None = None
-    """minibatch size (None: per task; gym 128, robomimic 256, Avoid 16)"""
+    """global minibatch size; under torchrun each of the N processes takes batch_size / N of its rows (None: per task;
+    gym 128, robomimic 256, Avoid 16)"""
     learning_rate: float | None = None
     """peak learning rate (None: per task)"""
     min_lr: float | None = None
@@ -235,6 +244,22 @@ def network_arch(args: Args, obs_dim: int, action_dim: int) -> dict:
                 activation=args.activation)
 
 
+def distributed_setup(batch_size: int, device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). Under torchrun (WORLD_SIZE > 1, with RANK, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT) this joins the process group, NCCL on CUDA (one GPU per LOCAL_RANK) and gloo on the CPU; otherwise it
+    returns (0, 1, device) and does nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the {world} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
 class DiffusionPolicy(nn.Module):
     """ε-network + DDPM schedule; `loss` for pre-training, `sample` for evaluation rollouts."""
 
@@ -259,11 +284,16 @@ class DiffusionPolicy(nn.Module):
         ).items():
             self.register_buffer(name, value, persistent=False)
 
-    def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def loss(self, obs: torch.Tensor, actions: torch.Tensor, network: nn.Module | None = None,
+             rows: slice = slice(None)) -> torch.Tensor:
+        """The denoising loss of a batch. Under torchrun every rank draws t and ε for the whole global batch (same seed,
+        same numbers) and keeps its `rows`, through `network` (the DistributedDataParallel wrapper of `self.network`,
+        which averages the gradients over the ranks): together the ranks take the single-process step."""
         t = torch.randint(0, self.K, (actions.shape[0],), device=actions.device)
         noise = torch.randn_like(actions)
         x_t = self.sqrt_alphas_cumprod[t, None, None] * actions + self.sqrt_one_minus_alphas_cumprod[t, None, None] * noise
-        return F.mse_loss(self.network(x_t, t, obs), noise)
+        network = self.network if network is None else network
+        return F.mse_loss(network(x_t[rows], t[rows], obs[rows]), noise[rows])
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
@@ -302,16 +332,21 @@ def main(args: Args) -> dict:
         args = resume_args(args, resume_ckpt["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
-    if resume_ckpt is None:
-        print_defaults(task.id, filled)
     check_output_path(args.output)
+    # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    rank, world, device = distributed_setup(args.batch_size, device)
+    is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs
+    if resume_ckpt is None and is_main:
+        print_defaults(task.id, filled)
 
     # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
     trajs, normalizer = load_task_dataset(task, args.dataset)  # the reference's normalization.npz when beside a train.npz
     if resume_ckpt is not None:
         normalizer = Normalizer.from_state_dict(resume_ckpt["normalization"])
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
+    if world > 1 and len(data) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is more than the {len(data)} windows of the dataset; lower it")
 
     arch = network_arch(args, task.obs_dim, task.action_dim)
     policy = DiffusionPolicy(build_network(args.backbone, arch), args.denoising_steps, args.horizon_steps,
@@ -334,14 +369,19 @@ def main(args: Args) -> dict:
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+    if world > 1:  # averages the gradients over the ranks during backward; each rank keeps its rows of the global batch
+        ddp_network = DistributedDataParallel(policy.network, device_ids=[device.index] if device.type == "cuda" else None)
+        rows = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
 
-    can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
-    if args.capture_video and not can_simulate:
+    can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
         raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no simulator)")
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
                                  capture_video=args.capture_video)
-    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)  # keeps the rows up to the checkpoint's epoch
+    run = None
+    if is_main:  # keeps the rows up to the checkpoint's epoch
+        run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()
@@ -369,15 +409,18 @@ def main(args: Args) -> dict:
             "epoch": epoch, "step": step,
         }
 
-    print(f"pre-training {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}")
+    if is_main:
+        print(f"pre-training {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}"
+              + (f", {world} processes" if world > 1 else ""))
     losses, t0 = [], time.time()
-    bar = tqdm(range(start_epoch, args.n_epochs), initial=start_epoch, total=args.n_epochs, desc="epochs")
+    bar = tqdm(range(start_epoch, args.n_epochs), initial=start_epoch, total=args.n_epochs, desc="epochs",
+               disable=not is_main)
     for epoch in bar:
         policy.train()
         epoch_loss = torch.zeros((), device=device)
         n_batches = 0
         for obs, actions in data.iterate(args.batch_size, generator):
-            loss = policy.loss(obs, actions)
+            loss = policy.loss(obs, actions) if world == 1 else policy.loss(obs, actions, ddp_network, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -387,9 +430,14 @@ def main(args: Args) -> dict:
             if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
                 ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
+        if world > 1:  # the mean of the ranks' losses is the global batch's loss
+            dist.all_reduce(epoch_loss)
+            epoch_loss /= world
         mean_loss = (epoch_loss / max(n_batches, 1)).item()  # one host sync per epoch
         check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
         losses.append(mean_loss)
+        if not is_main:
+            continue
         run.scalars({"losses/loss": mean_loss, "charts/learning_rate": optimizer.param_groups[0]["lr"],
                      "charts/SPS": step * args.batch_size / max(time.time() - t0, 1e-9)}, epoch)
         postfix = {"loss": f"{mean_loss:.4f}"}
@@ -404,6 +452,15 @@ def main(args: Args) -> dict:
         if (epoch + 1) % args.save_every == 0 or last_epoch:
             save_checkpoint(run.checkpoint, checkpoint(epoch + 1))
     bar.close()
+    if world > 1:
+        # free DDP (its C++ Reducer holds the process group) while the group is still registered: dropped last by the
+        # Reducer, a gloo group is destroyed holding the GIL its worker thread may need, and the process hangs at exit
+        del ddp_network
+        gc.collect()
+        dist.barrier()  # rank 0 has written its last checkpoint
+        dist.destroy_process_group()
+    if not is_main:
+        return {"run_dir": None, "checkpoint": None, "losses": losses, "eval": {}}
 
     if not os.path.isfile(run.checkpoint):
         save_checkpoint(run.checkpoint, checkpoint(args.n_epochs))

@@ -4,6 +4,7 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 (+ `"rewards"` (L,) when the file has them). Formats:
 - `train.npz` of the reference implementation: `states`, `actions`, `traj_lengths` (+ `rewards`, `images`);
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
+- Minari datasets (gym locomotion, `minari:<dataset id>`): episodes read with Minari's own reader (imported lazily);
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
 - D3IL Avoid: real demos (`des_c_pos` npz, via `common.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
@@ -255,6 +256,111 @@ def load_d4rl_hdf5(path: str, obs_dim: int, action_dim: int, positive_return_onl
     return trajs
 
 
+MINARI_PREFIX = "minari:"  # --dataset minari:<dataset id>, e.g. minari:mujoco/hopper/medium-v0
+MINARI_REQUIREMENT = "minari==0.5.4"
+
+
+def minari_root() -> str:
+    """Where Minari keeps its datasets: $MINARI_DATASETS_PATH, else ~/.minari/datasets (Minari's own rule)."""
+    return os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+
+
+def _minari_missing(dataset_id: str, why: str) -> DatasetError:
+    where = os.path.join(minari_root(), dataset_id)
+    return DatasetError(f"Minari dataset {dataset_id!r} is not at {where} and {why}; get it where there is internet with "
+                        f"pip install 'minari[hf]' && minari download {dataset_id}, then copy the folder there "
+                        "(or point MINARI_DATASETS_PATH at the folder that holds it)")
+
+
+def _minari_download(minari: Any, dataset_id: str) -> None:
+    """Minari's own client (hf://farama-minari, or $MINARI_REMOTE); a failed download leaves no new folder."""
+    if os.environ.get("DPPO_OFFLINE"):
+        raise _minari_missing(dataset_id, "DPPO_OFFLINE is set, so it is not downloaded")
+    folder = os.path.join(minari_root(), dataset_id)
+    existed = os.path.exists(folder)
+    try:
+        minari.download_dataset(dataset_id)
+    except BaseException as e:
+        if not existed and os.path.isdir(folder):
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise _minari_missing(dataset_id, f"its download failed ({_one_line(e)})") from e
+
+
+def _space(space: Any) -> str:
+    """`Box(11,)`-like text of a gymnasium space for messages."""
+    shape = getattr(space, "shape", None)
+    return f"{type(space).__name__}{tuple(shape) if shape is not None else ''}"
+
+
+def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | None = None,
+                positive_return_only: bool = True) -> list[Traj]:
+    """A Minari dataset (the maintained successor of D4RL; e.g. `mujoco/hopper/medium-v0`), downloaded with Minari's own
+    client when it is not under `minari_root()`.
+
+    A Minari episode holds L actions, rewards and L + 1 observations (the last one after the final step); the first L
+    pair with the actions, as in D4RL's flat arrays. Its observation and action spaces must be flat Boxes of the task's
+    sizes, and the env it was recorded in (its EnvSpec) must be the task's (`env_name`; another version is accepted with
+    a note). As for D4RL, only episodes with positive total reward are kept (irom-princeton/dppo,
+    script/dataset/get_d4rl_dataset.py), so both sources go through the same filter."""
+    name = f"{MINARI_PREFIX}{dataset_id}"
+    if not dataset_id.strip():
+        raise DatasetError(f"--dataset {name}: give a Minari dataset id after '{MINARI_PREFIX}', "
+                           f"e.g. {MINARI_PREFIX}mujoco/hopper/medium-v0")
+    try:
+        import minari
+    except ImportError as e:
+        raise DatasetError(f"reading Minari datasets needs minari; pip install {MINARI_REQUIREMENT}") from e
+    if not os.path.isdir(os.path.join(minari_root(), dataset_id, "data")):
+        _minari_download(minari, dataset_id)
+    try:
+        dataset = minari.load_dataset(dataset_id)
+        obs_space, act_space, spec = dataset.observation_space, dataset.action_space, dataset.env_spec
+    except ImportError as e:  # e.g. a dataset stored as arrow needs pyarrow
+        raise DatasetError(f"{name} needs {e.name or 'a package'} to be read ({_one_line(e)}); "
+                           "pip install 'minari[arrow]' for arrow datasets") from e
+    except Exception as e:  # noqa: BLE001 - any unreadable dataset gets the same one-line answer
+        raise DatasetError(f"{name}: not a readable Minari dataset ({_one_line(e)}); download it again") from e
+    hint = ""
+    if env_name is not None:
+        import gymnasium
+
+        _, env, version = gymnasium.envs.registration.parse_env_id(env_name)
+        hint = f" (e.g. {MINARI_PREFIX}mujoco/{env.lower()}/medium-v0)"
+    wanted = (obs_dim,), (action_dim,)
+    found = getattr(obs_space, "shape", None), getattr(act_space, "shape", None)
+    if found != wanted or type(obs_space).__name__ != "Box" or type(act_space).__name__ != "Box":
+        raise DatasetError(f"{name} has observations {_space(obs_space)} and actions {_space(act_space)}, the task needs "
+                           f"Box{wanted[0]} and Box{wanted[1]}; use the dataset of this task{hint}")
+    if spec is not None and env_name is not None:
+        if spec.name != env:
+            raise DatasetError(f"{name} was recorded in {spec.id}, not in the task's {env_name}; use the dataset of "
+                               f"this task{hint}")
+        if spec.version != version:
+            print(f"note: {name} was recorded in {spec.id}; the task simulates {env_name}")
+    trajs = []
+    try:
+        for i, episode in enumerate(dataset.iterate_episodes()):
+            obs, actions = np.asarray(episode.observations), np.asarray(episode.actions)
+            rewards = np.asarray(episode.rewards).reshape(-1)
+            n = actions.shape[0]
+            _check_2d(name, f"episode {i} observations", obs, obs_dim, n + 1)
+            _check_2d(name, f"episode {i} actions", actions, action_dim)
+            if rewards.shape[0] != n:
+                raise _shape_error(name, f"episode {i} rewards", rewards.shape, f"({n},)", "download the dataset again")
+            if n and (not positive_return_only or rewards.sum() > 0):  # paper: positive return only
+                trajs.append({"obs": obs[:n].astype(np.float32), "actions": actions.astype(np.float32),
+                              "rewards": rewards.astype(np.float32)})
+    except DatasetError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise DatasetError(f"{name}: corrupt Minari data ({_one_line(e)}); download it again") from e
+    return trajs
+
+
 def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_key: str | None = None,
                         max_demos: int | None = None) -> list[Traj]:
     """robomimic hdf5: obs = concat(obs/<key> for key in obs_keys); demos in order of their index N."""
@@ -464,6 +570,8 @@ def _load_checked(task: Any, path: str | None, n_demos: int | None) -> tuple[str
 
 def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
     """The file `load_task_trajectories` reads (downloaded if needed) and its trajectories, before the checks."""
+    if path is not None and path.startswith(MINARI_PREFIX):  # a Minari dataset id, not a file
+        return path, load_minari(path[len(MINARI_PREFIX):], task.obs_dim, task.action_dim, task.env_name)
     if path == "paper":  # the reference implementation's own train.npz (+ normalization.npz), downloaded once
         from common.convert import paper_dataset
 
