@@ -75,13 +75,12 @@ def main(args: Args) -> list[dict]:
 
 
 def write_table_and_plot(rows: list[dict], args: Args) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """table.md (first -> last success per cell) and success.png, drawn by scripts/plot_runs.py from the eval rows."""
+    from scripts.plot_runs import RunCurve, plot
 
     lines = ["| subset | " + " | ".join(args.methods) + " |", "|---|" + "---|" * len(args.methods)]
-    fig, axes = plt.subplots(1, len(args.subsets), figsize=(4.5 * len(args.subsets), 3.6), squeeze=False)
-    for ax, subset in zip(axes[0], args.subsets):
+    groups: dict[str, dict[str, list[RunCurve]]] = {}
+    for subset in args.subsets:
         env_id = f"avoid-{subset.lower()}"
         cells = []
         for method in args.methods:
@@ -89,15 +88,12 @@ def write_table_and_plot(rows: list[dict], args: Args) -> None:
             if not r:
                 cells.append("–")
                 continue
-            steps = [int(x["env_steps"]) for x in r]
-            success = [float(x["success_rate"]) for x in r]
-            ax.plot(steps, success, label=method)
+            groups.setdefault(env_id, {})[f"cmp_{method}"] = [RunCurve(args.out, env_id, f"cmp_{method}", args.seed, r)]
+            success = [float(x["success_rate"]) for x in r if x["mode"] == "stochastic"]
             cells.append(f"{success[0]:.2f} → {success[-1]:.2f}")
         lines.append(f"| {subset} | " + " | ".join(cells) + " |")
-        ax.set(title=f"Avoid {subset}", xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02))
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "success.png"), dpi=100)
+    plot(groups, os.path.join(args.out, "success.png"), mode="stochastic", labels={f"cmp_{m}": m for m in args.methods},
+         title="Avoid: DPPO vs Gaussian vs GMM (success with the training noise)")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("Success rate (training noise), first evaluation → after fine-tuning\n\n" + table)
