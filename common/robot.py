@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from common import furniture as rotations
 from common.runs import UsageError
 
 
@@ -40,64 +42,39 @@ class RobotError(OSError):
 
 # ---- rotations (quaternion x, y, z, w <-> matrix <-> 6D) ----
 
+# One implementation of the conversions, batched in torch (common/furniture.py, which the training env uses), so that
+# deployment builds exactly the observation and reads exactly the action the policy was trained with; here in float64.
+
+def _np(f: Any, x: Any) -> np.ndarray:
+    return f(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+
+
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:
     """Unit quaternion(s) (..., 4) in (x, y, z, w) order -> rotation matrices (..., 3, 3); q is normalised first."""
-    q = np.asarray(q, dtype=np.float64)
-    x, y, z, w = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
-    return np.stack([np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-                     np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-                     np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], -2)
+    return _np(rotations.quat_to_matrix, q)
 
 
 def matrix_to_quat(R: np.ndarray) -> np.ndarray:
-    """Rotation matrices (..., 3, 3) -> unit quaternions (..., 4) (x, y, z, w) with w >= 0. Shepperd's method:
-    the largest of w², x², y², z² is taken from the diagonal, so no division by a small number."""
-    R = np.asarray(R, dtype=np.float64)
-    flat = R.reshape(-1, 3, 3)
-    out = np.empty((flat.shape[0], 4))
-    for i, m in enumerate(flat):
-        tr = m[0, 0] + m[1, 1] + m[2, 2]
-        k = int(np.argmax([tr, m[0, 0], m[1, 1], m[2, 2]]))
-        if k == 0:
-            s = 2 * math.sqrt(max(1 + tr, 1e-12))
-            q = [(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, s / 4]
-        elif k == 1:
-            s = 2 * math.sqrt(max(1 + m[0, 0] - m[1, 1] - m[2, 2], 1e-12))
-            q = [s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s]
-        elif k == 2:
-            s = 2 * math.sqrt(max(1 - m[0, 0] + m[1, 1] - m[2, 2], 1e-12))
-            q = [(m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s]
-        else:
-            s = 2 * math.sqrt(max(1 - m[0, 0] - m[1, 1] + m[2, 2], 1e-12))
-            q = [(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4, (m[1, 0] - m[0, 1]) / s]
-        q = np.array(q) / np.linalg.norm(q)
-        out[i] = -q if q[3] < 0 else q
-    return out.reshape(R.shape[:-2] + (4,))
+    """Rotation matrices (..., 3, 3) -> unit quaternions (..., 4) (x, y, z, w) with w >= 0."""
+    return _np(rotations.matrix_to_quat, R)
 
 
 def matrix_to_rot6d(R: np.ndarray) -> np.ndarray:
-    """Rotation matrices (..., 3, 3) -> 6D (..., 6): the first two ROWS, flattened. The 6D representation is
-    Zhou et al. (CVPR 2019, "On the Continuity of Rotation Representations in Neural Networks"), used for the
-    furniture tasks' actions and observations (paper App. D.7); Zhou et al. keep two columns, but the
-    furniture-bench code the reference's furniture env uses (`irom-princeton/dppo`
-    `env/gym_utils/wrapper/furniture.py`, `proprioceptive_quat_to_6d_rotation`) keeps two rows, as here."""
-    R = np.asarray(R, dtype=np.float64)
-    return R[..., :2, :].reshape(R.shape[:-2] + (6,))
+    """Rotation matrices (..., 3, 3) -> 6D (..., 6): the first two ROWS, flattened (Zhou et al., CVPR 2019, as the
+    furniture-bench code of the reference's furniture env writes it; see common/furniture.py)."""
+    return _np(rotations.matrix_to_rot6d, R)
 
 
 def rot6d_to_matrix(d6: np.ndarray) -> np.ndarray:
-    """6D (..., 6) -> rotation matrices (..., 3, 3) by Gram-Schmidt (Zhou et al. 2019, §B): rows b1 = a1/|a1|,
-    b2 = the part of a2 orthogonal to b1, normalised, b3 = b1 × b2. Any 6D vector whose halves are not
-    parallel maps to a rotation; a degenerate one (|a1| or the orthogonal part of a2 ~ 0) raises ValueError."""
+    """6D (..., 6) -> rotation matrices (..., 3, 3) by Gram-Schmidt; a degenerate 6D vector (a half ~ 0, or the two
+    halves parallel), which has no rotation, raises ValueError instead of giving one."""
     d6 = np.asarray(d6, dtype=np.float64)
     a1, a2 = d6[..., :3], d6[..., 3:6]
     n1 = np.linalg.norm(a1, axis=-1, keepdims=True)
-    b2 = a2 - (a1 / np.maximum(n1, 1e-12) * a2).sum(-1, keepdims=True) * a1 / np.maximum(n1, 1e-12)
-    n2 = np.linalg.norm(b2, axis=-1, keepdims=True)
-    if (n1 < 1e-6).any() or (n2 < 1e-6).any():
+    ortho = a2 - (a1 / np.maximum(n1, 1e-12) * a2).sum(-1, keepdims=True) * a1 / np.maximum(n1, 1e-12)
+    if (n1 < 1e-6).any() or (np.linalg.norm(ortho, axis=-1) < 1e-6).any():
         raise ValueError("degenerate 6D rotation (its two halves are zero or parallel)")
-    b1, b2 = a1 / n1, b2 / n2
-    return np.stack([b1, b2, np.cross(b1, b2)], axis=-2)
+    return _np(rotations.rot6d_to_matrix, d6)
 
 
 def rotation_angle(R: np.ndarray) -> float:
