@@ -217,12 +217,8 @@ class ChunkPolicy(nn.Module):
 def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The policy of `args.checkpoint`, its checkpoint and what sampling uses (T_a, T_e, DDIM, ...)."""
     path = args.checkpoint
-    try:  # the header says which kind of policy it holds; load_checkpoint then checks everything
-        kind = torch.load(path, map_location="cpu", weights_only=True).get("policy", "diffusion")
-    except Exception:  # noqa: BLE001 - load_checkpoint gives the one-line answer
-        kind = "diffusion"
-    ckpt = load_checkpoint(path, kind if kind in ("diffusion", "gaussian", "gmm") else "diffusion",
-                           "python dppo_pretrain.py, then dppo_finetune.py")
+    ckpt = load_checkpoint(path, None, "python dppo_pretrain.py, then dppo_finetune.py")  # any kind of this project
+    kind = ckpt["policy"]
     if ckpt["action_dim"] != ACTION_DIM or (ckpt["obs_dim"] - ROBOT_OBS_DIM) % POSE_DIM or ckpt["obs_dim"] < ROBOT_OBS_DIM:
         raise UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action {ckpt['action_dim']}) "
                          f"does not act in absolute end-effector poses: deploy_franka.py needs action {ACTION_DIM} "

@@ -174,15 +174,15 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = None) -> dict[str, Any]:
-    """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (for `task`,
-    when given); anything else is refused with one line naming the fix."""
+def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None) -> dict[str, Any]:
+    """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (any of this project's kinds when
+    None) for `task` (when given); anything else is refused with one line naming the fix."""
     from common import convert
 
     if path in PAPER_CHECKPOINTS:  # the reference's published pre-trained policy of the task, downloaded once
         if task is None:
             raise UsageError(f"--checkpoint {path} needs the task (--env-id)")
-        if policy == "gmm" or (policy != "diffusion" and path != "paper"):
+        if policy in ("gmm", None) or (policy != "diffusion" and path != "paper"):
             raise UsageError(f"--checkpoint {path}: the reference publishes no {policy} policy this project's network can "
                              f"load; pre-train one: {pretrain_command}")
         path = convert.paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
@@ -200,9 +200,10 @@ def load_checkpoint(path: str, policy: str, pretrain_command: str, task: Any = N
     missing = [k for k in HEADER_KEYS if k not in ckpt] + ([] if has_weights else ["ema"])
     if missing:
         raise DatasetError(f"checkpoint {path!r} lacks {', '.join(missing)}; it was not written by these scripts")
-    if ckpt["policy"] != policy:
+    if ckpt["policy"] != policy and (policy is not None or ckpt["policy"] not in FINETUNE_SCRIPTS):
         script = FINETUNE_SCRIPTS.get(ckpt["policy"], "another script")
-        raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not a {policy} one; use {script}")
+        wanted = f"a {policy} one" if policy else f"one of {', '.join(FINETUNE_SCRIPTS)}"
+        raise DatasetError(f"checkpoint {path!r} holds a {ckpt['policy']} policy, not {wanted}; use {script}")
     bad = [k for k, v in _tensors(ckpt) if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise DatasetError(f"checkpoint {path!r} has non-finite values in {bad[0]}"
