@@ -52,7 +52,7 @@ from common.runs import (PhaseTimer, UsageError, apply_defaults, check_finite, c
                          eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
                          load_weights, policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint,
                          script_name, seed_everything, start_finetuning, step_schedulers)
-from common.tasks import get_task
+from common.tasks import Task, get_task
 
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 PRETRAIN_HINT = "python dppo_pretrain_pixel.py --env-id {}"
@@ -157,12 +157,17 @@ TASK_DEFAULTS = {
 }
 
 
-def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
-    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
-    task = get_task(args.env_id)
+def pixel_task(env_id: str) -> Task:
+    task = get_task(env_id)
     if task.suite != "robomimic-img":
         raise UsageError(f"--env-id {task.id}: dppo_finetune_pixel.py fine-tunes the pixel tasks "
                          "(lift-img, can-img, square-img, transport-img); state tasks: dppo_finetune.py")
+    return task
+
+
+def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
+    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
+    task = pixel_task(args.env_id)
     args.env_id = task.id
     defaults = {**TASK_DEFAULTS[task.id], "act_steps": task.act_steps}
     if task.id == "transport-img" and backbone == "vit-unet":
@@ -313,7 +318,7 @@ def main(args: Args) -> dict:
         args = resume_args(args, resume["args"], args.resume)
     if args.checkpoint is None and resume is None:
         raise UsageError(f"--checkpoint is required: a pixel policy pre-trained by {PRETRAIN_HINT.format(args.env_id)}")
-    task = get_task(args.env_id)
+    task = pixel_task(args.env_id)
     ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task)
     if not str(ckpt.get("backbone", "")).startswith("vit-"):
         raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {ckpt.get('backbone')} policy on states, not a pixel "

@@ -3,6 +3,7 @@ random-shift augmentation, the pixel robomimic env, the per-iteration shift befo
 accumulation, and smoke runs of dppo_pretrain_pixel.py / dppo_finetune_pixel.py on Lift at 32×32."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,159 @@ def test_augmentation_only_in_training_mode():
     assert torch.equal(enc(cond), enc(cond))
     enc.train()
     assert not torch.allclose(enc(cond), enc(cond))
+
+
+# ---- the pixel env, the scripts (need robosuite and offscreen rendering; 32×32 images, 2 envs) ----
+
+needs_robosuite = pytest.mark.skipif(not HAS_ROBOSUITE, reason="robosuite not installed")
+TINY_PRE = dict(n_epochs=2, batch_size=32, mlp_dims=(64, 64, 64), embed_dim=32, spatial_emb=16, eval_every=0, seed=0)
+TINY_FT = dict(num_envs=2, n_steps=3, n_workers=1, val_freq=0, eval_n_steps=2, batch_size=15, grad_accumulate=2,
+               logprob_batch_size=4, update_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def pixel_pretrained(tmp_path_factory):
+    """Two scripted Lift demos rendered at 32×32 and a tiny pixel policy pre-trained on them for 2 epochs."""
+    from scripts.robomimic_demos import generate_demos
+    import dppo_pretrain_pixel as ptp
+    folder = tmp_path_factory.mktemp("pixel")
+    os.chdir(folder)
+    generate_demos("lift", 2, 0, folder / "demos.hdf5", image_size=32, log=None)
+    out = ptp.main(ptp.Args(dataset=str(folder / "demos.hdf5"), output=str(folder / "pre.pt"), **TINY_PRE))
+    return {**out, "release": str(folder / "pre.pt"), "dataset": str(folder / "demos.hdf5")}
+
+
+@needs_robosuite
+def test_pixel_env_observations():
+    from common.robomimic import PixelChunkVecEnv, make_robomimic_env
+    env = make_robomimic_env("lift-img", seed=0, image_size=(32, 40))
+    obs, _ = env.reset(seed=3)
+    assert obs["state"].shape == (9,) and obs["state"].dtype == np.float32
+    assert obs["rgb"].shape == (3, 32, 40) and obs["rgb"].dtype == np.uint8 and obs["rgb"].std() > 0
+    raw = env.raw_obs  # proprio = eef pos, quat, gripper; image = the wrist camera's HWC frame as CHW
+    assert np.allclose(obs["state"], np.concatenate([raw["robot0_eef_pos"], raw["robot0_eef_quat"],
+                                                     raw["robot0_gripper_qpos"]]))
+    assert np.array_equal(obs["rgb"], raw["robot0_eye_in_hand_image"].transpose(2, 0, 1))
+    env.close()
+    envs = PixelChunkVecEnv("lift-img", 2, seed=0, image_size=32, act_steps=4)
+    o = envs.reset(seed=5)
+    o2, r, term, trunc, info = envs.step(np.zeros((2, 4, 7)))
+    assert o["rgb"].shape == (2, 1, 3, 32, 32) and o2["state"].shape == (2, 1, 9) and r.shape == (2,)
+    assert np.array_equal(info["final_obs"]["rgb"], o2["rgb"])  # no episode ended
+    assert np.array_equal(envs.reset(seed=5)["rgb"], o["rgb"])  # seeded resets reproduce the images
+    envs.close()
+
+
+@needs_robosuite
+def test_missing_gl_backend_is_one_line(monkeypatch):
+    import common.robomimic as rm
+    from common.tasks import TaskError
+    robosuite = rm._import_robosuite()
+
+    def broken(*a, **kw):
+        if kw.get("has_offscreen_renderer"):
+            raise ImportError("Cannot initialize a EGL device display. This likely means that your EGL driver does not "
+                              "support the PLATFORM_DEVICE extension.\nmore")
+        raise AssertionError("the state env must not be affected")
+    monkeypatch.setattr(robosuite, "make", broken)
+    with pytest.raises(TaskError) as e:
+        rm.make_robomimic_env("lift-img")
+    msg = str(e.value)
+    assert "\n" not in msg and "EGL" in msg and "OSMesa" in msg and "apt-get install" in msg
+
+
+@needs_robosuite
+def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
+    import dppo_finetune_pixel as ftp
+    from common.datasets import load_task_dataset
+    from common.tasks import get_task
+    trajs, _ = load_task_dataset(get_task("lift-img"), pixel_pretrained["dataset"])
+    assert trajs[0]["images"].shape[1:] == (3, 32, 32) and trajs[0]["images"].dtype == np.uint8
+    assert trajs[0]["obs"].shape[1] == 9
+    assert len(pixel_pretrained["losses"]) == 2 and all(np.isfinite(pixel_pretrained["losses"]))
+    ckpt = torch.load(pixel_pretrained["release"], weights_only=True)
+    assert ckpt["backbone"] == "vit-mlp" and ckpt["denoising_steps"] == 100
+    assert ckpt["arch"]["encoder_arch"]["img_h"] == 32 and ckpt["arch"]["encoder_arch"]["augment"]
+
+    # record the order of the per-iteration shift and the old log-probs, and the update's minibatch log-probs
+    events = []
+    real_shift, real_lp = ftp.shift_images_, ftp.pair_logprobs
+
+    def shift(rgb, *a, **kw):
+        before = rgb.clone()
+        real_shift(rgb, *a, **kw)
+        events.append(("shift", bool((before != rgb).any())))
+    monkeypatch.setattr(ftp, "shift_images_", shift)
+    monkeypatch.setattr(ftp, "pair_logprobs", lambda *a: events.append(("lp", torch.is_grad_enabled())) or real_lp(*a))
+    out = ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=2, n_critic_warmup_itr=1, seed=0, **TINY_FT))
+    h = out["history"]
+    assert len(h) == 2 and all(np.isfinite(h[i][k]) for i in range(2) for k in ("pg_loss", "v_loss", "approx_kl"))
+    # iteration 0 is critic warm-up: the actor does not move, so the update's log-probs equal the old ones exactly
+    # (same shifted images, no augmentation inside the networks); iteration 1 moves it
+    assert h[0]["approx_kl"] == 0.0 and h[0]["clipfrac"] == 0.0 and h[1]["approx_kl"] > 0
+    # per iteration: one shift that changed the stored images, before the old log-probs (no grad), then the update
+    per_itr = [e for e in events if e[0] == "shift" or e == ("lp", False)]
+    shifts = [i for i, e in enumerate(per_itr) if e[0] == "shift"]
+    assert len(shifts) == 2 and all(e[1] for e in per_itr if e[0] == "shift")
+    assert all(per_itr[i + 1] == ("lp", False) for i in shifts)
+    first_update = next(i for i, e in enumerate(events) if e == ("lp", True))
+    assert events.index(("shift", True)) < next(i for i, e in enumerate(events) if e == ("lp", False)) < first_update
+    # checkpoint reloads; eval.csv has the final row; the frozen base is untouched
+    ft_ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ft_ckpt["itr"] == 2 and len(out["eval_rows"]) == 1
+    assert all(torch.equal(ft_ckpt["base"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    assert any(not torch.equal(ft_ckpt["actor_ft"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    # --eval-only on the fine-tuned checkpoint, and the checks of bad input
+    ev = ftp.main(ftp.Args(checkpoint=out["checkpoint"], eval_only=True, **TINY_FT))
+    assert set(ev["eval"]) == {"deterministic", "stochastic"}
+
+
+@needs_robosuite
+def test_gradient_accumulation_equals_one_big_batch(pixel_pretrained, monkeypatch):
+    """The critic's gradient at its optimiser step: 2 accumulated minibatches of 15 pairs = one of 30 (same
+    permutation, so the same pairs); the value loss has no per-minibatch statistics, unlike the policy loss."""
+    import dppo_finetune_pixel as ftp
+    real = ftp.ppo_optimizers
+
+    def run(batch_size: int, grad_accumulate: int) -> list[torch.Tensor]:
+        grads = []
+
+        def recording(actor, critic, args):
+            opts, scheds = real(actor, critic, args)
+            opts["critic"].register_step_pre_hook(
+                lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in critic.parameters()]).clone()))
+            return opts, scheds
+        monkeypatch.setattr(ftp, "ppo_optimizers", recording)
+        kw = {**TINY_FT, "batch_size": batch_size, "grad_accumulate": grad_accumulate, "update_epochs": 1}
+        ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=1, n_critic_warmup_itr=1, seed=0, **kw))
+        return grads
+
+    accumulated, big = run(15, 2), run(30, 1)
+    assert len(accumulated) == len(big) == 1  # one optimiser step each: 30 pairs = n_steps 3 x envs 2 x K' 5
+    assert torch.allclose(accumulated[0], big[0], atol=1e-6, rtol=1e-5)
+    assert big[0].abs().max() > 1e-4
+    single = run(15, 1)  # without accumulation: two steps, on half the pairs each -> another gradient
+    assert len(single) == 2 and not torch.allclose(single[0], big[0], atol=1e-6, rtol=1e-5)
+
+
+@needs_robosuite
+def test_pixel_scripts_refuse_bad_input(pixel_pretrained, tmp_path):
+    import dppo_finetune_pixel as ftp
+    import dppo_pretrain_pixel as ptp
+    from common.datasets import DatasetError
+    from common.runs import UsageError
+    with pytest.raises(UsageError, match="dppo_finetune.py"):
+        ftp.main(ftp.Args(env_id="lift", checkpoint=pixel_pretrained["release"]))
+    with pytest.raises(UsageError, match="dppo_pretrain.py"):
+        ptp.main(ptp.Args(env_id="lift", dataset=pixel_pretrained["dataset"]))
+    with pytest.raises(UsageError, match="--checkpoint"):
+        ftp.main(ftp.Args())
+    with pytest.raises(UsageError, match="batch-size"):
+        ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], **{**TINY_FT, "batch_size": 31}))
+    with pytest.raises(DatasetError, match="lift-img"):  # a checkpoint of another task
+        ftp.main(ftp.Args(env_id="can-img", checkpoint=pixel_pretrained["release"], **TINY_FT))
+    state_demos = tmp_path / "state.hdf5"
+    from scripts.robomimic_demos import generate_demos
+    generate_demos("lift", 1, 0, state_demos, log=None)
+    with pytest.raises(DatasetError, match="image"):  # a state dataset has no camera images
+        ptp.main(ptp.Args(dataset=str(state_demos), **TINY_PRE))
