@@ -177,6 +177,8 @@ def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
                    "grad_accumulate", "logprob_batch_size", "update_epochs", "save_every", "torch_threads",
                    "eval_n_steps", "actor_lr", "critic_lr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
                    "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
+    if args.batch_size < 2:
+        raise UsageError("--batch-size must be at least 2 (advantages are normalised within each minibatch)")
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "seed", 0, 2**31 - 1)
