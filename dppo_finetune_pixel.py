@@ -146,6 +146,10 @@ class Args:
     """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
     reward_scale_running: bool = True
     """running reward scaling"""
+    terminate_on_success: bool = False
+    """end episodes on success (the paper does not)"""
+    max_episode_steps: int | None = None
+    """episode length in env steps (None: the task's 300/300/400/800; shorter only for quick measurements)"""
 
 
 # The reference's configs (cfg/robomimic/finetune/*/ft_ppo_diffusion_{mlp,unet}_img.yaml); an explicit flag wins.
@@ -175,7 +179,8 @@ def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
     filled = apply_defaults(args, defaults)
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ddim_steps", "act_steps", "batch_size",
                    "grad_accumulate", "logprob_batch_size", "update_epochs", "save_every", "torch_threads",
-                   "eval_n_steps", "actor_lr", "critic_lr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
+                   "eval_n_steps", "max_episode_steps", "actor_lr", "critic_lr", "clip_coef", "clip_coef_base",
+                   "min_logprob_denoising_std",
                    "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm", "clip_coef_rate")
     if args.batch_size < 2:
         raise UsageError("--batch-size must be at least 2 (advantages are normalised within each minibatch)")
@@ -356,7 +361,9 @@ def main(args: Args) -> dict:
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     image_hw = (arch["encoder_arch"]["img_h"], arch["encoder_arch"]["img_w"])
     envs = PixelChunkVecEnv(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, image_size=image_hw,
-                            n_workers=args.n_workers or os.cpu_count() or 1)
+                            n_workers=args.n_workers or os.cpu_count() or 1, terminate_on_success=args.terminate_on_success,
+                            max_episode_steps=args.max_episode_steps)
+    eval_n_steps = args.eval_n_steps or -(-(args.max_episode_steps or task.max_episode_steps) // T_e)  # one episode
     print(f"envs: {N} x {task.id} at {image_hw[0]}x{image_hw[1]} on {envs.backend}")
 
     def as_cond(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -367,7 +374,7 @@ def main(args: Args) -> dict:
         def act(obs: dict[str, np.ndarray]) -> np.ndarray:
             x, _ = agent.get_action(as_cond(obs), deterministic)
             return normalizer.unnormalize_action(x).cpu().numpy()
-        return evaluate(envs, act, task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+        return evaluate(envs, act, task, T_e, seed=args.seed + 1_000_000, n_steps=eval_n_steps)
 
     if args.eval_only:
         out = eval_only_report(run_eval)

@@ -202,8 +202,9 @@ class RobomimicEnv(gym.Env):
 
     def __init__(self, task: Task | str, seed: int | None = None,
                  terminate_on_success: bool = False, render: bool = False,
-                 image_size: int | tuple[int, int] = 96) -> None:
+                 image_size: int | tuple[int, int] = 96, max_episode_steps: int | None = None) -> None:
         self.task = _resolve(task)
+        self.max_episode_steps = max_episode_steps or self.task.max_episode_steps
         require_simulator(self.task)
         if render and not is_pixel(self.task):
             raise TaskError(f"task {self.task.id!r} has state observations; camera observations are task "
@@ -268,7 +269,7 @@ class RobomimicEnv(gym.Env):
         self._t += 1
         success = self.is_success()
         terminated = self.terminate_on_success and success
-        truncated = self._t >= self.task.max_episode_steps
+        truncated = self._t >= self.max_episode_steps
         return self._flat(self.raw_obs), float(reward), terminated, truncated, {"success": success}
 
     def close(self) -> None:
@@ -277,12 +278,12 @@ class RobomimicEnv(gym.Env):
 
 def make_robomimic_env(task: Task | str, seed: int | None = None,
                        terminate_on_success: bool = False, render: bool = False,
-                       image_size: int | tuple[int, int] = 96) -> gym.Env:
+                       image_size: int | tuple[int, int] = 96, max_episode_steps: int | None = None) -> gym.Env:
     """A robomimic task as a gymnasium env (see the module docstring). `seed` seeds the model build
     (Lift's cube size is drawn then), the first reset and the action space; later `reset()` calls
     continue the env's own random stream. Use seed + i for the i-th of several envs."""
     env = RobomimicEnv(task, seed=seed, terminate_on_success=terminate_on_success, render=render,
-                       image_size=image_size)
+                       image_size=image_size, max_episode_steps=max_episode_steps)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
@@ -294,8 +295,10 @@ class PixelChunkEnv:
     early stop at done, the last T_o observations stacked per key (the first repeated after reset), autoreset."""
 
     def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
-                 image_size: int | tuple[int, int], terminate_on_success: bool) -> None:
-        self.env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size)
+                 image_size: int | tuple[int, int], terminate_on_success: bool,
+                 max_episode_steps: int | None = None) -> None:
+        self.env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size,
+                                      max_episode_steps=max_episode_steps)
         self.act_steps, self.cond_steps = act_steps, cond_steps
         self._obs: deque[dict[str, np.ndarray]] = deque(maxlen=cond_steps)
 
@@ -380,7 +383,7 @@ class PixelChunkVecEnv:
 
     def __init__(self, task: Task | str, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, image_size: int | tuple[int, int] = 96, n_workers: int = 1,
-                 terminate_on_success: bool = False) -> None:
+                 terminate_on_success: bool = False, max_episode_steps: int | None = None) -> None:
         task = _resolve(task)
         if not is_pixel(task):
             raise TaskError(f"task {task.id!r} has state observations; use common.envs.make_vec_env")
@@ -389,7 +392,7 @@ class PixelChunkVecEnv:
         self.num_envs, self.task = num_envs, task
         act_steps = act_steps or task.act_steps
         fns = [partial(PixelChunkEnv, task.id, None if seed is None else seed + i, act_steps, cond_steps, image_size,
-                       terminate_on_success) for i in range(num_envs)]
+                       terminate_on_success, max_episode_steps) for i in range(num_envs)]
         n_workers = max(1, min(n_workers, num_envs))
         self._splits = np.array_split(np.arange(num_envs), n_workers)
         self._remotes, self._procs, self._local = [], [], None
