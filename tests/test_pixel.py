@@ -278,3 +278,44 @@ def test_pixel_scripts_refuse_bad_input(pixel_pretrained, tmp_path):
     generate_demos("lift", 1, 0, state_demos, log=None)
     with pytest.raises(DatasetError, match="image"):  # a state dataset has no camera images
         ptp.main(ptp.Args(dataset=str(state_demos), **TINY_PRE))
+
+
+class _FeatureNet(torch.nn.Module):
+    """A pixel network seen as a state network: `cond` is already the encoder's features."""
+
+    def __init__(self, net: VisionDiffusionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond):
+        return self.net(x, t, cond)
+
+
+@pytest.mark.parametrize("head", ["mlp", "unet"])
+def test_pixel_ddim_matches_the_state_scripts_ddim(head):
+    """PixelDiffusionPPO's DDIM steps, chains and log-probs are dppo_finetune.DiffusionPPO's (whose DDIM is checked
+    against the reference in tests/reference/ddim_furniture.npz) on the encoder's features; two cameras, T_a 8."""
+    import dppo_finetune as ft
+    import dppo_finetune_pixel as ftp
+    torch.manual_seed(0)
+    enc = dict(cond_dim=18, num_img=2, img_h=32, img_w=32, embed_dim=32, spatial_emb=16)
+    head_arch = (dict(action_dim=14, horizon_steps=8, time_dim=32, mlp_dims=(64,) * 3, activation="mish") if head == "mlp"
+                 else dict(action_dim=14, dim=16, dim_mults=(1, 2), time_dim=32))
+    net = VisionDiffusionNet(head, head_arch, enc)
+    critic = ViTCritic(enc, mlp_dims=(32,) * 3)
+    pix = ftp.PixelDiffusionPPO(net, critic, 100, 5, 8, 14, 0.1, 0.1, 3.0).eval()
+    ref = ft.DiffusionPPO(_FeatureNet(net), torch.nn.Identity(), 100, 5, 8, 14, True, 5, 0.1, 0.1, 3.0).eval()
+    cond = {"state": torch.randn(3, 1, 18), "rgb": torch.randint(0, 256, (3, 1, 6, 32, 32), dtype=torch.uint8)}
+    feat = net.encode(cond)
+    for deterministic in (False, True):
+        torch.manual_seed(1)
+        x, chain = pix.get_action(cond, deterministic)
+        torch.manual_seed(1)
+        x_ref, chain_ref = ref.get_action(feat, deterministic)
+        assert chain.shape == (3, 6, 8, 14) and torch.allclose(chain, chain_ref, atol=1e-6)
+    i = torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        lp = pix.get_logprobs(feat, chain[torch.arange(3), i], chain[torch.arange(3), i + 1], i)
+        lp_ref = ref.get_logprobs(feat, chain[torch.arange(3), i], chain[torch.arange(3), i + 1], i)
+    assert torch.allclose(lp, lp_ref, atol=1e-6)
+    assert pix.get_value(cond).shape == (3,)
