@@ -25,10 +25,11 @@ Scripted demonstrations for these envs: `scripts/robomimic_demos.py`.
 Pixel tasks (`lift-img`, `can-img`, `square-img`, `transport-img`; paper §5.3, App. D.5) use the same
 env with robosuite's offscreen renderer (MuJoCo EGL, or OSMesa with `MUJOCO_GL=osmesa`): the
 observation is a dict {"state": float32 proprio (9; Transport 18), "rgb": uint8 (3·cameras, H, W)}
-with the reference's cameras (`PIXEL_CAMERAS`), 96×96 by default, any size. Images keep robosuite
-1.4's orientation (the one the robomimic image datasets were recorded in). `make_pixel_vec_env`
-chunks and vectorises them (dict observations; worker processes started with `spawn`, since a
-forked child cannot use the parent's GL context).
+with the reference's cameras (`PIXEL_CAMERAS`), 96×96 by default, any size. Images are upright: MuJoCo
+renders rows bottom-up and robomimic's `EnvRobosuite.get_observation` flips them (`[::-1]`), which is the
+orientation of robomimic's image datasets and of the reference's envs; we flip the same way.
+`PixelChunkVecEnv` chunks and vectorises them (dict observations; worker processes started with `spawn`,
+since a forked child cannot use the parent's GL context).
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def env_args(task: Task | str, image_size: int | tuple[int, int] = 96) -> dict[s
             "env_kwargs": env_kwargs(task, image_size)}
 
 
+def upright(frame: np.ndarray) -> np.ndarray:
+    """A robosuite camera frame (H, W, 3), rows bottom-up as MuJoCo renders them, turned upright (robomimic
+    `EnvRobosuite.get_observation`: `di[k][::-1]`)."""
+    return frame[::-1]
+
+
 GL_HINT = ("offscreen rendering failed (MUJOCO_GL={gl}: {err}); pixel tasks need MuJoCo's EGL backend "
            "(apt-get install libegl1 libgl1-mesa-dri; runs on a GPU driver or Mesa's software renderer) or OSMesa "
            "(apt-get install libosmesa6, then MUJOCO_GL=osmesa)")
@@ -245,8 +252,9 @@ class RobomimicEnv(gym.Env):
         state = np.concatenate([raw[self._rs_key(k)] for k in self.keys]).astype(np.float32)
         if not self.pixel:
             return state
-        # HWC uint8 per camera -> (3·cameras, H, W), cameras in the task's order (reference `RobomimicImageWrapper`)
-        rgb = np.concatenate([raw[k].transpose(2, 0, 1) for k in self.image_keys])
+        # HWC uint8 per camera, flipped upright as robomimic does -> (3·cameras, H, W), cameras in the task's order
+        # (reference `RobomimicImageWrapper.get_observation`)
+        rgb = np.concatenate([upright(raw[k]).transpose(2, 0, 1) for k in self.image_keys])
         return {"state": state, "rgb": np.ascontiguousarray(rgb, dtype=np.uint8)}
 
     def is_success(self) -> bool:

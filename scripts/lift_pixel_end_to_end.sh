@@ -9,6 +9,9 @@
 # 40 chunk-steps instead of 81 of 50 x 300. The numbers in the comments are from one run on the development
 # machine (OMP_NUM_THREADS=1, load average 5-8 from other jobs); with 10 episodes a success rate has a standard
 # error of ~0.15, so no before/after difference below is a measured effect of fine-tuning.
+# Measured at commit 6156f86, before the images were turned upright (robomimic's orientation): then demos and env
+# both held MuJoCo's bottom-up rows. The same flip of both changes which random network is drawn, not the task;
+# not re-measured since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -8,7 +8,7 @@ action noise; only successful episodes are kept; a demo ends once the task has b
     python scripts/robomimic_demos.py --task lift --n-demos 100 --seed 0 --out data/lift/scripted.hdf5
     python scripts/robomimic_demos.py --task lift --images --image-size 96 --n-demos 100 --out data/lift-img/scripted.hdf5
 
-`--images` also renders the pixel task's cameras (`<camera>_image`, HWC uint8, as robomimic's image datasets) so
+`--images` also renders the pixel task's cameras (`<camera>_image`, HWC uint8, upright, as robomimic's image datasets) so
 the same file pre-trains `lift` and `lift-img` (offscreen rendering: slow on a CPU, ~0.1 s per step here).
 
 Seed 0, 100 demos: Lift 100 % of episodes succeed, 47 steps on average; Can 100 %, 142 steps;
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.robomimic import RobomimicEnv, env_args, image_keys, obs_keys  # noqa: E402
+from common.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
 from common.tasks import Task, TaskError, get_task  # noqa: E402
 
 
@@ -172,6 +172,11 @@ class ScriptedPolicy:
         return np.clip(action, -1.0, 1.0)
 
 
+def _record(env: RobomimicEnv, raw: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+    """The recorded obs keys; camera images upright, as robomimic stores them."""
+    return {k: np.array(upright(raw[k]) if k.endswith("_image") else raw[env._rs_key(k)]) for k in keys}
+
+
 def rollout_scripted(env: RobomimicEnv, seed: int, hold_steps: int = 10,
                      keys: list[str] | None = None) -> dict[str, Any] | None:
     """One scripted episode from reset(seed); the recorded demo (robomimic fields) if it succeeded.
@@ -187,12 +192,12 @@ def rollout_scripted(env: RobomimicEnv, seed: int, hold_steps: int = 10,
     for _ in range(env.task.max_episode_steps):
         raw = env.raw_obs
         rec["states"].append(np.array(env.env.sim.get_state().flatten()))
-        rec["obs"].append({k: np.array(raw[env._rs_key(k)]) for k in keys})
+        rec["obs"].append(_record(env, raw, keys))
         action = policy(raw)
         _, reward, _, _, info = env.step(action)
         rec["actions"].append(action)
         rec["rewards"].append(reward)
-        rec["next_obs"].append({k: np.array(env.raw_obs[env._rs_key(k)]) for k in keys})
+        rec["next_obs"].append(_record(env, env.raw_obs, keys))
         solved = solved + 1 if info["success"] else 0
         if solved >= hold_steps:
             break

@@ -145,10 +145,13 @@ def test_pixel_env_observations():
     obs, _ = env.reset(seed=3)
     assert obs["state"].shape == (9,) and obs["state"].dtype == np.float32
     assert obs["rgb"].shape == (3, 32, 40) and obs["rgb"].dtype == np.uint8 and obs["rgb"].std() > 0
-    raw = env.raw_obs  # proprio = eef pos, quat, gripper; image = the wrist camera's HWC frame as CHW
+    raw = env.raw_obs  # proprio = eef pos, quat, gripper; image = the wrist camera's HWC frame, upright, as CHW
     assert np.allclose(obs["state"], np.concatenate([raw["robot0_eef_pos"], raw["robot0_eef_quat"],
                                                      raw["robot0_gripper_qpos"]]))
-    assert np.array_equal(obs["rgb"], raw["robot0_eye_in_hand_image"].transpose(2, 0, 1))
+    # robomimic's EnvRobosuite flips MuJoCo's bottom-up rows (di[k][::-1]); its datasets and the reference's envs
+    # hold upright images
+    assert np.array_equal(obs["rgb"], raw["robot0_eye_in_hand_image"][::-1].transpose(2, 0, 1))
+    assert not np.array_equal(obs["rgb"], raw["robot0_eye_in_hand_image"].transpose(2, 0, 1))
     env.close()
     envs = PixelChunkVecEnv("lift-img", 2, seed=0, image_size=32, act_steps=4)
     o = envs.reset(seed=5)
