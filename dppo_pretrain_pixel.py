@@ -288,8 +288,14 @@ def load_pixel_dataset(task, path: str | None, n_demos: int | None) -> tuple[lis
     if shape[0] != channels or min(shape[1:]) < 16:
         raise DatasetError(f"{path or 'the dataset'}: images {tuple(shape)}, expected ({channels}, H, W) with H, W >= 16 "
                            f"for {task.id}'s {len(camera_names(task))} camera(s)")
-    if any(t["images"].dtype != np.uint8 for t in trajs):
-        raise DatasetError(f"{path or 'the dataset'}: images must be uint8 in [0, 255]")
+    for t in trajs:  # uint8 in [0, 255]; a float store of whole numbers in that range is converted
+        img = t["images"]
+        if img.dtype != np.uint8:
+            if not (np.isfinite(img).all() and img.min() >= 0 and img.max() <= 255 and (img == np.round(img)).all()
+                    and img.max() > 1):
+                raise DatasetError(f"{path or 'the dataset'}: images must be uint8 (or whole numbers) in [0, 255], found "
+                                   f"{img.dtype} in [{img.min():.3g}, {img.max():.3g}]")
+            t["images"] = img.astype(np.uint8)
     if n_demos is not None and len(trajs) < n_demos:
         print(f"dataset has {len(trajs)} demonstrations (fewer than --n-demos {n_demos}); using all")
     return trajs, normalizer

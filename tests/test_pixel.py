@@ -322,3 +322,36 @@ def test_pixel_ddim_matches_the_state_scripts_ddim(head):
         lp_ref = ref.get_logprobs(feat, chain[torch.arange(3), i], chain[torch.arange(3), i + 1], i)
     assert torch.allclose(lp, lp_ref, atol=1e-6)
     assert pix.get_value(cond).shape == (3,)
+
+
+def test_pixel_dataset_from_reference_train_npz(tmp_path):
+    """The reference's image train.npz (`images` N×C×H×W): loaded per trajectory for the -img task; float images of
+    whole numbers in [0, 255] become uint8, images in [0, 1] and a file without images are refused in one line."""
+    import dppo_pretrain_pixel as ptp
+    from common.datasets import DatasetError, load_task_dataset, save_train_npz
+    from common.tasks import get_task
+    rng = np.random.default_rng(0)
+    trajs = [{"obs": rng.standard_normal((n, 9)).astype(np.float32), "actions": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
+              "images": rng.integers(0, 256, (n, 3, 20, 20)).astype(np.uint8)} for n in (5, 7)]
+    save_train_npz(str(tmp_path / "train.npz"), trajs)
+    loaded, _ = load_task_dataset(get_task("lift-img"), str(tmp_path / "train.npz"))
+    assert [t["images"].shape for t in loaded] == [(5, 3, 20, 20), (7, 3, 20, 20)]
+    assert np.array_equal(loaded[1]["images"], trajs[1]["images"])
+    for t in trajs:
+        t["images"] = t["images"].astype(np.float32)
+    save_train_npz(str(tmp_path / "float.npz"), trajs)
+    got, _ = ptp.load_pixel_dataset(get_task("lift-img"), str(tmp_path / "float.npz"), None)
+    assert got[0]["images"].dtype == np.uint8 and np.array_equal(got[0]["images"], trajs[0]["images"])
+    for t in trajs:
+        t["images"] = t["images"] / 255.0
+    save_train_npz(str(tmp_path / "unit.npz"), trajs)
+    with pytest.raises(DatasetError, match=r"uint8.*\[0, 255\]"):
+        ptp.load_pixel_dataset(get_task("lift-img"), str(tmp_path / "unit.npz"), None)
+    with pytest.raises(DatasetError, match="images"):  # the -img task on a state train.npz
+        save_train_npz(str(tmp_path / "state.npz"), [{k: v for k, v in t.items() if k != "images"} for t in trajs])
+        load_task_dataset(get_task("lift-img"), str(tmp_path / "state.npz"))
+    with pytest.raises(DatasetError, match=r"\(6, H, W\)"):  # one camera's images for the two-camera Transport
+        t2 = [{"obs": np.zeros((5, 18), np.float32), "actions": np.zeros((5, 14), np.float32),
+               "images": np.zeros((5, 3, 20, 20), np.uint8)}]
+        save_train_npz(str(tmp_path / "t.npz"), t2)
+        ptp.load_pixel_dataset(get_task("transport-img"), str(tmp_path / "t.npz"), None)
