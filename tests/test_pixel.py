@@ -355,3 +355,14 @@ def test_pixel_dataset_from_reference_train_npz(tmp_path):
                "images": np.zeros((5, 3, 20, 20), np.uint8)}]
         save_train_npz(str(tmp_path / "t.npz"), t2)
         ptp.load_pixel_dataset(get_task("transport-img"), str(tmp_path / "t.npz"), None)
+
+
+@needs_robosuite
+def test_pixel_finetune_resume_matches_uninterrupted(pixel_pretrained):
+    import dppo_finetune_pixel as ftp
+    from tests.helpers import assert_resumed_run_matches
+    kw = dict(checkpoint=pixel_pretrained["release"], n_critic_warmup_itr=0, seed=3, **TINY_FT)
+    full = ftp.main(ftp.Args(n_train_itr=2, **kw))
+    part = ftp.main(ftp.Args(n_train_itr=1, **kw))
+    resumed = ftp.main(ftp.Args(resume=part["run_dir"], n_train_itr=2))
+    assert_resumed_run_matches(full, resumed, n_eval_rows=1)
