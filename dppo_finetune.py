@@ -221,6 +221,8 @@ FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
+    if task.suite == "robomimic-img":
+        raise UsageError(f"--env-id {task.id} is a pixel task: use dppo_finetune_pixel.py")
     args.env_id = task.id
     filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
                                    "act_steps": task.act_steps})

@@ -179,6 +179,8 @@ UNET_TASK_DEFAULTS = {"square": dict(unet_dim=64), "transport": dict(unet_dim=64
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
+    if task.suite == "robomimic-img":
+        raise UsageError(f"--env-id {task.id} is a pixel task: use dppo_pretrain_pixel.py")
     args.env_id = task.id
     unet = args.backbone == "unet"
     if not args.resume:  # a resumed run's arguments were checked when it started

@@ -362,8 +362,9 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
 
 
 def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_key: str | None = None,
-                        max_demos: int | None = None) -> list[Traj]:
-    """robomimic hdf5: obs = concat(obs/<key> for key in obs_keys); demos in order of their index N."""
+                        max_demos: int | None = None, image_keys: list[str] | None = None) -> list[Traj]:
+    """robomimic hdf5: obs = concat(obs/<key> for key in obs_keys); demos in order of their index N.
+    `image_keys`: also `images` = the cameras' HWC uint8 frames as (L, 3·cameras, H, W), in the keys' order."""
     with _open_hdf5(path) as f:
         _require(path, f.keys(), "data", "group")
         if filter_key is None:
@@ -394,6 +395,17 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
                                        "every obs key needs one row per action")
                 parts.append(part)
             traj = {"obs": np.concatenate(parts, axis=1).astype(np.float32), "actions": actions.astype(np.float32)}
+            if image_keys:
+                frames = []
+                for key in image_keys:
+                    _require(f"{path}:data/{name}/obs", demo["obs"].keys(), key, fix="is this an image dataset "
+                             "(image_v141.hdf5, or scripts/robomimic_demos.py --images)?")
+                    img = demo["obs"][key][()]
+                    if img.ndim != 4 or img.shape[-1] != 3 or img.dtype != np.uint8 or len(img) != len(actions):
+                        raise _shape_error(path, f"data/{name}/obs/{key}", img.shape, f"({len(actions)}, H, W, 3) uint8",
+                                           "is this an image dataset?")
+                    frames.append(img.transpose(0, 3, 1, 2))
+                traj["images"] = np.ascontiguousarray(np.concatenate(frames, axis=1))
             if "rewards" in demo:
                 traj["rewards"] = demo["rewards"][()].reshape(-1).astype(np.float32)
             trajs.append(traj)
@@ -632,7 +644,9 @@ def _load_file(task: Any, path: str) -> list[Traj]:
         with _open_npz(path) as f:
             keys = set(f.files)
         if {"traj_lengths", "states"} <= keys:
-            return load_train_npz(path, task.obs_dim, task.action_dim)
+            if task.suite == "robomimic-img" and "images" not in keys:
+                raise DatasetError(f"{path} has no 'images' (N, C, H, W); task {task.id!r} needs the pixel dataset")
+            return load_train_npz(path, task.obs_dim, task.action_dim, with_images=task.suite == "robomimic-img")
         if "des_c_pos" in keys:
             _check_d3il_avoid(path)
             from common.avoid import load_avoid_demos
@@ -648,6 +662,9 @@ def _load_file(task: Any, path: str) -> list[Traj]:
                                f"(found: {', '.join(sorted(keys)) or 'none'}); is this the right dataset file?")
         if not is_robomimic:
             return load_d4rl_hdf5(path, task.obs_dim, task.action_dim)
+        if task.suite == "robomimic-img":  # proprio + camera images (common/robomimic.py)
+            from common.robomimic import image_keys, obs_keys
+            return load_robomimic_hdf5(path, obs_keys(task), task.action_dim, image_keys=image_keys(task))
         if task.id not in ROBOMIMIC_OBS_KEYS:
             raise DatasetError(f"{path} is a robomimic dataset but task {task.id!r} is not a robomimic task")
         return load_robomimic_hdf5(path, ROBOMIMIC_OBS_KEYS[task.id], task.action_dim)

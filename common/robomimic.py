@@ -21,13 +21,26 @@ it as a `gymnasium.Env`:
 
 Measured env throughput (env steps/s, 1 and 2 worker processes): `benchmarks/env_throughput.py`.
 Scripted demonstrations for these envs: `scripts/robomimic_demos.py`.
+
+Pixel tasks (`lift-img`, `can-img`, `square-img`, `transport-img`; paper §5.3, App. D.5) use the same
+env with robosuite's offscreen renderer (MuJoCo EGL, or OSMesa with `MUJOCO_GL=osmesa`): the
+observation is a dict {"state": float32 proprio (9; Transport 18), "rgb": uint8 (3·cameras, H, W)}
+with the reference's cameras (`PIXEL_CAMERAS`), 96×96 by default, any size. Images are upright: MuJoCo
+renders rows bottom-up and robomimic's `EnvRobosuite.get_observation` flips them (`[::-1]`), which is the
+orientation of robomimic's image datasets and of the reference's envs; we flip the same way.
+`PixelChunkVecEnv` chunks and vectorises them (dict observations; worker processes started with `spawn`,
+since a forked child cannot use the parent's GL context).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+import multiprocessing as mp
+import os
+from collections import deque
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -57,7 +70,7 @@ CONTROLLER_CONFIG: dict[str, Any] = {
 ROBOT_KEYS = ("eef_pos", "eef_quat", "gripper_qpos")
 """per-robot proprio keys of the state observation, in order (robosuite name: robot{i}_{key})"""
 
-# 96x96 cameras of the pixel variants; used by the pixel-obs path (not built yet).
+# cameras of the pixel variants (the reference's `image_keys`, cfg/robomimic/finetune/*/ft_ppo_diffusion_*_img.yaml)
 PIXEL_CAMERAS: dict[str, tuple[str, ...]] = {
     "lift": ("robot0_eye_in_hand",),
     "can": ("robot0_eye_in_hand",),
@@ -82,8 +95,8 @@ def _import_robosuite() -> Any:
 
 def _resolve(task: Task | str) -> Task:
     task = get_task(task) if isinstance(task, str) else task
-    if task.suite != "robomimic":
-        raise TaskError(f"task {task.id!r} is not a robomimic task (lift, can, square, transport)")
+    if task.suite not in ("robomimic", "robomimic-img"):
+        raise TaskError(f"task {task.id!r} is not a robomimic task (lift, can, square, transport, or their -img variants)")
     return task
 
 
@@ -91,14 +104,36 @@ def num_robots(task: Task | str) -> int:
     return 2 if _resolve(task).env_name == "TwoArmTransport" else 1
 
 
+def is_pixel(task: Task | str) -> bool:
+    return _resolve(task).suite == "robomimic-img"
+
+
 def obs_keys(task: Task | str) -> list[str]:
-    """The robomimic obs keys concatenated (in this order) into the flat state observation."""
+    """The robomimic obs keys concatenated (in this order) into the flat state observation (pixel tasks: the proprio)."""
     robots = [f"robot{i}_{k}" for i in range(num_robots(task)) for k in ROBOT_KEYS]
-    return robots + ["object"]
+    return robots if is_pixel(task) else robots + ["object"]
 
 
-def env_kwargs(task: Task | str) -> dict[str, Any]:
-    """robosuite.make kwargs of the dataset settings (JSON-serialisable; robomimic env_args)."""
+def camera_names(task: Task | str) -> list[str]:
+    """The cameras of a pixel task, in the order their images are stacked along the channels."""
+    return _resolve(task).option("cameras", "").split(",") if is_pixel(task) else []
+
+
+def image_keys(task: Task | str) -> list[str]:
+    """robomimic obs keys of a pixel task's images (`<camera>_image`, HWC uint8 in the hdf5 files)."""
+    return [f"{c}_image" for c in camera_names(task)]
+
+
+def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h < 16 or w < 16:  # the ViT's patch stem (k8 s4 then k3 s2) needs at least 16 pixels
+        raise TaskError(f"image size {h}x{w}: at least 16x16")
+    return int(h), int(w)
+
+
+def env_kwargs(task: Task | str, image_size: int | tuple[int, int] = 96) -> dict[str, Any]:
+    """robosuite.make kwargs of the dataset settings (JSON-serialisable; robomimic env_args); pixel tasks add
+    the offscreen renderer and their cameras at `image_size` (an int or (H, W))."""
     task = _resolve(task)
     kwargs: dict[str, Any] = {
         "has_renderer": False,
@@ -117,15 +152,41 @@ def env_kwargs(task: Task | str) -> dict[str, Any]:
     }
     if num_robots(task) == 2:
         kwargs["env_configuration"] = "single-arm-opposed"
+    if is_pixel(task):
+        h, w = image_hw(image_size)
+        kwargs.update(has_offscreen_renderer=True, use_camera_obs=True, camera_names=camera_names(task),
+                      camera_heights=h, camera_widths=w)
     return kwargs
 
 
-def env_args(task: Task | str) -> dict[str, Any]:
+def env_args(task: Task | str, image_size: int | tuple[int, int] = 96) -> dict[str, Any]:
     """robomimic's `data` attr `env_args` (type 1 = robosuite)."""
     robosuite = _import_robosuite()
     task = _resolve(task)
     return {"env_name": task.env_name, "env_version": robosuite.__version__, "type": 1,
-            "env_kwargs": env_kwargs(task)}
+            "env_kwargs": env_kwargs(task, image_size)}
+
+
+def upright(frame: np.ndarray) -> np.ndarray:
+    """A robosuite camera frame (H, W, 3), rows bottom-up as MuJoCo renders them, turned upright (robomimic
+    `EnvRobosuite.get_observation`: `di[k][::-1]`)."""
+    return frame[::-1]
+
+
+GL_HINT = ("offscreen rendering failed (MUJOCO_GL={gl}: {err}); pixel tasks need MuJoCo's EGL backend "
+           "(apt-get install libegl1 libgl1-mesa-dri; runs on a GPU driver or Mesa's software renderer) or OSMesa "
+           "(apt-get install libosmesa6, then MUJOCO_GL=osmesa)")
+
+
+def _make_robosuite(task: Task, image_size: int | tuple[int, int], video_frames: bool = False) -> Any:
+    robosuite = _import_robosuite()
+    if not is_pixel(task):  # video frames: robosuite's offscreen renderer (a GL context; the physics is the same)
+        return robosuite.make(task.env_name, **{**env_kwargs(task), "has_offscreen_renderer": video_frames})
+    try:  # robosuite picks EGL unless MUJOCO_GL says osmesa/glx; GL libraries load at the first render context
+        return robosuite.make(task.env_name, **env_kwargs(task, image_size))
+    except (ImportError, OSError, RuntimeError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TaskError(GL_HINT.format(gl=os.environ.get("MUJOCO_GL", "egl"), err=msg)) from None
 
 
 @contextlib.contextmanager
@@ -141,28 +202,28 @@ def _global_np_random(rs: np.random.RandomState) -> Iterator[None]:
 
 
 class RobomimicEnv(gym.Env):
-    """A robosuite 1.4.1 env with the robomimic dataset settings and a flat float32 state obs."""
+    """A robosuite 1.4.1 env with the robomimic dataset settings and a flat float32 state obs
+    (pixel tasks: a dict of the proprio and the uint8 CHW camera images, see the module docstring)."""
 
     metadata = {"render_modes": ["rgb_array"]}
     VIDEO_CAMERA = "agentview"
     """the camera of evaluation videos (`render()`, with `video_frames=True`)"""
 
     def __init__(self, task: Task | str, seed: int | None = None,
-                 terminate_on_success: bool = False, render: bool = False, video_frames: bool = False) -> None:
+                 terminate_on_success: bool = False, render: bool = False, video_frames: bool = False,
+                 image_size: int | tuple[int, int] = 96, max_episode_steps: int | None = None) -> None:
         self.task = _resolve(task)
+        self.max_episode_steps = max_episode_steps or self.task.max_episode_steps
         require_simulator(self.task)
-        if render:
-            # TODO(pixel obs, later issue): has_offscreen_renderer=True, use_camera_obs=True,
-            # camera_names=PIXEL_CAMERAS[self.task.id], camera_heights/widths=96, MUJOCO_GL=egl; obs
-            # becomes a dict {"state": proprio (9/18), "rgb": uint8 (C*cams, 96, 96)}; vector envs
-            # then need context="spawn" (fork hangs after the parent made a GL context).
-            raise NotImplementedError("pixel observations (render=True) are not implemented yet")
-        robosuite = _import_robosuite()
+        if render and not is_pixel(self.task):
+            raise TaskError(f"task {self.task.id!r} has state observations; camera observations are task "
+                            f"{self.task.id}-img")
+        self.pixel = is_pixel(self.task)
+        self.image_size = image_hw(image_size) if self.pixel else None
         # building the model draws from np.random too (Lift's cube size): seed it with `seed`
         seeded = seed is not None
         with _global_np_random(np.random.RandomState(seed)) if seeded else contextlib.nullcontext():
-            # video frames: robosuite's offscreen renderer (a GL context; the physics is the same)
-            self.env = robosuite.make(self.task.env_name, **{**env_kwargs(self.task), "has_offscreen_renderer": video_frames})
+            self.env = _make_robosuite(self.task, image_size, video_frames)
         self.render_mode = "rgb_array" if video_frames else None
         if video_frames:
             from common.video import plain_lighting
@@ -178,6 +239,11 @@ class RobomimicEnv(gym.Env):
             start += n
         assert start == self.task.obs_dim, (start, self.task.obs_dim)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (start,), np.float32)
+        if self.pixel:
+            self.image_keys = image_keys(self.task)
+            rgb_shape = (3 * len(self.image_keys), *self.image_size)
+            self.observation_space = gym.spaces.Dict({"state": self.observation_space,
+                                                      "rgb": gym.spaces.Box(0, 255, rgb_shape, np.uint8)})
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.task.action_dim,), np.float32)
         self.raw_obs: dict[str, np.ndarray] = raw
         """robosuite's observation dict of the latest reset/step (scripted policies read it)"""
@@ -188,14 +254,20 @@ class RobomimicEnv(gym.Env):
     def _rs_key(key: str) -> str:
         return "object-state" if key == "object" else key
 
-    def _flat(self, raw: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([raw[self._rs_key(k)] for k in self.keys]).astype(np.float32)
+    def _flat(self, raw: dict[str, np.ndarray]) -> Any:
+        state = np.concatenate([raw[self._rs_key(k)] for k in self.keys]).astype(np.float32)
+        if not self.pixel:
+            return state
+        # HWC uint8 per camera, flipped upright as robomimic does -> (3·cameras, H, W), cameras in the task's order
+        # (reference `RobomimicImageWrapper.get_observation`)
+        rgb = np.concatenate([upright(raw[k]).transpose(2, 0, 1) for k in self.image_keys])
+        return {"state": state, "rgb": np.ascontiguousarray(rgb, dtype=np.uint8)}
 
     def is_success(self) -> bool:
         return bool(self.env._check_success())
 
     def reset(self, *, seed: int | None = None,
-              options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              options: dict | None = None) -> tuple[Any, dict[str, Any]]:
         super().reset(seed=seed)
         if seed is not None or self._rs is None:
             # gymnasium seeds self.np_random from `seed` (or OS entropy); derive robosuite's stream
@@ -205,13 +277,13 @@ class RobomimicEnv(gym.Env):
         self._t = 0
         return self._flat(self.raw_obs), {"success": False}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         self.raw_obs, reward, _, _ = self.env.step(action)
         self._t += 1
         success = self.is_success()
         terminated = self.terminate_on_success and success
-        truncated = self._t >= self.task.max_episode_steps
+        truncated = self._t >= self.max_episode_steps
         return self._flat(self.raw_obs), float(reward), terminated, truncated, {"success": success}
 
     def render(self) -> np.ndarray:
@@ -224,12 +296,172 @@ class RobomimicEnv(gym.Env):
 
 
 def make_robomimic_env(task: Task | str, seed: int | None = None, terminate_on_success: bool = False,
-                       render: bool = False, video_frames: bool = False) -> gym.Env:
+                       render: bool = False, video_frames: bool = False, image_size: int | tuple[int, int] = 96,
+                       max_episode_steps: int | None = None) -> gym.Env:
     """A robomimic task as a gymnasium env (see the module docstring). `seed` seeds the model build
     (Lift's cube size is drawn then), the first reset and the action space; later `reset()` calls
-    continue the env's own random stream. Use seed + i for the i-th of several envs."""
-    env = RobomimicEnv(task, seed=seed, terminate_on_success=terminate_on_success, render=render, video_frames=video_frames)
+    continue the env's own random stream. Use seed + i for the i-th of several envs. `render`: camera
+    observations (the pixel tasks); `video_frames`: `render()` gives evaluation-video frames."""
+    env = RobomimicEnv(task, seed=seed, terminate_on_success=terminate_on_success, render=render,
+                       video_frames=video_frames, image_size=image_size, max_episode_steps=max_episode_steps)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
     return env
+
+
+class PixelChunkEnv:
+    """One pixel env stepped in chunks of T_e actions (the dict form of `common.envs.MultiStep`): rewards summed,
+    early stop at done, the last T_o observations stacked per key (the first repeated after reset), autoreset."""
+
+    def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
+                 image_size: int | tuple[int, int], terminate_on_success: bool,
+                 max_episode_steps: int | None = None) -> None:
+        self.env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size,
+                                      max_episode_steps=max_episode_steps)
+        self.act_steps, self.cond_steps = act_steps, cond_steps
+        self._obs: deque[dict[str, np.ndarray]] = deque(maxlen=cond_steps)
+
+    def _stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([o[k] for o in self._obs]) for k in ("state", "rgb")}
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        obs, _ = self.env.reset(seed=seed)
+        self._obs.extend([obs] * self.cond_steps)
+        return self._stacked()
+
+    def step(self, chunk: np.ndarray) -> tuple[dict, dict, float, bool, bool]:
+        """-> (obs after autoreset, final obs, summed reward, terminated, truncated)."""
+        total, terminated, truncated = 0.0, False, False
+        for action in chunk[: self.act_steps]:
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            self._obs.append(obs)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        final = self._stacked()
+        obs = self.reset() if terminated or truncated else final
+        return obs, final, total, terminated, truncated
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _stack_dicts(ds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([d[k] for d in ds]) for k in ds[0]}
+
+
+def _cat_dicts(ds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([d[k] for d in ds]) for k in ds[0]}
+
+
+class _PixelEnvs:
+    """A list of PixelChunkEnvs stepped one after another (in this process or in one worker)."""
+
+    def __init__(self, fns: list[Callable[[], PixelChunkEnv]]) -> None:
+        self.envs = [fn() for fn in fns]
+
+    def reset(self, seeds: list[int | None]) -> dict[str, np.ndarray]:
+        return _stack_dicts([env.reset(s) for env, s in zip(self.envs, seeds)])
+
+    def step(self, actions: np.ndarray) -> tuple:
+        out = [env.step(a) for env, a in zip(self.envs, actions)]
+        return (_stack_dicts([o[0] for o in out]), _stack_dicts([o[1] for o in out]),
+                np.array([o[2] for o in out], np.float32), np.array([o[3] for o in out]), np.array([o[4] for o in out]))
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _pixel_worker(remote: Any, fns: list[Callable[[], PixelChunkEnv]]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        envs = _PixelEnvs(fns)
+        remote.send(("ok", None))
+    except Exception as e:  # a GL failure in the worker reaches the parent as one line
+        remote.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        cmd, data = remote.recv()
+        if cmd == "step":
+            remote.send(envs.step(data))
+        elif cmd == "reset":
+            remote.send(envs.reset(data))
+        else:
+            envs.close()
+            remote.close()
+            return
+
+
+class PixelChunkVecEnv:
+    """`num_envs` pixel envs with the chunked vector-env protocol of `common.envs` (same-step autoreset,
+    info["final_obs"]), observations as dicts {"state": (N, T_o, D_p) float32, "rgb": (N, T_o, C, H, W) uint8}.
+    n_workers > 1: the envs are split over spawned worker processes."""
+
+    def __init__(self, task: Task | str, num_envs: int, seed: int | None = None, act_steps: int | None = None,
+                 cond_steps: int = 1, image_size: int | tuple[int, int] = 96, n_workers: int = 1,
+                 terminate_on_success: bool = False, max_episode_steps: int | None = None) -> None:
+        task = _resolve(task)
+        if not is_pixel(task):
+            raise TaskError(f"task {task.id!r} has state observations; use common.envs.make_vec_env")
+        require_simulator(task)
+        image_hw(image_size)
+        self.num_envs, self.task = num_envs, task
+        act_steps = act_steps or task.act_steps
+        fns = [partial(PixelChunkEnv, task.id, None if seed is None else seed + i, act_steps, cond_steps, image_size,
+                       terminate_on_success, max_episode_steps) for i in range(num_envs)]
+        n_workers = max(1, min(n_workers, num_envs))
+        self._splits = np.array_split(np.arange(num_envs), n_workers)
+        self._remotes, self._procs, self._local = [], [], None
+        if n_workers == 1:
+            self._local = _PixelEnvs(fns)
+            self.backend = "robosuite offscreen rendering (in-process)"
+            return
+        self.backend = f"robosuite offscreen rendering ({n_workers} spawned worker processes)"
+        ctx = mp.get_context("spawn")
+        for idx in self._splits:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_pixel_worker, args=(child, [fns[i] for i in idx]), daemon=True)
+            proc.start()
+            child.close()
+            self._remotes.append(parent)
+            self._procs.append(proc)
+        errors = [msg for status, msg in (r.recv() for r in self._remotes) if status == "error"]
+        if errors:
+            self.close()
+            raise TaskError(f"a pixel env worker failed: {errors[0]}")
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        seeds = [[None if seed is None else seed + int(i) for i in idx] for idx in self._splits]
+        if self._local is not None:
+            return self._local.reset(seeds[0])
+        for remote, s in zip(self._remotes, seeds):
+            remote.send(("reset", s))
+        return _cat_dicts([remote.recv() for remote in self._remotes])
+
+    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if self._local is not None:
+            obs, final, rew, term, trunc = self._local.step(actions)
+            return obs, rew, term, trunc, {"final_obs": final}
+        for remote, idx in zip(self._remotes, self._splits):
+            remote.send(("step", actions[idx]))
+        res = [remote.recv() for remote in self._remotes]
+        obs, final = _cat_dicts([r[0] for r in res]), _cat_dicts([r[1] for r in res])
+        rew, term, trunc = (np.concatenate([r[k] for r in res]) for k in (2, 3, 4))
+        return obs, rew, term, trunc, {"final_obs": final}
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+        for remote in self._remotes:
+            try:
+                remote.send(("close", None))
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()

@@ -20,7 +20,7 @@ class Task:
     id: str
     """canonical id, e.g. `hopper`, `square`, `avoid-m2`, `one-leg-low`"""
     suite: str
-    """`gym` | `robomimic` | `avoid` | `furniture`"""
+    """`gym` | `robomimic` | `robomimic-img` | `avoid` | `furniture`"""
     env_name: str
     """the simulator's own name (`Hopper-v5`, `NutAssemblySquare`, `avoid`, `one_leg`)"""
     obs_dim: int
@@ -54,6 +54,7 @@ class Task:
 
 _D4RL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_medium-v2.hdf5"
 _ROBOMIMIC = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/low_dim_v141.hdf5"
+_ROBOMIMIC_IMG = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/image_v141.hdf5"
 _MUJOCO = ("mujoco:gymnasium[mujoco]==1.4.0",)
 _ROBOSUITE = ("robosuite:robosuite==1.4.1", "mujoco:mujoco==3.9.0")
 _ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI: https://developer.nvidia.com/isaac-gym)",
@@ -81,6 +82,15 @@ _TASKS: list[Task] = [
     Task("transport", "robomimic", "TwoArmTransport", 59, 14, 800, 8, 8, requires=_ROBOSUITE,
          data=_ROBOMIMIC.format("transport"), success_chunk_reward=1.0,
          aliases=("Transport", "TwoArmTransport")),
+    # Robomimic pixel (paper §5.3, App. D.5): obs = proprio (eef pos, quat, gripper per arm) + uint8 camera images;
+    # the reference's cameras (cfg/robomimic/finetune/*/ft_ppo_diffusion_mlp_img.yaml, `image_keys`).
+    *[Task(f"{name}-img", "robomimic-img", env, 9 * arms, 7 * arms, steps, ta, ta, requires=_ROBOSUITE,
+           data=_ROBOMIMIC_IMG.format(name), success_chunk_reward=1.0,
+           aliases=(f"{name}_img", f"{name.capitalize()}-img"), options=(("cameras", cams),))
+      for name, env, arms, steps, ta, cams in (
+          ("lift", "Lift", 1, 300, 4, "robot0_eye_in_hand"), ("can", "PickPlaceCan", 1, 300, 4, "robot0_eye_in_hand"),
+          ("square", "NutAssemblySquare", 1, 400, 4, "agentview"),
+          ("transport", "TwoArmTransport", 2, 800, 8, "shouldercamera0,shouldercamera1"))],
     # D3IL Avoid (paper §6, App. D.8): our own vectorised simulator, no extra package.
     *[Task(f"avoid-m{m}", "avoid", "avoid", 4, 2, 100, 4, 4, data="built-in",
            success_chunk_reward=2.0, aliases=(f"Avoid-M{m}", f"avoid_m{m}", f"M{m}"),

@@ -6,6 +6,10 @@ action noise; only successful episodes are kept; a demo ends once the task has b
 `--hold-steps` (10) steps. Run from the repository root:
 
     python scripts/robomimic_demos.py --task lift --n-demos 100 --seed 0 --out data/lift/scripted.hdf5
+    python scripts/robomimic_demos.py --task lift --images --image-size 96 --n-demos 100 --out data/lift-img/scripted.hdf5
+
+`--images` also renders the pixel task's cameras (`<camera>_image`, HWC uint8, upright, as robomimic's image datasets) so
+the same file pre-trains `lift` and `lift-img` (offscreen rendering: slow on a CPU, ~0.1 s per step here).
 
 Seed 0, 100 demos: Lift 100 % of episodes succeed, 47 steps on average; Can 100 %, 142 steps;
 Square 88 %, 162 steps. (Robomimic's human demos are longer and less regular; these are for
@@ -25,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.robomimic import RobomimicEnv, env_args  # noqa: E402
+from common.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
 from common.tasks import Task, TaskError, get_task  # noqa: E402
 
 
@@ -58,7 +62,7 @@ class ScriptedPolicy:
     action-noise level are drawn per episode from `rng`, so demos vary."""
 
     def __init__(self, env: RobomimicEnv, rng: np.random.Generator) -> None:
-        self.task_id = env.task.id
+        self.task_id = env.task.id.removesuffix("-img")
         if self.task_id not in SCRIPTED_TASKS:
             raise TaskError(f"no scripted demonstrations for {self.task_id!r} "
                             f"(only {', '.join(SCRIPTED_TASKS)})")
@@ -168,25 +172,32 @@ class ScriptedPolicy:
         return np.clip(action, -1.0, 1.0)
 
 
-def rollout_scripted(env: RobomimicEnv, seed: int, hold_steps: int = 10) -> dict[str, Any] | None:
+def _record(env: RobomimicEnv, raw: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+    """The recorded obs keys; camera images upright, as robomimic stores them."""
+    return {k: np.array(upright(raw[k]) if k.endswith("_image") else raw[env._rs_key(k)]) for k in keys}
+
+
+def rollout_scripted(env: RobomimicEnv, seed: int, hold_steps: int = 10,
+                     keys: list[str] | None = None) -> dict[str, Any] | None:
     """One scripted episode from reset(seed); the recorded demo (robomimic fields) if it succeeded.
-    The demo ends once the task has been solved for `hold_steps` consecutive steps."""
+    The demo ends once the task has been solved for `hold_steps` consecutive steps. `keys`: the recorded obs keys
+    (default: the env's own)."""
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)
     policy = ScriptedPolicy(env, rng)
-    keys = env.keys
+    keys = keys or env.keys
     rec: dict[str, list] = {"states": [], "actions": [], "rewards": [], "obs": [], "next_obs": []}
     model_file = env.env.sim.model.get_xml()
     solved = 0
     for _ in range(env.task.max_episode_steps):
         raw = env.raw_obs
         rec["states"].append(np.array(env.env.sim.get_state().flatten()))
-        rec["obs"].append({k: np.array(raw[env._rs_key(k)]) for k in keys})
+        rec["obs"].append(_record(env, raw, keys))
         action = policy(raw)
         _, reward, _, _, info = env.step(action)
         rec["actions"].append(action)
         rec["rewards"].append(reward)
-        rec["next_obs"].append({k: np.array(env.raw_obs[env._rs_key(k)]) for k in keys})
+        rec["next_obs"].append(_record(env, env.raw_obs, keys))
         solved = solved + 1 if info["success"] else 0
         if solved >= hold_steps:
             break
@@ -209,19 +220,27 @@ def rollout_scripted(env: RobomimicEnv, seed: int, hold_steps: int = 10) -> dict
 def generate_demos(task: Task | str, n_demos: int, seed: int, out: str | Path,
                    max_attempts: int | None = None, valid_frac: float = 0.1,
                    hold_steps: int = 10,
-                   log: Callable[[str], None] | None = print) -> dict[str, float]:
-    """Write `n_demos` successful scripted demos to `out` (robomimic hdf5 layout); returns stats."""
+                   log: Callable[[str], None] | None = print, image_size: int | None = None) -> dict[str, float]:
+    """Write `n_demos` successful scripted demos to `out` (robomimic hdf5 layout); returns stats. `image_size`: also
+    record the pixel task's camera images at that size."""
     import h5py
 
     task = get_task(task) if isinstance(task, str) else task
+    task = get_task(task.id.removesuffix("-img"))
     if task.id not in SCRIPTED_TASKS:
         raise TaskError(f"no scripted demonstrations for {task.id!r} "
                         f"(only {', '.join(SCRIPTED_TASKS)})")
-    env = RobomimicEnv(task)
+    keys = obs_keys(task)
+    if image_size is not None:
+        env_task = get_task(f"{task.id}-img")
+        env = RobomimicEnv(env_task, image_size=image_size)
+        keys = keys + image_keys(env_task)
+    else:
+        env = RobomimicEnv(task)
     max_attempts = max_attempts or 3 * n_demos + 10
     demos, attempts, t0 = [], 0, time.time()
     while len(demos) < n_demos and attempts < max_attempts:
-        demo = rollout_scripted(env, seed=seed + attempts, hold_steps=hold_steps)
+        demo = rollout_scripted(env, seed=seed + attempts, hold_steps=hold_steps, keys=keys)
         attempts += 1
         if demo is not None:
             demos.append(demo)
@@ -248,7 +267,8 @@ def generate_demos(task: Task | str, n_demos: int, seed: int, out: str | Path,
                 for k, v in demo[group].items():
                     g.create_dataset(f"{group}/{k}", data=v)
         data.attrs["total"] = total
-        data.attrs["env_args"] = json.dumps(env_args(task))
+        data.attrs["env_args"] = json.dumps(env_args(task) if image_size is None else
+                                            env_args(env_task, image_size))
         n_valid = int(round(valid_frac * n_demos)) if n_demos > 1 else 0
         mask = f.create_group("mask")
         mask.create_dataset("train", data=np.array(names[: n_demos - n_valid], dtype="S"))
@@ -265,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="hdf5 path (default data/<task>/scripted.hdf5)")
     p.add_argument("--hold-steps", type=int, default=10, help="solved steps before a demo ends")
+    p.add_argument("--images", action="store_true", help="also record the pixel task's camera images")
+    p.add_argument("--image-size", type=int, default=96, help="image height and width with --images")
     args = p.parse_args(argv)
     try:
         task = get_task(args.task)
         out = args.out or f"data/{task.id}/scripted.hdf5"
-        r = generate_demos(task, args.n_demos, args.seed, out, hold_steps=args.hold_steps)
+        r = generate_demos(task, args.n_demos, args.seed, out, hold_steps=args.hold_steps,
+                           image_size=args.image_size if args.images else None)
     except (TaskError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -63,7 +63,7 @@ def test_dataset_settings():
 def test_errors():
     with pytest.raises(TaskError):
         make_robomimic_env("hopper")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TaskError, match="lift-img"):  # camera observations are the -img task
         make_robomimic_env("lift", render=True)
 
 
