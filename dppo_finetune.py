@@ -63,7 +63,7 @@ from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, whole_network_weights)
-from common.tasks import get_task
+from common.tasks import get_task, refuse_pixel_task
 
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
@@ -221,8 +221,7 @@ FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
-    if task.suite == "robomimic-img":
-        raise UsageError(f"--env-id {task.id} is a pixel task: use dppo_finetune_pixel.py")
+    refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
                                    "act_steps": task.act_steps})

@@ -56,7 +56,7 @@ from common.networks import ACTIVATIONS, DiffusionMLP
 from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
                          check_positive, check_range, cli, load_checkpoint, load_weights, print_defaults, refuse_flags,
                          release_checkpoint, resume_args, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
-from common.tasks import get_task, missing_packages
+from common.tasks import get_task, missing_packages, refuse_pixel_task
 from common.unet import UNET_ACTIVATIONS, UNet1D
 
 
@@ -179,8 +179,7 @@ UNET_TASK_DEFAULTS = {"square": dict(unet_dim=64), "transport": dict(unet_dim=64
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
-    if task.suite == "robomimic-img":
-        raise UsageError(f"--env-id {task.id} is a pixel task: use dppo_pretrain_pixel.py")
+    refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     unet = args.backbone == "unet"
     if not args.resume:  # a resumed run's arguments were checked when it started

@@ -79,7 +79,7 @@ from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, whole_network_weights)
-from common.tasks import get_task
+from common.tasks import get_task, refuse_pixel_task
 
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
@@ -212,6 +212,7 @@ TASK_DEFAULTS: dict[str, dict] = {}  # the reference has one robomimic config (C
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
+    refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite == "furniture":
         raise UsageError(f"{task.id}: the reference has no exact-likelihood config for furniture (and Isaac Gym is "

@@ -74,7 +74,7 @@ from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_d
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
                          print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
                          seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
-from common.tasks import Task, TaskError, get_task, missing_packages
+from common.tasks import Task, TaskError, get_task, missing_packages, refuse_pixel_task
 
 POLICY = "gaussian"
 
@@ -316,6 +316,7 @@ def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults for the chosen mode into every flag left at None and check every number;
     returns what was filled."""
     task = resolve_task(args.env_id)
+    refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if args.pretrain:
         defaults = {**PRETRAIN_DEFAULTS[task.suite], "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}

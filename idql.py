@@ -74,7 +74,7 @@ from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_
                          load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, whole_network_weights)
-from common.tasks import get_task
+from common.tasks import get_task, refuse_pixel_task
 
 # the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
@@ -197,6 +197,7 @@ TASK_DEFAULTS = {
 def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
+    refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
         raise UsageError(f"{script_name(__file__)}.py has no {task.suite} settings (the reference has no IDQL config there)")

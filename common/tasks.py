@@ -140,3 +140,10 @@ def require_simulator(task: Task) -> None:
     missing = missing_packages(task)
     if missing:
         raise TaskError(f"task {task.id!r} needs {' and '.join(missing)}, which is not installed")
+
+
+def refuse_pixel_task(task: Task) -> None:
+    """TaskError for a pixel task given to a script of state observations: one line naming the pixel scripts."""
+    if task.suite == "robomimic-img":
+        raise TaskError(f"--env-id {task.id} is a pixel task: pre-train with dppo_pretrain_pixel.py and fine-tune with "
+                        "dppo_finetune_pixel.py")

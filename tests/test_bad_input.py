@@ -419,3 +419,18 @@ def test_killed_finetuning_leaves_a_loadable_checkpoint(w: World, tmp_path):
     assert ckpt["itr"] >= 1 and load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), "diffusion", "hint")
     leftovers = _tmp_files(str(tmp_path))
     assert len(leftovers) <= 1 and all(re.fullmatch(r"checkpoint\.pt\..+\.tmp", os.path.basename(t)) for t in leftovers)
+
+
+@pytest.mark.parametrize("module", ["dppo_pretrain", "dppo_finetune", "gaussian_ppo", "gmm_ppo", "drwr", "dawr",
+                                    "exact_likelihood_pg", "dipo", "dql", "idql", "qsm"])
+def test_state_scripts_refuse_pixel_tasks_in_one_line(module):
+    """A pixel task (camera observations) given to a script of state observations names the pixel scripts."""
+    import importlib
+
+    from common.tasks import TaskError
+
+    mod = importlib.import_module(module)
+    for extra in ({}, {"pretrain": True}) if module in ("gaussian_ppo", "gmm_ppo") else ({},):
+        with pytest.raises(TaskError) as e:
+            mod.fill_defaults(mod.Args(env_id="lift-img", **extra))
+        assert "\n" not in str(e.value) and "dppo_finetune_pixel.py" in str(e.value)
