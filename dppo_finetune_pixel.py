@@ -83,6 +83,9 @@ class Args:
     """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     eval_only: bool = False
     """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
+    capture_video: bool = False
+    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (robosuite's agentview
+    camera; with --eval-only: a new run folder holding only the videos)"""
     save_every: int = 1
     """iterations between checkpoints"""
     # algorithm (None: the task's value, printed at start; see TASK_DEFAULTS)
@@ -362,7 +365,7 @@ def main(args: Args) -> dict:
     image_hw = (arch["encoder_arch"]["img_h"], arch["encoder_arch"]["img_w"])
     envs = PixelChunkVecEnv(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, image_size=image_hw,
                             n_workers=args.n_workers or os.cpu_count() or 1, terminate_on_success=args.terminate_on_success,
-                            max_episode_steps=args.max_episode_steps)
+                            max_episode_steps=args.max_episode_steps, capture_video=args.capture_video)
     eval_n_steps = args.eval_n_steps or -(-(args.max_episode_steps or task.max_episode_steps) // T_e)  # one episode
     print(f"envs: {N} x {task.id} at {image_hw[0]}x{image_hw[1]} on {envs.backend}")
 
@@ -377,7 +380,7 @@ def main(args: Args) -> dict:
         return evaluate(envs, act, task, T_e, seed=args.seed + 1_000_000, n_steps=eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval)
+        out = eval_only_report(run_eval, args, task.id)
         envs.close()
         return out
 

@@ -225,7 +225,7 @@ class RobomimicEnv(gym.Env):
         with _global_np_random(np.random.RandomState(seed)) if seeded else contextlib.nullcontext():
             self.env = _make_robosuite(self.task, image_size, video_frames)
         self.render_mode = "rgb_array" if video_frames else None
-        if video_frames:
+        if video_frames and not self.pixel:  # (a pixel policy's own camera images must keep the scene's lighting)
             from common.video import plain_lighting
             plain_lighting(self.env.sim.model._model)
         self.terminate_on_success = terminate_on_success
@@ -316,9 +316,13 @@ class PixelChunkEnv:
 
     def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
                  image_size: int | tuple[int, int], terminate_on_success: bool,
-                 max_episode_steps: int | None = None) -> None:
-        self.env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size,
-                                      max_episode_steps=max_episode_steps)
+                 max_episode_steps: int | None = None, video_stride: int = 0) -> None:
+        env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size,
+                                 max_episode_steps=max_episode_steps, video_frames=video_stride > 0)
+        if video_stride:  # --capture-video: evaluation-video frames of this env (common/video.py)
+            from common.video import RenderFrames
+            env = RenderFrames(env, video_stride)
+        self.env: Any = env
         self.act_steps, self.cond_steps = act_steps, cond_steps
         self._obs: deque[dict[str, np.ndarray]] = deque(maxlen=cond_steps)
 
@@ -330,8 +334,9 @@ class PixelChunkEnv:
         self._obs.extend([obs] * self.cond_steps)
         return self._stacked()
 
-    def step(self, chunk: np.ndarray) -> tuple[dict, dict, float, bool, bool]:
-        """-> (obs after autoreset, final obs, summed reward, terminated, truncated)."""
+    def step(self, chunk: np.ndarray) -> tuple[dict, dict, float, bool, bool, list[np.ndarray] | None]:
+        """-> (obs after autoreset, final obs, summed reward, terminated, truncated, the chunk's video frames while
+        recording (taken before the autoreset starts the next episode), else None)."""
         total, terminated, truncated = 0.0, False, False
         for action in chunk[: self.act_steps]:
             obs, reward, terminated, truncated, _ = self.env.step(action)
@@ -340,8 +345,14 @@ class PixelChunkEnv:
             if terminated or truncated:
                 break
         final = self._stacked()
+        frames = self.env.pop_frames() if getattr(self.env, "recording", False) else None
         obs = self.reset() if terminated or truncated else final
-        return obs, final, total, terminated, truncated
+        return obs, final, total, terminated, truncated, frames
+
+    def set_recording(self, on: bool) -> None:
+        if hasattr(self.env, "recording"):
+            self.env.recording = on
+            self.env.pop_frames()
 
     def close(self) -> None:
         self.env.close()
@@ -366,8 +377,14 @@ class _PixelEnvs:
 
     def step(self, actions: np.ndarray) -> tuple:
         out = [env.step(a) for env, a in zip(self.envs, actions)]
+        frames = {i: o[5] for i, o in enumerate(out) if o[5] is not None}  # local env index -> frames
         return (_stack_dicts([o[0] for o in out]), _stack_dicts([o[1] for o in out]),
-                np.array([o[2] for o in out], np.float32), np.array([o[3] for o in out]), np.array([o[4] for o in out]))
+                np.array([o[2] for o in out], np.float32), np.array([o[3] for o in out]), np.array([o[4] for o in out]),
+                frames)
+
+    def set_recording(self, indices: list[int]) -> None:
+        for i, env in enumerate(self.envs):
+            env.set_recording(i in indices)
 
     def close(self) -> None:
         for env in self.envs:
@@ -390,6 +407,8 @@ def _pixel_worker(remote: Any, fns: list[Callable[[], PixelChunkEnv]]) -> None:
             remote.send(envs.step(data))
         elif cmd == "reset":
             remote.send(envs.reset(data))
+        elif cmd == "record":
+            envs.set_recording(data)
         else:
             envs.close()
             remote.close()
@@ -403,7 +422,8 @@ class PixelChunkVecEnv:
 
     def __init__(self, task: Task | str, num_envs: int, seed: int | None = None, act_steps: int | None = None,
                  cond_steps: int = 1, image_size: int | tuple[int, int] = 96, n_workers: int = 1,
-                 terminate_on_success: bool = False, max_episode_steps: int | None = None) -> None:
+                 terminate_on_success: bool = False, max_episode_steps: int | None = None,
+                 capture_video: bool = False) -> None:
         task = _resolve(task)
         if not is_pixel(task):
             raise TaskError(f"task {task.id!r} has state observations; use common.envs.make_vec_env")
@@ -411,8 +431,14 @@ class PixelChunkVecEnv:
         image_hw(image_size)
         self.num_envs, self.task = num_envs, task
         act_steps = act_steps or task.act_steps
+        stride, self.video_fps = 0, None
+        if capture_video:  # agentview frames of envs 0..VIDEO_EPISODES-1 (common/video.py), at the control rate
+            from common.video import VIDEO_EPISODES, require_video, video_timing
+            require_video(task)
+            stride, self.video_fps = video_timing(float(env_kwargs(task)["control_freq"]))
         fns = [partial(PixelChunkEnv, task.id, None if seed is None else seed + i, act_steps, cond_steps, image_size,
-                       terminate_on_success, max_episode_steps) for i in range(num_envs)]
+                       terminate_on_success, max_episode_steps, stride if capture_video and i < VIDEO_EPISODES else 0)
+               for i in range(num_envs)]
         n_workers = max(1, min(n_workers, num_envs))
         self._splits = np.array_split(np.arange(num_envs), n_workers)
         self._remotes, self._procs, self._local = [], [], None
@@ -444,14 +470,22 @@ class PixelChunkVecEnv:
 
     def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if self._local is not None:
-            obs, final, rew, term, trunc = self._local.step(actions)
-            return obs, rew, term, trunc, {"final_obs": final}
+            obs, final, rew, term, trunc, frames = self._local.step(actions)
+            return obs, rew, term, trunc, {"final_obs": final, **({"frames": frames} if frames else {})}
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("step", actions[idx]))
         res = [remote.recv() for remote in self._remotes]
         obs, final = _cat_dicts([r[0] for r in res]), _cat_dicts([r[1] for r in res])
         rew, term, trunc = (np.concatenate([r[k] for r in res]) for k in (2, 3, 4))
-        return obs, rew, term, trunc, {"final_obs": final}
+        frames = {int(idx[i]): f for r, idx in zip(res, self._splits) for i, f in r[5].items()}  # global env indices
+        return obs, rew, term, trunc, {"final_obs": final, **({"frames": frames} if frames else {})}
+
+    def set_recording(self, indices: list[int]) -> None:
+        """Record the episodes of these envs (evaluation videos, `common.envs.evaluate`)."""
+        if self._local is not None:
+            self._local.set_recording(list(indices))
+        for remote, idx in zip(self._remotes, self._splits):
+            remote.send(("record", [int(j) for j, g in enumerate(idx) if g in indices]))
 
     def close(self) -> None:
         if self._local is not None:

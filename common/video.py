@@ -43,7 +43,7 @@ def require_video(task: Task) -> None:
     except ImportError:
         raise TaskError("--capture-video writes MP4 with imageio and its ffmpeg plugin: "
                         "pip install imageio==2.38.1 imageio-ffmpeg==0.8.1") from None
-    if task.suite not in ("gym", "robomimic", "avoid"):
+    if task.suite not in ("gym", "robomimic", "robomimic-img", "avoid"):
         raise TaskError(f"--capture-video: no renderer for {task.suite} tasks ({task.id!r}) yet")
     if task.suite == "avoid":
         return  # drawn with pillow

@@ -366,3 +366,25 @@ def test_pixel_finetune_resume_matches_uninterrupted(pixel_pretrained):
     part = ftp.main(ftp.Args(n_train_itr=1, **kw))
     resumed = ftp.main(ftp.Args(resume=part["run_dir"], n_train_itr=2))
     assert_resumed_run_matches(full, resumed, n_eval_rows=1)
+
+
+@needs_robosuite
+def test_pixel_capture_video_same_numbers(pixel_pretrained, tmp_path, monkeypatch):
+    """--capture-video on a pixel task: the same evaluation numbers with and without it (the policy's own camera
+    images are untouched), and MP4s of the recorded episodes in a new run folder (eval-only)."""
+    import imageio.v3 as iio
+
+    import dppo_finetune_pixel as ftp
+    monkeypatch.chdir(tmp_path)
+    base = dict(checkpoint=pixel_pretrained["release"], eval_only=True, seed=3, max_episode_steps=8,
+                **{**TINY_FT, "eval_n_steps": 3})
+    plain = ftp.main(ftp.Args(**base))["eval"]
+    recorded = ftp.main(ftp.Args(**base, capture_video=True))["eval"]
+    for mode in ("deterministic", "stochastic"):
+        for key in ("return_mean", "return_std", "success_rate", "n_episodes"):
+            a, b = plain[mode][key], recorded[mode][key]
+            assert (np.isnan(a) and np.isnan(b)) or a == b, (mode, key, a, b)
+    videos = sorted(p for p in (tmp_path / "runs").rglob("*.mp4"))
+    assert videos and all("eval_only_" in p.name and "_return_" in p.name for p in videos)
+    frames = iio.imread(videos[0])
+    assert frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) >= 2 and frames.std() > 0
