@@ -125,6 +125,8 @@ class Args:
     dppo_finetune_pixel.py --eval-only instead)"""
     n_eval_envs: int = 50
     """parallel envs in an evaluation"""
+    capture_video: bool = False
+    """record a few episodes of every evaluation as MP4 in the run folder's videos/ (needs --eval-every)"""
     n_workers: int = 1
     """worker processes of the evaluation envs"""
     save_every: int = 50
@@ -321,10 +323,12 @@ def main(args: Args) -> dict:
                                                                                 args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_envs = None
+    if args.capture_video and not args.eval_every:
+        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0)")
     if args.eval_every:
         try:
             eval_envs = PixelChunkVecEnv(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
-                                         image_size=image_hw, n_workers=args.n_workers)
+                                         image_size=image_hw, n_workers=args.n_workers, capture_video=args.capture_video)
         except TaskError as e:
             raise TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
     run = Run(args, task.id)
