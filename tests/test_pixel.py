@@ -266,9 +266,10 @@ def test_pixel_scripts_refuse_bad_input(pixel_pretrained, tmp_path):
         ptp.main(ptp.Args(env_id="lift", dataset=pixel_pretrained["dataset"]))
     import dppo_finetune as ft
     import dppo_pretrain as pt
-    with pytest.raises(UsageError, match="dppo_finetune_pixel.py"):
+    from common.tasks import TaskError
+    with pytest.raises(TaskError, match="dppo_finetune_pixel.py"):
         ft.main(ft.Args(env_id="lift-img"))
-    with pytest.raises(UsageError, match="dppo_pretrain_pixel.py"):
+    with pytest.raises(TaskError, match="dppo_pretrain_pixel.py"):
         pt.main(pt.Args(env_id="lift-img"))
     with pytest.raises(UsageError, match="--checkpoint"):
         ftp.main(ftp.Args())
