@@ -38,11 +38,16 @@ class Bench:
     """cpu or cuda"""
     threads: int | None = 1
     """torch CPU threads (None: torch's default)"""
+    update_chunk: int | None = None
+    """dppo_finetune --update-chunk (None: its default)"""
+    onednn_matmul: bool = False
+    """dppo_finetune --onednn-matmul"""
 
 
 def random_checkpoint(task_id: str, path: str) -> None:
     """A pre-training checkpoint with the task's default architecture and random weights."""
-    args = dppo_pretrain.fill_defaults(dppo_pretrain.Args(env_id=task_id))
+    args = dppo_pretrain.Args(env_id=task_id)
+    dppo_pretrain.fill_defaults(args)
     task = get_task(task_id)
     arch = dppo_pretrain.network_arch(args, task.obs_dim, task.action_dim)
     net = dppo_pretrain.build_network(args.backbone, arch)
@@ -59,7 +64,8 @@ def main(bench: Bench) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "random.pt")
         random_checkpoint(bench.env_id, ckpt)
-        paper = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id))
+        paper = dppo_finetune.Args(env_id=bench.env_id)
+        dppo_finetune.fill_defaults(paper)
         n_steps, num_envs = bench.n_steps or paper.n_steps, bench.num_envs or paper.num_envs
         # keep the paper's number of minibatches per epoch when n_steps / num_envs are reduced
         batch = paper.batch_size * n_steps * num_envs // (paper.n_steps * paper.num_envs)
@@ -67,13 +73,14 @@ def main(bench: Bench) -> dict:
                                   plot=False,
                                   n_steps=bench.n_steps, num_envs=bench.num_envs, cuda=bench.device == "cuda",
                                   exp_name="bench", save_every=10**9, torch_deterministic=False,
-                                  torch_threads=bench.threads)
+                                  torch_threads=bench.threads, update_chunk=bench.update_chunk,
+                                  onednn_matmul=bench.onednn_matmul)
         out = dppo_finetune.main(args)
     it = out["history"][-1]
     times = {k[5:]: v for k, v in it.items() if k.startswith("time_")}
     total = sum(times.values())
-    a = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs,
-                                                       batch_size=batch))
+    a = dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs, batch_size=batch)
+    dppo_finetune.fill_defaults(a)
     steps = a.n_steps * a.num_envs * a.act_steps
     print(f"\n{bench.env_id}: {a.num_envs} envs x {a.n_steps} chunk-steps ({steps} env steps), K'={a.ft_denoising_steps}, "
           f"batch {a.batch_size}, {a.update_epochs} epochs, device {bench.device}, torch threads {torch.get_num_threads()}")
