@@ -262,7 +262,8 @@ def test_critic_once_per_env_step_and_chunked_backward_give_the_same_loss_and_gr
     pos, sample = torch.arange(K_ft).repeat(S), torch.arange(S).repeat_interleave(K_ft)
     with torch.no_grad():  # old log-probs in pieces equal those in one pass (the frozen copy's policy)
         def lp(j):
-            return ft.pair_logprobs(agent, b_obs[sample[j]], b_chain[sample[j], pos[j]], b_chain[sample[j], pos[j] + 1], pos[j], 3)
+            s, i = sample[j], pos[j]
+            return ft.pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, 3)
         whole = lp(torch.arange(S * K_ft))
         old_lp = torch.cat([lp(j) for j in torch.arange(S * K_ft).split(7)])
         torch.testing.assert_close(old_lp, whole, rtol=0, atol=1e-6)
