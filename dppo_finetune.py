@@ -31,6 +31,9 @@ Deviations from the reference implementation (docs/deviations.md):
   on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
 - The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
   computed in one batched pass (same numbers, less compute; benchmarks/finetune_iteration.py).
+- The critic runs once per env-step of a minibatch, not once per pair, and each minibatch is
+  back-propagated in pieces of `--update-chunk` pairs with the gradients accumulated (the same loss
+  and gradient up to float rounding; benchmarks/reference_compare.py).
 - The target-KL stop is checked once per epoch (the max KL of its minibatches), not per minibatch,
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
@@ -113,6 +116,9 @@ class Args:
     compile: bool = False
     """torch.compile the sampling chain (`get_action`; on a GPU with CUDA graphs, mode reduce-overhead): the same noise
     as eager, ~40 % less sampling time on the CPU for ~1-2 minutes of compilation at start (docs/results.md "Speed")"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """torch.set_float32_matmul_precision: highest keeps float32 (the default); high: TF32 on GPUs; medium: bf16 products
+    on AMX CPUs and GPUs (~4x faster matmuls on an AMX CPU; log-probs off by ~1e-3, docs/results.md "Speed")"""
     onednn_matmul: bool = False
     """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
     docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
@@ -497,7 +503,11 @@ def main(args: Args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
                          f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
     if args.onednn_matmul:
+        if args.float32_matmul_precision != "highest":
+            raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                             f"--float32-matmul-precision {args.float32_matmul_precision}")
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
     # pieces of the old log-probs' pass and of each minibatch's backward (docs/results.md "Speed")
     chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)

@@ -11,7 +11,8 @@ Variants, timed in turns (`--repeats` rounds, medians reported):
 - `reference`: irom-princeton/dppo's `PPODiffusion` driven as `TrainPPODiffusionAgent.run` drives it (only with
   `--reference /path/to/dppo`, a checkout of that repository; its `einops` must be importable);
 - `before`: our update as it was before the fast paths (critic once per pair, whole-minibatch backward);
-- `ours`: `dppo_finetune.py` as it runs now (`ours:N` sets `--update-chunk N`).
+- `ours`: `dppo_finetune.py` as it runs now (`ours:N` sets `--update-chunk N`; `ours@medium` sets
+  `--float32-matmul-precision medium`, bf16 products on AMX CPUs).
 
 CPU time: with 1 thread the process CPU time (`time.process_time`), which other processes on a shared machine
 barely disturb; with more threads the wall time (CPU time adds up the threads).
@@ -44,7 +45,8 @@ class Bench:
     reference: str | None = None
     """path to a checkout of irom-princeton/dppo (None: the reference is not timed)"""
     variants: tuple[str, ...] = ("reference", "before", "ours")
-    """what to time: reference, before, ours, ours:CHUNK"""
+    """what to time: reference, before, ours, ours:CHUNK; a suffix @medium (or @high) runs that variant at
+    dppo_finetune's --float32-matmul-precision medium and prints the error it makes in the log-probs"""
     threads: int = 1
     """torch CPU threads"""
     repeats: int = 3
@@ -115,6 +117,28 @@ def ours_iteration(b: Bench, agent: ft.DiffusionPPO, opts: list, data: dict, chu
                 o.step()
     clock.lap("update")
     return clock.times
+
+
+def logprob_error(b: Bench, precision: str) -> str:
+    """Max and mean |log-prob at `precision` - log-prob at highest| over the pairs of 8 sampled chains per
+    env of Hopper (random weights, the actor_ft nudged away from the sampling policy), the scalar per pair of the loss."""
+    torch.manual_seed(1)
+    agent, _ = build_ours()
+    with torch.no_grad():
+        for p in agent.actor_ft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        obs = torch.randn(8 * b.num_envs, 1, OBS)
+        _, chain = agent.get_action(obs)
+        i = torch.arange(K_FT).repeat(obs.shape[0])
+        s = torch.arange(obs.shape[0]).repeat_interleave(K_FT)
+        lps = []
+        for p in ("highest", precision):
+            torch.set_float32_matmul_precision(p)
+            lps.append(ft.pair_logprobs(agent, obs[s], chain[s, i], chain[s, i + 1], i, T_A))
+        torch.set_float32_matmul_precision("highest")
+    d = (lps[1] - lps[0]).abs()
+    return (f"log-probs at {precision} vs highest: max |diff| {d.max():.1e}, mean {d.mean():.1e} "
+            f"(log-probs of magnitude {lps[0].abs().mean():.2f})")
 
 
 def reference_iteration(b: Bench, model, opts: list, data: dict) -> dict:
@@ -195,8 +219,11 @@ def main(b: Bench) -> dict:
             if v == "reference":
                 runs[v].append(reference_iteration(b, *models["reference"], data))
             else:
-                chunk = None if v == "before" else int(v.split(":")[1]) if ":" in v else 4096
+                name, _, precision = v.partition("@")
+                chunk = None if name == "before" else int(name.split(":")[1]) if ":" in name else 4096
+                torch.set_float32_matmul_precision(precision or "highest")
                 runs[v].append(ours_iteration(b, *build_ours(), data, chunk))
+                torch.set_float32_matmul_precision("highest")
     col = 0 if b.threads == 1 else 1
     what = "process CPU s" if col == 0 else "wall s"
     print(f"\nHopper model compute per iteration: {b.num_envs} envs x {b.n_steps} chunk-steps, K'={K_FT}, minibatch "
@@ -210,6 +237,8 @@ def main(b: Bench) -> dict:
         print(f"  {v:12s}" + "".join(f"{med[v][p]:14.2f}" for p in phases) + f"{med[v]['total']:10.2f}  "
               + " ".join(f"{t:.2f}" for t in totals))
     base = "reference" if "reference" in med else ("before" if "before" in med else None)
+    for precision in sorted({v.partition("@")[2] for v in variants} - {""}):
+        print("  " + logprob_error(b, precision))
     if base:
         for v in med:
             if v != base:
