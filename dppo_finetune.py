@@ -65,7 +65,8 @@ from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_
                          check_range, cli, diffusion_checkpoint_path, enable_onednn_fp32_matmul,
                          eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         set_float32_matmul_precision, start_finetuning,
                          step_schedulers, whole_network_weights)
 from common.tasks import get_task
 
@@ -117,8 +118,8 @@ class Args:
     """torch.compile the sampling chain (`get_action`; on a GPU with CUDA graphs, mode reduce-overhead): the same noise
     as eager, ~40 % less sampling time on the CPU for ~1-2 minutes of compilation at start (docs/results.md "Speed")"""
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """torch.set_float32_matmul_precision: highest keeps float32 (the default); high: TF32 on GPUs; medium: bf16 products
-    on AMX CPUs and GPUs (~4x faster matmuls on an AMX CPU; log-probs off by ~1e-3, docs/results.md "Speed")"""
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
     onednn_matmul: bool = False
     """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
     docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
@@ -503,7 +504,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
                          f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    torch.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
     if args.onednn_matmul:
         if args.float32_matmul_precision != "highest":
             raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "

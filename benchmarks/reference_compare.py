@@ -35,7 +35,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune as ft  # noqa: E402
 from common.networks import DiffusionMLP, ObsCritic  # noqa: E402
-from common.runs import enable_onednn_fp32_matmul  # noqa: E402
+from common.runs import enable_onednn_fp32_matmul, set_float32_matmul_precision  # noqa: E402
 
 OBS, ACT, T_A, K, K_FT = 11, 3, 4, 20, 10  # Hopper
 
@@ -133,9 +133,9 @@ def logprob_error(b: Bench, precision: str) -> str:
         s = torch.arange(obs.shape[0]).repeat_interleave(K_FT)
         lps = []
         for p in ("highest", precision):
-            torch.set_float32_matmul_precision(p)
+            set_float32_matmul_precision(p)
             lps.append(ft.pair_logprobs(agent, obs[s], chain[s, i], chain[s, i + 1], i, T_A))
-        torch.set_float32_matmul_precision("highest")
+        set_float32_matmul_precision("highest")
     d = (lps[1] - lps[0]).abs()
     return (f"log-probs at {precision} vs highest: max |diff| {d.max():.1e}, mean {d.mean():.1e} "
             f"(log-probs of magnitude {lps[0].abs().mean():.2f})")
@@ -221,9 +221,9 @@ def main(b: Bench) -> dict:
             else:
                 name, _, precision = v.partition("@")
                 chunk = None if name == "before" else int(name.split(":")[1]) if ":" in name else 4096
-                torch.set_float32_matmul_precision(precision or "highest")
+                set_float32_matmul_precision(precision or "highest")
                 runs[v].append(ours_iteration(b, *build_ours(), data, chunk))
-                torch.set_float32_matmul_precision("highest")
+                set_float32_matmul_precision("highest")
     col = 0 if b.threads == 1 else 1
     what = "process CPU s" if col == 0 else "wall s"
     print(f"\nHopper model compute per iteration: {b.num_envs} envs x {b.n_steps} chunk-steps, K'={K_FT}, minibatch "

@@ -141,6 +141,16 @@ def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | N
     return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
 
 
+def set_float32_matmul_precision(precision: str) -> None:
+    """Process-wide precision of float32 matmuls, in torch's per-backend settings: `highest` float32 (torch's
+    default), `high` TF32, `medium` bf16 products on CPUs with AMX (oneDNN) and TF32 on GPUs. (Not
+    `torch.set_float32_matmul_precision`: mixing it with the per-backend settings makes torch refuse to report
+    the precision.)"""
+    cpu, gpu = {"highest": ("none", "none"), "high": ("tf32", "tf32"), "medium": ("bf16", "tf32")}[precision]
+    torch.backends.mkldnn.matmul.fp32_precision = cpu
+    torch.backends.cuda.matmul.fp32_precision = gpu
+
+
 def enable_onednn_fp32_matmul(device: torch.device, tol: float = 1e-5) -> str:
     """Send CPU float32 matmuls to oneDNN, kept only if they still compute in float32; returns what was done.
 

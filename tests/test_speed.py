@@ -12,9 +12,9 @@ from common.runs import enable_onednn_fp32_matmul
 
 @pytest.fixture
 def restore_matmul_precision():
-    before = torch.backends.mkldnn.matmul.fp32_precision
+    before = torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     yield
-    torch.backends.mkldnn.matmul.fp32_precision = before
+    torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
 
 
 def test_onednn_matmul_is_kept_only_where_it_stays_float32(restore_matmul_precision):
@@ -30,6 +30,19 @@ def test_onednn_matmul_is_kept_only_where_it_stays_float32(restore_matmul_precis
     exact = x.double() @ w.double()
     assert ((x @ w).double() - exact).abs().max() / exact.abs().max() < 1e-5  # bf16 inputs: ~1e-3
     assert enable_onednn_fp32_matmul(torch.device("meta")).startswith("off")
+
+
+def test_matmul_precision_flag_round_trip(restore_matmul_precision):
+    """--float32-matmul-precision sets torch's per-backend settings only, so torch can still report the precision,
+    and `highest` gives float32 products again."""
+    from common.runs import set_float32_matmul_precision
+    x, w = torch.randn(500, 300), torch.randn(300, 200)
+    exact = x.double() @ w.double()
+    set_float32_matmul_precision("medium")
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    set_float32_matmul_precision("highest")
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert ((x @ w).double() - exact).abs().max() / exact.abs().max() < 1e-5
 
 
 def test_finetune_iteration_benchmark_code_path(tmp_path, monkeypatch, capsys):
@@ -68,3 +81,11 @@ def test_compiled_sampling_draws_the_chains_of_eager():
     torch.manual_seed(1)
     xc, chain_c = compiled(cond)
     torch.testing.assert_close(chain_c, chain, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_matmul_refuses_reduced_precision(tmp_path, monkeypatch, restore_matmul_precision):
+    from common.runs import UsageError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision medium"):
+        ft.main(ft.Args(onednn_matmul=True, float32_matmul_precision="medium", n_train_itr=1))
+    assert not (tmp_path / "runs").exists()
