@@ -180,10 +180,16 @@ def reference_iteration(b: Bench, model, opts: list, data: dict) -> dict:
 
 
 def build_reference(path: str):
+    if not os.path.isfile(os.path.join(path, "model", "diffusion", "diffusion_ppo.py")):
+        raise SystemExit(f"error: --reference {path} is not a checkout of irom-princeton/dppo "
+                         "(no model/diffusion/diffusion_ppo.py)")
     sys.path.insert(0, os.path.abspath(path))
-    from model.common.critic import CriticObs
-    from model.diffusion.diffusion_ppo import PPODiffusion
-    from model.diffusion.mlp_diffusion import DiffusionMLP as RefMLP
+    try:
+        from model.common.critic import CriticObs
+        from model.diffusion.diffusion_ppo import PPODiffusion
+        from model.diffusion.mlp_diffusion import DiffusionMLP as RefMLP
+    except ImportError as e:
+        raise SystemExit(f"error: the reference's model code needs {e.name!r} (pip install it, or put it on PYTHONPATH)")
     actor = RefMLP(time_dim=16, mlp_dims=[512] * 3, activation_type="ReLU", residual_style=True, cond_dim=OBS,
                    horizon_steps=T_A, action_dim=ACT)
     critic = CriticObs(cond_dim=OBS, mlp_dims=[256] * 3, activation_type="Mish", residual_style=True)

@@ -61,11 +61,13 @@ def test_finetune_iteration_benchmark_code_path(tmp_path, monkeypatch, capsys):
         assert "40 envs x 500 chunk-steps" in text and "batch 50000" in text and "update pieces of 50000 pairs" in text
 
 
-def test_reference_compare_without_a_reference(capsys):
+def test_reference_compare_without_a_reference(tmp_path, capsys):
     med = reference_compare.main(reference_compare.Bench(n_steps=2, num_envs=3, batch_size=20, update_epochs=1,
                                                          repeats=1, variants=("reference", "before", "ours:7")))
     assert set(med) == {"before", "ours:7"} and all(m["total"] > 0 for m in med.values())
     assert "reference not timed: give --reference" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is not a checkout of irom-princeton/dppo"):
+        reference_compare.main(reference_compare.Bench(reference=str(tmp_path), repeats=1, variants=("reference",)))
 
 
 @pytest.mark.slow
