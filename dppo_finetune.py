@@ -31,6 +31,9 @@ Deviations from the reference implementation (docs/deviations.md):
   on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
 - The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
   computed in one batched pass (same numbers, less compute; benchmarks/finetune_iteration.py).
+- The critic runs once per env-step of a minibatch, not once per pair, and each minibatch is
+  back-propagated in pieces of `--update-chunk` pairs with the gradients accumulated (the same loss
+  and gradient up to float rounding; benchmarks/reference_compare.py).
 - The target-KL stop is checked once per epoch (the max KL of its minibatches), not per minibatch,
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
@@ -59,9 +62,11 @@ from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
 from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
+                         check_range, cli, diffusion_checkpoint_path, enable_onednn_fp32_matmul,
+                         eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         set_float32_matmul_precision, start_finetuning,
                          step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
@@ -105,6 +110,19 @@ class Args:
     """iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    update_chunk: int | None = None
+    """(env-step, denoising-step) pairs per forward/backward piece of a PPO minibatch, gradients accumulated over the
+    pieces (the same gradient up to float rounding); None: 4096 on the CPU (measured, docs/results.md "Speed"), the whole
+    minibatch on a GPU"""
+    compile: bool = False
+    """torch.compile the sampling chain (`get_action`; on a GPU with CUDA graphs, mode reduce-overhead): the same noise
+    as eager, ~40 % less sampling time on the CPU for ~1-2 minutes of compilation at start (docs/results.md "Speed")"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
     n_train_itr: int | None = None
     """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
@@ -236,7 +254,7 @@ def fill_defaults(args: Args) -> dict:
                    "horizon_steps", "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps",
                    "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base",
                    "min_logprob_denoising_std", "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm",
-                   "clip_coef_rate")
+                   "clip_coef_rate", "update_chunk")
     for name in ("gamma", "gae_lambda", "gamma_denoising"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
@@ -291,6 +309,16 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     return advantages, advantages + values
 
 
+def surrogate_terms(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pair: clipped surrogate loss, approx KL and clipped flag, for advantages already normalised and discounted."""
+    log_ratio = new_lp - old_lp
+    ratio = log_ratio.exp()
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))
+    with torch.no_grad():
+        return pg, (ratio - 1) - log_ratio, ((ratio - 1).abs() > eps).float()
+
+
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor, eps: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate over (env-step, denoising-step) pairs (eqs. 4.5-4.7, reference `PPODiffusion.loss`).
@@ -298,13 +326,38 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc
     Advantages are normalised within the minibatch, then weighted by γ_denoise^(K'-i-1) (`disc`);
     `eps` is each pair's clip range. Returns (pg_loss, approx_kl, clipfrac)."""
     adv = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
-    log_ratio = new_lp - old_lp
-    ratio = log_ratio.exp()
-    pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = ((ratio - 1).abs() > eps).float().mean()
-    return pg_loss, approx_kl, clipfrac
+    pg, kl, clipped = surrogate_terms(new_lp, old_lp, adv, eps)
+    return pg.mean(), kl.mean(), clipped.mean()
+
+
+def ppo_loss_backward(logprob, idx: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor,
+                      eps: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ppo_loss(logprob(idx), old_lp, adv, disc, eps)` and its backward pass, in pieces of `chunk` pairs that fit the
+    CPU cache: the advantages are normalised over the whole minibatch first, each piece back-propagates its sum / the
+    minibatch size, so the gradient accumulates to that of the whole minibatch (up to float rounding). Returns the
+    detached (pg_loss, approx_kl, clipfrac)."""
+    n = idx.numel()
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
+    total = torch.zeros(3, device=idx.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        pg, kl, clipped = surrogate_terms(logprob(idx[a:b]), old_lp[a:b], adv[a:b], eps[a:b])
+        pg = pg.sum() / n
+        pg.backward()
+        total += torch.stack([pg.detach(), kl.sum() / n, clipped.sum() / n])
+    return total[0], total[1], total[2]
+
+
+def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """V(s) of each pair's env-step, the critic run once per env-step instead of once per pair (the same values: a
+    minibatch holds each env-step up to K' times). All env-steps when they are no more than the pairs (no host sync);
+    else, on the CPU, the distinct ones."""
+    if b_obs.shape[0] <= s.numel():
+        return critic(b_obs).view(-1)[s]
+    if s.device.type == "cpu":  # torch.unique would wait for a GPU
+        rows, inverse = torch.unique(s, return_inverse=True)
+        return critic(b_obs[rows]).view(-1)[inverse]
+    return critic(b_obs[s]).view(-1)
 
 
 class DiffusionPPO(nn.Module):
@@ -417,6 +470,14 @@ def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_p
     return agent.get_logprobs(obs, x_t, x_prev, i).clamp(-5, 2)[:, :act_steps].mean(dim=(1, 2))
 
 
+def compile_sampling(get_action, device: torch.device):
+    """`torch.compile` of the sampling chain, drawing the same noise as eager (inductor's `fallback_random`); on a GPU
+    in mode reduce-overhead, which replays CUDA graphs instead of launching each denoising step's small kernels."""
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    return torch.compile(get_action, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -444,6 +505,15 @@ def main(args: Args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
                          f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        if args.float32_matmul_precision != "highest":
+            raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                             f"--float32-matmul-precision {args.float32_matmul_precision}")
+        print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
+    # pieces of the old log-probs' pass and of each minibatch's backward (docs/results.md "Speed")
+    chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)
+    lp_chunk = args.update_chunk or (4096 if device.type == "cpu" else 50_000)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_diffusion_network(ckpt, args.horizon_steps)
@@ -458,6 +528,8 @@ def main(args: Args) -> dict:
     if "actor_ft" in ckpt:
         load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
+    if args.compile:  # an opt-in speed-up; the eager path is the default
+        agent.get_action = compile_sampling(agent.get_action, device)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
                         obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std,
@@ -566,7 +638,7 @@ def main(args: Args) -> dict:
             return pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, T_e)
 
         with torch.no_grad():
-            old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(50_000)])
+            old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(lp_chunk)])
         timer.lap("old_logprobs")
 
         # ---- PPO update over (env-step, denoising-step) pairs (paper eqs. 4.5-4.7) ----
@@ -578,15 +650,16 @@ def main(args: Args) -> dict:
             for start in range(0, S * K_ft - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
                 s, i = sample[idx], pos[idx]
-                pg_loss, kl, clipfrac = ppo_loss(logprob(idx), old_lp[idx], b_adv[s], disc[i], clip_eps[i])
-                v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
-                loss = pg_loss + args.vf_coef * v_loss
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                # loss = pg_loss + vf_coef·v_loss (+ bc_coef·bc_loss), back-propagated in parts (same gradient)
+                pg_loss, kl, clipfrac = ppo_loss_backward(logprob, idx, old_lp[idx], b_adv[s], disc[i], clip_eps[i], chunk)
+                v_loss = 0.5 * ((minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
+                loss = args.vf_coef * v_loss
                 bc_loss = torch.zeros((), device=device)
                 if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
                     bc_loss = agent.bc_loss(b_obs[s])  # one base chain per pair's observation, as the reference
                     loss = loss + args.bc_coef * bc_loss
-                actor_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if itr >= args.n_critic_warmup_itr:
                     # the reference clips only actor_ft's gradients, after the critic warm-up

@@ -7,10 +7,17 @@ weights: the time of an iteration does not depend on what the weights are.
     python benchmarks/finetune_iteration.py --env-id hopper --n-steps 100      # CPU: n_steps 500 -> 100
     python benchmarks/finetune_iteration.py --env-id can --n-steps 30 --num-envs 10
     python benchmarks/finetune_iteration.py --env-id hopper --device cuda      # full size on a GPU
+    python benchmarks/finetune_iteration.py --env-id hopper --device cuda --compile   # + CUDA graphs for sampling
+
+`--device cuda` runs the paper's size (Hopper: 40 envs x 500 chunk-steps, minibatch 50 000) unless sizes are given,
+with the env side on the fastest installed simulator (envpool's C++ pool when installed, else gymnasium) and the
+update without host syncs inside an epoch (each minibatch one backward, the critic once per env-step). Without a
+GPU it prints what it would run and stops with an error (never a silent CPU run).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -38,11 +45,18 @@ class Bench:
     """cpu or cuda"""
     threads: int | None = 1
     """torch CPU threads (None: torch's default)"""
+    update_chunk: int | None = None
+    """dppo_finetune --update-chunk (None: its default)"""
+    onednn_matmul: bool = False
+    """dppo_finetune --onednn-matmul"""
+    compile: bool = False
+    """dppo_finetune --compile (sampling compiled; CUDA graphs on a GPU)"""
 
 
 def random_checkpoint(task_id: str, path: str) -> None:
     """A pre-training checkpoint with the task's default architecture and random weights."""
-    args = dppo_pretrain.fill_defaults(dppo_pretrain.Args(env_id=task_id))
+    args = dppo_pretrain.Args(env_id=task_id)
+    dppo_pretrain.fill_defaults(args)
     task = get_task(task_id)
     arch = dppo_pretrain.network_arch(args, task.obs_dim, task.action_dim)
     net = dppo_pretrain.build_network(args.backbone, arch)
@@ -55,28 +69,45 @@ def random_checkpoint(task_id: str, path: str) -> None:
                 "model": net.state_dict(), "ema": net.state_dict(), "args": {}}, path)
 
 
+def plan(bench: Bench, n_steps: int, num_envs: int, batch: int) -> str:
+    """One line saying what the benchmark runs."""
+    a = dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs, batch_size=batch)
+    dppo_finetune.fill_defaults(a)
+    sim = "envpool" if importlib.util.find_spec("envpool") and get_task(a.env_id).suite == "gym" else "the task's default"
+    chunk = bench.update_chunk or (a.batch_size if bench.device == "cuda" else 4096)
+    return (f"{a.env_id}: {a.num_envs} envs x {a.n_steps} chunk-steps ({a.n_steps * a.num_envs * a.act_steps} env steps), "
+            f"K'={a.ft_denoising_steps}, batch {a.batch_size}, {a.update_epochs} epochs, device {bench.device}, "
+            f"simulator {sim}, update pieces of {chunk} pairs, compile {'on' if bench.compile else 'off'}")
+
+
 def main(bench: Bench) -> dict:
+    paper = dppo_finetune.Args(env_id=bench.env_id)
+    dppo_finetune.fill_defaults(paper)
+    n_steps, num_envs = bench.n_steps or paper.n_steps, bench.num_envs or paper.num_envs
+    # keep the paper's number of minibatches per epoch when n_steps / num_envs are reduced
+    batch = paper.batch_size * n_steps * num_envs // (paper.n_steps * paper.num_envs)
+    print(f"runs 2 iterations, times the second: {plan(bench, n_steps, num_envs, batch)}")
+    if bench.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda needs a CUDA GPU and none is visible here; the line above is what it "
+                         "would run (test its code path with --device cpu and small --n-steps / --num-envs)")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "random.pt")
         random_checkpoint(bench.env_id, ckpt)
-        paper = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id))
-        n_steps, num_envs = bench.n_steps or paper.n_steps, bench.num_envs or paper.num_envs
-        # keep the paper's number of minibatches per epoch when n_steps / num_envs are reduced
-        batch = paper.batch_size * n_steps * num_envs // (paper.n_steps * paper.num_envs)
         args = dppo_finetune.Args(batch_size=batch, env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0,
                                   plot=False,
                                   n_steps=bench.n_steps, num_envs=bench.num_envs, cuda=bench.device == "cuda",
                                   exp_name="bench", save_every=10**9, torch_deterministic=False,
-                                  torch_threads=bench.threads)
+                                  torch_threads=bench.threads, update_chunk=bench.update_chunk,
+                                  onednn_matmul=bench.onednn_matmul, compile=bench.compile)
         out = dppo_finetune.main(args)
     it = out["history"][-1]
     times = {k[5:]: v for k, v in it.items() if k.startswith("time_")}
     total = sum(times.values())
-    a = dppo_finetune.fill_defaults(dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs,
-                                                       batch_size=batch))
+    a = dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs, batch_size=batch)
+    dppo_finetune.fill_defaults(a)
     steps = a.n_steps * a.num_envs * a.act_steps
-    print(f"\n{bench.env_id}: {a.num_envs} envs x {a.n_steps} chunk-steps ({steps} env steps), K'={a.ft_denoising_steps}, "
-          f"batch {a.batch_size}, {a.update_epochs} epochs, device {bench.device}, torch threads {torch.get_num_threads()}")
+    print(f"\n{plan(bench, n_steps, num_envs, batch)}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} (wall times)")
     for k, v in sorted(times.items(), key=lambda kv: -kv[1]):
         print(f"  {k:13s} {v:8.2f} s  {100 * v / total:5.1f} %")
     print(f"  {'total':13s} {total:8.2f} s")

@@ -141,6 +141,40 @@ def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | N
     return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
 
 
+def set_float32_matmul_precision(precision: str) -> None:
+    """Process-wide precision of float32 matmuls, in torch's per-backend settings: `highest` float32 (torch's
+    default), `high` TF32, `medium` bf16 products on CPUs with AMX (oneDNN) and TF32 on GPUs. (Not
+    `torch.set_float32_matmul_precision`: mixing it with the per-backend settings makes torch refuse to report
+    the precision.)"""
+    cpu, gpu = {"highest": ("none", "none"), "high": ("tf32", "tf32"), "medium": ("bf16", "tf32")}[precision]
+    torch.backends.mkldnn.matmul.fp32_precision = cpu
+    torch.backends.cuda.matmul.fp32_precision = gpu
+
+
+def enable_onednn_fp32_matmul(device: torch.device, tol: float = 1e-5) -> str:
+    """Send CPU float32 matmuls to oneDNN, kept only if they still compute in float32; returns what was done.
+
+    PyTorch routes float32 matmuls to oneDNN only under its reduced-precision setting
+    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`); oneDNN then rounds the inputs to bf16 where the CPU
+    has AMX and stays float32 elsewhere. So the switch is tried on random matrices of the networks' shapes (x Wᵀ,
+    g W, gᵀ x) and undone unless every product is within `tol` (relative to its largest entry) of the default
+    kernel's; bf16 inputs are off by ~1e-3."""
+    if device.type != "cpu":
+        return "off (the device is not a CPU)"
+    mm = torch.backends.mkldnn.matmul
+    before = mm.fp32_precision
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*shape, generator=gen) for shape in ((1000, 523), (512, 523), (1000, 512)))
+    products = lambda: (x @ w.T, g @ w, g.T @ x)  # noqa: E731
+    default = products()
+    mm.fp32_precision = "bf16"
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(products(), default))
+    if err > tol:
+        mm.fp32_precision = before
+        return f"refused: oneDNN would not compute in float32 on this CPU (relative error {err:.1e}); default kernels kept"
+    return f"on (float32 kept: relative difference {err:.1e} from the default kernels)"
+
+
 def args_dict(args: Any) -> dict[str, Any]:
     """The dataclass as plain data (tuples as lists) for checkpoints and `args.json`."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}

@@ -216,3 +216,74 @@ def test_episode_tracker_counts_every_episode_that_ends():
     tracker.step(np.array([1.0, 1.0]), np.array([True, False]))
     s = tracker.pop()
     assert s["return_mean"] == 1.0 and s["success_rate"] == 0.0  # 1 / 4 < 1
+
+
+def _update_gradients(agent, b_obs, b_chain, b_adv, b_ret, idx, old_lp, fast, chunk=None):
+    """One minibatch's losses and gradients: `fast` as `dppo_finetune.main` computes them now (pieces of `chunk`
+    pairs, the critic once per env-step); else the whole-minibatch formulation (critic once per pair)."""
+    K_ft = agent.ft_steps
+    S = b_obs.shape[0]
+    pos, sample = torch.arange(K_ft).repeat(S), torch.arange(S).repeat_interleave(K_ft)
+    disc, eps = ft.denoising_discount(K_ft, 0.9), ft.clip_schedule(K_ft, 0.01, 0.1, 3.0)
+
+    def logprob(j):
+        s, i = sample[j], pos[j]
+        return ft.pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, 3)
+
+    s, i = sample[idx], pos[idx]
+    agent.zero_grad(set_to_none=True)
+    if fast:
+        pg, kl, cf = ft.ppo_loss_backward(logprob, idx, old_lp[idx], b_adv[s], disc[i], eps[i], chunk)
+        v_loss = 0.5 * ((ft.minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
+        (0.5 * v_loss).backward()
+    else:
+        pg, kl, cf = ft.ppo_loss(logprob(idx), old_lp[idx], b_adv[s], disc[i], eps[i])
+        v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
+        (pg + 0.5 * v_loss).backward()
+    grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+    return torch.stack([pg.detach(), v_loss.detach(), kl, cf]), grads
+
+
+@pytest.mark.parametrize("S,B,chunk", [(30, 120, 50), (30, 120, 1000), (60, 37, 8)])
+def test_critic_once_per_env_step_and_chunked_backward_give_the_same_loss_and_gradient(S, B, chunk):
+    """The fast update of `dppo_finetune.main` (critic once per env-step, all env-steps when S <= B or the distinct ones;
+    the minibatch back-propagated in pieces) against the whole-minibatch formulation on a fixed minibatch: the same
+    losses, approx KL, clip fraction and gradients of actor_ft and the critic, up to float rounding."""
+    torch.manual_seed(0)
+    agent = _agent()
+    with torch.no_grad():  # actor_ft away from the chains' policy, so that ratios differ from 1 and some clip
+        for p in agent.actor_ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b_obs = torch.randn(S, 1, 3)
+    with torch.no_grad():
+        _, b_chain = agent.get_action(b_obs)
+    b_adv, b_ret = torch.randn(S), torch.randn(S)
+    K_ft = agent.ft_steps
+    pos, sample = torch.arange(K_ft).repeat(S), torch.arange(S).repeat_interleave(K_ft)
+    with torch.no_grad():  # old log-probs in pieces equal those in one pass (the frozen copy's policy)
+        def lp(j):
+            s, i = sample[j], pos[j]
+            return ft.pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, 3)
+        whole = lp(torch.arange(S * K_ft))
+        old_lp = torch.cat([lp(j) for j in torch.arange(S * K_ft).split(7)])
+        torch.testing.assert_close(old_lp, whole, rtol=0, atol=1e-6)
+        old_lp = old_lp + 0.02 * torch.randn_like(old_lp)
+    idx = torch.randperm(S * K_ft)[:B]
+    ref, g_ref = _update_gradients(agent, b_obs, b_chain, b_adv, b_ret, idx, old_lp, fast=False)
+    got, g_got = _update_gradients(agent, b_obs, b_chain, b_adv, b_ret, idx, old_lp, fast=True, chunk=chunk)
+    assert 0 < ref[3] < 1  # some pairs clip, some do not
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    assert set(g_got) == set(g_ref) and any(n.startswith("critic") for n in g_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6 * g_ref[n].abs().max().item(), msg=n)
+
+
+def test_minibatch_values_runs_the_critic_on_each_env_step_once():
+    critic, calls = ObsCritic(3, 1), []
+    critic.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    b_obs = torch.randn(50, 1, 3)
+    s = torch.tensor([4, 4, 9, 4, 17, 9])  # 3 distinct env-steps of 50, 6 pairs: the distinct rows only
+    torch.testing.assert_close(ft.minibatch_values(critic, b_obs, s), critic(b_obs[s]))
+    s = torch.randint(0, 50, (80,))  # more pairs than env-steps: every env-step once
+    torch.testing.assert_close(ft.minibatch_values(critic, b_obs, s), critic(b_obs[s]))
+    assert calls == [3, 6, 50, 80]

@@ -139,10 +139,10 @@ def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretra
 
 def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
     from common.runs import NonFiniteError
-    saves, real_save, real_loss = [], ft.save_checkpoint, ft.ppo_loss
+    saves, real_save, real_loss = [], ft.save_checkpoint, ft.ppo_loss_backward
     monkeypatch.setattr(ft, "save_checkpoint", lambda path, payload: saves.append(payload["itr"]) or real_save(path, payload))
-    monkeypatch.setattr(ft, "ppo_loss", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl, cf))(
-        *real_loss(*a)))
+    monkeypatch.setattr(ft, "ppo_loss_backward", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl,
+                                                                               cf))(*real_loss(*a)))
     with pytest.raises(NonFiniteError, match="non-finite pg_loss.* at iteration 1"):
         _finetune(pretrained["checkpoint"], n_train_itr=3, val_freq=0, exp_name="nan")
     run_dir = max(glob.glob("runs/avoid-m2__nan__*"), key=os.path.getmtime)
@@ -423,10 +423,16 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(ft, monkeypatch, ckpt["normalization"])
     lps, losses = [], []
-    real_lp, real_loss = ft.pair_logprobs, ft.ppo_loss
+    real_lp, real_loss = ft.pair_logprobs, ft.ppo_loss_backward
     monkeypatch.setattr(ft, "pair_logprobs", lambda agent, obs, x_t, x_prev, i, T_e: lps.append((i, T_e))
                         or real_lp(agent, obs, x_t, x_prev, i, T_e))
-    monkeypatch.setattr(ft, "ppo_loss", lambda *a: losses.append((a[2], a[3], a[4], lps[-1][0])) or real_loss(*a))
+
+    def loss(*a):  # the minibatch's advantages, discounts, clip ranges and the positions i of its pieces' log-probs
+        first = len(lps)
+        out = real_loss(*a)
+        losses.append((a[3], a[4], a[5], torch.cat([i for i, _ in lps[first:]])))
+        return out
+    monkeypatch.setattr(ft, "ppo_loss_backward", loss)
     K, n_steps, N = 10, 60, 8
     _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, n_steps=n_steps, act_steps=2, clip_coef_base=0.01,
               clip_coef=0.1, batch_size=n_steps * N * K, update_epochs=2, bootstrap_truncated=True, n_critic_warmup_itr=0)
