@@ -151,17 +151,7 @@ class ProcessChunkVecEnv:
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
         self.num_envs = len(env_fns)
-        n_workers = max(1, min(n_workers, self.num_envs))
-        self._splits = np.array_split(np.arange(self.num_envs), n_workers)
-        ctx = mp.get_context(context)
-        self._remotes, self._procs = [], []
-        for idx in self._splits:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, [env_fns[i] for i in idx]), daemon=True)
-            proc.start()
-            child.close()
-            self._remotes.append(parent)
-            self._procs.append(proc)
+        self._splits, self._remotes, self._procs = start_workers(_worker, env_fns, n_workers, context)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -195,13 +185,37 @@ class ProcessChunkVecEnv:
             remote.send(("record", [int(j) for j, g in enumerate(idx) if g in indices]))
 
     def close(self) -> None:
-        for remote in self._remotes:
-            try:
-                remote.send(("close", None))
-            except (BrokenPipeError, EOFError):
-                pass
-        for proc in self._procs:
-            proc.join(timeout=5)
+        close_workers(self._remotes, self._procs)
+
+
+def start_workers(target: Callable[[Any, list[Callable[[], Any]]], None], env_fns: list[Callable[[], Any]],
+                  n_workers: int, context: str) -> tuple[list[np.ndarray], list[Any], list[Any]]:
+    """Split `env_fns` over min(n_workers, len) daemon processes, each running `target(pipe, its env_fns)`;
+    returns (the env indices of each worker, the parent ends of the pipes, the processes)."""
+    splits = np.array_split(np.arange(len(env_fns)), max(1, min(n_workers, len(env_fns))))
+    ctx = mp.get_context(context)
+    remotes, procs = [], []
+    for idx in splits:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(child, [env_fns[i] for i in idx]), daemon=True)
+        proc.start()
+        child.close()
+        remotes.append(parent)
+        procs.append(proc)
+    return splits, remotes, procs
+
+
+def close_workers(remotes: list[Any], procs: list[Any]) -> None:
+    """Ask every worker to close its envs, then wait for it (terminated after 5 s)."""
+    for remote in remotes:
+        try:
+            remote.send(("close", None))
+        except (BrokenPipeError, EOFError, OSError):
+            pass
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
 
 
 class EnvpoolChunkVecEnv:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 from collections import deque
 from functools import partial
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
+from common.envs import close_workers, start_workers
 from common.tasks import Task, TaskError, get_task, require_simulator
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
@@ -440,21 +440,15 @@ class PixelChunkVecEnv:
                        terminate_on_success, max_episode_steps, stride if capture_video and i < VIDEO_EPISODES else 0)
                for i in range(num_envs)]
         n_workers = max(1, min(n_workers, num_envs))
-        self._splits = np.array_split(np.arange(num_envs), n_workers)
         self._remotes, self._procs, self._local = [], [], None
         if n_workers == 1:
+            self._splits = [np.arange(num_envs)]
             self._local = _PixelEnvs(fns)
             self.backend = "robosuite offscreen rendering (in-process)"
             return
         self.backend = f"robosuite offscreen rendering ({n_workers} spawned worker processes)"
-        ctx = mp.get_context("spawn")
-        for idx in self._splits:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_pixel_worker, args=(child, [fns[i] for i in idx]), daemon=True)
-            proc.start()
-            child.close()
-            self._remotes.append(parent)
-            self._procs.append(proc)
+        # (spawned, not forked: a GL context does not survive a fork)
+        self._splits, self._remotes, self._procs = start_workers(_pixel_worker, fns, n_workers, "spawn")
         errors = [msg for status, msg in (r.recv() for r in self._remotes) if status == "error"]
         if errors:
             self.close()
@@ -490,12 +484,4 @@ class PixelChunkVecEnv:
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
-        for remote in self._remotes:
-            try:
-                remote.send(("close", None))
-            except (BrokenPipeError, EOFError, OSError):
-                pass
-        for proc in self._procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
+        close_workers(self._remotes, self._procs)
