@@ -49,16 +49,19 @@ class MultiStep(gym.Wrapper):
     def __init__(self, env: gym.Env, act_steps: int, cond_steps: int = 1) -> None:
         super().__init__(env)
         self.act_steps, self.cond_steps = act_steps, cond_steps
-        self._obs: deque[np.ndarray] = deque(maxlen=cond_steps)
+        self._obs: deque[Any] = deque(maxlen=cond_steps)
         obs_space, act_space = env.observation_space, env.action_space
-        self.observation_space = gym.spaces.Box(
-            np.stack([obs_space.low] * cond_steps).astype(np.float32),
-            np.stack([obs_space.high] * cond_steps).astype(np.float32), dtype=np.float32)
+        if isinstance(obs_space, gym.spaces.Box):  # (dict observations, the pixel tasks', are stacked per key)
+            self.observation_space = gym.spaces.Box(
+                np.stack([obs_space.low] * cond_steps).astype(np.float32),
+                np.stack([obs_space.high] * cond_steps).astype(np.float32), dtype=np.float32)
         self.action_space = gym.spaces.Box(
             np.stack([act_space.low] * act_steps).astype(np.float32),
             np.stack([act_space.high] * act_steps).astype(np.float32), dtype=np.float32)
 
-    def _stacked(self) -> np.ndarray:
+    def _stacked(self) -> Any:
+        if isinstance(self._obs[0], dict):  # {"state": (T_o, D_p), "rgb": (T_o, C, H, W) uint8}
+            return {k: np.stack([o[k] for o in self._obs]) for k in self._obs[0]}
         return np.stack(self._obs).astype(np.float32)
 
     def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:

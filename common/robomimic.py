@@ -37,14 +37,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import deque
 from functools import partial
 from typing import Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
 
-from common.envs import close_workers, start_workers
+from common.envs import MultiStep, close_workers, start_workers
 from common.tasks import Task, TaskError, get_task, require_simulator
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
@@ -311,8 +310,8 @@ def make_robomimic_env(task: Task | str, seed: int | None = None, terminate_on_s
 
 
 class PixelChunkEnv:
-    """One pixel env stepped in chunks of T_e actions (the dict form of `common.envs.MultiStep`): rewards summed,
-    early stop at done, the last T_o observations stacked per key (the first repeated after reset), autoreset."""
+    """One pixel env stepped in chunks of T_e actions (`common.envs.MultiStep`: rewards summed, early stop at done,
+    the last T_o observations stacked per key, the first repeated after reset), with autoreset."""
 
     def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
                  image_size: int | tuple[int, int], terminate_on_success: bool,
@@ -322,37 +321,24 @@ class PixelChunkEnv:
         if video_stride:  # --capture-video: evaluation-video frames of this env (common/video.py)
             from common.video import RenderFrames
             env = RenderFrames(env, video_stride)
-        self.env: Any = env
-        self.act_steps, self.cond_steps = act_steps, cond_steps
-        self._obs: deque[dict[str, np.ndarray]] = deque(maxlen=cond_steps)
-
-    def _stacked(self) -> dict[str, np.ndarray]:
-        return {k: np.stack([o[k] for o in self._obs]) for k in ("state", "rgb")}
+        self.frames_env = env  # RenderFrames while recording videos
+        self.env = MultiStep(env, act_steps, cond_steps)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
-        obs, _ = self.env.reset(seed=seed)
-        self._obs.extend([obs] * self.cond_steps)
-        return self._stacked()
+        return self.env.reset(seed=seed)[0]
 
     def step(self, chunk: np.ndarray) -> tuple[dict, dict, float, bool, bool, list[np.ndarray] | None]:
         """-> (obs after autoreset, final obs, summed reward, terminated, truncated, the chunk's video frames while
         recording (taken before the autoreset starts the next episode), else None)."""
-        total, terminated, truncated = 0.0, False, False
-        for action in chunk[: self.act_steps]:
-            obs, reward, terminated, truncated, _ = self.env.step(action)
-            self._obs.append(obs)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        final = self._stacked()
-        frames = self.env.pop_frames() if getattr(self.env, "recording", False) else None
+        final, total, terminated, truncated, _ = self.env.step(chunk)
+        frames = self.frames_env.pop_frames() if getattr(self.frames_env, "recording", False) else None
         obs = self.reset() if terminated or truncated else final
         return obs, final, total, terminated, truncated, frames
 
     def set_recording(self, on: bool) -> None:
-        if hasattr(self.env, "recording"):
-            self.env.recording = on
-            self.env.pop_frames()
+        if hasattr(self.frames_env, "recording"):
+            self.frames_env.recording = on
+            self.frames_env.pop_frames()
 
     def close(self) -> None:
         self.env.close()
