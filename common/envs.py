@@ -130,7 +130,12 @@ class SyncChunkVecEnv:
 
 def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
     torch.set_num_threads(1)
-    envs = SyncChunkVecEnv(env_fns)
+    serve_envs(remote, SyncChunkVecEnv(env_fns))
+
+
+def serve_envs(remote: Any, envs: Any) -> None:
+    """A worker process's loop: the parent's step / reset / record / close commands run on `envs` (anything with
+    step(actions), reset(seeds=...), set_recording(indices), close()); a TaskError goes back to be raised there."""
     while True:
         cmd, data = remote.recv()
         if cmd in ("step", "reset"):

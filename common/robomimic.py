@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
-from common.envs import MultiStep, close_workers, start_workers
+from common.envs import MultiStep, close_workers, serve_envs, start_workers
 from common.tasks import Task, TaskError, get_task, require_simulator
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
@@ -387,18 +387,7 @@ def _pixel_worker(remote: Any, fns: list[Callable[[], PixelChunkEnv]]) -> None:
     except Exception as e:  # a GL failure in the worker reaches the parent as one line
         remote.send(("error", f"{type(e).__name__}: {e}"))
         return
-    while True:
-        cmd, data = remote.recv()
-        if cmd == "step":
-            remote.send(envs.step(data))
-        elif cmd == "reset":
-            remote.send(envs.reset(data))
-        elif cmd == "record":
-            envs.set_recording(data)
-        else:
-            envs.close()
-            remote.close()
-            return
+    serve_envs(remote, envs)
 
 
 class PixelChunkVecEnv:
@@ -446,7 +435,14 @@ class PixelChunkVecEnv:
             return self._local.reset(seeds[0])
         for remote, s in zip(self._remotes, seeds):
             remote.send(("reset", s))
-        return _cat_dicts([remote.recv() for remote in self._remotes])
+        return _cat_dicts(self._receive())
+
+    def _receive(self) -> list[Any]:
+        results = [remote.recv() for remote in self._remotes]
+        for r in results:
+            if isinstance(r, TaskError):  # raised in a worker (common.envs.serve_envs): one line here
+                raise r
+        return results
 
     def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if self._local is not None:
@@ -454,7 +450,7 @@ class PixelChunkVecEnv:
             return obs, rew, term, trunc, {"final_obs": final, **({"frames": frames} if frames else {})}
         for remote, idx in zip(self._remotes, self._splits):
             remote.send(("step", actions[idx]))
-        res = [remote.recv() for remote in self._remotes]
+        res = self._receive()
         obs, final = _cat_dicts([r[0] for r in res]), _cat_dicts([r[1] for r in res])
         rew, term, trunc = (np.concatenate([r[k] for r in res]) for k in (2, 3, 4))
         frames = {int(idx[i]): f for r, idx in zip(res, self._splits) for i, f in r[5].items()}  # global env indices
