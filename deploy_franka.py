@@ -381,7 +381,11 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
     hist: deque = deque(maxlen=T_o)
     started = False
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    # Ctrl-C and SIGTERM stop the robot however the process was started (a shell starts background jobs with SIGINT
+    # ignored, and Python then raises no KeyboardInterrupt): both handlers are set explicitly, and restored at the end
+    previous_handlers = ({sig: signal.signal(sig, handler) for sig, handler in
+                          ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_terminated))}
+                         if on_main_thread else {})
     try:
         while step < info["max_steps"]:
             for k in range(T_e):
@@ -482,8 +486,8 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
     finally:
         robot.stop()  # also when never started (dry run, refused): a no-op there
         robot.close()
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         lat = np.array(latencies) if latencies else np.zeros(1)
         late = np.array(lateness) if lateness else np.zeros(1)
         summary = dict(steps=step, stop_reason=reason, clipped_steps=n_clipped, policy_latency_mean=float(lat.mean()),
