@@ -746,14 +746,9 @@ def main(args: Args) -> dict:
         check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)
         logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.log_iteration(itr, logged, last_train, sps, lrs)
-        logged.update({f"lr_{k}": v for k, v in lrs.items()})
-        logged["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
-        run.scalars({"charts/std": logged["std"]}, itr)
-        history[-1].update(logged)
-        history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
-        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
-                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
+        history[-1]["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
+        run.scalars({"charts/std": history[-1]["std"]}, itr)
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
             save_checkpoint(run.checkpoint, finetune_checkpoint(
                 header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,

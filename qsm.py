@@ -482,12 +482,7 @@ def main(args: Args) -> dict:
         logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
         check_finite(f"iteration {itr}", logged, agent.actor, agent.critic_q)
         sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.log_iteration(itr, logged, last_train, sps, lrs)
-        logged.update({f"lr_{k}": v for k, v in lrs.items()})
-        history[-1].update(logged)
-        history[-1].update({f"time_{k}": v for k, v in timer.times.items()})
-        bar.set_postfix(steps=env_steps, success=f"{last_train['success_rate']:.2f}",
-                        ret=f"{last_train['return_mean']:.1f}", sps=f"{sps:.0f}")
+        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
         if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
             save_checkpoint(run.checkpoint, finetune_checkpoint(
                 header, args, {"actor": agent.actor, "critic_q": agent.critic_q, "target_q": agent.target_q},

@@ -512,6 +512,17 @@ class Run:
         self.scalars({"charts/episodic_return": train["return_mean"], "charts/success_rate": train["success_rate"],
                       "charts/SPS": sps, **{f"charts/{k}_learning_rate": v for k, v in lrs.items()}}, itr)
 
+    def end_iteration(self, itr: int, logged: dict[str, float], train: dict[str, Any], sps: float,
+                      lrs: dict[str, float], row: dict[str, Any], times: dict[str, float], bar: Any, env_steps: int) -> None:
+        """The end of a training iteration, the same in every fine-tuning script: TensorBoard (`log_iteration`), the
+        iteration's history `row` (its losses and statistics, learning rates and phase times) and the progress bar."""
+        self.log_iteration(itr, logged, train, sps, lrs)
+        row.update(logged)
+        row.update({f"lr_{k}": v for k, v in lrs.items()})
+        row.update({f"time_{k}": v for k, v in times.items()})
+        bar.set_postfix(steps=env_steps, success=f"{train['success_rate']:.2f}", ret=f"{train['return_mean']:.1f}",
+                        sps=f"{sps:.0f}")
+
     def finish(self, itr: int, env_steps: int, mode: str, final: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         """Write the final evaluation row, the Avoid before/after picture (`trajectories.png`) when
         `paths_before` was taken, print the one-line summary (the run's first evaluation row -> `final`)
