@@ -25,9 +25,10 @@ Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); d
 Pre-training minimises −log π(a|s) on demonstration windows (so σ is learned too), with the
 optimiser, schedule and EMA of `dppo_pretrain.py` (paper App. D.1); fine-tuning starts from the EMA.
 
-Defaults where the reference has none (our choices):
-- PPO minibatch over env-steps = DPPO's minibatch / K' (the same number of minibatches per epoch):
-  gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid n_steps·n_envs/2 = 625.
+Defaults: the reference's `ft_ppo_gaussian_mlp.yaml` configs (robomimic, furniture, Avoid): PPO minibatch of
+env-steps lift/can 7500, square/transport 10000, furniture 8800 (clip 0.01), Avoid n_steps·n_envs/2 = 625.
+Where the reference has none (our choices):
+- gym: minibatch 5000 env-steps (DPPO's 50000 pairs / K').
 - Transformer backbone: 128-d, 4 heads, 2 layers (`common.networks.ChunkTransformer`).
 - `--from-scratch` uses CleanRL-style PPO defaults for MuJoCo: T_a = T_e = 1, 8 envs × 256 steps
   (2048 env-steps per iteration), minibatch 64, 10 epochs, clip 0.2 / D_a (CleanRL's 0.2 acts on
@@ -210,7 +211,8 @@ class Args:
     """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
     (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
-    """PPO minibatch of env-steps"""
+    """PPO minibatch of env-steps (gym 5000, lift/can 7500, square/transport 10000, furniture 8800, Avoid
+    n_steps·num_envs/2)"""
     update_epochs: int | None = None
     """PPO epochs per iteration"""
     clip_coef: float | None = None
@@ -240,17 +242,17 @@ SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
                 batch_size=5000, update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4,
-                      batch_size=750, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
+                      batch_size=7500, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
     "furniture": dict(bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125, gamma=0.999, actor_lr=1e-5,
-                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=880, update_epochs=5, clip_coef=0.001,
+                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800, update_epochs=5, clip_coef=0.01,
                       n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5,
                   batch_size=None, update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
-    "square": dict(n_steps=400, batch_size=1000, n_train_itr=201),
-    "transport": dict(n_steps=400, batch_size=1000, n_train_itr=201, update_epochs=5),
+    "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
+    "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
     "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
 }
 # Pre-training, as dppo_pretrain.py (paper App. D.1).

@@ -24,11 +24,12 @@ log-density is summed over all chunk dimensions (an Independent Normal; paper Ap
 the single Gaussian. Sampling draws a mode from the logits, then a = μ_m + σ_m·z with z clamped to
 ±3. Pre-training minimises −log π(a|s) with the optimiser, schedule and EMA of `dppo_pretrain.py`.
 
-Defaults where the reference has none (our choices), as in gaussian_ppo.py: PPO minibatch over env-steps =
-DPPO's minibatch / K' (gym 5000, lift/can 750, square/transport 1000, furniture 880, Avoid
-n_steps·n_envs/2 = 625); Transformer 128-d, 4 heads, 2 layers, mixture logits read from the last
-observation token. `--bc-coef` is off by default (the paper's α did not survive text extraction); its
-a_new picks the mode without gradient and reparameterises within the mode.
+Defaults: the reference's `ft_ppo_gmm_mlp.yaml` configs (robomimic: PPO minibatch of env-steps lift/can 7500,
+square/transport 10000, clip 0.01); furniture (no reference GMM config) as its Gaussian one (8800, clip 0.01); Avoid
+n_steps·n_envs/2 = 625. Our choices where the reference has none: gym minibatch 5000 (DPPO's 50000 pairs / K');
+Transformer 128-d, 4 heads, 2 layers, mixture logits read from the last observation token. `--bc-coef` is off by
+default (the paper's α did not survive text extraction); its a_new picks the mode without gradient and reparameterises
+within the mode.
 
 Deviations from the reference implementation:
 - Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
@@ -200,7 +201,8 @@ class Args:
     """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
     (None: n_train_itr; furniture 10000)"""
     batch_size: int | None = None
-    """PPO minibatch of env-steps"""
+    """PPO minibatch of env-steps (gym 5000, lift/can 7500, square/transport 10000, furniture 8800, Avoid
+    n_steps·num_envs/2)"""
     update_epochs: int | None = None
     """PPO epochs per iteration"""
     clip_coef: float | None = None
@@ -230,17 +232,17 @@ SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
                 batch_size=5000, update_epochs=5, clip_coef=0.01, n_critic_warmup_itr=0, final_action_clip=False),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-4,
-                      batch_size=750, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
+                      batch_size=7500, update_epochs=10, clip_coef=0.01, n_critic_warmup_itr=2, final_action_clip=False),
     "furniture": dict(bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125, gamma=0.999, actor_lr=1e-5,
-                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=880, update_epochs=5, clip_coef=0.001,
+                      actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800, update_epochs=5, clip_coef=0.01,
                       n_critic_warmup_itr=1, final_action_clip=False),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-5,
                   batch_size=None, update_epochs=10, clip_coef=0.1, n_critic_warmup_itr=1, final_action_clip=False),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
-    "square": dict(n_steps=400, batch_size=1000, n_train_itr=201),
-    "transport": dict(n_steps=400, batch_size=1000, n_train_itr=201, update_epochs=5),
+    "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
+    "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
     "one-leg-low": dict(n_steps=88), "one-leg-med": dict(n_steps=88),
 }
 # Pre-training, as dppo_pretrain.py (paper App. D.1).
