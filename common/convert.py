@@ -178,6 +178,10 @@ TASK_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {  # per-task exceptions t
 }
 
 
+# the reference's class of each kind of network (in messages)
+REFERENCE_NETWORKS = {"diffusion_mlp": "DiffusionMLP", "diffusion_unet": "Unet1D", "gaussian_mlp": "Gaussian_MLP"}
+
+
 class ConversionError(DatasetError):
     """A reference checkpoint that cannot become a checkpoint of this project (one line naming why)."""
 
@@ -359,7 +363,7 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
         arch = gaussian_mlp_arch(net_sd, task, cfg)
         net = ChunkMLP(**arch)
         mean_sd = {k: v for k, v in net_sd.items() if k.startswith("mlp_mean.")}
-        weights = {f"network.{k}": v for k, v in copy_by_order(net.state_dict(), mean_sd, "Gaussian_MLP").items()}
+        weights = {f"network.{k}": v for k, v in copy_by_order(net.state_dict(), mean_sd, REFERENCE_NETWORKS[kind]).items()}
         logvar = net_sd.get("logvar")
         log_std = 0.5 * logvar.float() if logvar is not None else torch.full((task.action_dim,),
                                                                               float(torch.tensor(cfg["fixed_std"]).log()))
@@ -370,7 +374,6 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
         std_limits = [round(float((0.5 * net_sd[k].float()).exp()), 6) for k in ("logvar_min", "logvar_max")]
         header.update(policy="gaussian", backbone="mlp", arch=arch, horizon_steps=arch["horizon_steps"],
                       cond_steps=arch["cond_steps"], std_limits=std_limits)
-        cfg = {**cfg, "std_limits": std_limits}
     else:
         if kind == "diffusion_mlp":
             arch = diffusion_mlp_arch(net_sd, task, cfg)
@@ -384,14 +387,13 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
                                       f"{task.action_dim}: is it a checkpoint of another task?")
             net = UNet1D(**arch)
             horizon, cond_steps = cfg["horizon_steps"], _split_cond(task, arch["cond_dim"], "cond_encoder")
-        weights = copy_by_order(net.state_dict(), net_sd, kind.replace("diffusion_", "Diffusion").replace("mlp", "MLP")
-                                .replace("unet", "Unet1D"))
+        weights = copy_by_order(net.state_dict(), net_sd, REFERENCE_NETWORKS[kind])
         header.update(policy="diffusion", backbone="mlp" if kind == "diffusion_mlp" else "unet", arch=arch,
                       horizon_steps=horizon, cond_steps=cond_steps, denoising_steps=int(cfg["denoising_steps"]))
     from_weights = {k: v for k, v in arch.items() if k not in cfg}
+    if "std_limits" in header:  # the Gaussian's std range: its logvar_min/max tensors
+        from_weights["std_limits"] = header["std_limits"]
     from_config = {k: v for k, v in cfg.items() if k in arch or k in ("denoising_steps", "horizon_steps", "fixed_std")}
-    if "std_limits" in cfg:
-        from_weights["std_limits"] = cfg["std_limits"]
     log(f"imported {REFERENCE} {kind.replace('_', ' ')} policy from {path} ({weights_key} weights, epoch "
         f"{ref.get('epoch', '?')}): read from the weights {_fmt(from_weights)}; from the reference config "
         f"{config_path(task, kind)} {_fmt(from_config)}")
