@@ -62,11 +62,11 @@ from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
 from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, enable_onednn_fp32_matmul,
+                         apply_matmul_flags, check_range, cli, diffusion_checkpoint_path,
                          eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
-                         set_float32_matmul_precision, start_finetuning,
+                         start_finetuning,
                          step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
@@ -505,12 +505,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
                          f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        if args.float32_matmul_precision != "highest":
-            raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                             f"--float32-matmul-precision {args.float32_matmul_precision}")
-        print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
+    apply_matmul_flags(args, device)
     # pieces of the old log-probs' pass and of each minibatch's backward (docs/results.md "Speed")
     chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)
     lp_chunk = args.update_chunk or (4096 if device.type == "cpu" else 50_000)

@@ -175,6 +175,17 @@ def enable_onednn_fp32_matmul(device: torch.device, tol: float = 1e-5) -> str:
     return f"on (float32 kept: relative difference {err:.1e} from the default kernels)"
 
 
+def apply_matmul_flags(args: Any, device: torch.device) -> None:
+    """A script's `--float32-matmul-precision` and `--onednn-matmul` (docs/results.md "Speed"): the precision is set
+    on every run (it is process-wide), oneDNN is tried only in float32 and its outcome printed."""
+    set_float32_matmul_precision(args.float32_matmul_precision)
+    if args.onednn_matmul:
+        if args.float32_matmul_precision != "highest":
+            raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                             f"--float32-matmul-precision {args.float32_matmul_precision}")
+        print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
+
+
 def args_dict(args: Any) -> dict[str, Any]:
     """The dataclass as plain data (tuples as lists) for checkpoints and `args.json`."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
