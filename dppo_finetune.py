@@ -29,8 +29,9 @@ Deviations from the reference implementation (docs/deviations.md):
   bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
 - One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
   on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
-- The frozen network runs only on the steps it owns, and the old log-probs of all K' steps are
-  computed in one batched pass (same numbers, less compute; benchmarks/finetune_iteration.py).
+- The frozen network runs only on the steps it owns, and the old log-probs are taken while sampling,
+  from the means the chain was drawn with, instead of a second pass of actor_ft over all pairs (the
+  same formula and weights; float rounding aside; benchmarks/reference_compare.py).
 - The critic runs once per env-step of a minibatch, not once per pair, and each minibatch is
   back-propagated in pieces of `--update-chunk` pairs with the gradients accumulated (the same loss
   and gradient up to float rounding; benchmarks/reference_compare.py).
@@ -406,10 +407,11 @@ class DiffusionPPO(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.first_ft = len(ts) - ft_denoising_steps  # index j of the first fine-tuned step
 
-    def p_mean_std(self, net: nn.Module, x: torch.Tensor, j: torch.Tensor, cond: torch.Tensor, deterministic: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and (un-floored) std of p(x_{t-1} | x_t) at visited index j (a (B,) tensor)."""
-        eps = net(x, self.ts[j], cond)
+    def p_mean_std(self, net: nn.Module, x: torch.Tensor, j: torch.Tensor | int, cond: torch.Tensor,
+                   deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (un-floored) std of p(x_{t-1} | x_t) at visited index j: a (B,) tensor, or one int for all rows
+        (sampling: the coefficients broadcast instead of being gathered per row; the same numbers)."""
+        eps = net(x, self.ts[j].expand(x.shape[0]), cond)
         v = lambda buf: buf[j].view(-1, 1, 1)  # noqa: E731
         if self.use_ddim:  # same float32 operations as the reference's VPGDiffusion.p_mean_var
             sqrt_a, sqrt_1ma = v(self.ddim_sqrt_a), v(self.ddim_sqrt_1ma)
@@ -427,26 +429,46 @@ class DiffusionPPO(nn.Module):
     def get_action(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a chunk (reference `DiffusionModel.forward`). Returns x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
+        x, chain, _ = self.sample(cond, deterministic, base_only)
+        return x, chain
+
+    @torch.no_grad()
+    def rollout_action(self, cond: torch.Tensor, act_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`get_action` for the rollout, plus each fine-tuned step's `pair_logprobs` (B, K'): PPO's old log-probs, read
+        off the means the chain was sampled from instead of a second pass of actor_ft over all pairs after the rollout
+        (the reference's; same weights, same formula, float rounding aside)."""
+        x, chain, (means, stds) = self.sample(cond, keep_means=True)
+        return x, chain, chunk_logprob(self.logprob(chain[:, 1:], torch.stack(means, 1), torch.stack(stds, 1)), act_steps)
+
+    def sample(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False, keep_means: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The chain, and with `keep_means` the mean and std of each fine-tuned step."""
         B = cond.shape[0]
         x = torch.randn(B, self.horizon_steps, self.action_dim, device=cond.device)
-        chain = [x] if self.first_ft == 0 else []
+        chain, means, stds = [x] if self.first_ft == 0 else [], [], []
         for j in range(len(self.ts)):
             net = self.actor if (j < self.first_ft or base_only) else self.actor_ft
-            mean, std = self.p_mean_std(net, x, torch.full((B,), j, device=cond.device), cond, deterministic)
+            mean, std = self.p_mean_std(net, x, j, cond, deterministic)
             if deterministic:  # DDPM: max(σ_t, 1e-3), none at t = 0; DDIM: η = 0 (reference `DiffusionModel.forward`)
-                std = torch.zeros_like(std) if (self.use_ddim or j == len(self.ts) - 1) else std.clamp(min=1e-3)
+                sampling_std = torch.zeros_like(std) if (self.use_ddim or j == len(self.ts) - 1) else std.clamp(min=1e-3)
             else:
-                std = std.clamp(min=self.min_sampling_std)
-            x = mean + std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
+                sampling_std = std.clamp(min=self.min_sampling_std)
+            x = mean + sampling_std * torch.randn_like(x).clamp(-self.randn_clip, self.randn_clip)
             if j + 1 == self.first_ft or j >= self.first_ft:
                 chain.append(x)
-        return x, torch.stack(chain, dim=1)
+            if keep_means and j >= self.first_ft:
+                means.append(mean)
+                stds.append(std)
+        return x, torch.stack(chain, dim=1), (means, stds)
+
+    def logprob(self, x_prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Element-wise log N(x_prev; mean, max(std, σ^prob_min)²) (eq. 4.4)."""
+        std = std.clamp(min=self.min_logprob_std)
+        return -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
 
     def get_logprobs(self, cond: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """Element-wise log N(x_prev; μ_ft(x_t), max(σ_t, σ^prob_min)²) at fine-tuned position i (eq. 4.4)."""
-        mean, std = self.p_mean_std(self.actor_ft, x_t, self.first_ft + i, cond)
-        std = std.clamp(min=self.min_logprob_std)
-        return -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+        return self.logprob(x_prev, *self.p_mean_std(self.actor_ft, x_t, self.first_ft + i, cond))
 
     def get_value(self, cond: torch.Tensor) -> torch.Tensor:
         return self.critic(cond)
@@ -465,9 +487,14 @@ class DiffusionPPO(nn.Module):
 
 def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor, i: torch.Tensor,
                   act_steps: int) -> torch.Tensor:
-    """One scalar per (env-step, denoising-step) pair: element-wise log-probs clamped to [-5, 2],
-    restricted to the executed T_e actions and averaged (`PPODiffusion.loss`, reference)."""
-    return agent.get_logprobs(obs, x_t, x_prev, i).clamp(-5, 2)[:, :act_steps].mean(dim=(1, 2))
+    """One scalar per (env-step, denoising-step) pair (`chunk_logprob` of `get_logprobs`)."""
+    return chunk_logprob(agent.get_logprobs(obs, x_t, x_prev, i), act_steps)
+
+
+def chunk_logprob(logprob: torch.Tensor, act_steps: int) -> torch.Tensor:
+    """A pair's scalar: element-wise log-probs (..., T_a, D_a) clamped to [-5, 2], restricted to the executed T_e
+    actions and averaged (`PPODiffusion.loss`, reference)."""
+    return logprob.clamp(-5, 2)[..., :act_steps, :].mean(dim=(-2, -1))
 
 
 def compile_sampling(get_action, device: torch.device):
@@ -506,9 +533,8 @@ def main(args: Args) -> dict:
                          f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     apply_matmul_flags(args, device)
-    # pieces of the old log-probs' pass and of each minibatch's backward (docs/results.md "Speed")
+    # pieces of each minibatch's backward (docs/results.md "Speed")
     chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)
-    lp_chunk = args.update_chunk or (4096 if device.type == "cpu" else 50_000)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = build_diffusion_network(ckpt, args.horizon_steps)
@@ -525,6 +551,7 @@ def main(args: Args) -> dict:
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     if args.compile:  # an opt-in speed-up; the eager path is the default
         agent.get_action = compile_sampling(agent.get_action, device)
+        agent.rollout_action = compile_sampling(agent.rollout_action, device)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
                         obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std,
@@ -562,6 +589,7 @@ def main(args: Args) -> dict:
     obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
     next_obs_buf = torch.zeros_like(obs_buf)
     chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
+    old_lp_buf = torch.zeros(args.n_steps, N, K_ft, device=device)
     tracker = EpisodeTracker(N, T_e, task.success_chunk_reward, task.success_return)
     history, last_train = [], {}
     obs, need_reset = None, True
@@ -590,7 +618,7 @@ def main(args: Args) -> dict:
         for step in range(args.n_steps):
             firsts[step] = first
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x, chain = agent.get_action(cond)
+            x, chain, old_lp_buf[step] = agent.rollout_action(cond, T_e)
             obs_buf[step], chain_buf[step] = cond, chain
             timer.lap("sampling")
             x = x.clamp(-1, 1) if args.final_action_clip else x
@@ -620,7 +648,7 @@ def main(args: Args) -> dict:
                                               args.gamma, args.gae_lambda)
         timer.lap("advantages")
 
-        # ---- old log-probs: all K' steps in one batched pass ----
+        # ---- the pairs; their old log-probs were taken while sampling (`DiffusionPPO.rollout_action`) ----
         b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
         b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
         b_adv, b_ret = advantages.flatten(), returns.flatten()
@@ -632,9 +660,7 @@ def main(args: Args) -> dict:
             s, i = sample[idx], pos[idx]
             return pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, T_e)
 
-        with torch.no_grad():
-            old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_ft, device=device).split(lp_chunk)])
-        timer.lap("old_logprobs")
+        old_lp = old_lp_buf.flatten()                                    # (S·K',) in the order of (sample, pos)
 
         # ---- PPO update over (env-step, denoising-step) pairs (paper eqs. 4.5-4.7) ----
         agent.train()

@@ -1,4 +1,4 @@
-"""Time one DPPO fine-tuning iteration, split into env stepping, sampling, old log-probs and the update.
+"""Time one DPPO fine-tuning iteration, split into env stepping, sampling (with the old log-probs) and the update.
 
 Runs `dppo_finetune.main` itself (no copy of its loop) for 2 iterations with evaluation off and
 reports the second one (the first warms up). The policy has the paper's architecture with random

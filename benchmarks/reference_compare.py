@@ -10,9 +10,10 @@ minibatch from 50 000 to 10 000 so that an epoch has the paper's 4 minibatches.
 Variants, timed in turns (`--repeats` rounds, medians reported):
 - `reference`: irom-princeton/dppo's `PPODiffusion` driven as `TrainPPODiffusionAgent.run` drives it (only with
   `--reference /path/to/dppo`, a checkout of that repository; its `einops` must be importable);
-- `before`: our update as it was before the fast paths (critic once per pair, whole-minibatch backward);
-- `ours`: `dppo_finetune.py` as it runs now (`ours:N` sets `--update-chunk N`; `ours@medium` sets
-  `--float32-matmul-precision medium`, bf16 products on AMX CPUs).
+- `before`: our update as it was before the fast paths (critic once per pair, whole-minibatch backward, old
+  log-probs in a second pass after the rollout);
+- `ours`: `dppo_finetune.py` as it runs now, old log-probs taken while sampling (`ours:N` sets `--update-chunk N`;
+  `ours@medium` sets `--float32-matmul-precision medium`, bf16 products on AMX CPUs).
 
 CPU time: with 1 thread the process CPU time (`time.process_time`), which other processes on a shared machine
 barely disturb; with more threads the wall time (CPU time adds up the threads).
@@ -35,7 +36,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune as ft  # noqa: E402
 from common.networks import DiffusionMLP, ObsCritic  # noqa: E402
-from common.runs import enable_onednn_fp32_matmul, set_float32_matmul_precision  # noqa: E402
+from common.runs import enable_onednn_fp32_matmul, keep_freed_memory, set_float32_matmul_precision  # noqa: E402
 
 OBS, ACT, T_A, K, K_FT = 11, 3, 4, 20, 10  # Hopper
 
@@ -61,6 +62,9 @@ class Bench:
     """PPO epochs"""
     onednn_matmul: bool = False
     """dppo_finetune --onednn-matmul (applies to every variant)"""
+    keep_freed_memory: bool = True
+    """glibc keeps freed memory as every script of ours sets it (`common.runs.keep_freed_memory`); process-wide, so it
+    applies to every variant, the reference included"""
 
 
 class Clock:
@@ -82,8 +86,12 @@ def ours_iteration(b: Bench, agent: ft.DiffusionPPO, opts: list, data: dict, chu
     clock = Clock()
     with torch.no_grad():
         chain_buf = torch.zeros(b.n_steps, N, K_FT + 1, T_A, ACT)
+        lp_buf = torch.zeros(b.n_steps, N, K_FT)
         for step in range(b.n_steps):
-            _, chain_buf[step] = agent.get_action(data["obs"][step])
+            if chunk is None:
+                _, chain_buf[step] = agent.get_action(data["obs"][step])
+            else:  # the old log-probs come with the samples
+                _, chain_buf[step], lp_buf[step] = agent.rollout_action(data["obs"][step], T_A)
         clock.lap("sampling")
         agent.get_value(data["obs"].flatten(0, 1))
         agent.get_value(data["obs"].flatten(0, 1))  # V(s) and V(s')
@@ -95,7 +103,10 @@ def ours_iteration(b: Bench, agent: ft.DiffusionPPO, opts: list, data: dict, chu
             s, i = sample[idx], pos[idx]
             return ft.pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, T_A)
 
-        old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_FT).split(chunk or 50_000)])
+        if chunk is None:
+            old_lp = torch.cat([logprob(idx) for idx in torch.arange(S * K_FT).split(50_000)])
+        else:
+            old_lp = lp_buf.flatten()
         clock.lap("old_logprobs")
     disc, eps = ft.denoising_discount(K_FT, 0.99), ft.clip_schedule(K_FT, 0.01, 0.01, 3.0)
     b_adv, b_ret = data["adv"], data["ret"]
@@ -211,6 +222,8 @@ def build_ours():
 def main(b: Bench) -> dict:
     torch.set_num_threads(b.threads)
     torch.manual_seed(0)
+    if b.keep_freed_memory:
+        keep_freed_memory()
     variants = [v for v in b.variants if v != "reference" or b.reference]
     if "reference" in b.variants and not b.reference:
         print("reference not timed: give --reference /path/to/a/checkout/of/irom-princeton/dppo")

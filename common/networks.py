@@ -46,8 +46,10 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, dim: int, activation: str, use_layernorm: bool = False) -> None:
         super().__init__()
+        # the second ReLU may overwrite its input, a fresh tensor no backward needs (one buffer less)
         self.net = nn.Sequential(ACTIVATIONS[activation](), nn.Linear(dim, dim),
-                                 ACTIVATIONS[activation](), nn.Linear(dim, dim))
+                                 nn.ReLU(inplace=True) if activation == "relu" else ACTIVATIONS[activation](),
+                                 nn.Linear(dim, dim))
         if use_layernorm:
             self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         else:

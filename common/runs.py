@@ -9,6 +9,7 @@ advantages or targets, the update.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import math
@@ -138,7 +139,21 @@ def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | N
     torch.use_deterministic_algorithms(torch_deterministic)
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    keep_freed_memory()
     return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve tensors of up to 32 MB from the heap and keep freed memory in the process instead of mapping fresh
+    pages from the kernel for each (an update allocates and frees MBs of activations per layer; every fresh page is a
+    page fault). The CPU update runs ~7 % faster (docs/results.md "Speed"); the numbers are unchanged, the process keeps
+    its peak memory. Returns whether it was applied (False off glibc: nothing to do there)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>; 32 MB is the largest mmap threshold it takes
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def set_float32_matmul_precision(precision: str) -> None:

@@ -105,6 +105,29 @@ def test_sampling_chain_and_frozen_split():
     torch.testing.assert_close(x_det, mean)
 
 
+@pytest.mark.parametrize("use_ddim,K,K_ft", [(False, 20, 10), (False, 10, 10), (True, 20, 5)])
+def test_old_logprobs_taken_while_sampling_equal_the_second_pass(use_ddim, K, K_ft):
+    """`rollout_action` draws the chain `get_action` draws (same noise) and its log-probs are `pair_logprobs` of the
+    chain's pairs recomputed afterwards by actor_ft (what the reference does after the rollout): float rounding apart.
+    actor_ft is moved off the base network so that a log-prob taken with the wrong network would show."""
+    agent = _agent(use_ddim, K, K_ft)
+    with torch.no_grad():
+        for p in agent.actor_ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = torch.randn(9, 1, 3)
+    torch.manual_seed(5)
+    x, chain = agent.get_action(cond)
+    torch.manual_seed(5)
+    x2, chain2, lp = agent.rollout_action(cond, 3)
+    assert torch.equal(x, x2) and torch.equal(chain, chain2) and lp.shape == (9, K_ft)
+    i = torch.arange(K_ft).repeat(9)
+    s = torch.arange(9).repeat_interleave(K_ft)
+    with torch.no_grad():
+        again = ft.pair_logprobs(agent, cond[s], chain[s, i], chain[s, i + 1], i, 3).view(9, K_ft)
+    torch.testing.assert_close(lp, again, rtol=0, atol=1e-5)
+    assert lp.std() > 0.1  # not a constant (e.g. everything clamped)
+
+
 def test_clip_schedule_and_denoising_discount():
     eps = ft.clip_schedule(10, 0.001, 0.01, 3.0)
     u = np.arange(10) / 9
