@@ -4,7 +4,7 @@ Runs each script's own `main` (no copy of its loop) for 2 iterations with evalua
 (the first warms up): per phase the wall time (the scripts' `PhaseTimer`) and the process CPU time (robust to other
 jobs on a shared machine). Policies have the paper's architecture with random weights (the time of an iteration does
 not depend on the weights); each script runs at its own defaults for the task except the chunk-steps per env,
-`--n-steps`, which is cut on the CPU (printed, with the factor to the paper's size).
+`--n-steps`, which is cut on the CPU (printed with the script's default).
 
     python benchmarks/baselines_iteration.py                                  # every script, Hopper, n_steps 125 (paper 500)
     python benchmarks/baselines_iteration.py --scripts gaussian_ppo drwr --n-steps 50
@@ -16,6 +16,7 @@ settings (its checkpoint, if it needs one, written to a temporary folder first).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -97,8 +98,10 @@ def gaussian_checkpoint(module: Any, task_id: str, path: str) -> None:
                 "model": policy.state_dict()}, path)
 
 
-def onpolicy_args(checkpoint: Callable[[Any, str, str], None]) -> Callable[[Any, Bench, str], Any]:
-    """Args builder for the fine-tuning scripts with a checkpoint and `val_freq` evaluations."""
+def finetune_args(checkpoint: Callable[[Any, str, str], None]) -> Callable[[Any, Bench, str], Any]:
+    """An `Args` builder for a fine-tuning script that starts from `checkpoint(module, task_id, path)`: 2 iterations,
+    evaluation off (a 1-chunk-step final one), no checkpoint writes between iterations, the script's defaults for the
+    task except `--n-steps` / `--num-envs`; a minibatch larger than the cut iteration becomes the whole iteration."""
     def build(module: Any, bench: Bench, tmp: str) -> Any:
         ckpt = os.path.join(tmp, f"{module.__name__}.pt")
         checkpoint(module, bench.env_id, ckpt)
@@ -106,11 +109,16 @@ def onpolicy_args(checkpoint: Callable[[Any, str, str], None]) -> Callable[[Any,
                            n_steps=bench.n_steps, num_envs=bench.num_envs, exp_name="bench", save_every=10**9,
                            torch_deterministic=False, torch_threads=bench.threads, eval_n_steps=1)
         filled = copy.deepcopy(args)
-        filled.n_steps = filled.num_envs = None
-        module.fill_defaults(filled)  # the script's own defaults for the task
-        S = (bench.n_steps or filled.n_steps) * (bench.num_envs or filled.num_envs)
-        if filled.batch_size > S:  # n_steps cut below one minibatch: one minibatch of the whole iteration
-            args.batch_size = S
+        try:
+            module.fill_defaults(filled)  # the script's own defaults at these sizes
+            too_small = filled.batch_size > filled.n_steps * filled.num_envs
+        except runs.UsageError:  # e.g. dawr: no actor step at a tiny size
+            too_small = True
+        if too_small:  # n_steps cut below one minibatch: one minibatch of the whole iteration
+            default = copy.deepcopy(args)
+            default.n_steps = default.num_envs = None
+            module.fill_defaults(default)
+            args.batch_size = (bench.n_steps or default.n_steps) * (bench.num_envs or default.num_envs)
         return args
     return build
 
@@ -121,24 +129,28 @@ def diffusion_checkpoint(module: Any, task_id: str, path: str) -> None:
 
 @dataclass
 class Script:
-    """How to time one script: its module and a builder of its `Args` (module, bench, temporary folder) -> Args."""
+    """How to time one script."""
     module: str
+    """the script's module name (its `main(args)` is run)"""
     build_args: Callable[[Any, Bench, str], Any]
+    """(module, bench, temporary folder) -> the script's `Args` for 2 iterations at the bench's settings"""
     note: str = ""
+    """printed with the script's line of the table"""
     fixed: dict[str, Any] = field(default_factory=dict)
+    """`Args` fields set for every run of this script (after `build_args`; `--extra` wins)"""
 
 
 SCRIPTS: dict[str, Script] = {
-    "gaussian_ppo": Script("gaussian_ppo", onpolicy_args(gaussian_checkpoint)),
-    "gmm_ppo": Script("gmm_ppo", onpolicy_args(gaussian_checkpoint)),
-    "drwr": Script("drwr", onpolicy_args(diffusion_checkpoint)),
-    "dawr": Script("dawr", onpolicy_args(diffusion_checkpoint), "actor/critic steps scale with n_steps; buffer fill too"),
-    "exact_likelihood_pg": Script("exact_likelihood_pg", onpolicy_args(diffusion_checkpoint)),
+    "gaussian_ppo": Script("gaussian_ppo", finetune_args(gaussian_checkpoint)),
+    "gmm_ppo": Script("gmm_ppo", finetune_args(gaussian_checkpoint)),
+    "drwr": Script("drwr", finetune_args(diffusion_checkpoint)),
+    "dawr": Script("dawr", finetune_args(diffusion_checkpoint), "actor/critic steps scale with n_steps; buffer fill too"),
+    "exact_likelihood_pg": Script("exact_likelihood_pg", finetune_args(diffusion_checkpoint)),
 }
 
 
 def parse_extra(extra: tuple[str, ...]) -> dict[str, Any]:
-    import ast
+    """`NAME=VALUE` strings -> {NAME: value}, values read as Python literals where they are (else kept as text)."""
     out = {}
     for item in extra:
         name, _, value = item.partition("=")
@@ -159,6 +171,8 @@ def time_script(name: str, bench: Bench) -> dict[str, Any]:
         for k, v in {**entry.fixed, **parse_extra(bench.extra)}.items():
             if k in fields:
                 setattr(args, k, v)
+            else:
+                print(f"{name} has no field {k}: left out for it")
         CpuPhaseTimer.log = []
         saved, module.PhaseTimer = module.PhaseTimer, CpuPhaseTimer
         try:
@@ -168,7 +182,10 @@ def time_script(name: str, bench: Bench) -> dict[str, Any]:
     row = out["history"][-1]
     wall = {k[5:]: v for k, v in row.items() if k.startswith("time_")}
     cpu = CpuPhaseTimer.log[-1]
-    return {"wall": wall, "cpu": cpu, "args": args, "env_steps": args.n_steps * args.num_envs * args.act_steps}
+    default = module.Args(env_id=bench.env_id)
+    module.fill_defaults(default)
+    return {"wall": wall, "cpu": cpu, "args": args, "env_steps": args.n_steps * args.num_envs * args.act_steps,
+            "default_n_steps": default.n_steps}
 
 
 def main(bench: Bench) -> dict[str, list[dict[str, Any]]]:
@@ -184,7 +201,8 @@ def main(bench: Bench) -> dict[str, list[dict[str, Any]]]:
     for name, rs in results.items():
         a = rs[0]["args"]
         batch = getattr(a, "batch_size", None)
-        print(f"{name}: {a.num_envs} envs x {a.n_steps} chunk-steps ({rs[0]['env_steps']} env steps), batch {batch}"
+        cut = "" if a.n_steps == rs[0]["default_n_steps"] else f" (its default {rs[0]['default_n_steps']})"
+        print(f"{name}: {a.num_envs} envs x {a.n_steps} chunk-steps{cut} ({rs[0]['env_steps']} env steps), batch {batch}"
               + (f"; {SCRIPTS[name].note}" if SCRIPTS[name].note else ""))
         for r in rs:
             phases = sorted(r["wall"], key=lambda k: -r["wall"][k])
