@@ -74,8 +74,8 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags, check_finite,
+                         check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
                          print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
                          step_schedulers, whole_network_weights)
@@ -121,6 +121,16 @@ class Args:
     """iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
+    update_chunk: int | None = None
+    """env-steps per forward/backward piece of a PPO minibatch, gradients accumulated over the pieces (the same gradient
+    up to float rounding, peak memory ~ piece size); None: 1000 on the CPU (docs/results.md "Speed"), the whole minibatch
+    on a GPU"""
     # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS below)
     n_train_itr: int | None = None
     """fine-tuning iterations (gym 1000, robomimic 300, Avoid 51)"""
@@ -225,7 +235,8 @@ def fill_defaults(args: Args) -> dict:
     check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
                    "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min",
                    "critic_lr", "lr_cycle_itr", "clip_coef", "min_sampling_denoising_std", "randn_clip_value",
-                   "target_kl", "max_grad_norm", "sde_step_size", "sde_min_beta", "sde_beta_scale", "sde_num_probes")
+                   "target_kl", "max_grad_norm", "sde_step_size", "sde_min_beta", "sde_beta_scale", "sde_num_probes",
+                   "update_chunk")
     for name in ("gamma", "gae_lambda"):
         check_range(args, name, 0.0, 1.0)
     check_range(args, "sde_eps", 1e-12, 0.5)
@@ -286,6 +297,26 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, clip
         approx_kl = ((ratio - 1) - log_ratio).mean()
         clipfrac = ((ratio - 1).abs() > clip).float().mean()
     return pg_loss, approx_kl, clipfrac
+
+
+def ppo_loss_backward(loglik, n: int, old_lp: torch.Tensor, adv: torch.Tensor, clip: float, chunk: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ppo_loss(loglik(0, n), old_lp, adv, clip)` and its backward pass, in pieces of `chunk` env-steps: advantages
+    normalised over the whole minibatch first, each piece back-propagates its sum / n, so the gradients accumulate to
+    the whole minibatch's (up to float rounding) while the graph of the ODE integration is held for one piece only.
+    `loglik(a, b)` is the log-likelihood of the minibatch's samples a..b-1. Returns the detached (pg_loss, approx_kl,
+    clipfrac)."""
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    total = torch.zeros(3, device=adv.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        log_ratio = loglik(a, b).clamp(-5, 2) - old_lp[a:b].clamp(-5, 2)
+        ratio = log_ratio.exp()
+        pg = torch.max(-adv[a:b] * ratio, -adv[a:b] * torch.clamp(ratio, 1 - clip, 1 + clip)).sum() / n
+        pg.backward()
+        with torch.no_grad():
+            total += torch.stack([pg, ((ratio - 1) - log_ratio).sum() / n, ((ratio - 1).abs() > clip).float().sum() / n])
+    return total[0], total[1], total[2]
 
 
 class ExactLikelihoodPG(nn.Module):
@@ -404,6 +435,8 @@ def main(args: Args) -> dict:
                          f"(n_steps {args.n_steps} x num_envs {N})")
     ode_grid(ckpt["denoising_steps"], args.sde_eps, args.sde_step_size)  # a grid past step K-1 is refused here
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
+    chunk = args.update_chunk or (1000 if device.type == "cpu" else args.batch_size)  # docs/results.md "Speed"
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     actor = build_diffusion_network(ckpt, args.horizon_steps)
@@ -512,12 +545,15 @@ def main(args: Args) -> dict:
 
         b_probes, weight = agent.probes(S, device) if args.fixed_probes else (None, 0.0)  # (S·P, T_a, D_a)
 
-        def loglik(idx: torch.Tensor) -> torch.Tensor:
+        def probes_of(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+            """The divergence probes of samples `idx` (P per sample, sample-major): fresh, or the iteration's."""
             if b_probes is None:
-                return agent.log_likelihood(b_obs[idx], b_act[idx], *agent.probes(len(idx), device))
+                return agent.probes(len(idx), device)
             P = b_probes.shape[0] // S
-            rows = (idx.unsqueeze(1) * P + torch.arange(P, device=device)).flatten()  # sample-major, as drawn
-            return agent.log_likelihood(b_obs[idx], b_act[idx], b_probes[rows], weight)
+            return b_probes[(idx.unsqueeze(1) * P + torch.arange(P, device=device)).flatten()], weight
+
+        def loglik(idx: torch.Tensor) -> torch.Tensor:
+            return agent.log_likelihood(b_obs[idx], b_act[idx], *probes_of(idx))
 
         with torch.no_grad():
             old_lp = torch.cat([loglik(idx) for idx in torch.arange(S, device=device).split(args.batch_size)])
@@ -531,12 +567,16 @@ def main(args: Args) -> dict:
             kls = []
             for start in range(0, S - args.batch_size + 1, args.batch_size):
                 idx = perm[start:start + args.batch_size]
-                pg_loss, kl, clipfrac = ppo_loss(loglik(idx), old_lp[idx], b_adv[idx], args.clip_coef)
-                v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
-                loss = pg_loss + args.vf_coef * v_loss
+                probes, w = probes_of(idx)  # drawn for the whole minibatch at once, then cut with it
+                P = probes.shape[0] // len(idx)
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # loss = pg_loss + vf_coef·v_loss, the policy part back-propagated in pieces (same gradient)
+                pg_loss, kl, clipfrac = ppo_loss_backward(
+                    lambda a, b: agent.log_likelihood(b_obs[idx[a:b]], b_act[idx[a:b]], probes[a * P:b * P], w),
+                    len(idx), old_lp[idx], b_adv[idx], args.clip_coef, chunk)
+                v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
+                (args.vf_coef * v_loss).backward()
                 if itr >= args.n_critic_warmup_itr:
                     if args.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)

@@ -70,11 +70,11 @@ from tqdm import tqdm
 from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
-                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
-                         seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
+                         explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header,
+                         ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
+                         script_name, seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
 from common.tasks import Task, TaskError, get_task, missing_packages, refuse_pixel_task
 
 POLICY = "gaussian"
@@ -118,6 +118,12 @@ class Args:
     """fine-tuning iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     # modes
     pretrain: bool = False
     """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
@@ -449,6 +455,13 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
     return pg_loss, approx_kl, clipfrac
 
 
+@torch.no_grad()
+def old_logprobs(agent: nn.Module, obs: torch.Tensor, act: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log π(a|s) of every env-step of the iteration before the update, batched in pieces of `chunk` rows (each row's
+    value does not depend on the pieces; cache-sized pieces are faster on the CPU, docs/results.md "Speed")."""
+    return torch.cat([agent.get_logprobs(o, a) for o, a in zip(obs.split(chunk), act.split(chunk))])
+
+
 def policy_from_checkpoint(ckpt: dict, args: Args, weights: str, path: str = "checkpoint") -> GaussianPolicy:
     std_min, std_max = args.std_min or ckpt["std_limits"][0], args.std_max or ckpt["std_limits"][1]
     policy = GaussianPolicy(build_network(ckpt["backbone"], ckpt["arch"]), ckpt["action_dim"], 0.1, std_min, std_max)
@@ -474,6 +487,7 @@ def pretrain(args: Args, task: Task) -> dict:
     """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
     trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     arch = network_arch(args, task)
     std_limits = [args.std_min or 0.01, args.std_max or 0.2]
@@ -561,6 +575,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
+    lp_chunk = 4096 if device.type == "cpu" else 50_000  # rows per piece of the old log-probs (docs/results.md "Speed")
     if args.from_scratch and resume is None:  # App. B.2: random init, identity normalisation, T_a = T_e = 1
         if args.checkpoint:
             raise UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
@@ -693,13 +709,11 @@ def main(args: Args) -> dict:
                                               args.gamma, args.gae_lambda)
         timer.lap("advantages")
 
-        # ---- old log-probs, one batched pass ----
+        # ---- old log-probs, batched in pieces ----
         b_obs, b_act = obs_buf.flatten(0, 1), act_buf.flatten(0, 1)    # (S, T_o, D_o), (S, T_a, D_a); S = n_steps·N
         b_adv, b_ret = advantages.flatten(), returns.flatten()
         S = b_obs.shape[0]
-        with torch.no_grad():
-            old_lp = torch.cat([agent.get_logprobs(b_obs[idx], b_act[idx])
-                                for idx in torch.arange(S, device=device).split(50_000)])
+        old_lp = old_logprobs(agent, b_obs, b_act, lp_chunk)
         timer.lap("old_logprobs")
 
         # ---- PPO update, minibatches over env-steps ----
