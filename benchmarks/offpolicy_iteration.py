@@ -22,6 +22,7 @@ import importlib
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +31,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.finetune_iteration import random_checkpoint  # noqa: E402
+from common.runs import PhaseTimer  # noqa: E402
 
 SCRIPTS = ("dql", "idql", "dipo", "qsm")
 
@@ -54,9 +56,33 @@ class Bench:
     """the scripts' --onednn-matmul (passed only when set)"""
 
 
+class CPUPhaseTimer(PhaseTimer):
+    """The scripts' PhaseTimer, also keeping the process CPU time of each phase (on a shared machine other jobs
+    stretch wall times; with one torch thread the CPU time is the one to compare)."""
+
+    last: CPUPhaseTimer | None = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu, self._cpu_last = {}, time.process_time()
+        super().__init__(device)
+        CPUPhaseTimer.last = self
+
+    def reset(self) -> None:
+        self.cpu.clear()
+        super().reset()
+
+    def lap(self, phase: str) -> None:
+        now = time.process_time()
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + now - self._cpu_last
+        self._cpu_last = now
+        super().lap(phase)
+
+
 def run_one(name: str, bench: Bench, ckpt: str) -> dict:
-    """`main` of one script for 2 iterations; returns the second iteration's phase times and its size."""
+    """`main` of one script for 2 iterations; returns the second iteration's phase times (wall and process CPU)
+    and its size."""
     mod = importlib.import_module(name)
+    mod.PhaseTimer = CPUPhaseTimer  # the timer the loop creates; its laps after the last reset are iteration 2's
     extra = {}
     if bench.float32_matmul_precision != "highest":
         extra["float32_matmul_precision"] = bench.float32_matmul_precision
@@ -69,12 +95,14 @@ def run_one(name: str, bench: Bench, ckpt: str) -> dict:
                     save_every=10**9, torch_deterministic=False, torch_threads=bench.threads, cuda=False, **extra)
     out = mod.main(args)
     times = {k[5:]: v for k, v in out["history"][-1].items() if k.startswith("time_")}
+    cpu = dict(CPUPhaseTimer.last.cpu)
     batch = args.batch_size
     updates = int(args.n_steps * args.num_envs / batch * args.replay_ratio)
     paper = mod.Args(env_id=bench.env_id)
     mod.fill_defaults(paper)
-    return {"times": times, "total": sum(times.values()), "n_steps": args.n_steps, "num_envs": args.num_envs,
-            "updates": updates, "batch": batch, "scale": paper.n_steps * paper.num_envs / (args.n_steps * args.num_envs)}
+    return {"times": times, "total": sum(times.values()), "cpu": cpu, "cpu_total": sum(cpu.values()),
+            "n_steps": args.n_steps, "num_envs": args.num_envs, "updates": updates, "batch": batch,
+            "scale": paper.n_steps * paper.num_envs / (args.n_steps * args.num_envs)}
 
 
 def main(bench: Bench) -> dict:
@@ -91,15 +119,15 @@ def main(bench: Bench) -> dict:
         finally:
             os.chdir(cwd)
     print(f"\n{bench.env_id}, torch threads {torch.get_num_threads()}, float32 matmul precision "
-          f"{bench.float32_matmul_precision}, load average {os.getloadavg()[0]:.1f} (wall s of the second iteration)")
+          f"{bench.float32_matmul_precision}, load average {os.getloadavg()[0]:.1f}; the second iteration, "
+          "process CPU s (wall s)")
     phases = ("env", "sampling", "update")
     print(f"| script | envs x chunk-steps | updates (batch) | {' | '.join(phases)} | total | x scale (scripts' size) |")
     print("|---|---|---|" + "---|" * len(phases) + "---|---|")
     for name, r in results.items():
-        t = r["times"]
-        cells = " | ".join(f"{t.get(p, 0.0):.2f}" for p in phases)
+        cells = " | ".join(f"{r['cpu'].get(p, 0.0):.2f} ({r['times'].get(p, 0.0):.2f})" for p in phases)
         print(f"| {name} | {r['num_envs']} x {r['n_steps']} | {r['updates']} ({r['batch']}) | {cells} | "
-              f"{r['total']:.2f} | x{r['scale']:g} = {r['total'] * r['scale']:.1f} |")
+              f"{r['cpu_total']:.2f} ({r['total']:.2f}) | x{r['scale']:g} = {r['cpu_total'] * r['scale']:.1f} |")
     return results
 
 

@@ -122,7 +122,7 @@ def test_offpolicy_iteration_benchmark_code_path(tmp_path, monkeypatch, capsys):
     assert list(out) == ["dql", "idql", "dipo", "qsm"]
     assert [r["updates"] for r in out.values()] == [16, 128, 64, 16]  # replay ratios 16 / 128 / 64 / 16
     for r in out.values():
-        assert {"env", "sampling", "update"} <= set(r["times"]) and r["total"] > 0
+        assert {"env", "sampling", "update"} <= set(r["times"]) == set(r["cpu"]) and r["total"] > 0 < r["cpu_total"]
         assert r["scale"] == 500 * 40 / (3 * 2)
     text = capsys.readouterr().out
     assert "| dipo | 2 x 3 | 64 (6) |" in text
