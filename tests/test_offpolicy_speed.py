@@ -80,6 +80,9 @@ def test_idql_candidates_use_v_once_per_state(B):
         for p in agent.target_q.parameters():  # Q - V of both signs, so both weights occur
             p.add_(0.3 * torch.randn_like(p))
     cond = torch.randn(B, 1, 11)
+    cond_rep = cond.repeat(20, 1, 1)
+    diff = agent.q_min(agent.target_q, cond_rep, agent.sample(cond_rep)).view(20, B) - v(cond)[None]
+    assert (diff > 0).any() and (diff < 0).any()
     torch.testing.assert_close(v(cond)[None].expand(20, B), v(cond.repeat(20, 1, 1)).view(20, B), rtol=1e-5, atol=1e-6)
     torch.manual_seed(5)
     new = agent.get_action(cond, False, 20, 0.7, True)
