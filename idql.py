@@ -48,6 +48,8 @@ Deviations from the reference implementation (docs/deviations.md, "idql.py"):
   computes its gradients and drops them); the actor's LR schedule is held during the warm-up (the
   reference steps it; the configs' schedules are constant, so the numbers are the same).
 - Evaluation: one function (`common.envs.evaluate`) on one horizon, as dppo_finetune.py.
+- The candidate choice evaluates V(s) once per state (the reference: on every candidate's copy of it); the same
+  values up to float rounding (docs/deviations.md, "Speed of the Q-learning baselines").
 """
 
 from __future__ import annotations
