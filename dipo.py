@@ -64,11 +64,11 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
 from common.networks import DoubleQCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
-                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
-                         step_schedulers, whole_network_weights)
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags,
+                         check_finite, check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, optimizer_with_schedule,
+                         policy_header, print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         start_finetuning, step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
 # the actor's scheduler steps from iteration 0 (as in the reference), before its optimiser has
@@ -108,6 +108,12 @@ class Args:
     """iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, losses off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
     n_train_itr: int | None = None
     """fine-tuning iterations (gym 1000, lift/can/square 300, transport 201, Avoid 51)"""
@@ -266,8 +272,9 @@ class Diffusion(nn.Module):
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target ← (1 - τ)·target + τ·source (reference `DIPODiffusion.update_target_critic` / `update_target_actor`)."""
-    for tp, sp in zip(target.parameters(), source.parameters()):
-        tp.copy_(tp * (1.0 - tau) + sp * tau)
+    tps = list(target.parameters())  # one foreach call per operation: the loop's float ops, bit-identical, in place
+    torch._foreach_mul_(tps, 1.0 - tau)
+    torch._foreach_add_(tps, torch._foreach_mul(list(source.parameters()), tau))
 
 
 def critic_loss(critic: nn.Module, critic_target: nn.Module, obs: torch.Tensor, action: torch.Tensor,
@@ -347,6 +354,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x {N} / "
                          f"{B} x {args.replay_ratio} < 1 (lower --batch-size or raise --replay-ratio)")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     actor = build_diffusion_network(ckpt, args.horizon_steps)

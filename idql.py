@@ -48,6 +48,8 @@ Deviations from the reference implementation (docs/deviations.md, "idql.py"):
   computes its gradients and drops them); the actor's LR schedule is held during the warm-up (the
   reference steps it; the configs' schedules are constant, so the numbers are the same).
 - Evaluation: one function (`common.envs.evaluate`) on one horizon, as dppo_finetune.py.
+- The candidate choice evaluates V(s) once per state (the reference: on every candidate's copy of it); the same
+  values up to float rounding (docs/deviations.md, "Speed of the Q-learning baselines").
 """
 
 from __future__ import annotations
@@ -69,11 +71,11 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
 from common.networks import DoubleQCritic, ObsCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
-                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
-                         step_schedulers, whole_network_weights)
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags,
+                         check_finite, check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, optimizer_with_schedule,
+                         policy_header, print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         start_finetuning, step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
 # the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
@@ -116,6 +118,12 @@ class Args:
     """iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, losses off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
     n_train_itr: int | None = None
     """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
@@ -230,8 +238,8 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
 
 
 def candidate_weights(q: torch.Tensor, v: torch.Tensor, weight: float) -> torch.Tensor:
-    """(S, B) selection probabilities of S candidates: `weight` where Q - V > 0, 1 - `weight` elsewhere, normalised
-    over the candidates (reference `IDQLDiffusion.forward`)."""
+    """(S, B) selection probabilities of S candidates (q: (S, B), v: (S, B) or (1, B)): `weight` where Q - V > 0,
+    1 - `weight` elsewhere, normalised over the candidates (reference `IDQLDiffusion.forward`)."""
     w = torch.where(q - v > 0, weight, 1 - weight)
     return w / w.sum(0)
 
@@ -239,8 +247,9 @@ def candidate_weights(q: torch.Tensor, v: torch.Tensor, weight: float) -> torch.
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - τ)·target + τ·source (reference `update_target_critic`)."""
-    for pt, ps in zip(target.parameters(), source.parameters()):
-        pt.copy_(pt * (1.0 - tau) + ps * tau)
+    tps = list(target.parameters())  # one foreach call per operation: the loop's float ops, bit-identical, in place
+    torch._foreach_mul_(tps, 1.0 - tau)
+    torch._foreach_add_(tps, torch._foreach_mul(list(source.parameters()), tau))
 
 
 class ReplayBuffer:
@@ -337,7 +346,8 @@ class IDQLDiffusion(nn.Module):
         if deterministic or not expectile_exploration:
             pick = q.argmax(0)
         else:
-            pick = torch.multinomial(candidate_weights(q, self.critic_v(cond_rep).view(S, B), weight).T, 1).squeeze(1)
+            v = self.critic_v(cond)[None]  # V(s) once per state, not per candidate (the same values)
+            pick = torch.multinomial(candidate_weights(q, v, weight).T, 1).squeeze(1)
         return x.view(S, B, *x.shape[1:])[pick, torch.arange(B, device=cond.device)]
 
     def loss_critic_v(self, obs: torch.Tensor, actions: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -382,6 +392,7 @@ def main(args: Args) -> dict:
     if not args.eval_only and args.batch_size > args.buffer_size * N:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * N} transitions")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     actor = build_diffusion_network(ckpt, args.horizon_steps)

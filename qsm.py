@@ -69,11 +69,11 @@ from tqdm import tqdm
 from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
 from common.networks import DoubleQCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
-                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
-                         step_schedulers, whole_network_weights)
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags,
+                         check_finite, check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, optimizer_with_schedule,
+                         policy_header, print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         start_finetuning, step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
 # the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
@@ -116,6 +116,12 @@ class Args:
     """iterations between checkpoints"""
     env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
     """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, losses off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
     n_train_itr: int | None = None
     """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
@@ -221,8 +227,9 @@ def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - τ)·target + τ·source (reference `update_target_critic`)."""
-    for pt, ps in zip(target.parameters(), source.parameters()):
-        pt.copy_(pt * (1.0 - tau) + ps * tau)
+    tps = list(target.parameters())  # one foreach call per operation: the loop's float ops, bit-identical, in place
+    torch._foreach_mul_(tps, 1.0 - tau)
+    torch._foreach_add_(tps, torch._foreach_mul(list(source.parameters()), tau))
 
 
 class ReplayBuffer:
@@ -361,6 +368,7 @@ def main(args: Args) -> dict:
     if not args.eval_only and args.batch_size > args.buffer_size * N:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * N} transitions")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     actor = build_diffusion_network(ckpt, args.horizon_steps)
