@@ -3,7 +3,7 @@
     python benchmarks/env_throughput.py                                # lift can square transport, 1 and 2 workers
     python benchmarks/env_throughput.py can hopper --workers 1 2 3 4   # robomimic and gym locomotion
     python benchmarks/env_throughput.py --ipc --workers 1 2 4 8        # the pool's own cost: no-op envs
-    python benchmarks/env_throughput.py can --project 50 --ipc         # + a projection to bigger machines
+    python benchmarks/env_throughput.py hopper can --workers 1 2 3 4 --project   # + a projection to more cores
 
 Each task: `num_envs` envs made by `common.envs.make_vec_env` (robomimic: 10 envs, gym: 40, on gymnasium) with
 each number of workers (1: in-process), random chunks; env steps per wall-clock second and per CPU-second of all
@@ -13,10 +13,12 @@ processes involved (which other jobs on a shared machine distort less).
 action sizes, one env per worker, so the workers do next to nothing): wall time and the parent's CPU time per
 round trip, against the number of workers.
 
-`--project N`: combines the two (a model, not a measurement): a chunk-step of N envs over W workers takes
+`--project [W ...]`: combines the two (a model, not a measurement): a chunk-step of the paper's N envs over W
+workers takes
 ceil(N / W) x (one env's chunk-step, from the task's CPU-s rate at 1 worker) + the no-op round trip's latency at
 1 worker + the parent's CPU (a line in W fitted to the --ipc figures of every measured W >= 1),
-assuming W free cores. Printed per W: projected env steps/s, speed-up over in-process and the parent's share.
+assuming W free cores. Printed per W: projected env steps/s, speed-up over in-process and the parent's share;
+once with the pool's measured costs and once with the bare-pipe floor (what shared memory could buy at best).
 Measured figures and the projection: docs/results.md, "Env stepping vs worker count".
 """
 
@@ -161,10 +163,34 @@ def project(env_chunk_s: float, num_envs: int, latency_s: float, parent_fixed_s:
     and the parent's share of the chunk-step."""
     out = {}
     for w in workers:
-        parent = parent_fixed_s + parent_per_worker_s * w
+        parent = parent_fixed_s + parent_per_worker_s * min(w, num_envs)  # start_workers starts at most num_envs
         t = math.ceil(num_envs / w) * env_chunk_s + latency_s + parent
         out[w] = {"chunk_step_s": t, "speedup": num_envs * env_chunk_s / t, "parent_share": parent / t}
     return out
+
+
+def _median(runs: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    return {w: {k: float(np.median([run[w][k] for run in runs])) for k in runs[0][w]} for w in runs[0]}
+
+
+def _print_projection(label: str, costs: dict[int, dict[str, float]], rates: dict[str, dict[int, dict[str, float]]],
+                      workers: list[int]) -> None:
+    """Fit parent CPU = fixed + per_worker * W (least squares over the measured W >= 1), latency = wall - parent
+    CPU at 1 worker, and print `project` for each measured task at its paper number of envs."""
+    ws = [w for w in costs if w]
+    per_worker, fixed = np.polyfit(ws, [costs[w]["parent_cpu_us"] * 1e-6 for w in ws], 1)
+    per_worker, fixed = max(0.0, per_worker), max(0.0, fixed)
+    latency = max(0.0, costs[1]["wall_us"] - costs[1]["parent_cpu_us"]) * 1e-6
+    print(f"PROJECTION ({label}): parent {fixed * 1e6:.0f} µs + {per_worker * 1e6:.0f} µs per worker, "
+          f"latency {latency * 1e6:.0f} µs per round trip")
+    for name, by_workers in rates.items():
+        task = get_task(name)
+        chunk_s = task.act_steps / by_workers[min(by_workers)]["steps_per_cpu_s"]
+        n_envs = PAPER_NUM_ENVS[task.id]
+        for w, r in project(chunk_s, n_envs, latency, fixed, per_worker, tuple(workers)).items():
+            print(f"PROJECTION ({label}) {name}, {n_envs} envs, {w} workers: "
+                  f"{n_envs * task.act_steps / r['chunk_step_s']:.0f} env steps/s, {r['speedup']:.1f}x "
+                  f"in-process, parent {100 * r['parent_share']:.0f} % of a chunk-step", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,14 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure (1: in-process)")
     p.add_argument("--num-envs", type=int, default=None, help="envs per measurement (default: robomimic 10, gym 40)")
     p.add_argument("--chunk-steps", type=int, default=10, help="timed chunk-steps per measurement")
+    p.add_argument("--repeats", type=int, default=1, help="measurements per task (medians and the best printed)")
     p.add_argument("--ipc", action="store_true", help="measure the pool's round trip with no-op envs")
     p.add_argument("--round-trips", type=int, default=2000, help="timed round trips per --ipc measurement")
     p.add_argument("--project", type=int, nargs="*", default=None, metavar="W",
                    help="project each task to these worker counts (default 1 2 4 8 16 32 64); implies --ipc")
     args = p.parse_args(argv)
     if min(args.workers) < 1 or (args.num_envs is not None and args.num_envs < 1) or args.chunk_steps < 1 \
-            or args.round_trips < 1 or (args.project and min(args.project) < 1):
-        print("error: --workers, --num-envs, --chunk-steps, --round-trips and --project take positive numbers",
+            or args.round_trips < 1 or args.repeats < 1 or (args.project and min(args.project) < 1):
+        print("error: --workers, --num-envs, --chunk-steps, --repeats, --round-trips and --project take positive numbers",
               file=sys.stderr)
         return 2
     ipc_only = (args.ipc or args.project is not None) and not args.tasks
@@ -189,36 +216,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rates = {}
         for name in tasks:
-            rates[name] = measure_throughput(name, args.num_envs, args.chunk_steps, tuple(args.workers))
-            for n, r in rates[name].items():
-                print(f"{name}: {n} worker{'s' if n > 1 else ''} {r['steps_per_s']:.0f} env steps/s "
-                      f"({r['steps_per_cpu_s']:.0f} per CPU-s), one paper iteration of env stepping "
-                      f"{r['paper_iteration_s']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+            runs = []
+            for k in range(args.repeats):  # the worker counts interleaved, so that load changes hit them alike
+                runs.append(measure_throughput(name, args.num_envs, args.chunk_steps, tuple(args.workers)))
+                for n, r in runs[-1].items():
+                    print(f"{name}: {n} worker{'s' if n > 1 else ''} {r['steps_per_s']:.0f} env steps/s "
+                          f"({r['steps_per_cpu_s']:.0f} per CPU-s), one paper iteration of env stepping "
+                          f"{r['paper_iteration_s']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+            rates[name] = {n: {key: float(np.median([run[n][key] for run in runs])) for key in runs[0][n]}
+                           for n in runs[0]}
+            if args.repeats > 1:
+                for n in runs[0]:
+                    wall = sorted(run[n]["steps_per_s"] for run in runs)
+                    print(f"{name}: {n} worker{'s' if n > 1 else ''}, {args.repeats} runs: median "
+                          f"{rates[name][n]['steps_per_s']:.0f} env steps/s (best {wall[-1]:.0f}), median "
+                          f"{rates[name][n]['steps_per_cpu_s']:.0f} per CPU-s", flush=True)
         if args.ipc or args.project is not None:
-            ipc = measure_ipc(tuple(sorted({0, 1, 2, *args.workers})), args.round_trips)
-            for w, r in ipc.items():
+            counts = tuple(sorted({0, 1, 2, *args.workers}))
+            ipc_runs, floor_runs = [], []
+            for _ in range(args.repeats):
+                ipc_runs.append(measure_ipc(counts, args.round_trips))
+                floor_runs.append(measure_pipe_floor(counts[1:], args.round_trips))
+            ipc, floor = (_median(runs) for runs in (ipc_runs, floor_runs))
+            for w in counts:
                 print(f"no-op round trip, {w or 'in-process'}{' workers' if w > 1 else ' worker' if w else ''}: "
-                      f"{r['wall_us']:.0f} µs wall, {r['parent_cpu_us']:.0f} µs parent CPU; "
-                      f"load {os.getloadavg()[0]:.1f}", flush=True)
-            for w, r in measure_pipe_floor(tuple(w for w in ipc if w), args.round_trips).items():
-                print(f"bare pipe round trip (nothing pickled), {w} worker{'s' if w > 1 else ''}: {r['wall_us']:.0f} µs "
-                      f"wall, {r['parent_cpu_us']:.0f} µs parent CPU; load {os.getloadavg()[0]:.1f}", flush=True)
-        if args.project is not None:  # parent CPU = fixed + per_worker * W, least squares over the measured W >= 1
-            ws = [w for w in ipc if w]
-            per_worker, fixed = np.polyfit(ws, [ipc[w]["parent_cpu_us"] * 1e-6 for w in ws], 1)
-            per_worker, fixed = max(0.0, per_worker), max(0.0, fixed)
-            latency = max(0.0, ipc[1]["wall_us"] - ipc[1]["parent_cpu_us"]) * 1e-6
-            print(f"projection model: parent {fixed * 1e6:.0f} µs + {per_worker * 1e6:.0f} µs per worker, "
-                  f"latency {latency * 1e6:.0f} µs per round trip")
-            for name in tasks:
-                task = get_task(name)
-                chunk_s = task.act_steps / rates[name][min(rates[name])]["steps_per_cpu_s"]
-                n_envs = PAPER_NUM_ENVS[task.id]
-                for w, r in project(chunk_s, n_envs, latency, fixed, per_worker,
-                                    tuple(args.project or (1, 2, 4, 8, 16, 32, 64))).items():
-                    print(f"PROJECTION {name}, {n_envs} envs, {w} workers: "
-                          f"{n_envs * task.act_steps / r['chunk_step_s']:.0f} env steps/s, {r['speedup']:.1f}x "
-                          f"in-process, parent {100 * r['parent_share']:.0f} % of a chunk-step")
+                      f"{ipc[w]['wall_us']:.0f} µs wall, {ipc[w]['parent_cpu_us']:.0f} µs parent CPU"
+                      + (f"; bare pipe (nothing pickled) {floor[w]['wall_us']:.0f} µs wall, "
+                         f"{floor[w]['parent_cpu_us']:.0f} µs parent CPU" if w else "")
+                      + f" (median of {args.repeats}); load {os.getloadavg()[0]:.1f}", flush=True)
+        if args.project is not None:
+            for label, costs in (("pool as it is", ipc), ("bare-pipe floor", floor)):
+                _print_projection(label, costs, rates, args.project or [1, 2, 4, 8, 16, 32, 64])
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

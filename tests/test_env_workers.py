@@ -76,7 +76,7 @@ def test_ipc_measurement_and_projection():
     assert p[16]["chunk_step_s"] == pytest.approx(t16)
     assert p[16]["speedup"] == pytest.approx(50 * 0.02 / t16)
     assert p[16]["parent_share"] == pytest.approx((2e-5 + 16 * 3e-5) / t16)
-    assert p[64]["chunk_step_s"] == pytest.approx(0.02 + 1e-4 + 2e-5 + 64 * 3e-5)  # more workers than envs
+    assert p[64]["chunk_step_s"] == pytest.approx(0.02 + 1e-4 + 2e-5 + 50 * 3e-5)  # no more workers start than envs
     assert p[1]["speedup"] < 1 and math.isclose(p[1]["chunk_step_s"], 50 * 0.02 + 1e-4 + 5e-5)
 
 
@@ -89,3 +89,9 @@ def test_throughput_benchmark_takes_gym_tasks_and_worker_lists(capsys):
         assert rates["paper_iteration_s"] == pytest.approx(80_000 / rates["steps_per_s"])  # 40 envs x 500 x T_e 4
     assert main(["--workers", "0"]) == 2
     assert "positive" in capsys.readouterr().err
+    assert main(["hopper", "--num-envs", "2", "--chunk-steps", "1", "--workers", "1", "--round-trips", "5",
+                 "--project", "1", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "no-op round trip, 2 workers" in out and "bare pipe (nothing pickled)" in out
+    for label in ("pool as it is", "bare-pipe floor"):
+        assert f"PROJECTION ({label}) hopper, 40 envs, 4 workers" in out
