@@ -128,8 +128,17 @@ class SyncChunkVecEnv:
             env.close()
 
 
+def default_n_workers() -> int:
+    """The worker processes a vector env gets when none is asked for: one per core this process may run on
+    (its CPU affinity, which a container or `taskset` narrows; `os.cpu_count()` counts the whole host)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one core per worker: a worker's torch must not spread over the others'
     serve_envs(remote, SyncChunkVecEnv(env_fns))
 
 
@@ -152,14 +161,16 @@ def serve_envs(remote: Any, envs: Any) -> None:
 
 
 class ProcessChunkVecEnv:
-    """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv."""
+    """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv. One chunk-step is one
+    round trip per worker: the parent sends every worker its actions, then collects the replies (the workers
+    step in parallel meanwhile); docs/results.md "Env stepping vs worker count" measures what it costs."""
 
-    backend = "gymnasium (worker processes)"
     video_fps: float | None = None
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
         self.num_envs = len(env_fns)
         self._splits, self._remotes, self._procs = start_workers(_worker, env_fns, n_workers, context)
+        self.backend = f"gymnasium ({len(self._procs)} worker processes)"
 
     @property
     def worker_pids(self) -> list[int]:
@@ -310,9 +321,11 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     """`num_envs` chunked envs of `task` following the protocol in this module's docstring; the
     returned env's `backend` attribute names what runs it.
 
-    n_workers: processes for simulators that are slow in Python (robomimic); default: the number
-    of cores. Gym locomotion stays in-process (on 2 cores the inter-process traffic costs more than
-    it saves). backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
+    n_workers: worker processes stepping the envs (`ProcessChunkVecEnv`, 1: in-process). Robomimic (slow in
+    Python) defaults to one per core of this process (`default_n_workers`). Gym locomotion on gymnasium defaults
+    to in-process and uses workers only when asked (n_workers > 1; ~1.8x with 2 workers on 2 idle cores,
+    docs/results.md "Env stepping vs worker count"), except with capture_video (rendered in-process).
+    backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
     installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
     Furniture only: the dataset `normalizer` and the sim-to-real noise (common/furniture.py).
     capture_video: envs 0..VIDEO_EPISODES-1 can render and `evaluate` records their episodes
@@ -367,7 +380,10 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     if task.suite == "gym" and has_envpool and backend != "gymnasium":
         return EnvpoolChunkVecEnv(task, num_envs, seed, act_steps, cond_steps, max_episode_steps or task.max_episode_steps)
     fns = [env_fn(i) for i in range(num_envs)]
-    workers = (n_workers or os.cpu_count() or 1) if task.suite == "robomimic" else 1
+    if task.suite == "robomimic":
+        workers = n_workers or default_n_workers()
+    else:  # gym locomotion: its steps are cheap, so in-process unless asked
+        workers = 1 if capture_video else (n_workers or 1)
     vec = ProcessChunkVecEnv(fns, workers, context="fork") if workers > 1 and num_envs > 1 else SyncChunkVecEnv(fns)
     vec.video_fps = video_fps
     return vec

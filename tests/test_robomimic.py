@@ -119,8 +119,8 @@ def test_throughput_benchmark_uses_the_fine_tuning_vec_env():
         assert 0 < rates["steps_per_s"] < np.inf and 0 < rates["steps_per_cpu_s"] < np.inf
         assert rates["paper_iteration_s"] == pytest.approx(60_000 / rates["steps_per_s"])
     # the paper's fine-tuning: 50 envs x 300 chunk-steps x T_e 4 (Lift, Can), 400 x 4 (Square), 400 x 8 (Transport)
-    assert PAPER_ITERATION_ENV_STEPS == {"lift": 60_000, "can": 60_000, "square": 80_000,
-                                         "transport": 160_000}
+    robomimic = {k: PAPER_ITERATION_ENV_STEPS[k] for k in ("lift", "can", "square", "transport")}
+    assert robomimic == {"lift": 60_000, "can": 60_000, "square": 80_000, "transport": 160_000}
 
 
 def test_scripted_lift_reward_success_and_truncation(lift_env):
@@ -214,7 +214,7 @@ def test_rollout_scripted_rejects_other_tasks():
         generate_demos("transport", 1, 0, "unused.hdf5", log=None)
     assert main(["--task", "hopper", "--n-demos", "1"]) == 1
     with pytest.raises(TaskError):
-        measure_throughput("hopper")
+        measure_throughput("avoid-m2")  # no worker pool: its own numpy simulator
 
 
 def test_lift_pretrain_and_finetune_smoke(tmp_path, monkeypatch):
