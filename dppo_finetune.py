@@ -133,7 +133,8 @@ class Args:
     """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25, furniture 88 One-leg,
     125 Lamp/Round-table)"""
     n_workers: int | None = None
-    """worker processes for slow simulators (robomimic); None: number of cores"""
+    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
+    workers when given 2 or more) and Avoid"""
     ft_denoising_steps: int | None = None
     """K': the last K' denoising steps are fine-tuned (None: 10; under DDIM all ddim_steps)"""
     use_ddim: bool | None = None

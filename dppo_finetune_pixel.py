@@ -45,7 +45,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common.datasets import DatasetError, Normalizer
-from common.envs import EpisodeTracker, RunningRewardScaler, evaluate
+from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, evaluate
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
 from common.robomimic import PixelChunkVecEnv
 from common.runs import (PhaseTimer, UsageError, apply_defaults, check_finite, check_positive, check_range, cli,
@@ -96,7 +96,7 @@ class Args:
     n_steps: int | None = None
     """chunk-steps per env per iteration (lift/can 300, square/transport 400)"""
     n_workers: int | None = None
-    """worker processes rendering the envs (None: number of cores)"""
+    """worker processes rendering the envs (None: one per core this process may use)"""
     ddim_steps: int = 5
     """DDIM steps, all fine-tuned (K')"""
     act_steps: int | None = None
@@ -364,7 +364,7 @@ def main(args: Args) -> dict:
         load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
     image_hw = (arch["encoder_arch"]["img_h"], arch["encoder_arch"]["img_w"])
     envs = PixelChunkVecEnv(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, image_size=image_hw,
-                            n_workers=args.n_workers or os.cpu_count() or 1, terminate_on_success=args.terminate_on_success,
+                            n_workers=args.n_workers or default_n_workers(), terminate_on_success=args.terminate_on_success,
                             max_episode_steps=args.max_episode_steps, capture_video=args.capture_video)
     eval_n_steps = args.eval_n_steps or -(-(args.max_episode_steps or task.max_episode_steps) // T_e)  # one episode
     print(f"envs: {N} x {task.id} at {image_hw[0]}x{image_hw[1]} on {envs.backend}")

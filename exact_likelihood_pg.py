@@ -139,7 +139,8 @@ class Args:
     n_steps: int | None = None
     """chunk-steps per env per iteration (gym 500, robomimic 300, Avoid 25)"""
     n_workers: int | None = None
-    """worker processes for slow simulators (robomimic); None: number of cores"""
+    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
+    workers when given 2 or more) and Avoid"""
     horizon_steps: int | None = None
     """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
     act_steps: int | None = None

@@ -183,7 +183,8 @@ class Args:
     n_steps: int | None = None
     """chunk-steps per env per iteration"""
     n_workers: int | None = None
-    """worker processes for slow simulators (robomimic); None: number of cores"""
+    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
+    workers when given 2 or more) and Avoid"""
     act_steps: int | None = None
     """T_e (None: the task's)"""
     gamma: float | None = None
