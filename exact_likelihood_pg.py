@@ -392,24 +392,25 @@ class ExactLikelihoodPG(nn.Module):
     def log_likelihood(self, cond: torch.Tensor, x0: torch.Tensor, probes: torch.Tensor, weight: float) -> torch.Tensor:
         """log p(x0 | cond) in bits per dimension, (B,), from the probability-flow ODE integrated with Euler from
         t = ε to 1 (reference `exact_likelihood.get_likelihood_fn`): (log N(x(1); 0, I) + ∫ ∇·f dt) / (ln 2·T_a·D_a).
-        All B samples and their P probes run as one batch of B·P; the loop is over the Euler steps only. Under
-        grad mode the result is differentiable through the whole integration, divergence included."""
+        `probes` (B·P, T_a, D_a), sample-major. The drift is one forward on the B samples per Euler step; only its
+        vector-Jacobian products differ per probe: P backward passes through that one graph (the reference repeats
+        each sample P times through the network instead). Under grad mode the result is differentiable through the
+        whole integration, divergence included."""
         B, P = x0.shape[0], probes.shape[0] // x0.shape[0]
         build_graph = torch.is_grad_enabled()
-        rep = lambda z: z.unsqueeze(1).expand(B, P, *z.shape[1:]).reshape(B * P, *z.shape[1:])  # noqa: E731
-        cond_p, x, delta = rep(cond), x0, x0.new_zeros(B)
+        v = probes.view(B, P, *probes.shape[1:])
+        x, delta = x0, x0.new_zeros(B)
         for i, dt in zip(self.ode_idx, self.ode_dt):
             with torch.enable_grad():
-                x_p = rep(x) if build_graph else rep(x).detach()
-                if not x_p.requires_grad:
-                    x_p.requires_grad_(True)
-                f = self.drift(x_p, i, cond_p)
-                (vjp,) = torch.autograd.grad((f * probes).sum(), x_p, create_graph=build_graph)
-            div = (vjp * probes).sum(dim=(1, 2)).view(B, P).sum(1) * weight  # vᵀ(∂f/∂x)v, averaged (or summed)
-            drift = f.view(B, P, *f.shape[1:])[:, 0]  # every probe copy holds the same drift
+                x_in = x if build_graph and x.requires_grad else x.detach().requires_grad_(True)
+                f = self.drift(x_in, i, cond)
+                vjps = [torch.autograd.grad(f, x_in, grad_outputs=v[:, p], retain_graph=build_graph or p < P - 1,
+                                            create_graph=build_graph)[0] for p in range(P)]
+            # vᵀ(∂f/∂x)v per probe, averaged (Hutchinson) or summed (basis)
+            div = torch.stack([(vjp * v[:, p]).sum(dim=(1, 2)) for p, vjp in enumerate(vjps)], 1).sum(1) * weight
             if not build_graph:
-                drift, div = drift.detach(), div.detach()
-            x, delta = x + dt * drift, delta + dt * div
+                f, div = f.detach(), div.detach()
+            x, delta = x + dt * f, delta + dt * div
         prior = -self.dim / 2.0 * math.log(2 * math.pi) - (x**2).sum(dim=(1, 2)) / 2.0
         return (prior + delta) / (math.log(2) * self.dim)
 

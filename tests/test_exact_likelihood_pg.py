@@ -119,6 +119,58 @@ def test_exact_divergence_and_hutchinson_mean_match_the_jacobian_trace():
     assert ((single - exact).abs() > 0).any()
 
 
+def log_likelihood_repeated(agent: el.ExactLikelihoodPG, cond: torch.Tensor, x0: torch.Tensor, probes: torch.Tensor,
+                            weight: float) -> torch.Tensor:
+    """The earlier formulation, kept as the reference: every sample repeated P times (one row per probe) through the
+    network, one vjp of the (B·P)-row drift with all probes at once."""
+    B, P = x0.shape[0], probes.shape[0] // x0.shape[0]
+    build_graph = torch.is_grad_enabled()
+    rep = lambda z: z.unsqueeze(1).expand(B, P, *z.shape[1:]).reshape(B * P, *z.shape[1:])  # noqa: E731
+    cond_p, x, delta = rep(cond), x0, x0.new_zeros(B)
+    for i, dt in zip(agent.ode_idx, agent.ode_dt):
+        with torch.enable_grad():
+            x_p = rep(x) if build_graph else rep(x).detach()
+            if not x_p.requires_grad:
+                x_p.requires_grad_(True)
+            f = agent.drift(x_p, i, cond_p)
+            (vjp,) = torch.autograd.grad((f * probes).sum(), x_p, create_graph=build_graph)
+        div = (vjp * probes).sum(dim=(1, 2)).view(B, P).sum(1) * weight
+        drift = f.view(B, P, *f.shape[1:])[:, 0]
+        if not build_graph:
+            drift, div = drift.detach(), div.detach()
+        x, delta = x + dt * drift, delta + dt * div
+    prior = -agent.dim / 2.0 * math.log(2 * math.pi) - (x**2).sum(dim=(1, 2)) / 2.0
+    return (prior + delta) / (math.log(2) * agent.dim)
+
+
+@pytest.mark.parametrize("exact_max, n_probes", [(0, 3), (8, 2)])  # Hutchinson, 3 probes; exact, 4 basis probes
+def test_one_forward_per_step_matches_the_repeated_rows(exact_max, n_probes):
+    """log_likelihood (one forward on B rows, P vjps) equals the B·P-row formulation: values without and with grad
+    mode, and the network gradients of a loss on them (the PPO update's double backward)."""
+    T_a, D_a, B = 2, 2, 5
+    agent = make_agent(tiny_net(3, T_a, D_a), 20, T_a, D_a, exact_max=exact_max, probes=n_probes)
+    assert agent.exact_divergence == (exact_max == 8) and len(agent.ode_idx) == 20
+    torch.manual_seed(4)
+    x0, cond, coef = torch.rand(B, T_a, D_a) * 2 - 1, torch.rand(B, 1, 3), torch.randn(B)
+    probes, w = agent.probes(B, x0.device)
+    assert probes.shape[0] == B * (T_a * D_a if agent.exact_divergence else n_probes)
+    if not agent.exact_divergence:
+        assert (probes.abs() == 1).all() and w == 1 / n_probes
+    with torch.no_grad():
+        new, ref = agent.log_likelihood(cond, x0, probes, w), log_likelihood_repeated(agent, cond, x0, probes, w)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-6)
+    assert not new.requires_grad
+    params = list(agent.actor.parameters())
+    grads = []
+    for fn in (agent.log_likelihood, lambda *a: log_likelihood_repeated(agent, *a)):
+        lp = fn(cond, x0, probes, w)
+        torch.testing.assert_close(lp.detach(), ref, rtol=1e-5, atol=1e-6)
+        grads.append(torch.autograd.grad((coef * lp).sum(), params))
+    for g_new, g_ref in zip(*grads):
+        torch.testing.assert_close(g_new, g_ref, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in grads[0]) > 0
+
+
 def test_ppo_loss_by_hand():
     new = torch.tensor([-1.0, -0.9, -6.0, 2.5])
     old = torch.tensor([-1.05, -1.0, -5.5, 2.0])
