@@ -96,6 +96,10 @@ class Args:
     fused_adam: bool = False
     """AdamW as one fused kernel per step (torch's `fused=True`): ~3x faster optimizer steps on a CPU, the same update up
     to float rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
+    flush_denormal: bool = False
+    """CPU: flush float32 denormals to zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
+    gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
+    long run goes on (docs/results.md "Pre-training"); the flushed values are below 1e-38"""
     resume: str | None = None
     """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     # algorithm
@@ -353,6 +357,8 @@ def main(args: Args) -> dict:
     # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     apply_matmul_flags(args, device)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
     rank, world, device = distributed_setup(args.batch_size, device)
     is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs
     if resume_ckpt is None and is_main:

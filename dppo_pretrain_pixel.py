@@ -84,6 +84,10 @@ class Args:
     fused_adam: bool = False
     """AdamW as one fused kernel per step (torch's `fused=True`): faster optimizer steps, the same update up to float
     rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
+    flush_denormal: bool = False
+    """CPU: flush float32 denormals to zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
+    gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
+    long run goes on (docs/results.md "Pre-training"); the flushed values are below 1e-38"""
     # algorithm
     backbone: Literal["mlp", "unet"] = "mlp"
     """head of the ViT encoder: `mlp` (residual MLP, reference VisionDiffusionMLP) or `unet` (VisionUnet1D)"""
@@ -326,6 +330,8 @@ def main(args: Args) -> dict:
     check_output_path(args.output)
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     apply_matmul_flags(args, device)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])

@@ -16,8 +16,10 @@ Hopper: the reference's `cfg/gym/pretrain/hopper-medium-v2/pre_diffusion_mlp.yam
 ReLU residual, K 20, T_a 4) on generated trajectories of random numbers with the shapes of D4RL hopper-medium-v2
 (obs 11, action 3; the dataset has 1 000 000 transitions in 2186 episodes, 993 442 windows of T_a 4, i.e. 7761 steps
 per epoch). An epoch of that size costs ~1 CPU minute, so by default the benchmark trains on `--n-windows` 64 000 (500
-steps) and scales the per-step phases to the full epoch; `--n-windows 993442` runs it whole. The step's time does not
-depend on the numbers in the data or the weights.
+steps) and scales the per-step phases to the full epoch; `--n-windows 993442` runs it whole. The step's time depends on
+how far training has gone: Adam's moments of weights whose gradients vanish decay into denormal floats, which the CPU
+computes many times slower, so the optimizer step of the full epoch 2 (steps 7761-15522) is 2-3x that of the small
+epoch 2 (steps 500-1000); `--flush-denormal` removes that.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Bench:
     """dppo_pretrain --float32-matmul-precision"""
     fused_adam: bool = False
     """dppo_pretrain --fused-adam"""
+    flush_denormal: bool = False
+    """dppo_pretrain --flush-denormal"""
 
 
 def hopper_like_dataset(path: str, n_windows: int, horizon_steps: int = 4) -> int:
@@ -152,6 +156,8 @@ def run_once(bench: Bench, dataset: str | None, eval_every: int, tmp: str, extra
         flags["float32_matmul_precision"] = bench.float32_matmul_precision
     if bench.fused_adam:
         flags["fused_adam"] = True
+    if bench.flush_denormal:
+        flags["flush_denormal"] = True
     clock = PhaseClock()
     cwd = os.getcwd()
     os.chdir(tmp)
@@ -161,6 +167,7 @@ def run_once(bench: Bench, dataset: str | None, eval_every: int, tmp: str, extra
             clock.marks.append(time.process_time())
     finally:
         os.chdir(cwd)
+        torch.set_flush_denormal(False)  # process-wide: the next run starts as the script does
     epoch = dict(clock.epochs[1])
     epoch["total"] = clock.marks[2] - clock.marks[1]
     epoch["other"] = epoch["total"] - sum(v for k, v in epoch.items() if k != "total")
@@ -194,7 +201,8 @@ def main(bench: Bench, extra: dict | None = None) -> dict:
     train = sum(v for k, v in med.items() if k not in per_epoch)
     print(f"\n{task.id}: batch {defaults.batch_size}, network {list(defaults.mlp_dims)} {defaults.activation}, "
           f"K {defaults.denoising_steps}, T_a {defaults.horizon_steps}, {steps} steps per measured epoch; "
-          f"float32 matmul precision {bench.float32_matmul_precision}, fused AdamW {bench.fused_adam}; torch threads "
+          f"float32 matmul precision {bench.float32_matmul_precision}, fused AdamW {bench.fused_adam}, flush denormals "
+          f"{bench.flush_denormal}; torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; process CPU time, median of {len(runs)}")
     per_step = {k: v / steps for k, v in med.items() if k not in per_epoch}
     for k, v in per_step.items():
