@@ -38,6 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,10 +49,10 @@ from common.datasets import DatasetError, Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, evaluate
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
 from common.robomimic import PixelChunkVecEnv
-from common.runs import (PhaseTimer, UsageError, apply_defaults, check_finite, check_positive, check_range, cli,
-                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume,
-                         load_weights, policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint,
-                         script_name, seed_everything, start_finetuning, step_schedulers)
+from common.runs import (PhaseTimer, UsageError, apply_defaults, apply_matmul_flags, check_finite, check_positive,
+                         check_range, cli, eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint,
+                         load_resume, load_weights, policy_header, ppo_optimizers, print_defaults, resume_args,
+                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers)
 from common.tasks import Task, get_task
 
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
@@ -79,6 +80,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project_name: str = "dppo"
     """the wandb project"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
     resume: str | None = None
     """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
     eval_only: bool = False
@@ -346,6 +353,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {n_pairs} (env-step, denoising-step) pairs of one "
                          f"iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     arch = ckpt["arch"]

@@ -45,9 +45,9 @@ from common.datasets import DatasetError, Normalizer, load_task_dataset
 from common.envs import evaluate
 from common.networks import VisionDiffusionNet
 from common.robomimic import PixelChunkVecEnv, camera_names
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, args_dict, check_finite, check_output_path,
-                         check_positive, check_range, cli, print_defaults, release_checkpoint, save_checkpoint,
-                         script_name, seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict, check_finite,
+                         check_output_path, check_positive, check_range, cli, print_defaults, release_checkpoint,
+                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import TaskError, get_task
 
 
@@ -75,6 +75,19 @@ class Args:
     """the wandb project"""
     output: str | None = None
     """also write the release checkpoint (header, normalisation, EMA weights: what fine-tuning reads) here"""
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
+    (faster matmuls on an AMX CPU, the loss off by ~1e-3 relative; docs/results.md "Pre-training")"""
+    onednn_matmul: bool = False
+    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
+    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
+    fused_adam: bool = False
+    """AdamW as one fused kernel per step (torch's `fused=True`): faster optimizer steps, the same update up to float
+    rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
+    flush_denormal: bool = False
+    """CPU: flush float32 denormals to zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
+    gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
+    long run goes on (docs/results.md "Pre-training"); the flushed values are below 1e-38"""
     # algorithm
     backbone: Literal["mlp", "unet"] = "mlp"
     """head of the ViT encoder: `mlp` (residual MLP, reference VisionDiffusionMLP) or `unet` (VisionUnet1D)"""
@@ -235,9 +248,16 @@ class DiffusionPolicy(nn.Module):
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
-    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.copy_(p) if reset else p_ema.lerp_(p, 1 - decay)
+    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs); one multi-tensor
+    op over all the weights (the same per-tensor kernels, bit for bit)."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_copy_(ema_params, params) if reset else torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def adam_kernel(fused: bool) -> dict:
+    """AdamW's implementation: the multi-tensor one (default; the per-tensor loop's update bit for bit) or the fused
+    kernel."""
+    return dict(foreach=None, fused=True) if fused else dict(foreach=True, fused=None)
 
 
 class PixelWindows:
@@ -309,6 +329,9 @@ def main(args: Args) -> dict:
     print_defaults(task.id, filled)
     check_output_path(args.output)
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    apply_matmul_flags(args, device)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])
@@ -318,7 +341,8 @@ def main(args: Args) -> dict:
     ema = DiffusionPolicy(VisionDiffusionNet(**arch), args.denoising_steps, args.horizon_steps, task.action_dim).to(device)
     ema.load_state_dict(policy.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  **adam_kernel(args.fused_adam))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
                                                                                 args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
