@@ -46,8 +46,8 @@ from common.envs import evaluate
 from common.networks import VisionDiffusionNet
 from common.robomimic import PixelChunkVecEnv, camera_names
 from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, print_defaults, release_checkpoint,
-                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
+                         check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
+                         release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import TaskError, get_task
 
 
@@ -84,10 +84,11 @@ class Args:
     fused_adam: bool = False
     """AdamW as one fused kernel per step (torch's `fused=True`): faster optimizer steps, the same update up to float
     rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
-    flush_denormal: bool = False
-    """CPU: flush float32 denormals to zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
+    flush_denormal: bool = True
+    """CPU: float denormals computed as zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
     gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
-    long run goes on (docs/results.md "Pre-training"); the flushed values are below 1e-38"""
+    long run goes on (a full Hopper epoch 93.6 -> 51.2 s here, docs/results.md "Pre-training"); only values below
+    1e-38 change. --no-flush-denormal keeps IEEE denormals (docs/deviations.md)"""
     # algorithm
     backbone: Literal["mlp", "unet"] = "mlp"
     """head of the ViT encoder: `mlp` (residual MLP, reference VisionDiffusionMLP) or `unet` (VisionUnet1D)"""
@@ -330,8 +331,7 @@ def main(args: Args) -> dict:
     check_output_path(args.output)
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     apply_matmul_flags(args, device)
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
+    flush_denormals(args.flush_denormal)
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])

@@ -61,8 +61,8 @@ class Bench:
     """dppo_pretrain --float32-matmul-precision"""
     fused_adam: bool = False
     """dppo_pretrain --fused-adam"""
-    flush_denormal: bool = False
-    """dppo_pretrain --flush-denormal"""
+    flush_denormal: bool = True
+    """dppo_pretrain --flush-denormal (its default; --no-flush-denormal keeps IEEE denormals)"""
 
 
 def hopper_like_dataset(path: str, n_windows: int, horizon_steps: int = 4) -> int:

@@ -201,6 +201,15 @@ def apply_matmul_flags(args: Any, device: torch.device) -> None:
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
 
 
+def flush_denormals(enabled: bool) -> None:
+    """Pre-training's `--flush-denormal` (on by default): float denormals (magnitudes below 1.2e-38) computed as zero on
+    the CPU, process-wide (`torch.set_flush_denormal`; set either way, so one run does not leak into the next in the
+    same process). Adam's moments of weights whose gradients vanish decay into denormals, which x86 CPUs compute 5-25x
+    slower (docs/results.md "Pre-training"); no other value changes."""
+    if not torch.set_flush_denormal(enabled) and enabled:
+        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
+
+
 def args_dict(args: Any) -> dict[str, Any]:
     """The dataclass as plain data (tuples as lists) for checkpoints and `args.json`."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}

@@ -90,15 +90,17 @@ def test_pretraining_equals_the_per_tensor_loops(tmp_path, monkeypatch):
 
 
 def test_flush_denormal(tmp_path, monkeypatch):
-    """--flush-denormal flushes denormal floats (x86) and leaves a run without any (these 42 steps) bit for bit."""
+    """Denormals are flushed by default (x86), --no-flush-denormal keeps them, each run sets the mode either way (no
+    leak from the previous run in the process), and a run without any denormals (these 42 steps) is the same bit for
+    bit."""
     monkeypatch.chdir(tmp_path)
     try:
-        flushed = pt.main(pt.Args(exp_name="flush", flush_denormal=True, **RUN))
+        flushed = pt.main(pt.Args(exp_name="flush", **RUN))
         assert (torch.tensor([1e-39]) * 1.0).item() == 0.0  # flushed (x86 with SSE3)
+        plain = pt.main(pt.Args(exp_name="plain", flush_denormal=False, **RUN))
+        assert (torch.tensor([1e-39]) * 1.0).item() > 0  # kept
     finally:
         torch.set_flush_denormal(False)
-    assert (torch.tensor([1e-39]) * 1.0).item() > 0  # restored
-    plain = pt.main(pt.Args(exp_name="plain", **RUN))
     a, b = (torch.load(o["checkpoint"], map_location="cpu", weights_only=True) for o in (flushed, plain))
     assert flushed["losses"] == plain["losses"] and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
