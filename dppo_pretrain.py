@@ -53,10 +53,10 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.networks import ACTIVATIONS, DiffusionMLP
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint, load_weights,
-                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
-                         seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint,
+                         load_weights, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
+                         script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages, refuse_pixel_task
 from common.unet import UNET_ACTIVATIONS, UNet1D
 
@@ -333,11 +333,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
     op over all the weights (the same per-tensor kernels, bit for bit)."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
     torch._foreach_copy_(ema_params, params) if reset else torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-def adam_kernel(fused: bool) -> dict:
-    """AdamW's implementation: the multi-tensor one (default) or the fused kernel."""
-    return dict(foreach=None, fused=True) if fused else dict(foreach=True, fused=None)
 
 
 def main(args: Args) -> dict:

@@ -45,8 +45,8 @@ from common.datasets import DatasetError, Normalizer, load_task_dataset
 from common.envs import evaluate
 from common.networks import VisionDiffusionNet
 from common.robomimic import PixelChunkVecEnv, camera_names
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
+from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
                          release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import TaskError, get_task
 
@@ -253,12 +253,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
     op over all the weights (the same per-tensor kernels, bit for bit)."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
     torch._foreach_copy_(ema_params, params) if reset else torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-def adam_kernel(fused: bool) -> dict:
-    """AdamW's implementation: the multi-tensor one (default; the per-tensor loop's update bit for bit) or the fused
-    kernel."""
-    return dict(foreach=None, fused=True) if fused else dict(foreach=True, fused=None)
 
 
 class PixelWindows:

@@ -201,6 +201,12 @@ def apply_matmul_flags(args: Any, device: torch.device) -> None:
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
 
 
+def adam_kernel(fused: bool) -> dict[str, bool | None]:
+    """Pre-training's AdamW implementation (keyword arguments of `torch.optim.AdamW`): the multi-tensor one (default; the
+    per-tensor loop's update bit for bit) or, with `--fused-adam`, the fused kernel (the same update up to rounding)."""
+    return dict(foreach=None, fused=True) if fused else dict(foreach=True, fused=None)
+
+
 def flush_denormals(enabled: bool) -> None:
     """Pre-training's `--flush-denormal` (on by default): float denormals (magnitudes below 1.2e-38) computed as zero on
     the CPU, process-wide (`torch.set_flush_denormal`; set either way, so one run does not leak into the next in the
