@@ -128,3 +128,21 @@ def policy_action(norm, executed: torch.Tensor) -> torch.Tensor:
     with (max − min) as the reference's env wrappers do (normalize_action divides by max − min + 1e-6)."""
     lo, hi = norm.action_min.to(executed), norm.action_max.to(executed)
     return 2 * (executed - lo) / (hi - lo) - 1
+
+
+def float64_forward(module: torch.nn.Module, *args):
+    """`module(*args)` evaluated in float64 on a double copy of the module (float tensors among `args` cast to
+    float64, and tensors the forward creates, e.g. a time embedding's frequencies, made in float64 too).
+
+    float64 kernels agree across CPUs to ~1e-15, so comparing a stored float32 reference vector with this
+    value tests the function our code computes without depending on this CPU's float32 kernels."""
+    import copy
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            return copy.deepcopy(module).double()(*(a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                                    for a in args))
+    finally:
+        torch.set_default_dtype(default)

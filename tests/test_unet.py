@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.unet import SinusoidalPosEmb, UNet1D
-from tests.helpers import load_by_order, ref_weights
+from tests.helpers import float64_forward, load_by_order, ref_weights
 
 torch.set_num_threads(1)
 
@@ -109,10 +109,16 @@ def test_matches_reference_unet(config, T):
     with torch.no_grad():
         out = net(x, t, cond)
         out_scalar = net(x, t[0], cond)
-    for ours, key in ((out, "out"), (out_scalar, "out_scalar_t")):
-        ref = torch.from_numpy(d[f"{config}.T{T}.{key}"])
-        assert ours.shape == ref.shape
-        assert (ours - ref).abs().max() <= 1e-5, (key, (ours - ref).abs().max())
+    for ours, t_in, key in ((out, t, "out"), (out_scalar, t[0], "out_scalar_t")):
+        ref = torch.from_numpy(d[f"{config}.T{T}.{key}"]).double()
+        exact = float64_forward(net, x, t_in, cond)
+        assert ours.shape == ref.shape == exact.shape
+        # fidelity, at 1e-5 on every CPU: the reference's float32 output is within 1e-5 of what our network
+        # computes in float64 (float64 kernels agree across CPUs; tests/reference/README.md, "Tolerances")
+        assert (exact - ref).abs().max() <= 1e-5, (key, (exact - ref).abs().max())
+        # our float32 path computes the same function; GroupNorm over 1-2 step sequences amplifies rounding:
+        # 0.8e-6 to 4.5e-5 measured across kernel instruction sets, so 2e-4 (an error in the net gives >= 1e-3)
+        assert (ours.double() - exact).abs().max() <= 2e-4, (key, (ours.double() - exact).abs().max())
     if config == "furniture":  # the stored eps matters: the default 1e-5 gives other numbers
         load_by_order(other := UNet1D(**{**REF_ARCH[config], "groupnorm_eps": 1e-5}), weights)
         with torch.no_grad():
