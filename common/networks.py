@@ -317,14 +317,15 @@ class VisionEncoder(nn.Module):
         self.out_dim = spatial_emb * num_img + cond_dim
 
     def forward(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        state = cond["state"].reshape(cond["state"].shape[0], -1).float()
+        dtype = next(self.parameters()).dtype
+        state = cond["state"].reshape(cond["state"].shape[0], -1).to(dtype)  # uint8 images / float state -> weights' dtype
         rgb = cond["rgb"][:, -self.img_cond_steps:]
         B, T, C, H, W = rgb.shape
         # (B, T, num_img·3, H, W) -> (num_img·B, T·3, H, W), camera-major: camera 0 of every sample first
         rgb = rgb.reshape(B, T, self.num_img, 3, H, W).permute(2, 0, 1, 3, 4, 5).reshape(self.num_img * B, T * 3, H, W)
         if self.augment and self.training:
             rgb = random_shift(rgb)
-        feat = self.backbone(rgb.float()).view(self.num_img, B, self.backbone.num_patch, -1)
+        feat = self.backbone(rgb.to(dtype)).view(self.num_img, B, self.backbone.num_patch, -1)
         return torch.cat([emb(feat[i], state) for i, emb in enumerate(self.compress)] + [state], dim=-1)
 
 

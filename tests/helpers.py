@@ -131,18 +131,22 @@ def policy_action(norm, executed: torch.Tensor) -> torch.Tensor:
 
 
 def float64_forward(module: torch.nn.Module, *args):
-    """`module(*args)` evaluated in float64 on a double copy of the module (float tensors among `args` cast to
-    float64, and tensors the forward creates, e.g. a time embedding's frequencies, made in float64 too).
+    """`module(*args)` evaluated in float64 on a double copy of the module (float tensors among `args`, and in dicts
+    among them, cast to float64, and tensors the forward creates, e.g. a time embedding's frequencies, made in float64 too).
 
     float64 kernels agree across CPUs to ~1e-15, so comparing a stored float32 reference vector with this
     value tests the function our code computes without depending on this CPU's float32 kernels."""
     import copy
 
+    def cast(a):
+        if isinstance(a, dict):
+            return {k: cast(v) for k, v in a.items()}
+        return a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         with torch.no_grad():
-            return copy.deepcopy(module).double()(*(a.double() if torch.is_tensor(a) and a.is_floating_point() else a
-                                                    for a in args))
+            return copy.deepcopy(module).double()(*(cast(a) for a in args))
     finally:
         torch.set_default_dtype(default)

@@ -12,6 +12,7 @@ import torch
 
 from common.networks import (ViTCritic, ViTEncoder, VisionDiffusionNet, VisionEncoder, random_shift,
                              vit_num_patches)
+from tests.helpers import float64_forward
 
 REF = Path(__file__).parent / "reference"
 HAS_ROBOSUITE = importlib.util.find_spec("robosuite") is not None
@@ -59,10 +60,18 @@ def test_vision_networks_match_reference(case):
     x, t = torch.as_tensor(ref[f"{case}_x"]), torch.as_tensor(ref[f"{case}_t"])
     cond = {"state": torch.as_tensor(ref[f"{case}_state"]), "rgb": torch.as_tensor(ref[f"{case}_rgb"])}  # uint8
     with torch.no_grad():
-        for name, ours in (("mlp_eps", mlp(x, t, cond)), ("unet_eps", unet(x, t, cond)), ("value", critic(cond))):
-            diff = (ours - torch.as_tensor(ref[f"{case}_{name}"])).abs().max().item()
-            print(f"REFDIFF {case}_{name} {diff:.3e}")
-            assert diff < 1e-5, (name, diff)
+        for name, model, inputs in (("mlp_eps", mlp, (x, t, cond)), ("unet_eps", unet, (x, t, cond)),
+                                    ("value", critic, (cond,))):
+            ours, exact = model(*inputs).double(), float64_forward(model, *inputs)
+            ref_out = torch.as_tensor(ref[f"{case}_{name}"]).double()
+            diff, rounding = (exact - ref_out).abs().max().item(), (ours - exact).abs().max().item()
+            print(f"REFDIFF {case}_{name} {diff:.3e} (our float32 from our float64: {rounding:.3e})")
+            # fidelity at 1e-5 on every CPU: the reference's float32 output against the function our network computes,
+            # evaluated in float64 (tests/reference/README.md, "Tolerances"); then our float32 path against it: the
+            # U-Net's GroupNorm over short sequences amplifies rounding (0.3e-6 to 1.4e-5 measured across kernel
+            # instruction sets, while float64 stays 2.2e-6 from the reference), so 1e-4 (a wrong join gives >= 1e-3)
+            assert diff <= 1e-5, (name, diff)
+            assert rounding <= 1e-4, (name, rounding)
         # encode once, then the head: the same numbers (what the fine-tuning sampler does)
         assert torch.equal(mlp(x, t, mlp.encode(cond)), mlp(x, t, cond))
 
@@ -206,9 +215,10 @@ def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     out = ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=2, n_critic_warmup_itr=1, seed=0, **TINY_FT))
     h = out["history"]
     assert len(h) == 2 and all(np.isfinite(h[i][k]) for i in range(2) for k in ("pg_loss", "v_loss", "approx_kl"))
-    # iteration 0 is critic warm-up: the actor does not move, so the update's log-probs equal the old ones exactly
-    # (same shifted images, no augmentation inside the networks); iteration 1 moves it
-    assert h[0]["approx_kl"] == 0.0 and h[0]["clipfrac"] == 0.0 and h[1]["approx_kl"] > 0
+    # iteration 0 is critic warm-up: the actor does not move, so the update's log-probs equal the old ones (same
+    # shifted images, no augmentation inside the networks) up to float32 rounding: the minibatch is another batch
+    # shape than the rollout's, which some CPUs' kernels sum in another order (|KL| 4e-9 seen); iteration 1 moves it
+    assert abs(h[0]["approx_kl"]) < 1e-6 and h[0]["clipfrac"] == 0.0 and h[1]["approx_kl"] > 1e-6
     # per iteration: one shift that changed the stored images, before the old log-probs (no grad), then the update
     per_itr = [e for e in events if e[0] == "shift" or e == ("lp", False)]
     shifts = [i for i, e in enumerate(per_itr) if e[0] == "shift"]
