@@ -7,6 +7,9 @@ The diffusion ε-network (all K denoising steps, one trainable network) is fit b
 buffer's chunks, so it tracks the behaviour policy; the critic acts as the policy's selector: each
 action is one of `num_sample` DDPM candidates, in training drawn with weight 0.7 where Q − V > 0 and
 0.3 elsewhere (expectile exploration), in evaluation the one of highest min(target Q1, Q2).
+Its first evaluation therefore differs from the other diffusion scripts' for the same checkpoint: it takes the argmax
+of a still-untrained critic. With `--num-sample 1` (one candidate, no selection) it is the same row; on Avoid, whose rows
+are the training rollouts, also `--use-expectile-exploration False` (the weighted draw spends random numbers).
 
 | paper | here | shape / value |
 |---|---|---|
