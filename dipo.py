@@ -382,11 +382,11 @@ def main(args: Args) -> dict:
             return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
         return f
 
-    def run_eval(deterministic: bool) -> dict:
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id)
+        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
         envs.close()
         return out
 
@@ -404,7 +404,7 @@ def main(args: Args) -> dict:
             buf[k][:size] = v.to(device)
     print(f"replay buffer: {args.buffer_size} transitions, {buffer_mb(buf):.1f} MB on {device}")
     run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic))
+                                                 lambda: run_eval(eval_deterministic, 0))
     header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
     max_norm = args.action_grad_norm_coef * T_e * D_a  # reference: 0.1 · D_a · T_e
 
@@ -416,7 +416,7 @@ def main(args: Args) -> dict:
     for itr in bar:
         t_itr = time.time()
         if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True)  # reset, run deterministically, no update this iteration (reference `TrainDIPODiffusionAgent`)
+            r = run_eval(True, itr)  # reset, run deterministically, no update here (reference `TrainDIPODiffusionAgent`)
             run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
             need_reset = True
             step_schedulers(schedulers, itr, 0)  # the reference steps both schedulers every iteration
@@ -494,7 +494,7 @@ def main(args: Args) -> dict:
                 header, args, {"actor": agent.actor_target, "actor_online": agent.actor, "critic": agent.critic,
                                "critic_target": agent.critic_target}, optimizers, schedulers, extra, itr + 1, env_steps))
     bar.close()
-    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
     out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
                      {"history": history})
     envs.close()

@@ -381,14 +381,14 @@ def main(args: Args) -> dict:
         return {"state": normalizer.normalize_obs(torch.as_tensor(obs["state"], device=device)),
                 "rgb": torch.as_tensor(obs["rgb"], device=device)}
 
-    def run_eval(deterministic: bool) -> dict:
+    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
         def act(obs: dict[str, np.ndarray]) -> np.ndarray:
             x, _ = agent.get_action(as_cond(obs), deterministic)
             return normalizer.unnormalize_action(x).cpu().numpy()
-        return evaluate(envs, act, task, T_e, seed=args.seed + 1_000_000, n_steps=eval_n_steps)
+        return evaluate(envs, act, task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id)
+        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
         envs.close()
         return out
 
@@ -415,7 +415,7 @@ def main(args: Args) -> dict:
     for itr in bar:
         t_itr = time.time()
         if args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
+            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
             run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
             step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
             continue
@@ -525,7 +525,7 @@ def main(args: Args) -> dict:
                 header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
                 schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
     bar.close()
-    final = run_eval(True)
+    final = run_eval(True, args.n_train_itr)
     out = run.finish(args.n_train_itr, env_steps, "deterministic", final, {"history": history})
     envs.close()
     return out

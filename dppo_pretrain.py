@@ -413,7 +413,7 @@ def main(args: Args) -> dict:
             o = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             return normalizer.unnormalize_action(ema.sample(o)).cpu().numpy()
 
-        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000)
+        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000, index=epoch)
         run.log_eval(epoch, 0, "deterministic", result)
         run.scalars({f"eval/mode_{m}_fraction": f for m, f in result.get("mode_fractions", {}).items()}, epoch)
         if "collision_rate" in result:

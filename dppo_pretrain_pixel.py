@@ -359,7 +359,7 @@ def main(args: Args) -> dict:
                     "rgb": torch.as_tensor(obs["rgb"], device=device)}
             return normalizer.unnormalize_action(ema.sample(cond)).cpu().numpy()
 
-        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000)
+        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000, index=epoch)
         run.log_eval(epoch, 0, "deterministic", result)
         return result
 

@@ -328,11 +328,11 @@ def main(args: Args) -> dict:
             return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
         return f
 
-    def run_eval(deterministic: bool) -> dict:
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id)
+        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
         envs.close()
         return out
 
@@ -340,7 +340,7 @@ def main(args: Args) -> dict:
                                          args.lr_warmup_itr, args.weight_decay)
     optimizers, schedulers = {"actor": opt}, {"actor": sched}
     run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic))
+                                                 lambda: run_eval(eval_deterministic, 0))
     header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
@@ -354,7 +354,7 @@ def main(args: Args) -> dict:
     for itr in bar:
         t_itr = time.time()
         if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `run`)
+            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `run`)
             run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
             need_reset = True
             step_schedulers(schedulers, itr, 0)  # the reference steps its schedule on evaluation iterations too
@@ -430,7 +430,7 @@ def main(args: Args) -> dict:
                 header, args, {"actor": agent.network}, optimizers, schedulers, {"method": script_name(__file__)},
                 itr + 1, env_steps))
     bar.close()
-    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
     out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
                      {"history": history})
     envs.close()

@@ -513,7 +513,7 @@ def pretrain(args: Args, task: Task) -> dict:
         return normalizer.unnormalize_action(x).cpu().numpy()
 
     def run_evaluation(epoch: int) -> dict:
-        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000)
+        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000, index=epoch)
         run.log_eval(epoch, 0, "deterministic" if task.suite != "avoid" else "stochastic", result)
         return result
 
@@ -633,11 +633,11 @@ def main(args: Args) -> dict:
             return normalizer.unnormalize_action(x).cpu().numpy()
         return f
 
-    def run_eval(deterministic: bool) -> dict:
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, n_steps=args.eval_n_steps)
+    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
+        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
 
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id)
+        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
         envs.close()
         return out
 
@@ -645,7 +645,7 @@ def main(args: Args) -> dict:
     actor_opt, critic_opt = optimizers["actor"], optimizers["critic"]
     scaler = RunningRewardScaler(N)
     run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, scaler,
-                                                 lambda: run_eval(eval_deterministic))
+                                                 lambda: run_eval(eval_deterministic, 0))
     header = policy_header(ckpt)
 
     T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
@@ -660,7 +660,7 @@ def main(args: Args) -> dict:
     for itr in bar:
         t_itr = time.time()
         if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
+            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
             run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
             need_reset = True
             step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
@@ -771,7 +771,7 @@ def main(args: Args) -> dict:
                 header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
                 schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
     bar.close()
-    final = run_eval(eval_deterministic)  # a final evaluation row after the last update
+    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
     out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
                      {"history": history})
     envs.close()

@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from common.runs import NonFiniteError
+from common.runs import EVAL_STREAM, NonFiniteError, own_rng, stream_seed
 from common.tasks import Task, TaskError, require_simulator
 from common.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
                           video_timing)
@@ -489,11 +489,13 @@ def eval_horizon(task: Task, act_steps: int) -> int:
     return -(-task.max_episode_steps // act_steps)
 
 
-def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: Task, act_steps: int,
-             seed: int | None = None, n_steps: int | None = None) -> dict[str, Any]:
+def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: Task, act_steps: int, *,
+             seed: int, index: int, n_steps: int | None = None) -> dict[str, Any]:
     """Roll `act` (raw obs (N, T_o, D_o) -> raw chunk (N, T_a, D_a)) for `n_steps` chunk-steps
-    (default: one episode, `eval_horizon`) from a fresh reset and summarise the episodes that
+    (default: one episode, `eval_horizon`) from a reset with `seed` and summarise the episodes that
     finished. The one evaluation used during training, after it and by `--eval-only`, by every script.
+    `act` draws from the evaluation's own torch stream, `stream_seed(seed, EVAL_STREAM, index)` (`index`: the
+    iteration or epoch evaluated); the caller's stream continues as if nothing had been drawn.
 
     Returns return_mean/return_std/success_rate/episode_length/n_episodes, and for Avoid
     `mode_fractions` (the share of finished episodes through each row-3 mode 5..8),
@@ -506,27 +508,28 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
     n = envs.num_envs
     tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward, task.success_return)
     modes, collided, paths, path = [], [], [], [[] for _ in range(n)]
-    for _ in range(n_steps):
-        chunk = act(obs)[:, :act_steps]
-        if not np.isfinite(chunk).all():
-            raise NonFiniteError("the policy produced non-finite actions in evaluation; "
-                                 "its weights or normalisation are broken")
-        obs, reward, term, trunc, info = envs.step(chunk)
-        done = term | trunc
-        n_before = len(tracker.returns)
-        tracker.step(reward, done)
-        if videos is not None:  # (return, success) of each episode that just ended, in env order as the tracker
-            no_rule = task.success_chunk_reward is None
-            videos.step(info, {int(i): (tracker.returns[n_before + k], None if no_rule else tracker.successes[n_before + k])
-                               for k, i in enumerate(np.flatnonzero(done))})
-        if "mode" in info:  # Avoid: latched row modes and the end-effector path
-            for i in range(n):
-                path[i].extend(info["ee_pos"][i])
-                if done[i]:
-                    modes.append(info["mode"][i, 2])
-                    collided.append(info["collided"][i])
-                    paths.append(np.array(path[i]))
-                    path[i] = []
+    with own_rng(stream_seed(seed, EVAL_STREAM, index)):  # the policy's noise: the evaluation's own stream
+        for _ in range(n_steps):
+            chunk = act(obs)[:, :act_steps]
+            if not np.isfinite(chunk).all():
+                raise NonFiniteError("the policy produced non-finite actions in evaluation; "
+                                     "its weights or normalisation are broken")
+            obs, reward, term, trunc, info = envs.step(chunk)
+            done = term | trunc
+            n_before = len(tracker.returns)
+            tracker.step(reward, done)
+            if videos is not None:  # (return, success) of each episode that just ended, in env order as the tracker
+                ended = [(tracker.returns[n_before + k], None if task.success_chunk_reward is None
+                          else tracker.successes[n_before + k]) for k in range(int(done.sum()))]
+                videos.step(info, dict(zip((int(i) for i in np.flatnonzero(done)), ended)))
+            if "mode" in info:  # Avoid: latched row modes and the end-effector path
+                for i in range(n):
+                    path[i].extend(info["ee_pos"][i])
+                    if done[i]:
+                        modes.append(info["mode"][i, 2])
+                        collided.append(info["collided"][i])
+                        paths.append(np.array(path[i]))
+                        path[i] = []
     out = tracker.pop()
     if modes:
         modes_arr = np.array(modes)

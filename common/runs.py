@@ -18,7 +18,8 @@ import random
 import sys
 import tempfile
 import time
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -141,6 +142,29 @@ def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | N
         torch.set_num_threads(torch_threads)
     keep_freed_memory()
     return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
+
+
+# Independent random streams of one run, told apart by their number (`stream_seed`): the training draws (sampling
+# noise of the rollouts, minibatches) and the evaluations' (docs/deviations.md "Evaluation draws from its own stream").
+TRAINING_STREAM, EVAL_STREAM = 0, 1
+
+
+def stream_seed(seed: int, stream: int, index: int = 0) -> int:
+    """A 63-bit seed for stream `stream` (and its `index`-th member, e.g. the evaluation at iteration `index`) of the run
+    seeded `seed`; numpy's SeedSequence makes distinct (seed, stream, index) give unrelated streams."""
+    return int(np.random.SeedSequence([seed % 2**64, stream, index]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@contextmanager
+def own_rng(seed: int) -> Iterator[None]:
+    """Inside the block torch's global generators (CPU, and CUDA's when CUDA is in use) draw from `seed`; on exit they
+    continue exactly where they were, as if the block had not run. (The policies draw only from torch's generators.)"""
+    cuda = torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        yield
 
 
 def keep_freed_memory() -> bool:
@@ -585,14 +609,16 @@ class Run:
 
 # ---- evaluation report and small shared numbers ----
 
-def eval_only_report(run_eval: Callable[[bool], dict[str, Any]], args: Any = None, task_id: str = "") -> dict[str, Any]:
-    """`--eval-only`: the one evaluation function, deterministic and stochastic, printed; nothing is written,
+def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any = None, task_id: str = "",
+                     index: int = 0) -> dict[str, Any]:
+    """`--eval-only`: the one evaluation function, deterministic and stochastic, printed, with the evaluation stream's
+    `index` (the checkpoint's iteration: the training run's evaluation of these weights drew the same); nothing is written,
     except with `--capture-video`: the recorded episodes go to a new run folder
     `runs/{task_id}__{exp_name}__{seed}__{time}/videos/eval_only_{mode}_ep{env}_return_..._success_....mp4`
     (made only once the evaluations have succeeded; no eval.csv, no checkpoint)."""
     results = {}
     for mode, det in (("deterministic", True), ("stochastic", False)):
-        r = results[mode] = run_eval(det)
+        r = results[mode] = run_eval(det, index)
         print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
               f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
     if any(r.get("videos") for r in results.values()):
@@ -647,18 +673,20 @@ def ppo_optimizers(actor: nn.Module, critic: nn.Module, args: Any) -> tuple[dict
 def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimizers: dict[str, Any],
                      schedulers: dict[str, Any], scaler: Any | None, evaluate_paths: Callable[[], dict[str, Any]]
                      ) -> tuple[Run, int, int]:
-    """Restore a resumed run's training state (optimisers, schedulers, reward scaler unless None, torch RNG), take
-    the Avoid "before" rollouts for the picture (their random numbers do not touch the training's),
-    and open the run folder. Returns (run, first iteration, env steps so far)."""
+    """Restore a resumed run's training state (optimisers, schedulers, reward scaler unless None, torch RNG), or seed
+    a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while building its networks
+    does not change the training's draws); take the Avoid "before" rollouts for the picture (an evaluation: its own
+    stream) and open the run folder. Returns (run, first iteration, env steps so far)."""
     start_itr, env_steps = 0, 0
     if resume is not None:
         start_itr, env_steps = restore_training(resume, optimizers, schedulers)
         if scaler is not None:
             scaler.load_state_dict(resume["reward_scaler"])
+    else:
+        torch.manual_seed(stream_seed(args.seed, TRAINING_STREAM))
     before = None
     if task.suite == "avoid" and args.plot and start_itr == 0:
-        with torch.random.fork_rng():
-            before = evaluate_paths()
+        before = evaluate_paths()
     run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
     if before is not None:
         run.paths_before = before["paths"]

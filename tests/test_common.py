@@ -141,11 +141,11 @@ def _counter_task(success: float, max_episode_steps: int = 8) -> Task:
 def test_evaluate_counts_finished_episodes():
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(3)])
     zero = lambda obs: np.zeros((len(obs), 4, 1))  # noqa: E731
-    out = evaluate(envs, zero, _counter_task(5.0), act_steps=4, n_steps=5)
+    out = evaluate(envs, zero, _counter_task(5.0), act_steps=4, seed=0, index=0, n_steps=5)
     # 8-step episodes are 2 chunks (rewards 10 and 26): each env finishes two in 5 chunk-steps, not the third
     assert out["n_episodes"] == 6 and out["return_mean"] == 36.0 and out["success_rate"] == 1.0  # 26/4 >= 5
     assert out["episode_length"] == 2.0
-    out = evaluate(envs, zero, _counter_task(7.0), act_steps=4, n_steps=5)
+    out = evaluate(envs, zero, _counter_task(7.0), act_steps=4, seed=0, index=0, n_steps=5)
     assert out["success_rate"] == 0.0
 
 
@@ -153,7 +153,7 @@ def test_evaluate_refuses_non_finite_actions():
     from common.runs import NonFiniteError
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(2)])
     with pytest.raises(NonFiniteError, match="non-finite actions"):
-        evaluate(envs, lambda obs: np.full((len(obs), 4, 1), np.nan), _counter_task(5.0), act_steps=4)
+        evaluate(envs, lambda obs: np.full((len(obs), 4, 1), np.nan), _counter_task(5.0), act_steps=4, seed=0, index=0)
 
 
 def test_evaluate_default_horizon_is_one_episode():
@@ -161,8 +161,9 @@ def test_evaluate_default_horizon_is_one_episode():
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(3)])
     zero = lambda obs: np.zeros((len(obs), 4, 1))  # noqa: E731
     assert eval_horizon(_counter_task(5.0, 8), 4) == 2 and eval_horizon(_counter_task(5.0, 9), 4) == 3
-    assert evaluate(envs, zero, _counter_task(5.0, 8), act_steps=4)["n_episodes"] == 3
-    assert evaluate(envs, zero, _counter_task(5.0, 9), act_steps=4)["n_episodes"] == 3  # 3 chunk-steps: no second episode
+    assert evaluate(envs, zero, _counter_task(5.0, 8), act_steps=4, seed=0, index=0)["n_episodes"] == 3
+    # 3 chunk-steps: no second episode
+    assert evaluate(envs, zero, _counter_task(5.0, 9), act_steps=4, seed=0, index=0)["n_episodes"] == 3
 
 
 def test_env_backend_is_explicit():

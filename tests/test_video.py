@@ -45,7 +45,7 @@ def test_avoid_recording_keeps_the_numbers_and_names_each_episode(tmp_path):
     results = {}
     for capture in (False, True):
         envs = make_vec_env(task, 5, seed=0, capture_video=capture)
-        results[capture] = evaluate(envs, _noisy_avoid_policy(3), task, 4, seed=7)
+        results[capture] = evaluate(envs, _noisy_avoid_policy(3), task, 4, seed=7, index=0)
     plain, rec = results[False], results[True]
     assert "videos" not in plain and len(rec["videos"]) == 3  # VIDEO_EPISODES of the 5 envs
     for k in ("return_mean", "return_std", "success_rate", "n_episodes", "mode_fractions", "collision_rate"):
@@ -163,7 +163,7 @@ for capture in (False, True):
     envs = make_vec_env(task, 3, seed=0, max_episode_steps=40, backend="gymnasium", capture_video=capture)
     rng = np.random.default_rng(5)
     t = time.time()
-    r = evaluate(envs, lambda o: rng.uniform(-1, 1, (o.shape[0], 4, 3)), task, 4, seed=11, n_steps=12)
+    r = evaluate(envs, lambda o: rng.uniform(-1, 1, (o.shape[0], 4, 3)), task, 4, seed=11, index=0, n_steps=12)
     r["seconds"] = time.time() - t
     envs.close()
     if capture:  # out of the temporary folder, which goes at exit
