@@ -357,14 +357,16 @@ def probe(ps: list[Plan], args: Args) -> None:
         flags.update(val_freq=0, exp_name=f"probe_{p.method}", plot=False, seed=args.seed, save_every=10**6)
         if p.warmup_itr:
             flags["n_critic_warmup_itr"] = 1
+        t0, cpu0 = time.time(), time.process_time()
         out = module.main(module.Args(env_id=p.task, **flags))
+        busy = (time.process_time() - cpu0) / (time.time() - t0)  # phase times are wall: CPU = wall x this share
         rows = out["history"]
-        roll = [sum(h.get(f"time_{k}", 0.0) for k in ("other", "sampling", "env")) / n_steps for h in rows]
-        upd = [sum(v for k, v in h.items() if k.startswith("time_") and k[5:] not in ("other", "sampling", "env")) / n_steps
-               for h in rows]
+        roll = [busy * sum(h.get(f"time_{k}", 0.0) for k in ("other", "sampling", "env")) / n_steps for h in rows]
+        upd = [busy * sum(v for k, v in h.items() if k.startswith("time_") and k[5:] not in ("other", "sampling", "env"))
+               / n_steps for h in rows]
         full = sum(upd[1:]) / len(upd[1:])
         result.setdefault(p.task, {})[p.method] = [sum(roll[1:]) / len(roll[1:]), upd[0] if p.warmup_itr else full, full]
-        print(f"probe {p.task}:{p.method}: s per chunk-step: rollout {result[p.task][p.method][0]:.4f}, warm-up update "
+        print(f"probe {p.task}:{p.method}: CPU share {busy:.2f}; CPU s per chunk-step: rollout {result[p.task][p.method][0]:.4f}, warm-up update "
               f"{result[p.task][p.method][1]:.4f}, update {full:.4f}")
     path = os.path.join(args.out, "probe.json")
     old = {}
