@@ -366,8 +366,9 @@ def probe(ps: list[Plan], args: Args) -> None:
                / n_steps for h in rows]
         full = sum(upd[1:]) / len(upd[1:])
         result.setdefault(p.task, {})[p.method] = [sum(roll[1:]) / len(roll[1:]), upd[0] if p.warmup_itr else full, full]
-        print(f"probe {p.task}:{p.method}: CPU share {busy:.2f}; CPU s per chunk-step: rollout {result[p.task][p.method][0]:.4f}, warm-up update "
-              f"{result[p.task][p.method][1]:.4f}, update {full:.4f}")
+        roll_s, warm_s, _ = result[p.task][p.method]
+        print(f"probe {p.task}:{p.method}: CPU share {busy:.2f}; CPU s per chunk-step: rollout {roll_s:.4f}, "
+              f"warm-up update {warm_s:.4f}, update {full:.4f}")
     path = os.path.join(args.out, "probe.json")
     old = {}
     if os.path.isfile(path):
