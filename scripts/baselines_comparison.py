@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
@@ -184,12 +185,16 @@ def derive(task: str, method: str, n_steps: int, n_train_itr: int | None) -> tup
         val_freq = max(1, round(ref.val_freq * r)) if ref.val_freq > 0 else 0
         if val_freq != ref.val_freq:
             flags["val_freq"] = val_freq
+        if deterministic and val_freq == 1:
+            raise Refused(f"refused: {method} on {task}: at {n_steps} chunk-steps every iteration would only evaluate "
+                          f"(the reference evaluates every {ref.val_freq * ref.n_steps} chunk-steps); lower --n-steps")
         ref_warmup = getattr(ref, "n_critic_warmup_itr", 0) or 0
         if ref_warmup > 0:
             iteration = n_steps * ref.num_envs * ref.act_steps
             need = critic_only_env_steps(ref_warmup, ref.val_freq, deterministic,
                                          ref.n_steps * ref.num_envs * ref.act_steps)
-            warmup = next(w for w in range(1, 10**7) if critic_only_env_steps(w, val_freq, deterministic, iteration) >= need)
+            warmup = next(w for w in itertools.count(1)
+                          if critic_only_env_steps(w, val_freq, deterministic, iteration) >= need)
             if warmup != ref_warmup:
                 flags["n_critic_warmup_itr"] = warmup
         if method in ITERATION_EPOCHS:
@@ -238,13 +243,14 @@ def min_n_train_itr(task: str, method: str, n_steps: int, min_updates: int) -> i
     """The fewest iterations at which the method's actor takes `min_updates` updates after its warm-up."""
     plan = make_plan(task, method, n_steps, 1)
     deterministic = get_task(task).suite != "avoid"
+    if plan.updates_per_iteration == 0:
+        return 10**9
     updates, n = 0, 0
     while updates < min_updates:
-        if n not in eval_iterations(n + 1, plan.val_freq, deterministic) and n >= plan.warmup_itr:
+        evaluates = deterministic and plan.val_freq > 0 and n % plan.val_freq == 0
+        if not evaluates and n >= plan.warmup_itr:
             updates += plan.updates_per_iteration
         n += 1
-        if plan.updates_per_iteration == 0:
-            return 10**9
     return n
 
 
