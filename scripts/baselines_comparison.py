@@ -432,6 +432,7 @@ def write_report(args: Args) -> str:
             vals = [float(x[key]) for x in rows]
             n_itr = r["history"][-1]["iteration"] + 1 if r["history"] else 1
             updates = r.get("plan", {}).get("actor_updates", "–")
+            updates = f"≤ {updates}" if method in WHOLE_EPISODES and "plan" in r else updates
             cpu = f"{r['cpu_s'] / n_itr:.1f}" if "cpu_s" in r else "–"
             lines.append(f"| {LABELS[method]} | {fmt.format(vals[0])} | {fmt.format(vals[-1])} | {fmt.format(max(vals))} "
                          f"| {int(rows[-1]['env_steps'])} | {updates} | {cpu} |")
