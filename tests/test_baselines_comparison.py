@@ -2,6 +2,7 @@
 re-count of their iteration loops; no training run."""
 
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -177,3 +178,16 @@ def test_estimate_counts_warm_up_training_and_evaluations():
     expected = 8 * 250 * (roll + warm) + 2 * 250 * (roll + full) + 2 * 250 * roll
     assert math.isclose(bc.estimate_s(p, {"hopper": {"dql": (roll, warm, full)}}), expected)
     assert bc.wall_s([3.0, 2.0, 2.0, 1.0], 2) == 4.0
+
+
+def test_one_tiny_run_writes_its_plan_and_the_table(tmp_path):
+    out = tmp_path / "cmp"
+    r = harness("--tasks", "avoid-m2", "--methods", "drwr", "--n-train-itr", "1", "--min-actor-updates", "1",
+                "--out", str(out), "--jobs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out / "avoid-m2__drwr.json") as f:
+        result = json.load(f)
+    assert result["flags"] == {"n_train_itr": 1} and result["plan"]["actor_updates"] == 16
+    assert len(result["history"]) == 1 and result["history"][0]["env_steps"] == 5000
+    table = (out / "table.md").read_text()
+    assert "| DRWR |" in table and "| ≤ 16 |" in table and (out / "comparison.png").is_file()
