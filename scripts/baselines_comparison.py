@@ -75,9 +75,17 @@ CHECKPOINTS = {"hopper": "data/hopper/diffusion_medium.pt"}  # Avoid: each scrip
 WHOLE_EPISODES = {"drwr"}  # learns only from episodes that start and end inside one iteration
 ITERATION_EPOCHS = {"dppo", "exact", "drwr"}  # epochs of minibatches over the iteration's own samples
 # CPU seconds per chunk-step of one iteration (all envs, one torch thread): rollout (sampling + env), update in a
-# critic warm-up iteration, update after it. Measured by `--probe` (module docstring) on this project's 2-core
-# machine shared with other jobs; `<out>/probe.json` from `--probe` replaces them.
-COSTS: dict[str, dict[str, tuple[float, float, float]]] = {}
+# critic warm-up iteration, update after it. Measured with `--probe` at commit d7cd340 on this project's 2-core
+# machine while 2-3 other jobs shared it (rough: +-50%); Hopper with a stand-in checkpoint of the same network (MLP
+# 512x3, K 20) whose short episodes make DRWR's update its most costly. `<out>/probe.json` from `--probe` replaces them.
+COSTS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "avoid-m2": {"dppo": (0.0456, 0.2719, 0.2307), "drwr": (0.0232, 0.0251, 0.0251), "dawr": (0.0232, 0.2050, 0.2050),
+                 "exact": (0.0222, 1.7637, 1.7637), "dipo": (0.0297, 1.4668, 1.8578), "idql": (0.2278, 0.5290, 0.7879),
+                 "dql": (0.0205, 0.1824, 0.8548), "qsm": (0.0203, 0.2441, 0.2657)},
+    "hopper": {"dppo": (0.0426, 0.0733, 0.0733), "drwr": (0.0482, 0.0243, 0.0243), "dawr": (0.0731, 0.1343, 0.1343),
+               "exact": (0.0569, 0.6101, 0.6101), "dipo": (0.0557, 0.8045, 1.6772), "idql": (0.2369, 0.4345, 0.5781),
+               "dql": (0.0507, 0.1990, 0.6446), "qsm": (0.0398, 0.1775, 0.1907)},
+}
 
 
 @dataclass
