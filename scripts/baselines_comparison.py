@@ -34,7 +34,8 @@ and the method learns only from episodes that start and end inside one iteration
 `reward_to_go`), or when its actor would take fewer than `--min-actor-updates` updates after the critic
 warm-up (DRWR's count is an upper bound: it updates on the finished episodes' chunk-steps only). The line
 names the flag to raise. `--dry-run` prints every run's plan and an estimate of its CPU time from timed
-probes of each method (`--probe` re-measures them on this machine, a few minutes).
+probes of each method (`--probe` re-measures them on this machine: 3 tiny iterations per run, ~30 min for all
+16 on a loaded 2-core machine).
 
 Each run is a separate process (one torch thread); `--jobs` run at once, longest first. Per run it writes
 `<task>__<method>.json` (the plan, eval rows, per-iteration history, wall and CPU time), and at the end
