@@ -6,7 +6,7 @@ Every method runs its own script with its task defaults (the reference's configs
 this harness shortens an iteration it keeps the reference's schedule *in env steps*, not in iterations:
 
 - `--budget paper`: the reference's sizes unchanged (Hopper: 1000 iterations of 40 envs x 500 chunk-steps,
-  80k env steps each), read from each script's defaults. Days of CPU: for a GPU machine or a cluster.
+  80k env steps each), read from each script's defaults: ~570 CPU-hours by `--dry-run`, for a GPU machine or a cluster.
 - `--budget cpu` (default): Hopper iterations of 40 envs x 250 chunk-steps (1000 env steps per env, the
   episode limit: the shortest iteration that holds a whole episode) and as many iterations as it takes for
   every method's actor to take at least `--min-actor-updates` updates after its critic warm-up.
