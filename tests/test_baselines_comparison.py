@@ -4,6 +4,7 @@ re-count of their iteration loops; no training run."""
 import importlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -187,6 +188,7 @@ def test_one_tiny_run_writes_its_plan_and_the_table(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     with open(out / "avoid-m2__drwr.json") as f:
         result = json.load(f)
+    shutil.rmtree(result["run_dir"])  # the run folder goes to the repository's runs/, as every run of the harness
     assert result["flags"] == {"n_train_itr": 1} and result["plan"]["actor_updates"] == 16
     assert len(result["history"]) == 1 and result["history"][0]["env_steps"] == 5000
     table = (out / "table.md").read_text()
