@@ -170,6 +170,72 @@ def test_limits_clip_and_log(tmp_path):
     assert np.linalg.norm(np.array(steps[0]["command"]["pos"]) - steps[0]["state"]["ee_pos"]) == pytest.approx(0.005)
 
 
+@pytest.mark.parametrize("dt,stops", [(0.0045, True), (0.0055, False)])
+def test_measured_speed_above_twice_the_limit_stops(tmp_path, dt, stops):
+    """Straight down (z only): --max-speed 0.25 at 100 Hz allows 2.5 mm per step; the fake robot covers the step in
+    `dt` seconds, so it measures 2.5e-3 / dt m/s at the next observation: 0.556 m/s (over 2 x 0.25) stops the
+    robot after one command, 0.455 m/s runs on, every step limited in z as well."""
+    ckpt = reach_checkpoint(str(tmp_path / "down.pt"), np.array([0.45, 0.0, 0.25]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.35), dt=dt)
+    args = fake_args(tmp_path, ckpt, max_steps=4, max_speed=0.25, control_hz=100.0)
+    speed = 2.5e-3 / dt
+    if stops:
+        with pytest.raises(RobotError, match=f"speed {speed:.3f} m/s exceeds 2 x --max-speed 0.25"):
+            deploy.main(args, robot=robot)
+        log = read_log(args.log)
+        assert robot.stopped and log[-1]["type"] == "end" and log[-1]["steps"] == 1 and len(robot.sent) == 1
+        return
+    out = deploy.main(args, robot=robot)
+    steps = [r for r in read_log(out["log"]) if r["type"] == "step"]
+    assert out["stop_reason"] == "done" and len(steps) == 4
+    for s in steps:  # each command 2.5 mm below the measured position, straight down
+        move = np.array(s["command"]["pos"]) - s["state"]["ee_pos"]
+        assert np.allclose(move, [0.0, 0.0, -2.5e-3], atol=1e-9) and s["clipped"] == ["translation_step"]
+    assert np.linalg.norm(steps[1]["obs"][9:12]) == pytest.approx(speed)  # the observation's measured velocity
+
+
+def test_workspace_floor_and_step_limit_in_z_alone(tmp_path):
+    """A target straight below the workspace floor: the command stops at the floor (z), and each step down is at most
+    --max-step (z alone, no x/y motion to trip the limit)."""
+    ckpt = reach_checkpoint(str(tmp_path / "floor.pt"), np.array([0.45, 0.0, 0.10]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.35))
+    out = deploy.main(fake_args(tmp_path, ckpt, max_steps=8, max_step=0.02, workspace_min=(0.25, -0.4, 0.30)), robot=robot)
+    steps = [r for r in read_log(out["log"]) if r["type"] == "step"]
+    z = [s["command"]["pos"][2] for s in steps]
+    assert z == pytest.approx([0.33, 0.31, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30], abs=1e-9)
+    assert [s["clipped"] for s in steps[:2]] == [["workspace", "translation_step"]] * 2
+    assert steps[2]["clipped"] == ["workspace"] and robot.pos[2] == pytest.approx(0.30)
+
+
+def test_franky_state_splits_the_twist_into_linear_then_angular(monkeypatch):
+    """FrankyRobot.observe on a stand-in for franky: the end-effector twist is the zero Jacobian (6 x 7, libfranka:
+    linear rows first, then angular) times dq; the observation carries the linear velocity at 9:12, the angular at
+    12:15, as the furniture envs' robot state."""
+    import types
+
+    from common import robot as robot_mod
+    J = np.arange(42, dtype=np.float64).reshape(6, 7) / 10
+    dq = np.linspace(-0.3, 0.3, 7)
+    state = types.SimpleNamespace(O_T_EE=types.SimpleNamespace(translation=[0.4, 0.1, 0.3], quaternion=[1.0, 0, 0, 0]),
+                                  q=np.zeros(7), dq=dq)
+
+    class Robot:
+        def __init__(self, host, realtime_config=None):
+            self.state = state
+            self.model = types.SimpleNamespace(zero_jacobian=lambda frame, s: J)
+    franky = types.SimpleNamespace(Robot=Robot, Gripper=lambda host: types.SimpleNamespace(width=0.05),
+                                   RealtimeConfig=types.SimpleNamespace(Ignore=0), Frame=types.SimpleNamespace(EndEffector=0))
+    monkeypatch.setattr(robot_mod, "_import_franky", lambda: franky)
+    s = robot_mod.FrankyRobot("stand-in").observe()
+    twist = [sum(J[r, c] * dq[c] for c in range(7)) for r in range(6)]
+    np.testing.assert_allclose(s.ee_lin_vel, twist[:3], rtol=1e-12)
+    np.testing.assert_allclose(s.ee_ang_vel, twist[3:], rtol=1e-12)
+    obs = deploy.robot_obs(s)
+    np.testing.assert_allclose(obs[9:12], twist[:3], rtol=1e-12)
+    np.testing.assert_allclose(obs[12:15], twist[3:], rtol=1e-12)
+    assert obs[15] == 0.05 and np.allclose(obs[:3], [0.4, 0.1, 0.3])
+
+
 def test_non_finite_policy_output_stops_and_flushes(tmp_path, monkeypatch):
     ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.5, 0.0, 0.3]))
     real = deploy.ChunkPolicy.forward
