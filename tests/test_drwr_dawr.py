@@ -312,7 +312,8 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
 def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     """T_e = 2: each env's 50-chunk-step episode ends inside a 60-chunk-step iteration, the next one is cut off.
     The weights get the unscaled discounted return-to-go of exactly the finished episodes' chunk-steps, and the
-    loss sees those chunk-steps' observations and sampled chunks (whose first T_e actions the env executed)."""
+    loss sees those chunk-steps' observations and sampled chunks (whose first T_e actions the env executed), each
+    with its own weight in both batches of 50."""
     from common.datasets import Normalizer
     steps, weights_in, loss_in = [], [], []
     real_make, real_weights, real_loss = drwr.make_vec_env, drwr.rwr_weights, drwr.DiffusionPolicy.loss
@@ -340,7 +341,7 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     monkeypatch.setattr(drwr, "rwr_weights", rwr_weights)
     monkeypatch.setattr(drwr.DiffusionPolicy, "loss", loss)
     out = drwr.main(drwr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "n_train_itr": 1, "val_freq": 0,
-                                 "batch_size": 1000, "update_epochs": 1, "gamma": 0.9,
+                                 "batch_size": 50, "update_epochs": 1, "gamma": 0.9,
                                  "checkpoint": pretrained["checkpoint"], "exp_name": "wiring"}))
     done = np.stack([s["done"] for s in steps[:60]])
     assert done[49].all() and done.sum() == 2
@@ -355,7 +356,8 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     (returns, beta, max_weight, w), = weights_in
     np.testing.assert_allclose(returns, expected, rtol=1e-12)
     assert (beta, max_weight) == (10.0, 100.0) and out["history"][0]["n_samples"] == 100
-    (x0, w_loss), = loss_in  # one batch of all 100 samples (batch_size > S)
+    assert len(loss_in) == 2  # two batches of 50 cover the 100 samples
+    x0, w_loss = (torch.cat(x) for x in zip(*loss_in))
     assert torch.equal(w_loss.sort().values, w.sort().values)
     norm = Normalizer.from_state_dict(torch.load(pretrained["checkpoint"], weights_only=True)["normalization"])
     executed = policy_action(norm, torch.as_tensor(np.stack([s["action"] for s in steps[:50]]), dtype=torch.float32))
@@ -364,3 +366,27 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     assert sorted(order) == list(range(100))  # every finished chunk-step's chunk is in the batch once
     torch.testing.assert_close(x0[order, :2], sampled, atol=1e-5, rtol=1e-5)
     assert torch.equal(w_loss[order], w)  # each with its own weight
+
+
+def test_drwr_episodes_carried_across_iterations_start_where_they_started(pretrained, monkeypatch):
+    """Envs that continue across iterations (as gym locomotion's; Avoid made to here), T_e = 2: 50-chunk-step
+    episodes in 60-chunk-step iterations. Iteration 0 holds one whole episode per env (steps 0-49); iteration 1
+    holds the end of the episode that started in iteration 0 (steps 60-99) and the start of the next (100-119): no
+    episode both starts and ends in it, so it has no samples and makes no update."""
+    import dataclasses
+    real_task = drwr.get_task
+    monkeypatch.setattr(drwr, "get_task", lambda env_id: dataclasses.replace(real_task(env_id), reset_every_iteration=False))
+    resets, real_make = [], drwr.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(drwr, "make_vec_env", make)
+    out = drwr.main(drwr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "n_train_itr": 2, "val_freq": 0,
+                                 "batch_size": 1000, "update_epochs": 1, "checkpoint": pretrained["checkpoint"],
+                                 "exp_name": "carried"}))
+    h = out["history"]
+    assert resets.count(0) == 1 and 2 not in resets  # one training reset (seed 0): iteration 1 continues the episodes
+    assert [x["n_samples"] for x in h] == [100, 0] and "loss" in h[0] and "loss" not in h[1]
