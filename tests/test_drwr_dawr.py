@@ -248,7 +248,9 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
     """T_e = 2: 50-chunk-step Avoid episodes truncated inside 60-chunk-step iterations; a 100-step buffer that
     wraps in iteration 1. The TD(λ) call sees the last 100 vector steps in time order: scaled rewards, V(s),
     V(true final observation), the bootstrap cut (done, or terminated with --bootstrap-truncated), and the
-    recursion cut at episode ends and before each iteration's reset."""
+    recursion cut at episode ends and before each iteration's reset; it gets γ, λ and α as set. The critic regresses
+    each sampled row on that row's target; the actor's weights get β, w_max and, for each sampled row, the TD(λ)
+    target minus V(s), both from the critic after its update."""
     from common.datasets import Normalizer
     steps, calls, critics = [], [], []
     real_make, real_td, real_critic = dawr.make_vec_env, dawr.td_lambda_targets, dawr.ObsCritic
@@ -265,30 +267,54 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
         envs.step = recording_step
         return envs
 
+    fits = []  # (V(s) of a critic batch, d loss / d V(s)): the regression target is V - dL/dV · B / 2
+
     class Critic(real_critic):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             critics.append(self)
 
+        def forward(self, obs):
+            v = super().forward(obs)
+            if torch.is_grad_enabled():
+                v.register_hook(lambda g, v=v.detach(): fits.append((v, g)))
+            return v
+
     def td(rewards, values, next_values, cut, ends, *a):
+        out = real_td(rewards, values, next_values, cut, ends, *a)
         calls.append(dict(rewards=rewards, values=values, next_values=next_values, cut=cut, ends=ends, n_steps=len(steps),
-                          params=[p.clone() for p in critics[0].parameters()]))
-        return real_td(rewards, values, next_values, cut, ends, *a)
-    for name, f in (("make_vec_env", make), ("td_lambda_targets", td), ("ObsCritic", Critic)):
+                          params=[p.clone() for p in critics[0].parameters()], hyper=a, targets=out, adv=out - values))
+        return out
+    awr, real_awr = [], dawr.awr_weights
+    for name, f in (("make_vec_env", make), ("td_lambda_targets", td), ("ObsCritic", Critic),
+                    ("awr_weights", lambda adv, beta, w_max: awr.append((adv, beta, w_max)) or real_awr(adv, beta, w_max))):
         monkeypatch.setattr(dawr, name, f)
-    highs, real_randint = [], torch.randint
+    highs, drawn, real_randint = [], [], torch.randint
 
     def randint(*a, **kw):
+        out = real_randint(*a, **kw)
         if len(a) == 2:  # randint(high, size): the buffer samples of the critic's and the actor's batches
             highs.append(a[0])
-        return real_randint(*a, **kw)
+            drawn.append(out)
+        return out
     monkeypatch.setattr(torch, "randint", randint)
     dawr.main(dawr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "buffer_size": 100, "replay_ratio": 4,
                            "val_freq": 0, "checkpoint": pretrained["checkpoint"], "bootstrap_truncated": bootstrap_truncated,
+                           "gamma": 0.97, "td_lambda": 0.9, "td_alpha": 0.8, "beta": 5.0, "max_weight": 50.0,
                            "exp_name": f"wiring{bootstrap_truncated}"}))
     assert len(calls) == 4 and calls[2]["n_steps"] == 120  # two per iteration (before and after the critic's steps)
     # int(60·2 / 40 · 4) = 12 actor and 12 // 4 = 3 critic steps per iteration, each drawn over all (step, env) rows
     assert highs == [60 * 2] * 15 + [100 * 2] * 15
+    assert all(c["hyper"] == (0.97, 0.9, 0.8) for c in calls)
+    # iteration 0's 3 critic steps (buffer rows 0-59 in time order): each sampled row's target from the first call
+    assert len(fits) == 6
+    for (v, g), idx in zip(fits[:3], drawn[:3]):
+        torch.testing.assert_close(v - g * len(idx) / 2, calls[0]["targets"].flatten()[idx], atol=1e-5, rtol=1e-5)
+    # the 12 actor steps of each iteration: advantages from the call after the critic's steps, β and w_max as set
+    assert len(awr) == 24 and all((b, w) == (5.0, 50.0) for _, b, w in awr)
+    for k, (adv, _, _) in enumerate(awr):
+        assert torch.isin(adv, calls[2 * (k // 12) + 1]["adv"]).all()
+    assert not torch.isin(awr[0][0], calls[0]["adv"]).any()  # (the critic's steps changed every advantage)
     c = calls[2]  # iteration 1, before the critic's update: rows of env steps 20 .. 119 in time order
     window = steps[20:120]
     norm = Normalizer.from_state_dict(torch.load(pretrained["checkpoint"], weights_only=True)["normalization"])
