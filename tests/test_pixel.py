@@ -200,8 +200,11 @@ def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     def shift(rgb, *a, **kw):
         before = rgb.clone()
         real_shift(rgb, *a, **kw)
-        events.append(("shift", bool((before != rgb).any())))
+        events.append(("shift", bool((before != rgb).any()), rgb.flatten(0, 1).clone()))
     monkeypatch.setattr(ftp, "shift_images_", shift)
+    real_encode = ftp.VisionDiffusionNet.encode
+    monkeypatch.setattr(ftp.VisionDiffusionNet, "encode", lambda self, cond: events.append(
+        ("encode", cond["rgb"].clone(), torch.is_grad_enabled())) or real_encode(self, cond))
     monkeypatch.setattr(ftp, "pair_logprobs", lambda *a: events.append(("lp", torch.is_grad_enabled())) or real_lp(*a))
     out = ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=2, n_critic_warmup_itr=1, seed=0, **TINY_FT))
     h = out["history"]
@@ -210,17 +213,25 @@ def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     # (same shifted images, no augmentation inside the networks); iteration 1 moves it
     assert h[0]["approx_kl"] == 0.0 and h[0]["clipfrac"] == 0.0 and h[1]["approx_kl"] > 0
     # per iteration: one shift that changed the stored images, before the old log-probs (no grad), then the update
-    per_itr = [e for e in events if e[0] == "shift" or e == ("lp", False)]
+    # the images the networks see after a shift are the shifted buffer's: the first old log-prob batch's
+    for k, e in enumerate(events):
+        if e[0] == "shift":
+            rgb = next(x[1] for x in events[k:] if x[0] == "encode")
+            assert torch.equal(rgb, e[2][:len(rgb)])
+    per_itr = [e[:2] for e in events if e[0] == "shift" or e == ("lp", False)]
     shifts = [i for i, e in enumerate(per_itr) if e[0] == "shift"]
     assert len(shifts) == 2 and all(e[1] for e in per_itr if e[0] == "shift")
     assert all(per_itr[i + 1] == ("lp", False) for i in shifts)
     first_update = next(i for i, e in enumerate(events) if e == ("lp", True))
-    assert events.index(("shift", True)) < next(i for i, e in enumerate(events) if e == ("lp", False)) < first_update
+    first_shift = next(i for i, e in enumerate(events) if e[:2] == ("shift", True))
+    assert first_shift < next(i for i, e in enumerate(events) if e == ("lp", False)) < first_update
     # checkpoint reloads; eval.csv has the final row; the frozen base is untouched
     ft_ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ft_ckpt["itr"] == 2 and len(out["eval_rows"]) == 1
     assert all(torch.equal(ft_ckpt["base"][k], ckpt["ema"][k]) for k in ckpt["ema"])
     assert any(not torch.equal(ft_ckpt["actor_ft"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    assert any(not torch.equal(ft_ckpt["actor_ft"][k], v) for k, v in ckpt["ema"].items() if k.startswith("encoder."))
+    assert any(e[0] == "encode" and e[2] for e in events)  # the update encodes with gradients (actor_ft's encoder)
     # --eval-only on the fine-tuned checkpoint, and the checks of bad input
     ev = ftp.main(ftp.Args(checkpoint=out["checkpoint"], eval_only=True, **TINY_FT))
     assert set(ev["eval"]) == {"deterministic", "stochastic"}
