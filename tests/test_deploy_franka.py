@@ -162,6 +162,10 @@ def test_limits_clip_and_log(tmp_path):
         assert np.linalg.norm(pos - here) <= 0.02 + 1e-9 and pos[2] >= 0.3
         turn = rotation_angle(quat_to_matrix(np.array(s["state"]["ee_quat"])).T @ quat_to_matrix(q))
         assert turn == pytest.approx(0.2, abs=1e-6)
+    for s, twist in zip(steps, robot.twists):  # angular feedforward: the base-frame rotation vector to the target, x Hz
+        R_now, R_cmd = Rotation.from_quat(s["state"]["ee_quat"]), Rotation.from_quat(s["command"]["quat"])
+        np.testing.assert_allclose(twist[3:], (R_cmd * R_now.inv()).as_rotvec() * 200.0, atol=1e-6)
+        assert twist[5] == pytest.approx(0.2 * 200.0, abs=1e-4)  # +z: the target is turned +90° about the base's z
     assert any("workspace" in s["clipped"] for s in steps)  # z: 0.35 -> floor 0.3 after a few steps
     # speed limit: max_speed / control_hz is the step when it is the smaller one
     out = deploy.main(fake_args(tmp_path, ckpt, max_steps=2, max_speed=0.5, control_hz=100.0, max_step=0.03,
@@ -205,6 +209,34 @@ def test_workspace_floor_and_step_limit_in_z_alone(tmp_path):
     assert z == pytest.approx([0.33, 0.31, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30], abs=1e-9)
     assert [s["clipped"] for s in steps[:2]] == [["workspace", "translation_step"]] * 2
     assert steps[2]["clipped"] == ["workspace"] and robot.pos[2] == pytest.approx(0.30)
+
+
+def test_policy_sees_observations_clamped_to_five_normalised_units(tmp_path, monkeypatch):
+    """Observation statistics much narrower than the arm's state (position 0..0.01): the normalised observation the
+    policy receives is clamped to [-5, 5], as the furniture envs clamp it in training."""
+    path = reach_checkpoint(str(tmp_path / "narrow.pt"), np.array([0.45, 0.0, 0.35]))
+    ckpt = torch.load(path, weights_only=True)
+    norm = Normalizer.from_state_dict(ckpt["normalization"])
+    norm = Normalizer(np.zeros(16), np.full(16, 0.01), norm.action_min.numpy(), norm.action_max.numpy())
+    save_checkpoint(path, {**ckpt, "normalization": norm.state_dict()})
+    seen, real = [], deploy.ChunkPolicy.forward
+    monkeypatch.setattr(deploy.ChunkPolicy, "forward",
+                        lambda self, cond, *a: seen.append(cond.clone()) or real(self, cond, *a))
+    out = deploy.main(fake_args(tmp_path, path, max_steps=4), robot=FakeRobot())
+    first = [r for r in read_log(out["log"]) if r["type"] == "step"][0]
+    expected = np.clip(norm.normalize_obs(torch.tensor(first["obs"], dtype=torch.float32)).numpy(), -5, 5)
+    assert len(seen) == 1 and (expected == 5).any() and (expected == -5).any()  # both bounds act
+    np.testing.assert_allclose(seen[0].reshape(-1).numpy(), expected, rtol=1e-6)
+
+
+def test_start_outside_the_workspace_is_refused_even_within_the_tracking_margin(tmp_path):
+    """The tracking margin (2 cm) applies once the robot moves; at the start the end-effector must be inside the box:
+    1 cm above it, nothing is sent."""
+    ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.45, 0.0, 0.55]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.61))
+    with pytest.raises(RobotError, match="outside the workspace box.*at the start: move it inside first"):
+        deploy.main(fake_args(tmp_path, ckpt), robot=robot)
+    assert robot.sent == [] and robot.stopped
 
 
 def test_franky_state_splits_the_twist_into_linear_then_angular(monkeypatch):
