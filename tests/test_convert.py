@@ -9,6 +9,7 @@ and take the same actions for the same noise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,25 @@ def test_gaussian_round_trip(tmp_path):
     # the reference fine-tunes (and evaluates) its Gaussian policies from the `model` weights
     np.testing.assert_allclose(mean.flatten(1).numpy(), REF[f"{case}.mean_model"], atol=1e-6)
     np.testing.assert_allclose(std.expand(8, 4, 7).flatten(1).numpy(), REF[f"{case}.scale_model"], atol=1e-6)
+
+
+def test_gaussian_with_a_learned_std_takes_half_its_log_variance(tmp_path):
+    """A reference Gaussian_MLP with `learn_fixed_std` stores a `logvar` parameter (action_dim,): the imported policy's
+    std is exp(logvar / 2) per action dimension (within the checkpoint's limits 0.01..1), its mean unchanged."""
+    case, task = "can_gaussian", get_task("can")
+    path = write_reference(tmp_path, case)
+    ref = torch.load(path, weights_only=True)
+    stds = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+    ref["model"]["network.logvar"] = torch.tensor([math.log(s * s) for s in stds])
+    torch.save(ref, path)
+    ckpt = load_checkpoint(str(path), "gaussian", "", task)
+    policy = gp.GaussianPolicy(gp.build_network(ckpt["backbone"], ckpt["arch"]), 7, 0.1, *ckpt["std_limits"])
+    policy.load_state_dict(ckpt["ema"])
+    normalizer = Normalizer.from_state_dict(ckpt["normalization"])
+    with torch.no_grad():
+        mean, std = policy(normalizer.normalize_obs(torch.from_numpy(REF[f"{case}.obs"])))
+    np.testing.assert_allclose(std.expand(8, 4, 7).numpy(), np.broadcast_to(stds, (8, 4, 7)), rtol=1e-6)
+    np.testing.assert_allclose(mean.flatten(1).numpy(), REF[f"{case}.mean_model"], atol=1e-6)
 
 
 def test_converter_command_writes_a_checkpoint_once(tmp_path):

@@ -162,12 +162,111 @@ def test_limits_clip_and_log(tmp_path):
         assert np.linalg.norm(pos - here) <= 0.02 + 1e-9 and pos[2] >= 0.3
         turn = rotation_angle(quat_to_matrix(np.array(s["state"]["ee_quat"])).T @ quat_to_matrix(q))
         assert turn == pytest.approx(0.2, abs=1e-6)
+    for s, twist in zip(steps, robot.twists):  # angular feedforward: the base-frame rotation vector to the target, x Hz
+        R_now, R_cmd = Rotation.from_quat(s["state"]["ee_quat"]), Rotation.from_quat(s["command"]["quat"])
+        np.testing.assert_allclose(twist[3:], (R_cmd * R_now.inv()).as_rotvec() * 200.0, atol=1e-6)
+        assert twist[5] == pytest.approx(0.2 * 200.0, abs=1e-4)  # +z: the target is turned +90° about the base's z
     assert any("workspace" in s["clipped"] for s in steps)  # z: 0.35 -> floor 0.3 after a few steps
     # speed limit: max_speed / control_hz is the step when it is the smaller one
     out = deploy.main(fake_args(tmp_path, ckpt, max_steps=2, max_speed=0.5, control_hz=100.0, max_step=0.03,
                                 log=str(tmp_path / "speed.jsonl")), robot=FakeRobot())
     steps = [r for r in read_log(out["log"]) if r["type"] == "step"]
     assert np.linalg.norm(np.array(steps[0]["command"]["pos"]) - steps[0]["state"]["ee_pos"]) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("dt,stops", [(0.0045, True), (0.0055, False)])
+def test_measured_speed_above_twice_the_limit_stops(tmp_path, dt, stops):
+    """Straight down (z only): --max-speed 0.25 at 100 Hz allows 2.5 mm per step; the fake robot covers the step in
+    `dt` seconds, so it measures 2.5e-3 / dt m/s at the next observation: 0.556 m/s (over 2 x 0.25) stops the
+    robot after one command, 0.455 m/s runs on, every step limited in z as well."""
+    ckpt = reach_checkpoint(str(tmp_path / "down.pt"), np.array([0.45, 0.0, 0.25]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.35), dt=dt)
+    args = fake_args(tmp_path, ckpt, max_steps=4, max_speed=0.25, control_hz=100.0)
+    speed = 2.5e-3 / dt
+    if stops:
+        with pytest.raises(RobotError, match=f"speed {speed:.3f} m/s exceeds 2 x --max-speed 0.25"):
+            deploy.main(args, robot=robot)
+        log = read_log(args.log)
+        assert robot.stopped and log[-1]["type"] == "end" and log[-1]["steps"] == 1 and len(robot.sent) == 1
+        return
+    out = deploy.main(args, robot=robot)
+    steps = [r for r in read_log(out["log"]) if r["type"] == "step"]
+    assert out["stop_reason"] == "done" and len(steps) == 4
+    for s in steps:  # each command 2.5 mm below the measured position, straight down
+        move = np.array(s["command"]["pos"]) - s["state"]["ee_pos"]
+        assert np.allclose(move, [0.0, 0.0, -2.5e-3], atol=1e-9) and s["clipped"] == ["translation_step"]
+    assert np.linalg.norm(steps[1]["obs"][9:12]) == pytest.approx(speed)  # the observation's measured velocity
+
+
+def test_workspace_floor_and_step_limit_in_z_alone(tmp_path):
+    """A target straight below the workspace floor: the command stops at the floor (z), and each step down is at most
+    --max-step (z alone, no x/y motion to trip the limit)."""
+    ckpt = reach_checkpoint(str(tmp_path / "floor.pt"), np.array([0.45, 0.0, 0.10]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.35))
+    out = deploy.main(fake_args(tmp_path, ckpt, max_steps=8, max_step=0.02, workspace_min=(0.25, -0.4, 0.30)), robot=robot)
+    steps = [r for r in read_log(out["log"]) if r["type"] == "step"]
+    z = [s["command"]["pos"][2] for s in steps]
+    assert z == pytest.approx([0.33, 0.31, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30], abs=1e-9)
+    assert [s["clipped"] for s in steps[:2]] == [["workspace", "translation_step"]] * 2
+    assert steps[2]["clipped"] == ["workspace"] and robot.pos[2] == pytest.approx(0.30)
+
+
+def test_policy_sees_observations_clamped_to_five_normalised_units(tmp_path, monkeypatch):
+    """Observation statistics much narrower than the arm's state (position 0..0.01): the normalised observation the
+    policy receives is clamped to [-5, 5], as the furniture envs clamp it in training."""
+    path = reach_checkpoint(str(tmp_path / "narrow.pt"), np.array([0.45, 0.0, 0.35]))
+    ckpt = torch.load(path, weights_only=True)
+    norm = Normalizer.from_state_dict(ckpt["normalization"])
+    norm = Normalizer(np.zeros(16), np.full(16, 0.01), norm.action_min.numpy(), norm.action_max.numpy())
+    save_checkpoint(path, {**ckpt, "normalization": norm.state_dict()})
+    seen, real = [], deploy.ChunkPolicy.forward
+    monkeypatch.setattr(deploy.ChunkPolicy, "forward",
+                        lambda self, cond, *a: seen.append(cond.clone()) or real(self, cond, *a))
+    out = deploy.main(fake_args(tmp_path, path, max_steps=4), robot=FakeRobot())
+    first = [r for r in read_log(out["log"]) if r["type"] == "step"][0]
+    expected = np.clip(norm.normalize_obs(torch.tensor(first["obs"], dtype=torch.float32)).numpy(), -5, 5)
+    assert len(seen) == 1 and (expected == 5).any() and (expected == -5).any()  # both bounds act
+    np.testing.assert_allclose(seen[0].reshape(-1).numpy(), expected, rtol=1e-6)
+
+
+def test_start_outside_the_workspace_is_refused_even_within_the_tracking_margin(tmp_path):
+    """The tracking margin (2 cm) applies once the robot moves; at the start the end-effector must be inside the box:
+    1 cm above it, nothing is sent."""
+    ckpt = reach_checkpoint(str(tmp_path / "reach.pt"), np.array([0.45, 0.0, 0.55]))
+    robot = FakeRobot(pos=(0.45, 0.0, 0.61))
+    with pytest.raises(RobotError, match="outside the workspace box.*at the start: move it inside first"):
+        deploy.main(fake_args(tmp_path, ckpt), robot=robot)
+    assert robot.sent == [] and robot.stopped
+
+
+def test_franky_state_splits_the_twist_into_linear_then_angular(monkeypatch):
+    """FrankyRobot.observe on a stand-in for franky: the end-effector twist is the zero Jacobian (6 x 7, libfranka:
+    linear rows first, then angular) times dq; the observation carries the linear velocity at 9:12, the angular at
+    12:15, as the furniture envs' robot state."""
+    import types
+
+    from common import robot as robot_mod
+    rng = np.random.default_rng(2)
+    J, dq = rng.normal(size=(6, 7)), rng.normal(size=7)
+    state = types.SimpleNamespace(O_T_EE=types.SimpleNamespace(translation=[0.4, 0.1, 0.3], quaternion=[1.0, 0, 0, 0]),
+                                  q=np.zeros(7), dq=dq)
+
+    class Robot:
+        def __init__(self, host, realtime_config=None):
+            self.state = state
+            self.model = types.SimpleNamespace(zero_jacobian=lambda frame, s: J)
+    franky = types.SimpleNamespace(Robot=Robot, Gripper=lambda host: types.SimpleNamespace(width=0.05),
+                                   RealtimeConfig=types.SimpleNamespace(Ignore=0), Frame=types.SimpleNamespace(EndEffector=0))
+    monkeypatch.setattr(robot_mod, "_import_franky", lambda: franky)
+    s = robot_mod.FrankyRobot("stand-in").observe()
+    twist = [sum(J[r, c] * dq[c] for c in range(7)) for r in range(6)]
+    assert np.abs(np.subtract(twist[:3], twist[3:])).min() > 0.1  # the two halves differ in every component
+    np.testing.assert_allclose(s.ee_lin_vel, twist[:3], rtol=1e-12)
+    np.testing.assert_allclose(s.ee_ang_vel, twist[3:], rtol=1e-12)
+    obs = deploy.robot_obs(s)
+    np.testing.assert_allclose(obs[9:12], twist[:3], rtol=1e-12)
+    np.testing.assert_allclose(obs[12:15], twist[3:], rtol=1e-12)
+    assert obs[15] == 0.05 and np.allclose(obs[:3], [0.4, 0.1, 0.3])
 
 
 def test_non_finite_policy_output_stops_and_flushes(tmp_path, monkeypatch):

@@ -324,3 +324,52 @@ def test_td_action_is_the_acting_policys_sample_at_the_next_observation(pretrain
     for (critic, target, obs, action, reward, next_obs, next_action, cut, gamma), (cond, x) in calls:
         assert action.shape[1:] == (2, 2) and next_action.shape[1:] == (2, 2) and gamma == 0.99
         assert torch.equal(cond, next_obs) and torch.equal(next_action, x[:, :2])
+
+
+@pytest.mark.parametrize("module", [dipo, dql], ids=["dipo", "dql"])
+def test_update_wiring_of_targets_ema_rates_and_the_actor_loss(pretrained, monkeypatch, module):
+    """T_e = 2 < T_a = 4, a target EMA rate of 0.02 and (DQL) η = 0.3, every update of one iteration: the TD target
+    comes from the target critic, which (and DIPO's target actor) moves by τ towards its online network after each
+    update. DIPO: the action gradient runs on the online critic at the actor batch, bounded by 0.1 · T_e · D_a, and the
+    actor's ε-loss fits exactly those improved actions. DQL: the actor loss gets the critic batch's observations and η."""
+    critic_calls, emas, grads, fits, actor_calls = [], [], [], [], []
+    real_loss, real_ema = module.critic_loss, module.ema_update
+    monkeypatch.setattr(module, "critic_loss", lambda *a: critic_calls.append(a) or real_loss(*a))
+    monkeypatch.setattr(module, "ema_update", lambda t, s, tau: emas.append((t, s, tau)) or real_ema(t, s, tau))
+    if module is dipo:
+        real_grad, real_eps = dipo.action_gradient, dipo.Diffusion.eps_loss
+
+        def action_gradient(*a):
+            out = real_grad(*a)
+            grads.append((a, out))
+            return out
+        monkeypatch.setattr(dipo, "action_gradient", action_gradient)
+        monkeypatch.setattr(dipo.Diffusion, "eps_loss", lambda self, net, x0, cond: fits.append((net, x0, cond))
+                            or real_eps(self, net, x0, cond))
+        kw = dict(action_grad_norm_coef=0.1)
+    else:
+        real_actor = dql.actor_loss
+        monkeypatch.setattr(dql, "actor_loss", lambda agent, obs, eta, T_e: actor_calls.append((agent, obs, eta, T_e))
+                            or real_actor(agent, obs, eta, T_e))
+        kw = dict(eta=0.3)
+    _run(module, pretrained["checkpoint"], n_train_itr=1, act_steps=2, n_critic_warmup_itr=0, val_freq=0,
+         buffer_size=1000, target_ema_rate=0.02, exp_name=f"update_{module.__name__}", **kw)
+    n = int(25 * 8 / 50 * 2)
+    assert len(critic_calls) == n
+    critic, target = critic_calls[0][:2]
+    assert target is not critic and all(c[0] is critic and c[1] is target for c in critic_calls)
+    assert {tau for *_, tau in emas} == {0.02}
+    if module is dipo:  # critic then actor targets, once per update
+        actor = fits[0][0]
+        assert len(emas) == 2 * n and all(e[:2] == (target, critic) for e in emas[::2])
+        assert all(e[1] is actor and e[0] is not actor for e in emas[1::2])
+        assert len(grads) == len(fits) == n
+        for (a, guided), (net, x0, cond) in zip(grads, fits):
+            assert a[0] is critic and a[5] == pytest.approx(0.1 * 2 * 2) and a[2].shape[1:] == (2, 2)
+            assert cond is a[1] and torch.equal(x0[:, :2], guided) and x0.shape[1:] == (4, 2)
+            assert not torch.equal(guided, a[2])  # the gradient moved the actions
+    else:
+        assert len(emas) == n and all(e[:2] == (target, critic) for e in emas)
+        assert len(actor_calls) == n
+        for c, (_, obs, eta, T_e) in zip(critic_calls, actor_calls):
+            assert obs is c[2] and (eta, T_e) == (0.3, 2)

@@ -248,7 +248,9 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
     """T_e = 2: 50-chunk-step Avoid episodes truncated inside 60-chunk-step iterations; a 100-step buffer that
     wraps in iteration 1. The TD(λ) call sees the last 100 vector steps in time order: scaled rewards, V(s),
     V(true final observation), the bootstrap cut (done, or terminated with --bootstrap-truncated), and the
-    recursion cut at episode ends and before each iteration's reset."""
+    recursion cut at episode ends and before each iteration's reset; it gets γ, λ and α as set. The critic regresses
+    each sampled row on that row's target; the actor's weights get β, w_max and, for each sampled row, the TD(λ)
+    target minus V(s), both from the critic after its update."""
     from common.datasets import Normalizer
     steps, calls, critics = [], [], []
     real_make, real_td, real_critic = dawr.make_vec_env, dawr.td_lambda_targets, dawr.ObsCritic
@@ -265,30 +267,54 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
         envs.step = recording_step
         return envs
 
+    fits = []  # (V(s) of a critic batch, d loss / d V(s)): the regression target is V - dL/dV · B / 2
+
     class Critic(real_critic):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             critics.append(self)
 
+        def forward(self, obs):
+            v = super().forward(obs)
+            if torch.is_grad_enabled():
+                v.register_hook(lambda g, v=v.detach(): fits.append((v, g)))
+            return v
+
     def td(rewards, values, next_values, cut, ends, *a):
+        out = real_td(rewards, values, next_values, cut, ends, *a)
         calls.append(dict(rewards=rewards, values=values, next_values=next_values, cut=cut, ends=ends, n_steps=len(steps),
-                          params=[p.clone() for p in critics[0].parameters()]))
-        return real_td(rewards, values, next_values, cut, ends, *a)
-    for name, f in (("make_vec_env", make), ("td_lambda_targets", td), ("ObsCritic", Critic)):
+                          params=[p.clone() for p in critics[0].parameters()], hyper=a, targets=out, adv=out - values))
+        return out
+    awr, real_awr = [], dawr.awr_weights
+    for name, f in (("make_vec_env", make), ("td_lambda_targets", td), ("ObsCritic", Critic),
+                    ("awr_weights", lambda adv, beta, w_max: awr.append((adv, beta, w_max)) or real_awr(adv, beta, w_max))):
         monkeypatch.setattr(dawr, name, f)
-    highs, real_randint = [], torch.randint
+    highs, drawn, real_randint = [], [], torch.randint
 
     def randint(*a, **kw):
+        out = real_randint(*a, **kw)
         if len(a) == 2:  # randint(high, size): the buffer samples of the critic's and the actor's batches
             highs.append(a[0])
-        return real_randint(*a, **kw)
+            drawn.append(out)
+        return out
     monkeypatch.setattr(torch, "randint", randint)
     dawr.main(dawr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "buffer_size": 100, "replay_ratio": 4,
                            "val_freq": 0, "checkpoint": pretrained["checkpoint"], "bootstrap_truncated": bootstrap_truncated,
+                           "gamma": 0.97, "td_lambda": 0.9, "td_alpha": 0.8, "beta": 5.0, "max_weight": 50.0,
                            "exp_name": f"wiring{bootstrap_truncated}"}))
     assert len(calls) == 4 and calls[2]["n_steps"] == 120  # two per iteration (before and after the critic's steps)
     # int(60·2 / 40 · 4) = 12 actor and 12 // 4 = 3 critic steps per iteration, each drawn over all (step, env) rows
     assert highs == [60 * 2] * 15 + [100 * 2] * 15
+    assert all(c["hyper"] == (0.97, 0.9, 0.8) for c in calls)
+    # iteration 0's 3 critic steps (buffer rows 0-59 in time order): each sampled row's target from the first call
+    assert len(fits) == 6
+    for (v, g), idx in zip(fits[:3], drawn[:3]):
+        torch.testing.assert_close(v - g * len(idx) / 2, calls[0]["targets"].flatten()[idx], atol=1e-5, rtol=1e-5)
+    # the 12 actor steps of each iteration: advantages from the call after the critic's steps, β and w_max as set
+    assert len(awr) == 24 and all((b, w) == (5.0, 50.0) for _, b, w in awr)
+    for k, (adv, _, _) in enumerate(awr):
+        assert torch.isin(adv, calls[2 * (k // 12) + 1]["adv"]).all()
+    assert not torch.isin(awr[0][0], calls[0]["adv"]).any()  # (the critic's steps changed every advantage)
     c = calls[2]  # iteration 1, before the critic's update: rows of env steps 20 .. 119 in time order
     window = steps[20:120]
     norm = Normalizer.from_state_dict(torch.load(pretrained["checkpoint"], weights_only=True)["normalization"])
@@ -312,7 +338,8 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
 def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     """T_e = 2: each env's 50-chunk-step episode ends inside a 60-chunk-step iteration, the next one is cut off.
     The weights get the unscaled discounted return-to-go of exactly the finished episodes' chunk-steps, and the
-    loss sees those chunk-steps' observations and sampled chunks (whose first T_e actions the env executed)."""
+    loss sees those chunk-steps' observations and sampled chunks (whose first T_e actions the env executed), each
+    with its own weight in both batches of 50."""
     from common.datasets import Normalizer
     steps, weights_in, loss_in = [], [], []
     real_make, real_weights, real_loss = drwr.make_vec_env, drwr.rwr_weights, drwr.DiffusionPolicy.loss
@@ -340,7 +367,7 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     monkeypatch.setattr(drwr, "rwr_weights", rwr_weights)
     monkeypatch.setattr(drwr.DiffusionPolicy, "loss", loss)
     out = drwr.main(drwr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "n_train_itr": 1, "val_freq": 0,
-                                 "batch_size": 1000, "update_epochs": 1, "gamma": 0.9,
+                                 "batch_size": 50, "update_epochs": 1, "gamma": 0.9,
                                  "checkpoint": pretrained["checkpoint"], "exp_name": "wiring"}))
     done = np.stack([s["done"] for s in steps[:60]])
     assert done[49].all() and done.sum() == 2
@@ -355,7 +382,8 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     (returns, beta, max_weight, w), = weights_in
     np.testing.assert_allclose(returns, expected, rtol=1e-12)
     assert (beta, max_weight) == (10.0, 100.0) and out["history"][0]["n_samples"] == 100
-    (x0, w_loss), = loss_in  # one batch of all 100 samples (batch_size > S)
+    assert len(loss_in) == 2  # two batches of 50 cover the 100 samples
+    x0, w_loss = (torch.cat(x) for x in zip(*loss_in))
     assert torch.equal(w_loss.sort().values, w.sort().values)
     norm = Normalizer.from_state_dict(torch.load(pretrained["checkpoint"], weights_only=True)["normalization"])
     executed = policy_action(norm, torch.as_tensor(np.stack([s["action"] for s in steps[:50]]), dtype=torch.float32))
@@ -364,3 +392,27 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     assert sorted(order) == list(range(100))  # every finished chunk-step's chunk is in the batch once
     torch.testing.assert_close(x0[order, :2], sampled, atol=1e-5, rtol=1e-5)
     assert torch.equal(w_loss[order], w)  # each with its own weight
+
+
+def test_drwr_episodes_carried_across_iterations_start_where_they_started(pretrained, monkeypatch):
+    """Envs that continue across iterations (as gym locomotion's; Avoid made to here), T_e = 2: 50-chunk-step
+    episodes in 60-chunk-step iterations. Iteration 0 holds one whole episode per env (steps 0-49); iteration 1
+    holds the end of the episode that started in iteration 0 (steps 60-99) and the start of the next (100-119): no
+    episode both starts and ends in it, so it has no samples and makes no update."""
+    import dataclasses
+    real_task = drwr.get_task
+    monkeypatch.setattr(drwr, "get_task", lambda env_id: dataclasses.replace(real_task(env_id), reset_every_iteration=False))
+    resets, real_make = [], drwr.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(drwr, "make_vec_env", make)
+    out = drwr.main(drwr.Args(**{**TINY, "num_envs": 2, "n_steps": 60, "act_steps": 2, "n_train_itr": 2, "val_freq": 0,
+                                 "batch_size": 1000, "update_epochs": 1, "checkpoint": pretrained["checkpoint"],
+                                 "exp_name": "carried"}))
+    h = out["history"]
+    assert resets.count(0) == 1 and 2 not in resets  # one training reset (seed 0): iteration 1 continues the episodes
+    assert [x["n_samples"] for x in h] == [100, 0] and "loss" in h[0] and "loss" not in h[1]

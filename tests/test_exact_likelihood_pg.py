@@ -14,6 +14,7 @@ import dppo_pretrain as pt
 import exact_likelihood_pg as el
 from common.networks import DiffusionMLP, ObsCritic
 from common.runs import UsageError
+from tests.helpers import WiringRecorder
 from tests.test_reference_vectors import load_by_order, ref_weights
 
 REF = Path(__file__).parent / "reference"
@@ -287,3 +288,37 @@ def test_defaults_and_refusals():
         el.fill_defaults(el.Args(env_id="one-leg-low"))
     with pytest.raises(UsageError, match="past the last denoising step"):
         el.ode_grid(20, 1e-4, 0.01)
+
+
+def test_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
+    """What `main` hands to its parts in one 60-chunk-step Avoid iteration with T_e = 2 (50-step episodes truncated in
+    the middle), --bootstrap-truncated, γ 0.97, λ 0.9, one minibatch of all 120 env-steps: firsts, the bootstrap
+    observation, γ and λ (tests/helpers.py, WiringRecorder); the PPO loss gets the GAE advantages with their sign and
+    the clip range, and the critic regresses each sample on its GAE return (advantage + V(s))."""
+    ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
+    rec = WiringRecorder(el, monkeypatch, ckpt["normalization"])
+    losses, fits = [], []
+    real_loss, recorded_critic = el.ppo_loss_backward, el.ObsCritic
+    monkeypatch.setattr(el, "ppo_loss_backward", lambda loglik, n, old_lp, adv, clip, chunk:
+                        losses.append((n, adv, clip)) or real_loss(loglik, n, old_lp, adv, clip, chunk))
+
+    class Critic(recorded_critic):  # V(s) of the update's batch and d loss / d V(s)
+        def forward(self, obs):
+            v = super().forward(obs)
+            if torch.is_grad_enabled():
+                v.register_hook(lambda g, v=v.detach(): fits.append((v, g)))
+            return v
+    monkeypatch.setattr(el, "ObsCritic", Critic)
+    N, n_steps = 2, 60
+    el.main(el.Args(env_id="avoid-m2", checkpoint=pretrained["checkpoint"], n_train_itr=1, num_envs=N, n_steps=n_steps,
+                    act_steps=2, val_freq=0, seed=0, plot=False, batch_size=N * n_steps, update_epochs=1,
+                    n_critic_warmup_itr=0, bootstrap_truncated=True, gamma=0.97, gae_lambda=0.9, clip_coef=0.05,
+                    vf_coef=0.5, exp_name="wiring"))
+    rec.check_first_iteration(n_steps, 0.97, 0.9, True, seed=0, num_envs=N)
+    (n, adv, clip), = losses
+    g = rec.gae[0]
+    assert n == N * n_steps and clip == 0.05
+    torch.testing.assert_close(adv.sort().values, g["advantages"].flatten().sort().values)
+    (v, dv), = fits  # v_loss = 0.5 mean (V - R)², times vf_coef: dL/dV = 0.5 (V - R) / B
+    returns = (g["advantages"] + g["values"]).flatten()
+    torch.testing.assert_close((v - dv * n / 0.5).sort().values, returns.sort().values, atol=1e-4, rtol=1e-4)

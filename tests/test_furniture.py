@@ -203,6 +203,12 @@ def test_observations_clamped_to_five_normalised_units():
     n_raw, n_clamped = norm.normalize_obs(raw), norm.normalize_obs(clamped)
     assert n_raw.max() > 20  # parts poses = env index: far outside the dataset's range for envs 1 to 3
     np.testing.assert_allclose(n_clamped, np.clip(n_raw, -5, 5), atol=1e-4)
+    # a dataset range above most raw values: the lower bound acts too (zeros normalise to -21)
+    norm = Normalizer(np.full(58, 2.0), np.full(58, 2.2), np.full(10, -1.0), np.full(10, 1.0))
+    n_raw, n_clamped = norm.normalize_obs(raw), norm.normalize_obs(make_env(FakeFurnitureSim(4), normalizer=norm).reset())
+    assert n_raw.min() < -20 and n_raw.max() > 5
+    np.testing.assert_allclose(n_clamped, np.clip(n_raw, -5, 5), atol=1e-4)
+    assert (n_clamped < -4.999).sum() > 100 and (n_clamped > 4.999).any()
 
 
 def test_action_and_observation_noise_in_normalised_units():

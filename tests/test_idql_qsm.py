@@ -396,3 +396,51 @@ def test_replay_buffer_fifo_checkpoint_and_extension():
     longer.load_state_dict(b.state_dict())
     longer.add(obs=torch.tensor([5, 5.5]), rewards=torch.tensor([-5, -5.5]))
     assert (longer.ptr, longer.size) == (4, 4) and longer.data["obs"][:, 0].tolist() == [2, 3, 4, 5, 0]
+
+
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_update_wiring_of_the_losses_and_the_target_ema(pretrained, monkeypatch, module):
+    """One iteration, no warm-up, γ 0.97, τ 0.01, expectile 0.7 (IDQL), Q-gradient coefficient 3 (QSM): every update
+    hands each loss the sampled batch's own tensors in their places, with these numbers, and moves the target Q by τ
+    towards the online Q. IDQL's training rollout draws its candidates (not the argmax), as set."""
+    cls = idql.IDQLDiffusion if module is idql else qsm.QSMDiffusion
+    names = ("loss_critic_v", "loss_critic_q", "loss_actor") if module is idql else ("loss_critic", "loss_actor")
+    batches, calls, emas, acts, resets = [], [], [], [], []
+    real_sample, real_ema, real_make = module.ReplayBuffer.sample, module.ema_update, module.make_vec_env
+    monkeypatch.setattr(module.ReplayBuffer, "sample", lambda self, n: batches.append(real_sample(self, n)) or batches[-1])
+    monkeypatch.setattr(module, "ema_update", lambda t, s, tau: emas.append((t, s, tau)) or real_ema(t, s, tau))
+    for name in names:
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, real=real, name=name: calls.append((name, self, a)) or real(self, *a))
+    real_get = cls.get_action
+    monkeypatch.setattr(cls, "get_action", lambda self, *a, **kw: acts.append((resets[-1], a[1:])) or real_get(self, *a, **kw))
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(module, "make_vec_env", make)
+    extra = dict(num_sample=3, expectile=0.7, sample_weight=0.6) if module is idql else dict(q_grad_coeff=3.0)
+    module.main(module.Args(**{**TINY, "n_train_itr": 1, "n_steps": 30, "val_freq": 0, "n_critic_warmup_itr": 0,
+                               "gamma": 0.97, "critic_tau": 0.01, **extra},
+                            checkpoint=pretrained["checkpoint"], exp_name="update_wiring"))
+    n = int(30 * 4 / 20 * 2)
+    assert len(batches) == n and len(calls) == len(names) * n and len(emas) == n
+    agent = calls[0][1]
+    for k, b in enumerate(batches):
+        got = {name: a for name, _, a in calls[len(names) * k:len(names) * (k + 1)]}
+        assert list(got) == list(names)
+        q = got["loss_critic_q" if module is idql else "loss_critic"]
+        assert all(x is b[key] for x, key in zip(q, ("obs", "next_obs", "actions", "rewards", "terminal"))) and q[5] == 0.97
+        if module is idql:
+            v = got["loss_critic_v"]
+            assert v[0] is b["obs"] and v[1] is b["actions"] and v[2] == 0.7
+            assert got["loss_actor"][0] is b["obs"] and got["loss_actor"][1] is b["actions"]
+        else:
+            a = got["loss_actor"]
+            assert a[0] is b["obs"] and a[1] is b["actions"] and a[2] == 3.0
+    assert all(t is agent.target_q and s is agent.critic_q and tau == 0.01 for t, s, tau in emas)
+    if module is idql:  # the 30 rollout steps follow the training reset (seed 0)
+        rollout = [a for seed, a in acts if seed == 0]
+        assert len(rollout) == 30 and all(a == (False, 3, 0.6, True) for a in rollout)

@@ -209,8 +209,11 @@ def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     def shift(rgb, *a, **kw):
         before = rgb.clone()
         real_shift(rgb, *a, **kw)
-        events.append(("shift", bool((before != rgb).any())))
+        events.append(("shift", bool((before != rgb).any()), rgb.flatten(0, 1).clone()))
     monkeypatch.setattr(ftp, "shift_images_", shift)
+    real_encode = ftp.VisionDiffusionNet.encode
+    monkeypatch.setattr(ftp.VisionDiffusionNet, "encode", lambda self, cond: events.append(
+        ("encode", cond["rgb"].clone(), torch.is_grad_enabled())) or real_encode(self, cond))
     monkeypatch.setattr(ftp, "pair_logprobs", lambda *a: events.append(("lp", torch.is_grad_enabled())) or real_lp(*a))
     out = ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=2, n_critic_warmup_itr=1, seed=0, **TINY_FT))
     h = out["history"]
@@ -220,20 +223,79 @@ def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     # shape than the rollout's, which some CPUs' kernels sum in another order (|KL| 4e-9 seen); iteration 1 moves it
     assert abs(h[0]["approx_kl"]) < 1e-6 and h[0]["clipfrac"] == 0.0 and h[1]["approx_kl"] > 1e-6
     # per iteration: one shift that changed the stored images, before the old log-probs (no grad), then the update
-    per_itr = [e for e in events if e[0] == "shift" or e == ("lp", False)]
+    # the images the networks see after a shift are the shifted buffer's: the first old log-prob batch's
+    for k, e in enumerate(events):
+        if e[0] == "shift":
+            rgb = next(x[1] for x in events[k:] if x[0] == "encode")
+            assert torch.equal(rgb, e[2][:len(rgb)])
+    per_itr = [e[:2] for e in events if e[0] == "shift" or e == ("lp", False)]
     shifts = [i for i, e in enumerate(per_itr) if e[0] == "shift"]
     assert len(shifts) == 2 and all(e[1] for e in per_itr if e[0] == "shift")
     assert all(per_itr[i + 1] == ("lp", False) for i in shifts)
     first_update = next(i for i, e in enumerate(events) if e == ("lp", True))
-    assert events.index(("shift", True)) < next(i for i, e in enumerate(events) if e == ("lp", False)) < first_update
+    first_shift = next(i for i, e in enumerate(events) if e[:2] == ("shift", True))
+    assert first_shift < next(i for i, e in enumerate(events) if e == ("lp", False)) < first_update
     # checkpoint reloads; eval.csv has the final row; the frozen base is untouched
     ft_ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ft_ckpt["itr"] == 2 and len(out["eval_rows"]) == 1
     assert all(torch.equal(ft_ckpt["base"][k], ckpt["ema"][k]) for k in ckpt["ema"])
     assert any(not torch.equal(ft_ckpt["actor_ft"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    assert any(not torch.equal(ft_ckpt["actor_ft"][k], v) for k, v in ckpt["ema"].items() if k.startswith("encoder."))
+    assert any(e[0] == "encode" and e[2] for e in events)  # the update encodes with gradients (actor_ft's encoder)
     # --eval-only on the fine-tuned checkpoint, and the checks of bad input
     ev = ftp.main(ftp.Args(checkpoint=out["checkpoint"], eval_only=True, **TINY_FT))
     assert set(ev["eval"]) == {"deterministic", "stochastic"}
+
+
+@needs_robosuite
+def test_pixel_finetune_wiring_of_gae_and_the_loss(pixel_pretrained, monkeypatch):
+    """One iteration of 3 chunk-steps with 8-step episodes (T_e = 4: every env truncated at chunk-step 1), γ 0.97,
+    λ 0.9, one minibatch of all 30 pairs: GAE gets no termination as its cut but the truncations as dones, and as
+    next values V(s_{t+1}) inside an episode and V(final observation) at the truncation and at the iteration's last
+    step; the loss gets each env-step's GAE advantage once per fine-tuned denoising step."""
+    import dppo_finetune_pixel as ftp
+    steps, values, gaes, advs = [], [], [], []
+    real_env, real_critic, real_gae, real_loss = ftp.PixelChunkVecEnv, ftp.ViTCritic, ftp.compute_gae, ftp.ppo_loss
+
+    class Envs(real_env):
+        def step(self, action):
+            out = super().step(action)
+            steps.append(dict(reward=out[1].copy(), term=out[2].copy(), trunc=out[3].copy(),
+                              final_rgb=out[4]["final_obs"]["rgb"].copy()))
+            return out
+
+    class Critic(real_critic):
+        def forward(self, cond):
+            v = super().forward(cond)
+            if not torch.is_grad_enabled():
+                values.append((cond["rgb"].clone(), v))
+            return v
+
+    def compute_gae(*a):
+        out = real_gae(*a)
+        gaes.append((a, out))
+        return out
+    for name, f in (("PixelChunkVecEnv", Envs), ("ViTCritic", Critic), ("compute_gae", compute_gae),
+                    ("ppo_loss", lambda new_lp, old_lp, adv, *a: advs.append(adv) or real_loss(new_lp, old_lp, adv, *a))):
+        monkeypatch.setattr(ftp, name, f)
+    kw = {**TINY_FT, "batch_size": 30, "grad_accumulate": 1, "update_epochs": 1, "logprob_batch_size": 6}
+    ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=1, n_critic_warmup_itr=0, seed=0,
+                      max_episode_steps=8, gamma=0.97, gae_lambda=0.9, **kw))
+    (rewards, v, next_v, cut, dones, gamma, lam), (adv, _) = gaes[0]
+    term = np.stack([s["term"] for s in steps[:3]])
+    done = np.stack([s["term"] | s["trunc"] for s in steps[:3]])
+    assert done[1].all() and done.sum() == 2 and not term.any()
+    assert rewards.shape == (3, 2)
+    assert torch.equal(cut, torch.zeros(3, 2)) and torch.equal(dones, torch.as_tensor(done, dtype=torch.float32))
+    assert (gamma, lam) == (0.97, 0.9)
+    # the critic's calls before GAE: V of the 6 stored observations, then of the final observations at steps 1 and 2
+    (_, v_all), (rgb1, v1), (rgb2, v2) = values[-3:]
+    assert torch.equal(v, v_all.view(3, 2)) and torch.equal(next_v[0], v[1])
+    assert torch.equal(next_v[1], v1) and torch.equal(rgb1, torch.as_tensor(steps[1]["final_rgb"]))
+    assert torch.equal(next_v[2], v2) and torch.equal(rgb2, torch.as_tensor(steps[2]["final_rgb"]))
+    assert not torch.equal(next_v[1], v[2])  # the truncation bootstraps from its own episode, not the reset one
+    (a,) = advs
+    torch.testing.assert_close(a.sort().values, adv.flatten().repeat_interleave(5).sort().values)
 
 
 @needs_robosuite
