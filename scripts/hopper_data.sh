@@ -17,6 +17,7 @@ PY=${PY:-.venv/bin/python}
 LOG_DIR=${LOG_DIR:-/tmp/hopper}
 CKPT_DIR=data/hopper/ckpt
 MEDIUM_ITR=${MEDIUM_ITR:-60}           # the checkpoint that plays D4RL's "medium" policy
+EXPERT_ITR=${EXPERT_ITR:-400}          # where the expert run stops (EXPERT_ITR=61: only what the medium data needs)
 DATASET=data/hopper/medium/train.npz
 N_COLLECT=${N_COLLECT:-150000}        # transitions in the dataset
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-60}
@@ -48,7 +49,7 @@ mkdir -p "$LOG_DIR" "$CKPT_DIR"
 #    so --n-train-itr only sets where the run ends and its checkpoint.pt at 400 is the same policy.)
 STAMP=$(date +%s)
 "$PY" gaussian_ppo.py --env-id Hopper-v5 --from-scratch --exp-name hopper_expert --seed 1 \
-    --clip-coef 0.07 --val-freq 20 --n-train-itr 400 > "$LOG_DIR/expert.log" 2>&1 &
+    --clip-coef 0.07 --val-freq 20 --n-train-itr "$EXPERT_ITR" > "$LOG_DIR/expert.log" 2>&1 &
 PID=$!
 RUN=""
 while [ -z "$RUN" ] && kill -0 $PID 2>/dev/null; do  # this run's folder (named by its start time)
