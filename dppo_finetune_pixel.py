@@ -45,14 +45,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer
+from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, evaluate
+from common.errors import DatasetError, UsageError
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
 from common.robomimic import PixelChunkVecEnv
-from common.runs import (PhaseTimer, UsageError, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, policy_header, ppo_optimizers, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers)
+from common.runs import (PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive, check_range, cli,
+                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
+                         policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint, script_name,
+                         seed_everything, start_finetuning, step_schedulers)
 from common.tasks import Task, get_task
 
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")

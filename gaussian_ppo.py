@@ -69,13 +69,14 @@ from tqdm import tqdm
 
 from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
+from common.errors import TaskError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
-                         explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header,
-                         ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
-                         script_name, seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
-from common.tasks import Task, TaskError, get_task, missing_packages, refuse_pixel_task
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, apply_defaults, apply_matmul_flags, args_dict, check_finite,
+                         check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
+                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
+                         seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
+from common.tasks import Task, get_task, missing_packages, refuse_pixel_task
 
 POLICY = "gaussian"
 

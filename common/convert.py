@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from common.datasets import REPO_ROOT, DatasetError, Normalizer, download
-from common.tasks import Task, TaskError, get_task
+from common.datasets import Normalizer, REPO_ROOT, download
+from common.errors import DatasetError, TaskError
+from common.tasks import Task, get_task
 
 REFERENCE = "irom-princeton/dppo"
 DRIVE_FILE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from common.errors import DatasetError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROBOT_KEYS = ["eef_pos", "eef_quat", "gripper_qpos"]  # 3 + 4 + 2 per arm
 ROBOMIMIC_OBS_KEYS: dict[str, list[str]] = {
@@ -45,10 +47,6 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of every (userblock-f
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (the second: an empty one)
 Traj = dict[str, np.ndarray]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing, unreadable, or has the wrong keys, values or dimensions (one-line message)."""
 
 
 def _one_line(e: object) -> str:

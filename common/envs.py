@@ -28,8 +28,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from common.runs import EVAL_STREAM, NonFiniteError, own_rng, stream_seed
-from common.tasks import Task, TaskError, require_simulator
+from common.errors import NonFiniteError, TaskError
+from common.runs import EVAL_STREAM, own_rng, stream_seed
+from common.tasks import Task, require_simulator
 from common.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
                           video_timing)
 

@@ -51,8 +51,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common.runs import NonFiniteError
-from common.tasks import Task, TaskError
+from common.errors import NonFiniteError, TaskError
+from common.tasks import Task
 
 LAUNCH_HINT = "python -m common.furniture {script} --env-id {task} ..."
 FORK_URL = "https://github.com/ankile/furniture-bench"

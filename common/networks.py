@@ -203,7 +203,7 @@ def build_diffusion_network(ckpt: dict, horizon_steps: int) -> nn.Module:
         from common.unet import UNet1D
         return UNet1D(**arch)
     if horizon_steps != arch["horizon_steps"]:
-        from common.runs import UsageError
+        from common.errors import UsageError
         raise UsageError(f"an MLP policy predicts T_a = {arch['horizon_steps']}; --horizon-steps {horizon_steps} needs a UNet")
     return DiffusionMLP(**arch)
 

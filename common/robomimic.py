@@ -44,7 +44,8 @@ import gymnasium as gym
 import numpy as np
 
 from common.envs import MultiStep, close_workers, serve_envs, start_workers
-from common.tasks import Task, TaskError, get_task, require_simulator
+from common.errors import TaskError
+from common.tasks import Task, get_task, require_simulator
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
 CONTROLLER_CONFIG: dict[str, Any] = {

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from common import furniture as rotations
-from common.runs import UsageError
+from common.errors import UsageError
 
 
 class RobotError(OSError):

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.datasets import DatasetError
-from common.tasks import TaskError
+from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
 FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
@@ -36,14 +35,6 @@ HEADER_KEYS = ("format", "policy", "backbone", "arch", "task", "obs_dim", "actio
 OPTIONAL_HEADER_KEYS = ("denoising_steps", "std_limits")
 
 ArgsT = TypeVar("ArgsT")
-
-
-class UsageError(ValueError):
-    """The command line cannot work: a flag value out of range or a combination of flags that conflict."""
-
-
-class NonFiniteError(ValueError):
-    """A loss, a weight or an action became NaN or inf: the run stops before it saves anything from that state."""
 
 
 def check_finite(where: str, values: dict[str, float], *modules: nn.Module) -> None:

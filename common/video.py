@@ -22,7 +22,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from common.tasks import Task, TaskError
+from common.errors import TaskError
+from common.tasks import Task
 
 VIDEO_EPISODES = 3
 """episodes recorded per evaluation: the first one that ends in each of envs 0, 1, 2"""

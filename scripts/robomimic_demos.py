@@ -29,8 +29,9 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.errors import TaskError  # noqa: E402
 from common.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
-from common.tasks import Task, TaskError, get_task  # noqa: E402
+from common.tasks import Task, get_task  # noqa: E402
 
 
 def _yaw(quat_xyzw: np.ndarray) -> float:

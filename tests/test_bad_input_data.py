@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from common.datasets import DatasetError, download, load_task_trajectories, load_train_npz
+from common.datasets import download, load_task_trajectories, load_train_npz
+from common.errors import DatasetError
 from common.tasks import get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

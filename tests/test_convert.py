@@ -22,10 +22,11 @@ import torch
 import dppo_finetune as ft
 import gaussian_ppo as gp
 from common import convert
-from common.datasets import DatasetError, Normalizer, download, load_task_dataset, save_train_npz
+from common.datasets import Normalizer, download, load_task_dataset, save_train_npz
+from common.errors import DatasetError, TaskError
 from common.networks import ObsCritic, build_diffusion_network
 from common.runs import load_checkpoint
-from common.tasks import TaskError, get_task
+from common.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = np.load(ROOT / "tests" / "reference" / "ref_checkpoints.npz")
@@ -203,7 +204,7 @@ def test_paper_checkpoint_keyword(tmp_path, monkeypatch):
     assert load_checkpoint("paper", "diffusion", "", task)["arch"]["activation"] == "relu"
     with pytest.raises(TaskError, match="no diffusion unet checkpoint for hopper"):
         load_checkpoint("paper-unet", "diffusion", "", task)
-    from common.runs import UsageError
+    from common.errors import UsageError
     with pytest.raises(UsageError, match="pre-train one"):
         load_checkpoint("paper", "gmm", "python gmm_ppo.py --pretrain", task)
     assert set(convert.PAPER_FILES) == {t for t in map(lambda i: get_task(i).id, convert.PAPER_FILES)}  # ids are canonical

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from common import datasets
-from common.datasets import (ROBOMIMIC_OBS_KEYS, DatasetError, Normalizer, WindowDataset, default_data_path, download,
-                             load_d4rl_hdf5, load_robomimic_hdf5, load_task_trajectories, load_train_npz, save_train_npz)
+from common.datasets import (Normalizer, ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, download, load_d4rl_hdf5,
+                             load_robomimic_hdf5, load_task_trajectories, load_train_npz, save_train_npz)
+from common.errors import DatasetError
 from common.tasks import get_task
 
 # ---------------------------------------------------------------- writers for the real formats

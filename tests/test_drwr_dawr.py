@@ -12,8 +12,8 @@ import torch
 import dawr
 import dppo_pretrain as pt
 import drwr
+from common.errors import UsageError
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import UsageError
 from tests.helpers import assert_resumed_run_matches, policy_action
 
 REF = Path(__file__).parent / "reference"

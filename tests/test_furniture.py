@@ -18,8 +18,8 @@ import gaussian_ppo as gauss
 import gmm_ppo as gmm
 from common.datasets import Normalizer, save_train_npz
 from common.envs import make_vec_env
-from common.runs import NonFiniteError, UsageError
-from common.tasks import TaskError, get_task
+from common.errors import NonFiniteError, TaskError, UsageError
+from common.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_LEG = get_task("one-leg-low")

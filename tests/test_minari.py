@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import DatasetError, WindowDataset, load_task_dataset
+from common.datasets import WindowDataset, load_task_dataset
+from common.errors import DatasetError
 from common.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

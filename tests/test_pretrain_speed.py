@@ -11,7 +11,8 @@ import torch
 
 import dppo_pretrain as pt
 from common.datasets import WindowDataset, load_task_dataset, save_train_npz
-from common.runs import UsageError, seed_everything, warmup_then_cosine
+from common.errors import UsageError
+from common.runs import seed_everything, warmup_then_cosine
 from common.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,8 @@ import pytest
 import dppo_finetune as ft
 from common.avoid import path_reward
 from common.envs import evaluate, make_vec_env
-from common.runs import UsageError
-from common.tasks import TaskError, get_task
+from common.errors import TaskError, UsageError
+from common.tasks import get_task
 
 imageio = pytest.importorskip("imageio")
 pytest.importorskip("imageio_ffmpeg")
