@@ -48,9 +48,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.datasets import Normalizer
 from common.errors import DatasetError, NonFiniteError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, build_diffusion_network
+from common.normalizer import Normalizer
 from common.robot import (AprilTagPoseSource, FakeRobot, FilePoseSource, FrankyRobot, RobotError, RobotState,
                           UDPPoseSource, axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quat, matrix_to_rot6d,
                           quat_to_matrix, rot6d_to_matrix, rotation_angle)

@@ -61,10 +61,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
 from common.errors import UsageError
 from common.networks import DoubleQCritic, build_diffusion_network
+from common.normalizer import Normalizer
 from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
                          check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
                          load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,

@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, evaluate
 from common.errors import DatasetError, UsageError
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
+from common.normalizer import Normalizer
 from common.robomimic import PixelChunkVecEnv
 from common.runs import (PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive, check_range, cli,
                          eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,

@@ -50,10 +50,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.datasets import Normalizer, WindowDataset, load_task_dataset
+from common.datasets import WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.errors import DatasetError, UsageError
 from common.networks import ACTIVATIONS, DiffusionMLP
+from common.normalizer import Normalizer
 from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
                          check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint, load_weights,
                          print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,

@@ -41,10 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import Normalizer, load_task_dataset
+from common.datasets import load_task_dataset
 from common.envs import evaluate
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import VisionDiffusionNet
+from common.normalizer import Normalizer
 from common.robomimic import PixelChunkVecEnv, camera_names
 from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
                          check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,

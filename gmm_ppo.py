@@ -57,10 +57,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer, WindowDataset, load_task_dataset
+from common.datasets import WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.errors import TaskError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
+from common.normalizer import Normalizer
 from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, apply_defaults, apply_matmul_flags, args_dict, check_finite,
                          check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,

@@ -36,8 +36,8 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.finetune_iteration import random_checkpoint as random_diffusion_checkpoint  # noqa: E402
 from common import runs  # noqa: E402
-from common.datasets import Normalizer  # noqa: E402
 from common.errors import UsageError  # noqa: E402
+from common.normalizer import Normalizer  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from common.datasets import Normalizer, REPO_ROOT, download
+from common.datasets import REPO_ROOT, download, read_normalization
 from common.errors import DatasetError, TaskError
+from common.normalizer import Normalizer
 from common.tasks import Task, get_task
 
 REFERENCE = "irom-princeton/dppo"
@@ -501,7 +502,7 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
         raise ConversionError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)")
     detect_kind(ref["model"])  # a policy that cannot be imported is refused before its statistics are looked for
     norm_path = normalization or find_normalization(path, task)
-    normalizer = Normalizer.from_file(norm_path)
+    normalizer = read_normalization(norm_path)
     if normalizer.obs_min.numel() != task.obs_dim or normalizer.action_min.numel() != task.action_dim:
         raise ConversionError(f"{norm_path} normalises {normalizer.obs_min.numel()} observation and "
                               f"{normalizer.action_min.numel()} action dimensions, {task.id} has {task.obs_dim} and "

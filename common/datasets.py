@@ -1,4 +1,4 @@
-"""Demonstration datasets: loaders for every format the paper uses, min-max normalisation, windows.
+"""Demonstration datasets: loaders for every format the paper uses, normalisation files, windows.
 
 Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions": float32 (L, D_a)}`
 (+ `"rewards"` (L,) when the file has them). Formats:
@@ -8,7 +8,8 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
 - D3IL Avoid: real demos (`des_c_pos` npz, via `common.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
-`Normalizer`: per-dimension min-max to [-1, 1] (paper App. D.4); `WindowDataset`: the pre-training windows (paper App. D.1).
+`read_normalization`: the reference's normalisation files (`common.normalizer.Normalizer`, paper App. D.4);
+`WindowDataset`: the pre-training windows (paper App. D.1).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.errors import DatasetError
+from common.normalizer import Normalizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROBOT_KEYS = ["eef_pos", "eef_quat", "gripper_qpos"]  # 3 + 4 + 2 per arm
@@ -46,7 +48,6 @@ AVOID_DEMO_DIR = REPO_ROOT / "builtin-data"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of every (userblock-free) HDF5 file
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (the second: an empty one)
 Traj = dict[str, np.ndarray]
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def _one_line(e: object) -> str:
@@ -544,7 +545,7 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
     # (env/gym_utils/furniture_normalizer.py).
     beside = found[0]
     eps = 0.0 if beside.endswith(".pth") else 1e-6
-    normalizer = Normalizer.from_file(beside)
+    normalizer = read_normalization(beside)
     dims = (normalizer.obs_min.numel(), normalizer.action_min.numel())
     if dims != (task.obs_dim, task.action_dim):
         raise DatasetError(f"{beside} normalises {dims[0]} observation and {dims[1]} action dimensions, {task.id} has "
@@ -688,82 +689,23 @@ def _check_d3il_avoid(path: str) -> None:
                                "remove or repair those demos and run again")
 
 
-class Normalizer:
-    """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1; back with (x+1)/2·(max−min) + min,
-    as the reference's env wrappers map actions back (the inverse within 1e-6·(x+1)/2)."""
-
-    KEYS = ("obs_min", "obs_max", "action_min", "action_max")
-
-    def __init__(self, obs_min: Any, obs_max: Any, action_min: Any, action_max: Any) -> None:
-        stats = (obs_min, obs_max, action_min, action_max)
-        self.obs_min, self.obs_max, self.action_min, self.action_max = (
-            torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in stats)
-        self._np = {k: getattr(self, k).detach().cpu().numpy() for k in self.KEYS}
-
-    @classmethod
-    def from_trajectories(cls, trajs: list[Traj]) -> Normalizer:
-        obs = np.concatenate([t["obs"] for t in trajs])
-        act = np.concatenate([t["actions"] for t in trajs])
-        return cls(obs.min(0), obs.max(0), act.min(0), act.max(0))
-
-    @classmethod
-    def from_npz(cls, path: str) -> Normalizer:
-        """The reference `normalization.npz` (obs_min, obs_max, action_min, action_max)."""
+def read_normalization(path: str) -> Normalizer:
+    """The reference's normalisation statistics: a `normalization.npz` (obs_min, obs_max, action_min, action_max), or its
+    furniture `normalization.pth` (a `LinearNormalizer` state dict with `stats.observations.min/max`,
+    `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py)."""
+    if not path.endswith((".pth", ".pt")):
         with _open_npz(path) as f:
-            for key in cls.KEYS:
+            for key in Normalizer.KEYS:
                 _require(path, f.files, key)
-            return cls(*(_npz_array(path, f, k) for k in cls.KEYS))
-
-    @classmethod
-    def from_file(cls, path: str) -> Normalizer:
-        """`normalization.npz`, or the reference's furniture `normalization.pth` (a `LinearNormalizer` state dict with
-        `stats.observations.min/max`, `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py)."""
-        if not path.endswith((".pth", ".pt")):
-            return cls.from_npz(path)
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
-        keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
-        if not isinstance(sd, dict) or any(k not in sd for k in keys):
-            raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
-        return cls(*(sd[k] for k in keys))
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> Normalizer:
-        return cls(*(d[k] for k in cls.KEYS))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach().cpu().clone() for k in self.KEYS}
-
-    def to(self, device: str | torch.device) -> Normalizer:
-        for k in self.KEYS:
-            setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def _apply(self, x: ArrayT, lo_key: str, hi_key: str, inverse: bool) -> ArrayT:
-        if isinstance(x, torch.Tensor):
-            lo = getattr(self, lo_key).to(x.device, x.dtype)
-            hi = getattr(self, hi_key).to(x.device, x.dtype)
-        else:
-            x = np.asarray(x)
-            dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-            lo, hi = self._np[lo_key].astype(dtype), self._np[hi_key].astype(dtype)
-        # the reference's env wrappers: normalise with (max - min + 1e-6), map actions back with (max - min)
-        # (irom-princeton/dppo, env/gym_utils/wrapper/robomimic_lowdim.py, normalize_obs / unnormalize_action)
-        return (x + 1) / 2 * (hi - lo) + lo if inverse else 2 * (x - lo) / (hi - lo + 1e-6) - 1
-
-    def normalize_obs(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "obs_min", "obs_max", inverse=False)
-
-    def unnormalize_obs(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "obs_min", "obs_max", inverse=True)
-
-    def normalize_action(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "action_min", "action_max", inverse=False)
-
-    def unnormalize_action(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "action_min", "action_max", inverse=True)
+            return Normalizer(*(_npz_array(path, f, k) for k in Normalizer.KEYS))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
+    keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
+    if not isinstance(sd, dict) or any(k not in sd for k in keys):
+        raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
+    return Normalizer(*(sd[k] for k in keys))
 
 
 class WindowDataset:

@@ -22,9 +22,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gaussian_ppo  # noqa: E402
 import gmm_ppo  # noqa: E402
-from common.datasets import Normalizer, save_train_npz  # noqa: E402
+from common.datasets import save_train_npz  # noqa: E402
 from common.envs import make_vec_env  # noqa: E402
 from common.errors import DatasetError, UsageError  # noqa: E402
+from common.normalizer import Normalizer  # noqa: E402
 from common.runs import check_output_path, check_positive, check_range, cli, seed_everything  # noqa: E402
 
 SCRIPTS = {"gaussian": gaussian_ppo, "gmm": gmm_ppo}

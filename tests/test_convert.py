@@ -22,9 +22,10 @@ import torch
 import dppo_finetune as ft
 import gaussian_ppo as gp
 from common import convert
-from common.datasets import Normalizer, download, load_task_dataset, save_train_npz
+from common.datasets import download, load_task_dataset, save_train_npz
 from common.errors import DatasetError, TaskError
 from common.networks import ObsCritic, build_diffusion_network
+from common.normalizer import Normalizer
 from common.runs import load_checkpoint
 from common.tasks import get_task
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from common import datasets
-from common.datasets import (Normalizer, ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, download, load_d4rl_hdf5,
-                             load_robomimic_hdf5, load_task_trajectories, load_train_npz, save_train_npz)
+from common.datasets import (ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, download, load_d4rl_hdf5,
+                             load_robomimic_hdf5, load_task_trajectories, load_train_npz, read_normalization, save_train_npz)
 from common.errors import DatasetError
+from common.normalizer import Normalizer
 from common.tasks import get_task
 
 # ---------------------------------------------------------------- writers for the real formats
@@ -292,11 +293,11 @@ def test_normalizer_state_dict_weights_only_and_npz(tmp_path: Path) -> None:
         torch.testing.assert_close(getattr(back, key), getattr(norm, key))
     np.savez(tmp_path / "normalization.npz", **{k: v.numpy() for k, v in d.items()})
     x = torch.tensor([[1.0, 0.5]])
-    torch.testing.assert_close(Normalizer.from_npz(str(tmp_path / "normalization.npz")).normalize_obs(x),
+    torch.testing.assert_close(read_normalization(str(tmp_path / "normalization.npz")).normalize_obs(x),
                                norm.normalize_obs(x))
     np.savez(tmp_path / "bad.npz", obs_min=np.zeros(2))
     with pytest.raises(DatasetError, match="missing key 'obs_max'"):
-        Normalizer.from_npz(str(tmp_path / "bad.npz"))
+        read_normalization(str(tmp_path / "bad.npz"))
 
 
 # ---------------------------------------------------------------- windows

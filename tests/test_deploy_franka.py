@@ -16,9 +16,9 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import deploy_franka as deploy
-from common.datasets import Normalizer
 from common.errors import NonFiniteError, UsageError
 from common.networks import ChunkMLP, DiffusionMLP
+from common.normalizer import Normalizer
 from common.robot import (FakeRobot, FilePoseSource, RobotError, axis_angle_to_matrix, matrix_to_axis_angle,
                           matrix_to_quat, matrix_to_rot6d, quat_to_matrix, rot6d_to_matrix, rotation_angle)
 from common.runs import CHECKPOINT_FORMAT, save_checkpoint

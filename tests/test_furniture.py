@@ -16,9 +16,10 @@ import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
-from common.datasets import Normalizer, save_train_npz
+from common.datasets import save_train_npz
 from common.envs import make_vec_env
 from common.errors import NonFiniteError, TaskError, UsageError
+from common.normalizer import Normalizer
 from common.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
