@@ -299,7 +299,7 @@ def diffusion_mlp_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, A
 
 
 def diffusion_unet_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    """`common.unet.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
+    """`common.networks.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
     if any(k.startswith("cond_mlp.") for k in sd):
         raise ConversionError("this reference Unet1D has an observation MLP (cond_mlp_dims), which no published config "
                               "uses and this project's UNet1D does not have")
@@ -382,7 +382,7 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
             net: torch.nn.Module = DiffusionMLP(**arch)
             horizon, cond_steps = arch["horizon_steps"], arch["cond_steps"]
         else:
-            from common.unet import UNet1D
+            from common.networks import UNet1D
             arch = diffusion_unet_arch(net_sd, task, cfg)
             if arch["action_dim"] != task.action_dim:
                 raise ConversionError(f"the reference Unet1D acts in {arch['action_dim']} dimensions, {task.id} in "
