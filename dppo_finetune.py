@@ -39,7 +39,7 @@ Deviations from the reference implementation (docs/deviations.md):
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
   iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
-- Furniture-Bench (`common/furniture.py`, run through `python -m common.furniture dppo_finetune.py ...`):
+- Furniture-Bench (`sims/furniture.py`, run through `python -m sims.furniture dppo_finetune.py ...`):
   truncation at exactly 700 / 1000 steps, a reset of envs whose observations turn non-finite, and the
   optional sim-to-real noise (App. D.7) in normalised units.
 """

@@ -49,12 +49,12 @@ from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, 
 from common.errors import DatasetError, UsageError
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
 from common.normalizer import Normalizer
-from common.robomimic import PixelChunkVecEnv
 from common.runs import (PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive, check_range, cli,
                          eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
                          policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint, script_name,
                          seed_everything, start_finetuning, step_schedulers)
 from common.tasks import Task, get_task
+from sims.robomimic import PixelChunkVecEnv
 
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 PRETRAIN_HINT = "python dppo_pretrain_pixel.py --env-id {}"

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common.datasets import WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.errors import DatasetError, UsageError
-from common.networks import ACTIVATIONS, DiffusionMLP, UNET_ACTIVATIONS, UNet1D
+from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
 from common.normalizer import Normalizer
 from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
                          check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint, load_weights,

@@ -46,11 +46,11 @@ from common.envs import evaluate
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import VisionDiffusionNet
 from common.normalizer import Normalizer
-from common.robomimic import PixelChunkVecEnv, camera_names
 from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
                          check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
                          release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task
+from sims.robomimic import PixelChunkVecEnv, camera_names
 
 
 @dataclass

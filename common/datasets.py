@@ -6,7 +6,7 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
 - Minari datasets (gym locomotion, `minari:<dataset id>`): episodes read with Minari's own reader (imported lazily);
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
-- D3IL Avoid: real demos (`des_c_pos` npz, via `common.avoid`) or the built-in scripted demos shipped as
+- D3IL Avoid: real demos (`des_c_pos` npz, via `sims.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
 `read_normalization`: the reference's normalisation files (`common.normalizer.Normalizer`, paper App. D.4);
 `WindowDataset`: the pre-training windows (paper App. D.1).
@@ -648,7 +648,7 @@ def _load_file(task: Any, path: str) -> list[Traj]:
             return load_train_npz(path, task.obs_dim, task.action_dim, with_images=task.suite == "robomimic-img")
         if "des_c_pos" in keys:
             _check_d3il_avoid(path)
-            from common.avoid import load_avoid_demos
+            from sims.avoid import load_avoid_demos
 
             return load_avoid_demos(path, task.option("subset"))
         raise DatasetError(f"{path}: unknown .npz layout (keys: {', '.join(sorted(keys))}); expected "
@@ -661,8 +661,8 @@ def _load_file(task: Any, path: str) -> list[Traj]:
                                f"(found: {', '.join(sorted(keys)) or 'none'}); is this the right dataset file?")
         if not is_robomimic:
             return load_d4rl_hdf5(path, task.obs_dim, task.action_dim)
-        if task.suite == "robomimic-img":  # proprio + camera images (common/robomimic.py)
-            from common.robomimic import image_keys, obs_keys
+        if task.suite == "robomimic-img":  # proprio + camera images (sims/robomimic.py)
+            from sims.robomimic import image_keys, obs_keys
             return load_robomimic_hdf5(path, obs_keys(task), task.action_dim, image_keys=image_keys(task))
         if task.id not in ROBOMIMIC_OBS_KEYS:
             raise DatasetError(f"{path} is a robomimic dataset but task {task.id!r} is not a robomimic task")
@@ -671,7 +671,7 @@ def _load_file(task: Any, path: str) -> list[Traj]:
 
 
 def _check_d3il_avoid(path: str) -> None:
-    """The checks `common.avoid.load_avoid_demos` leaves out: keys, numeric dtypes, row counts, traj_lengths, finite."""
+    """The checks `sims.avoid.load_avoid_demos` leaves out: keys, numeric dtypes, row counts, traj_lengths, finite."""
     fix = "a D3IL Avoid file needs 'des_c_pos', 'c_pos' (N, 3) and 'traj_lengths'"
     with _open_npz(path) as f:
         for key in ("des_c_pos", "c_pos", "traj_lengths"):

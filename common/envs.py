@@ -13,7 +13,7 @@ and vector env, `irom-princeton/dppo` `env/gym_utils/wrapper/multi_step.py`, wit
 `MultiStep` turns one gymnasium env into a chunked one; `SyncChunkVecEnv` runs a list of them in
 this process, `ProcessChunkVecEnv` spreads them over a few worker processes (each worker steps its
 share of envs serially, so 50 envs need only as many processes as cores). Avoid has its own
-numpy-vectorised simulator with the same protocol (`common/avoid.py`).
+numpy-vectorised simulator with the same protocol (`sims/avoid.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from common.errors import NonFiniteError, TaskError
 from common.runs import EVAL_STREAM, own_rng, stream_seed
 from common.tasks import Task, require_simulator
-from common.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
-                          video_timing)
+from sims.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
+                        video_timing)
 
 
 class ChunkVecEnv(Protocol):
@@ -302,9 +302,9 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
         if render:
             plain_lighting(env.unwrapped.model)
     elif task.suite == "robomimic":
-        from common.robomimic import make_robomimic_env
+        from sims.robomimic import make_robomimic_env
         env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success, video_frames=render)
-    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (common/furniture.py)
+    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (sims/furniture.py)
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     else:
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
@@ -328,17 +328,17 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     docs/results.md "Env stepping vs worker count"), except with capture_video (rendered in-process).
     backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
     installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
-    Furniture only: the dataset `normalizer` and the sim-to-real noise (common/furniture.py).
+    Furniture only: the dataset `normalizer` and the sim-to-real noise (sims/furniture.py).
     capture_video: envs 0..VIDEO_EPISODES-1 can render and `evaluate` records their episodes
-    (common/video.py); the returned env's `video_fps` is then set.
+    (sims/video.py); the returned env's `video_fps` is then set.
     """
     if obs_noise_std or action_noise_std:
         if task.suite != "furniture":
             raise TaskError(f"observation / action noise is the Furniture-Bench sim-to-real option; {task.id!r} has none")
-    if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (common/furniture.py checks the install)
+    if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (sims/furniture.py checks the install)
         if capture_video:
             require_video(task)  # no renderer for furniture here: one line
-        from common.furniture import make_furniture_vec_env
+        from sims.furniture import make_furniture_vec_env
         return make_furniture_vec_env(task, num_envs, act_steps or task.act_steps, cond_steps, max_episode_steps,
                                       normalizer, obs_noise_std, action_noise_std, seed)
     require_simulator(task)
@@ -355,17 +355,17 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
                         if task.suite == "gym" else f"--env-backend envpool is for gym locomotion, not {task.id!r}")
     act_steps = act_steps or task.act_steps
     if task.suite == "avoid":
-        from common.avoid import AvoidVecEnv
+        from sims.avoid import AvoidVecEnv
         avoid = AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
                             max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
-        avoid.backend = "numpy (common/avoid.py)"
+        avoid.backend = "numpy (sims/avoid.py)"
         avoid.video_fps = 1 / AVOID_DT if capture_video else None
         return avoid
 
     stride, video_fps = 1, None
     if capture_video:  # env fps: gym's metadata (1/dt), robosuite's control frequency (20 Hz)
         if task.suite == "robomimic":
-            from common.robomimic import env_kwargs
+            from sims.robomimic import env_kwargs
             env_fps = float(env_kwargs(task)["control_freq"])
         else:
             env_fps = _gym_render_fps(task)
@@ -501,7 +501,7 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
     Returns return_mean/return_std/success_rate/episode_length/n_episodes, and for Avoid
     `mode_fractions` (the share of finished episodes through each row-3 mode 5..8),
     `collision_rate` and `paths` (end-effector paths of the finished episodes); with envs made with
-    `capture_video`, `videos` (`common.video.EvalVideos`: recorded episodes the run folder keeps).
+    `capture_video`, `videos` (`sims.video.EvalVideos`: recorded episodes the run folder keeps).
     """
     n_steps = n_steps or eval_horizon(task, act_steps)
     videos = EvalVideos(envs) if getattr(envs, "video_fps", None) else None  # before the reset: its first frame

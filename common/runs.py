@@ -533,7 +533,7 @@ class Run:
     def save_videos(self, itr: int, result: dict[str, Any]) -> None:
         """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""
         if result.get("videos"):
-            from common.video import save_videos
+            from sims.video import save_videos
             result["videos"] = save_videos(result["videos"], os.path.join(self.dir, "videos"), f"itr_{itr:04d}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -585,7 +585,7 @@ class Run:
         and return what `main` returns: absolute run folder and checkpoint paths, the eval rows, the
         final evaluation and `extra`."""
         if self.paths_before is not None and "paths" in final:
-            from common.plots import plot_avoid_paths
+            from sims.plots import plot_avoid_paths
             plot_avoid_paths({"before fine-tuning": self.paths_before, "after fine-tuning": final["paths"]},
                              os.path.join(self.dir, "trajectories.png"))
         rows = self.eval_log.rows
@@ -613,7 +613,7 @@ def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any 
         print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
               f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
     if any(r.get("videos") for r in results.values()):
-        from common.video import save_videos
+        from sims.video import save_videos
         folder = os.path.join(new_run_dir(task_id, args.exp_name, args.seed), "videos")
         for mode, r in results.items():
             r["videos"] = save_videos(r.get("videos", []), folder, f"eval_only_{mode}")

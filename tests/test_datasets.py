@@ -222,12 +222,12 @@ def test_download_file_url_and_default_paths(tmp_path: Path, monkeypatch: pytest
 
 
 def test_avoid_dispatch_with_stub_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No path: the subset's shipped train.npz (first n_demos of it); a D3IL npz: common.avoid's loader."""
+    """No path: the subset's shipped train.npz (first n_demos of it); a D3IL npz: sims.avoid's loader."""
     calls = []
     demo = [{"obs": np.zeros((6, 4), np.float32), "actions": np.zeros((6, 2), np.float32)}]
-    stub = types.ModuleType("common.avoid")
+    stub = types.ModuleType("sims.avoid")
     stub.load_avoid_demos = lambda path, subset: calls.append(("load", path, subset)) or demo
-    monkeypatch.setitem(sys.modules, "common.avoid", stub)
+    monkeypatch.setitem(sys.modules, "sims.avoid", stub)
     monkeypatch.setattr(datasets, "AVOID_DEMO_DIR", tmp_path / "builtin")
     task = get_task("avoid-m2")
     with pytest.raises(DatasetError, match="built-in Avoid demos .*avoid-m2.npz are missing"):

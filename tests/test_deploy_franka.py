@@ -84,8 +84,8 @@ def test_rotation_conversions_round_trip_and_match_scipy():
 
 def test_deployment_observation_equals_the_furniture_envs():
     """The robot part of the observation built here (numpy, float64) equals the one the furniture env feeds the
-    policy in training (common/furniture.py, torch): same order, same quaternion order, same 6D rows."""
-    from common import furniture
+    policy in training (sims/furniture.py, torch): same order, same quaternion order, same 6D rows."""
+    from sims import furniture
     from common.robot import RobotState
     rng = np.random.default_rng(1)
     for _ in range(20):

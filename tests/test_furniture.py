@@ -1,4 +1,4 @@
-"""Furniture-Bench without Isaac Gym: the rotation conversions, the chunked adapter (`common/furniture.py`)
+"""Furniture-Bench without Isaac Gym: the rotation conversions, the chunked adapter (`sims/furniture.py`)
 driven by a fake `FurnitureRLSimEnv`, the missing-simulator errors, the launcher, and a DPPO smoke run."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-import common.furniture as fur
+import sims.furniture as fur
 import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
@@ -327,7 +327,7 @@ def test_torch_before_isaac_gym_names_the_launcher(monkeypatch):
     monkeypatch.setattr(fur, "install_error", lambda: None)
     monkeypatch.delitem(sys.modules, "isaacgym", raising=False)
     monkeypatch.setattr(sys, "argv", ["dppo_finetune.py", "--env-id", "one-leg-low"])
-    with pytest.raises(TaskError, match=r"before torch.*python -m common.furniture dppo_finetune.py --env-id one-leg-low"):
+    with pytest.raises(TaskError, match=r"before torch.*python -m sims.furniture dppo_finetune.py --env-id one-leg-low"):
         fur.make_sim(ONE_LEG, 2, 700)
 
 
@@ -342,7 +342,7 @@ def test_launcher_imports_isaac_gym_before_torch_then_runs_the_script(tmp_path):
     probe.write_text("import sys\nimport isaacgym\nimport torch\n"
                      "print('torch first:', isaacgym.TORCH_FIRST, 'argv:', sys.argv[1:], 'name:', __name__)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
-    out = subprocess.run([sys.executable, "-m", "common.furniture", str(probe), "--env-id", "one-leg-low"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "sims.furniture", str(probe), "--env-id", "one-leg-low"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch first: False argv: ['--env-id', 'one-leg-low'] name: __main__" in out.stdout
@@ -350,12 +350,12 @@ def test_launcher_imports_isaac_gym_before_torch_then_runs_the_script(tmp_path):
 
 def test_launcher_errors_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    usage = subprocess.run([sys.executable, "-m", "common.furniture"], cwd=ROOT, env=env, capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "sims.furniture"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "usage" in usage.stderr
     if fur.install_error() is None:
         return
-    out = subprocess.run([sys.executable, "-m", "common.furniture", "dppo_finetune.py", "--env-id", "one-leg-low"],
+    out = subprocess.run([sys.executable, "-m", "sims.furniture", "dppo_finetune.py", "--env-id", "one-leg-low"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: Furniture-Bench needs")
 

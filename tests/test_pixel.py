@@ -149,7 +149,7 @@ def pixel_pretrained(tmp_path_factory):
 
 @needs_robosuite
 def test_pixel_env_observations():
-    from common.robomimic import PixelChunkVecEnv, make_robomimic_env
+    from sims.robomimic import PixelChunkVecEnv, make_robomimic_env
     env = make_robomimic_env("lift-img", seed=0, image_size=(32, 40))
     obs, _ = env.reset(seed=3)
     assert obs["state"].shape == (9,) and obs["state"].dtype == np.float32
@@ -173,7 +173,7 @@ def test_pixel_env_observations():
 
 @needs_robosuite
 def test_missing_gl_backend_is_one_line(monkeypatch):
-    import common.robomimic as rm
+    import sims.robomimic as rm
     from common.errors import TaskError
     robosuite = rm._import_robosuite()
 

@@ -29,7 +29,7 @@ The reference clamps normalised observations to [-5, 5]; given the dataset norma
 Isaac Gym must be imported before torch. The scripts import torch first, so furniture runs go through
 this module as a launcher, which imports Isaac Gym and then runs the script:
 
-    python -m common.furniture dppo_finetune.py --env-id one-leg-low --checkpoint CKPT ...
+    python -m sims.furniture dppo_finetune.py --env-id one-leg-low --checkpoint CKPT ...
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch
 from common.errors import NonFiniteError, TaskError
 from common.tasks import Task
 
-LAUNCH_HINT = "python -m common.furniture {script} --env-id {task} ..."
+LAUNCH_HINT = "python -m sims.furniture {script} --env-id {task} ..."
 FORK_URL = "https://github.com/ankile/furniture-bench"
 
 
@@ -163,7 +163,7 @@ class FurnitureChunkVecEnv:
     clamp and for the noise, which are skipped without it (no noise is allowed then).
     """
 
-    backend = "Isaac Gym (FurnitureRLSimEnv, common/furniture.py)"
+    backend = "Isaac Gym (FurnitureRLSimEnv, sims/furniture.py)"
 
     def __init__(self, sim: Any, task: Task, act_steps: int, cond_steps: int = 1, max_episode_steps: int | None = None,
                  normalizer: Any = None, obs_noise_std: float = 0.0, action_noise_std: float = 0.0,
@@ -287,7 +287,7 @@ def make_furniture_vec_env(task: Task, num_envs: int, act_steps: int, cond_steps
 
 # ---------------------------------------------------------------- the launcher
 def launch(argv: list[str]) -> None:
-    """`python -m common.furniture SCRIPT.py ARGS...`: Isaac Gym is imported (above, before torch), then
+    """`python -m sims.furniture SCRIPT.py ARGS...`: Isaac Gym is imported (above, before torch), then
     SCRIPT runs as `__main__` with ARGS."""
     if not argv or not argv[0].endswith(".py") or not os.path.isfile(argv[0]):
         print(f"error: usage: {LAUNCH_HINT.format(script='SCRIPT.py', task='one-leg-low')} "
