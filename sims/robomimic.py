@@ -43,9 +43,9 @@ from typing import Any, Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
-from common.envs import MultiStep, close_workers, serve_envs, start_workers
 from common.errors import TaskError
 from common.tasks import Task, get_task, require_simulator
+from common.vecenv import MultiStep, close_workers, serve_envs, start_workers
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
 CONTROLLER_CONFIG: dict[str, Any] = {
@@ -311,7 +311,7 @@ def make_robomimic_env(task: Task | str, seed: int | None = None, terminate_on_s
 
 
 class PixelChunkEnv:
-    """One pixel env stepped in chunks of T_e actions (`common.envs.MultiStep`: rewards summed, early stop at done,
+    """One pixel env stepped in chunks of T_e actions (`common.vecenv.MultiStep`: rewards summed, early stop at done,
     the last T_o observations stacked per key, the first repeated after reset), with autoreset."""
 
     def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
@@ -441,7 +441,7 @@ class PixelChunkVecEnv:
     def _receive(self) -> list[Any]:
         results = [remote.recv() for remote in self._remotes]
         for r in results:
-            if isinstance(r, TaskError):  # raised in a worker (common.envs.serve_envs): one line here
+            if isinstance(r, TaskError):  # raised in a worker (common.vecenv.serve_envs): one line here
                 raise r
         return results
 

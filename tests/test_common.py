@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.envs import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, eval_horizon, evaluate, make_vec_env
+from common.envs import eval_horizon, evaluate, make_vec_env
 from common.errors import TaskError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic, ResidualBlock, ResidualMLP
 from common.tasks import Task, get_task, missing_packages, require_simulator, task_ids
+from common.vecenv import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv
 
 
 # ---------------------------------------------------------------- registry

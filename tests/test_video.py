@@ -260,7 +260,7 @@ class _NoGL(gym.Env):
 
 
 def test_a_render_failure_in_a_worker_process_is_one_line_in_the_parent():
-    from common.envs import MultiStep, ProcessChunkVecEnv
+    from common.vecenv import MultiStep, ProcessChunkVecEnv
     from sims.video import RenderFrames
     envs = ProcessChunkVecEnv([lambda: MultiStep(RenderFrames(_NoGL(), 1), 2)] * 2, 2)
     try:
