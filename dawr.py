@@ -64,6 +64,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -316,6 +317,14 @@ RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "a
 BUFFER_KEYS = ("obs", "next_obs", "x", "reward", "cut", "end")
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -327,7 +336,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_e, N = args.act_steps, args.num_envs
     if T_e > args.horizon_steps:

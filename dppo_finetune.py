@@ -52,6 +52,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -505,6 +506,14 @@ def compile_sampling(get_action, device: torch.device):
     return torch.compile(get_action, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -515,7 +524,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
         args.batch_size = FURNITURE_UNET_BATCH[task.env_name]

@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.datasets import WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.errors import DatasetError, UsageError
 from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
@@ -60,6 +59,7 @@ from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, ap
                          print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
                          seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages, refuse_pixel_task
+from loaders.datasets import WindowDataset, load_task_dataset
 
 
 @dataclass

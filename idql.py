@@ -63,6 +63,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -377,6 +378,14 @@ class IDQLDiffusion(nn.Module):
         return F.mse_loss(self.actor(x_t, t, obs), noise)
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -388,7 +397,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     T_e, N = args.act_steps, args.num_envs
     args.horizon_steps = args.horizon_steps or (T_e if ckpt["backbone"] == "unet" else ckpt["horizon_steps"])
     if args.horizon_steps != T_e:  # the actor is fit on the executed chunks the buffer holds (reference)

@@ -264,26 +264,35 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None) -> dict[str, Any]:
+def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None,
+                    conversion: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (any of this project's kinds when
-    None) for `task` (when given); anything else is refused with one line naming the fix."""
-    from common import convert
+    None) for `task` (when given); anything else is refused with one line naming the fix.
 
+    The reference implementation's checkpoints (`--checkpoint paper` / `paper-unet`, or a file of irom-princeton/dppo)
+    are converted in memory by the module `conversion()` returns (`loaders.convert`): the script hands it over, so that
+    the run plumbing never loads the conversion and a run from this project's checkpoints never does either."""
     if path in PAPER_CHECKPOINTS:  # the reference's published pre-trained policy of the task, downloaded once
         if task is None:
             raise UsageError(f"--checkpoint {path} needs the task (--env-id)")
         if policy in ("gmm", None) or (policy != "diffusion" and path != "paper"):
             raise UsageError(f"--checkpoint {path}: the reference publishes no {policy} policy this project's network can "
                              f"load; pre-train one: {pretrain_command}")
-        path = convert.paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
+        if conversion is None:
+            raise UsageError(f"--checkpoint {path}: this script does not import the reference's checkpoints")
+        path = conversion().paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: {pretrain_command})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
-    if convert.is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
-        ckpt = convert.load_reference(path, ckpt, task)
+    if is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
+        if task is None or conversion is None:
+            raise DatasetError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)" if task is None
+                               else f"{path!r} is a reference checkpoint; convert it first: python -m loaders.convert "
+                               f"{path} --env-id {task.id}")
+        ckpt = conversion().load_reference(path, ckpt, task)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
     has_weights = any(k in ckpt for k in ("ema", "base", "actor"))
@@ -305,13 +314,19 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
     return ckpt
 
 
+def is_reference_checkpoint(obj: Any) -> bool:
+    """The layout the reference's agents save: `model` (and `ema` after pre-training) state dicts of `network.*`."""
+    return (isinstance(obj, dict) and "format" not in obj and isinstance(obj.get("model"), dict)
+            and any(isinstance(k, str) and k.startswith(("network.", "actor", "critic")) for k in obj["model"]))
+
+
 # Built-in pre-trained diffusion checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`),
 # used when a diffusion fine-tuning script gets no --checkpoint.
 BUILTIN_DIFFUSION_CHECKPOINTS = {
     "avoid-m2": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
                              "avoid-m2_diffusion.pt")}
 DIFFUSION_PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
-# `--checkpoint paper`: the pre-trained policy the reference implementation publishes for the task (common/convert.py);
+# `--checkpoint paper`: the pre-trained policy the reference implementation publishes for the task (loaders/convert.py);
 # for diffusion scripts the MLP one (what the reference's DPPO configs fine-tune) or, with `paper-unet`, the UNet one
 PAPER_CHECKPOINTS = {"paper": "diffusion_mlp", "paper-unet": "diffusion_unet"}
 

@@ -5,7 +5,7 @@ demonstrations executed in the simulator of `sims/avoid.py`: 96 per subset (the 
 dataset), 50/50 between the subset's two row-3 modes, collision-free, passing the same M1/M2/M3
 filters as the real demos (`sims.avoid.subset_mode`). They are written in the reference
 implementation's `train.npz` format (`states`, `actions`, `traj_lengths`; float32, compressed),
-one file per subset, which `common.datasets.load_task_trajectories` loads for an Avoid task given
+one file per subset, which `loaders.datasets.load_task_trajectories` loads for an Avoid task given
 no dataset path. The shipped files were written, from the repository root, with
 
     python scripts/generate_avoid_demos.py
@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
+from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
 from sims.avoid import (ACTION_HIGH, ACTION_LOW, START, SUBSETS, _to_demo, collided, replay, row_modes,  # noqa: E402
                         subset_mode)
 

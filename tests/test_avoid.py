@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, load_task_trajectories
 from common.tasks import get_task
+from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, load_task_trajectories
 from sims import avoid
 from scripts import avoid_sysid
 from scripts import generate_avoid_demos as gen

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from common import datasets
-from common.datasets import (ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, download, load_d4rl_hdf5,
-                             load_robomimic_hdf5, load_task_trajectories, load_train_npz, read_normalization, save_train_npz)
 from common.errors import DatasetError
 from common.normalizer import Normalizer
 from common.tasks import get_task
+from loaders import datasets
+from loaders.datasets import (ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, load_d4rl_hdf5, load_robomimic_hdf5,
+                              load_task_trajectories, load_train_npz, save_train_npz)
+from loaders.files import download, read_normalization
 
 # ---------------------------------------------------------------- writers for the real formats
 

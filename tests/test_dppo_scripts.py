@@ -12,9 +12,9 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
-from common.datasets import save_train_npz
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import build_diffusion_network
+from loaders.datasets import save_train_npz
 from tests.helpers import WiringRecorder, assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -192,7 +192,7 @@ def test_missing_gl_backend_is_one_line(monkeypatch):
 @needs_robosuite
 def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     import dppo_finetune_pixel as ftp
-    from common.datasets import load_task_dataset
+    from loaders.datasets import load_task_dataset
     from common.tasks import get_task
     trajs, _ = load_task_dataset(get_task("lift-img"), pixel_pretrained["dataset"])
     assert trajs[0]["images"].shape[1:] == (3, 32, 32) and trajs[0]["images"].dtype == np.uint8
@@ -402,7 +402,7 @@ def test_pixel_dataset_from_reference_train_npz(tmp_path):
     whole numbers in [0, 255] become uint8, images in [0, 1] and a file without images are refused in one line."""
     import dppo_pretrain_pixel as ptp
     from common.errors import DatasetError
-    from common.datasets import load_task_dataset, save_train_npz
+    from loaders.datasets import load_task_dataset, save_train_npz
     from common.tasks import get_task
     rng = np.random.default_rng(0)
     trajs = [{"obs": rng.standard_normal((n, 9)).astype(np.float32), "actions": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
