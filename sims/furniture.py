@@ -6,7 +6,7 @@ obs = {"robot_state": (N, 14), "parts_poses": (N, 7·(parts + 1))}, reward (N, 1
 pair becomes assembled), done (N, 1) (ignored, as the reference does), info; `env_steps` (N,) counts the
 steps of each env's episode. `FurnitureChunkVecEnv` drives it the way the reference's
 `FurnitureRLSimEnvMultiStepWrapper` (`irom-princeton/dppo`, `env/gym_utils/wrapper/furniture.py`) does, and
-presents the protocol of `common/envs.py`: raw observations (N, T_o, D_o) with the quaternion of
+presents the protocol of `common/vecenv.py`: raw observations (N, T_o, D_o) with the quaternion of
 `robot_state` replaced by its 6D rotation (58 = 16 + 42 for One-leg, 44 = 16 + 28 for Lamp/Round-table),
 raw chunks (N, T_e, 10) (position, 6D rotation, gripper), the chunk's rewards summed (the reference's
 `sparse_reward: True`), and same-step autoreset with `info["final_obs"]`.
@@ -108,7 +108,7 @@ def make_sim(task: Task, num_envs: int, max_episode_steps: int, gpu_id: int = 0,
 
 
 class FurnitureChunkVecEnv:
-    """FurnitureSim's N GPU-batched envs as a chunked vector env (the protocol in `common/envs.py`).
+    """FurnitureSim's N GPU-batched envs as a chunked vector env (the protocol in `common/vecenv.py`).
 
     normalizer: the dataset's `Normalizer` (obs/action min and max); needed for the [-5, 5] observation
     clamp and for the noise, which are skipped without it (no noise is allowed then).
