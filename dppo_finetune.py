@@ -64,10 +64,12 @@ from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_
 from common.errors import UsageError
 from common.networks import ObsCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, explained_variance,
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, check_finite, check_positive,
+                         apply_matmul_flags, check_range, cli, diffusion_checkpoint_path,
+                         eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything, start_finetuning,
+                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
+                         start_finetuning,
                          step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
