@@ -64,6 +64,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -71,13 +72,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
+from common.errors import UsageError
 from common.networks import ObsCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags, check_finite,
-                         check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint,
-                         load_checkpoint, load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults,
-                         resume_args, save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
+from common.normalizer import Normalizer
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
+                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
+                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
+                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
                          whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
@@ -315,6 +317,14 @@ RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "a
 BUFFER_KEYS = ("obs", "next_obs", "x", "reward", "cut", "end")
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -326,7 +336,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_e, N = args.act_steps, args.num_envs
     if T_e > args.horizon_steps:

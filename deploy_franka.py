@@ -48,14 +48,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.datasets import DatasetError, Normalizer
+from common.errors import DatasetError, NonFiniteError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, build_diffusion_network
-from common.robot import (AprilTagPoseSource, FakeRobot, FilePoseSource, FrankyRobot, RobotError, RobotState,
-                          UDPPoseSource, axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quat, matrix_to_rot6d,
-                          quat_to_matrix, rot6d_to_matrix, rotation_angle)
-from common.runs import (NonFiniteError, UsageError, check_output_path, check_positive, cli, load_checkpoint,
-                         load_weights, whole_network_weights)
+from common.normalizer import Normalizer
+from common.runs import check_output_path, check_positive, cli, load_checkpoint, load_weights, whole_network_weights
 from common.tasks import TASKS
+from hardware.robot import (AprilTagPoseSource, FakeRobot, FilePoseSource, FrankyRobot, RobotError, RobotState, UDPPoseSource,
+                            axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quat, matrix_to_rot6d, quat_to_matrix,
+                            rot6d_to_matrix, rotation_angle)
 
 ROBOT_OBS_DIM, POSE_DIM, ACTION_DIM = 16, 7, 10
 MAX_CLIP_PRINTS = 5

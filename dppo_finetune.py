@@ -39,7 +39,7 @@ Deviations from the reference implementation (docs/deviations.md):
   to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
 - Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
   iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
-- Furniture-Bench (`common/furniture.py`, run through `python -m common.furniture dppo_finetune.py ...`):
+- Furniture-Bench (`sims/furniture.py`, run through `python -m sims.furniture dppo_finetune.py ...`):
   truncation at exactly 700 / 1000 steps, a reset of envs whose observations turn non-finite, and the
   optional sim-to-real noise (App. D.7) in normalised units.
 """
@@ -52,6 +52,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -59,10 +60,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
+from common.errors import UsageError
 from common.networks import ObsCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, check_finite, check_positive,
+from common.normalizer import Normalizer
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, check_finite, check_positive,
                          apply_matmul_flags, check_range, cli, diffusion_checkpoint_path,
                          eval_only_report, explained_variance,
                          finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
@@ -506,6 +508,14 @@ def compile_sampling(get_action, device: torch.device):
     return torch.compile(get_action, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -516,7 +526,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
         args.batch_size = FURNITURE_UNET_BATCH[task.env_name]

@@ -38,6 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -45,15 +46,17 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer
-from common.envs import EpisodeTracker, RunningRewardScaler, default_n_workers, evaluate
+from common.envs import EpisodeTracker, RunningRewardScaler, evaluate
+from common.errors import DatasetError, UsageError
 from common.networks import ViTCritic, VisionDiffusionNet, random_shift
-from common.robomimic import PixelChunkVecEnv
-from common.runs import (PhaseTimer, UsageError, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, policy_header, ppo_optimizers, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers)
+from common.normalizer import Normalizer
+from common.runs import (PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive, check_range, cli,
+                         eval_only_report, explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
+                         policy_header, ppo_optimizers, print_defaults, resume_args, save_checkpoint, script_name,
+                         seed_everything, start_finetuning, step_schedulers)
 from common.tasks import Task, get_task
+from common.vecenv import default_n_workers
+from sims.robomimic import PixelChunkVecEnv
 
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 PRETRAIN_HINT = "python dppo_pretrain_pixel.py --env-id {}"
@@ -328,6 +331,14 @@ def shift_images_(rgb: torch.Tensor, chunk: int = 4096) -> None:
         part.copy_(random_shift(part))
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:
@@ -336,7 +347,8 @@ def main(args: Args) -> dict:
     if args.checkpoint is None and resume is None:
         raise UsageError(f"--checkpoint is required: a pixel policy pre-trained by {PRETRAIN_HINT.format(args.env_id)}")
     task = pixel_task(args.env_id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     if not str(ckpt.get("backbone", "")).startswith("vit-"):
         raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {ckpt.get('backbone')} policy on states, not a pixel "
                            "policy; fine-tune it with dppo_finetune.py")

@@ -15,7 +15,7 @@ script writes.
 
 Loss: t ~ U{0..K-1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, MSE(ε_θ(x_t, t, s), ε).
 
-Backbones: `mlp` (DiffusionMLP, paper App. D.1) and `unet` (UNet1D, `common/unet.py`: the reference's
+Backbones: `mlp` (DiffusionMLP, paper App. D.1) and `unet` (UNet1D, `common/networks.py`: the reference's
 `Unet1D`, which lets pre-training T_a differ from fine-tuning T_a). Defaults per task are the reference's
 configs (`cfg/{gym,robomimic,furniture}/pretrain/*/pre_diffusion_{mlp,unet}.yaml`); the UNet's are listed in
 docs/deviations.md (UNet1D). Gaussian and GMM policies are pre-trained inside
@@ -50,15 +50,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
-from common.networks import ACTIVATIONS, DiffusionMLP
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint,
-                         load_weights, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
-                         script_name, seed_everything, warmup_then_cosine)
+from common.errors import DatasetError, UsageError
+from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
+from common.normalizer import Normalizer
+from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
+                         check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint, load_weights,
+                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
+                         seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages, refuse_pixel_task
-from common.unet import UNET_ACTIVATIONS, UNet1D
+from loaders.datasets import WindowDataset, load_task_dataset
 
 
 @dataclass

@@ -41,14 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import DatasetError, Normalizer, load_task_dataset
 from common.envs import evaluate
+from common.errors import DatasetError, TaskError, UsageError
 from common.networks import VisionDiffusionNet
-from common.robomimic import PixelChunkVecEnv, camera_names
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
+from common.normalizer import Normalizer
+from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
+                         check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
                          release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
-from common.tasks import TaskError, get_task
+from common.tasks import get_task
+from loaders.datasets import load_task_dataset
+from sims.robomimic import PixelChunkVecEnv, camera_names
 
 
 @dataclass
@@ -257,7 +259,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> N
 
 class PixelWindows:
     """Every T_a-action window inside one trajectory with the T_o most recent proprio vectors and images (the first
-    repeated before the episode start), as `common.datasets.WindowDataset`; images stay uint8 on the device."""
+    repeated before the episode start), as `loaders.datasets.WindowDataset`; images stay uint8 on the device."""
 
     def __init__(self, trajs: list[dict], normalizer, horizon_steps: int, cond_steps: int, device: torch.device) -> None:
         obs_idx, act_idx, offset = [], [], 0

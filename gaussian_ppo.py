@@ -59,6 +59,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import gymnasium as gym
@@ -67,15 +68,17 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
+from common.errors import TaskError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
-                         explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header,
-                         ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
-                         script_name, seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
-from common.tasks import Task, TaskError, get_task, missing_packages, refuse_pixel_task
+from common.normalizer import Normalizer
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, apply_defaults, apply_matmul_flags, args_dict, check_finite,
+                         check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
+                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
+                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
+                         seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
+from common.tasks import Task, get_task, missing_packages, refuse_pixel_task
+from loaders.datasets import WindowDataset, load_task_dataset
 
 POLICY = "gaussian"
 
@@ -560,6 +563,14 @@ def pretrain(args: Args, task: Task) -> dict:
             "eval": last_eval}
 
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     check_mode_flags(args)
     if args.pretrain:
@@ -595,7 +606,7 @@ def main(args: Args) -> dict:
             raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py "
                                     f"--pretrain --env-id {task.id}, or use --from-scratch)")
         ckpt = resume or load_checkpoint(args.checkpoint, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}",
-                                         task)
+                                         task, conversion=reference_conversion)
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e (e.g. from scratch, T_a = 1)
         args.act_steps = min(args.act_steps, args.horizon_steps)

@@ -58,6 +58,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -66,14 +67,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import Normalizer
 from common.envs import EpisodeTracker, evaluate, make_vec_env
+from common.errors import UsageError
 from common.networks import DoubleQCritic, build_diffusion_network
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, UsageError, apply_defaults, apply_matmul_flags,
-                         check_finite, check_positive, check_range, cli, diffusion_checkpoint_path, eval_only_report,
-                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, optimizer_with_schedule,
-                         policy_header, print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
-                         start_finetuning, step_schedulers, whole_network_weights)
+from common.normalizer import Normalizer
+from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
+                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
+                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
+                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
+                         whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
 # the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
@@ -349,6 +351,14 @@ def q_score(critic_q: nn.Module, obs: torch.Tensor, x: torch.Tensor) -> torch.Te
         g2 = torch.autograd.grad(q2.sum(), x)[0]
     return torch.stack((g1, g2)).mean(0).detach()
 
+def reference_conversion() -> ModuleType:
+    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
+    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    from loaders import convert
+
+    return convert
+
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -360,7 +370,8 @@ def main(args: Args) -> dict:
     if resume is None:
         print_defaults(task.id, filled)
     args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task)
+    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
+                                     conversion=reference_conversion)
     T_e, N = args.act_steps, args.num_envs
     args.horizon_steps = args.horizon_steps or (T_e if ckpt["backbone"] == "unet" else ckpt["horizon_steps"])
     if args.horizon_steps != T_e:  # the actor is fit on the executed chunks the buffer holds (reference)

@@ -36,7 +36,8 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.finetune_iteration import random_checkpoint as random_diffusion_checkpoint  # noqa: E402
 from common import runs  # noqa: E402
-from common.datasets import Normalizer  # noqa: E402
+from common.errors import UsageError  # noqa: E402
+from common.normalizer import Normalizer  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def finetune_args(checkpoint: Callable[[Any, str, str], None]) -> Callable[[Any,
         try:
             module.fill_defaults(filled)  # the script's own defaults at these sizes
             too_small = filled.batch_size > filled.n_steps * filled.num_envs
-        except runs.UsageError:  # e.g. dawr: no actor step at a tiny size
+        except UsageError:  # e.g. dawr: no actor step at a tiny size
             too_small = True
         if too_small:  # n_steps cut below one minibatch: one minibatch of the whole iteration
             default = copy.deepcopy(args)

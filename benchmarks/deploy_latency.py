@@ -25,8 +25,8 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deploy_franka  # noqa: E402
-from common.datasets import Normalizer  # noqa: E402
 from common.networks import ChunkMLP, DiffusionMLP  # noqa: E402
+from common.normalizer import Normalizer  # noqa: E402
 from common.runs import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 
 

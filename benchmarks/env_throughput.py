@@ -35,8 +35,10 @@ import gymnasium as gym
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.envs import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, make_vec_env, start_workers  # noqa: E402
-from common.tasks import Task, TaskError, get_task  # noqa: E402
+from common.envs import make_vec_env  # noqa: E402
+from common.errors import TaskError  # noqa: E402
+from common.tasks import Task, get_task  # noqa: E402
+from common.vecenv import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, start_workers  # noqa: E402
 
 
 def _cpu_seconds(pids: list[int]) -> float:

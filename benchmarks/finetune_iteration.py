@@ -29,7 +29,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune  # noqa: E402
 import dppo_pretrain  # noqa: E402
-from common.datasets import Normalizer  # noqa: E402
+from common.normalizer import Normalizer  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 

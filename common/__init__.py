@@ -1,4 +1,4 @@
-"""Shared plumbing for the DPPO scripts: tasks, env wrappers, datasets, network blocks.
-
-Algorithm logic (sampling, log-probs, losses, buffers) never lives here; see README "Layout".
+"""The core every DPPO script loads: tasks, env wrappers and the evaluation, the normaliser, network blocks, the run
+plumbing. Simulators (`sims/`), data loaders (`loaders/`) and the robot (`hardware/`) live apart; see README "Layout".
+Algorithm logic (sampling, log-probs, losses, buffers) never lives here.
 """

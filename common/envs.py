@@ -1,240 +1,22 @@
-"""Environments as the DPPO scripts see them: chunked, vectorised, same-step autoreset.
-
-Every vector env made by `make_vec_env` follows one protocol (the reference's `MultiStep` wrapper
-and vector env, `irom-princeton/dppo` `env/gym_utils/wrapper/multi_step.py`, with same-step autoreset):
-
-    obs = envs.reset(seed)                      # (N, T_o, D_o) float32, raw (un-normalised)
-    obs, reward, terminated, truncated, info = envs.step(chunks)   # chunks (N, T_e, D_a), raw
-        reward: (N,) sum of the T_e rewards (a chunk stops early at done)
-        an env whose episode ended is reset at once and `obs` holds the new episode's first
-        observation; info["final_obs"] (N, T_o, D_o) holds what it would have returned without
-        the reset (equal to obs elsewhere) — the state GAE bootstraps from on truncation.
-
-`MultiStep` turns one gymnasium env into a chunked one; `SyncChunkVecEnv` runs a list of them in
-this process, `ProcessChunkVecEnv` spreads them over a few worker processes (each worker steps its
-share of envs serially, so 50 envs need only as many processes as cores). Avoid has its own
-numpy-vectorised simulator with the same protocol (`common/avoid.py`).
+"""The envs of a task as the scripts make and evaluate them: the factory `make_vec_env` (Avoid, gym locomotion on
+envpool or gymnasium, robomimic, Furniture-Bench; a simulator of `sims/` is imported only when a task of its suite is
+made, and `sims/video.py` only with `capture_video`), the episode tracker, running reward scaling, and `evaluate`, the
+one evaluation function of every script. Every env follows the chunked vector-env protocol of `common/vecenv.py`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing as mp
-import os
-from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from common.runs import EVAL_STREAM, NonFiniteError, own_rng, stream_seed
-from common.tasks import Task, TaskError, require_simulator
-from common.video import (AVOID_DT, VIDEO_EPISODES, VIDEO_SIZE, EvalVideos, RenderFrames, plain_lighting, require_video,
-                          video_timing)
-
-
-class ChunkVecEnv(Protocol):
-    num_envs: int
-
-    def reset(self, seed: int | None = None) -> np.ndarray: ...
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]: ...
-    def close(self) -> None: ...
-
-
-class MultiStep(gym.Wrapper):
-    """One step = T_e env steps (paper §4.1 action chunks): rewards summed, early stop at done, last T_o
-    observations stacked (the first one repeated after reset)."""
-
-    def __init__(self, env: gym.Env, act_steps: int, cond_steps: int = 1) -> None:
-        super().__init__(env)
-        self.act_steps, self.cond_steps = act_steps, cond_steps
-        self._obs: deque[Any] = deque(maxlen=cond_steps)
-        obs_space, act_space = env.observation_space, env.action_space
-        if isinstance(obs_space, gym.spaces.Box):  # (dict observations, the pixel tasks', are stacked per key)
-            self.observation_space = gym.spaces.Box(
-                np.stack([obs_space.low] * cond_steps).astype(np.float32),
-                np.stack([obs_space.high] * cond_steps).astype(np.float32), dtype=np.float32)
-        self.action_space = gym.spaces.Box(
-            np.stack([act_space.low] * act_steps).astype(np.float32),
-            np.stack([act_space.high] * act_steps).astype(np.float32), dtype=np.float32)
-
-    def _stacked(self) -> Any:
-        if isinstance(self._obs[0], dict):  # {"state": (T_o, D_p), "rgb": (T_o, C, H, W) uint8}
-            return {k: np.stack([o[k] for o in self._obs]) for k in self._obs[0]}
-        return np.stack(self._obs).astype(np.float32)
-
-    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
-        obs, info = self.env.reset(**kwargs)
-        self._obs.extend([obs] * self.cond_steps)
-        return self._stacked(), info
-
-    def step(self, chunk: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        total, terminated, truncated, info = 0.0, False, False, {}
-        for action in chunk[: self.act_steps]:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self._obs.append(obs)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        return self._stacked(), total, terminated, truncated, info
-
-
-class SyncChunkVecEnv:
-    """MultiStep envs stepped one after another in this process, with same-step autoreset."""
-
-    backend = "gymnasium"
-    video_fps: float | None = None  # set by make_vec_env when the envs render (--capture-video)
-
-    def __init__(self, env_fns: list[Callable[[], gym.Env]]) -> None:
-        self.envs = [fn() for fn in env_fns]
-        self.num_envs = len(self.envs)
-        self._recording: list[int] = []
-
-    def set_recording(self, indices: list[int]) -> None:
-        """Render frames of these envs (their RenderFrames wrapper) from now on, into info["frames"]."""
-        self._recording = list(indices)
-        for i, env in enumerate(self.envs):
-            if isinstance(env.env, RenderFrames):
-                env.env.recording = i in self._recording
-                env.env.pop_frames()
-
-    def reset(self, seed: int | None = None, seeds: list[int | None] | None = None) -> np.ndarray:
-        if seeds is None:
-            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
-        return np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, seeds)])
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        obs, final_obs = [], []
-        reward = np.zeros(self.num_envs, np.float32)
-        terminated = np.zeros(self.num_envs, bool)
-        truncated = np.zeros(self.num_envs, bool)
-        frames = {}
-        for i, env in enumerate(self.envs):
-            o, reward[i], terminated[i], truncated[i], _ = env.step(actions[i])
-            final_obs.append(o)
-            if i in self._recording:  # the episode's frames, before an autoreset starts the next one's
-                frames[i] = env.env.pop_frames()
-            if terminated[i] or truncated[i]:
-                o, _ = env.reset()
-            obs.append(o)
-        info = {"final_obs": np.stack(final_obs)}
-        if self._recording:
-            info["frames"] = frames
-        return np.stack(obs), reward, terminated, truncated, info
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
-def default_n_workers() -> int:
-    """The worker processes a vector env gets when none is asked for: one per core this process may run on
-    (its CPU affinity, which a container or `taskset` narrows; `os.cpu_count()` counts the whole host)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no sched_getaffinity (macOS, Windows)
-        return os.cpu_count() or 1
-
-
-def _worker(remote: Any, env_fns: list[Callable[[], gym.Env]]) -> None:
-    torch.set_num_threads(1)  # one core per worker: a worker's torch must not spread over the others'
-    serve_envs(remote, SyncChunkVecEnv(env_fns))
-
-
-def serve_envs(remote: Any, envs: Any) -> None:
-    """A worker process's loop: the parent's step / reset / record / close commands run on `envs` (anything with
-    step(actions), reset(seeds=...), set_recording(indices), close()); a TaskError goes back to be raised there."""
-    while True:
-        cmd, data = remote.recv()
-        if cmd in ("step", "reset"):
-            try:
-                remote.send(envs.step(data) if cmd == "step" else envs.reset(seeds=data))
-            except TaskError as e:  # e.g. --capture-video cannot render here: raised again in the parent, one line
-                remote.send(e)
-        elif cmd == "record":
-            envs.set_recording(data)
-        else:
-            envs.close()
-            remote.close()
-            return
-
-
-class ProcessChunkVecEnv:
-    """The envs split over `n_workers` processes; each worker runs a SyncChunkVecEnv. One chunk-step is one
-    round trip per worker: the parent sends every worker its actions, then collects the replies (the workers
-    step in parallel meanwhile); docs/results.md "Env stepping vs worker count" measures what it costs."""
-
-    video_fps: float | None = None
-
-    def __init__(self, env_fns: list[Callable[[], gym.Env]], n_workers: int, context: str = "fork") -> None:
-        self.num_envs = len(env_fns)
-        self._splits, self._remotes, self._procs = start_workers(_worker, env_fns, n_workers, context)
-        self.backend = f"gymnasium ({len(self._procs)} worker processes)"
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [proc.pid for proc in self._procs]
-
-    def reset(self, seed: int | None = None) -> np.ndarray:
-        for remote, idx in zip(self._remotes, self._splits):
-            remote.send(("reset", [None if seed is None else seed + int(i) for i in idx]))
-        return np.concatenate(self._receive())
-
-    def _receive(self) -> list[Any]:
-        results = [remote.recv() for remote in self._remotes]
-        for r in results:
-            if isinstance(r, TaskError):
-                raise r
-        return results
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        for remote, idx in zip(self._remotes, self._splits):
-            remote.send(("step", actions[idx]))
-        results = self._receive()
-        obs, rew, term, trunc = (np.concatenate([r[k] for r in results]) for k in range(4))
-        info = {"final_obs": np.concatenate([r[4]["final_obs"] for r in results])}
-        if any("frames" in r[4] for r in results):  # worker-local env indices -> global ones
-            info["frames"] = {int(idx[i]): f for r, idx in zip(results, self._splits)
-                              for i, f in r[4].get("frames", {}).items()}
-        return obs, rew, term, trunc, info
-
-    def set_recording(self, indices: list[int]) -> None:
-        for remote, idx in zip(self._remotes, self._splits):
-            remote.send(("record", [int(j) for j, g in enumerate(idx) if g in indices]))
-
-    def close(self) -> None:
-        close_workers(self._remotes, self._procs)
-
-
-def start_workers(target: Callable[[Any, list[Callable[[], Any]]], None], env_fns: list[Callable[[], Any]],
-                  n_workers: int, context: str) -> tuple[list[np.ndarray], list[Any], list[Any]]:
-    """Split `env_fns` over min(n_workers, len) daemon processes, each running `target(pipe, its env_fns)`;
-    returns (the env indices of each worker, the parent ends of the pipes, the processes)."""
-    splits = np.array_split(np.arange(len(env_fns)), max(1, min(n_workers, len(env_fns))))
-    ctx = mp.get_context(context)
-    remotes, procs = [], []
-    for idx in splits:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(child, [env_fns[i] for i in idx]), daemon=True)
-        proc.start()
-        child.close()
-        remotes.append(parent)
-        procs.append(proc)
-    return splits, remotes, procs
-
-
-def close_workers(remotes: list[Any], procs: list[Any]) -> None:
-    """Ask every worker to close its envs, then wait for it (terminated after 5 s)."""
-    for remote in remotes:
-        try:
-            remote.send(("close", None))
-        except (BrokenPipeError, EOFError, OSError):
-            pass
-    for proc in procs:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.terminate()
+from common.errors import NonFiniteError, TaskError
+from common.runs import EVAL_STREAM, own_rng, stream_seed
+from common.tasks import Task, require_simulator
+from common.vecenv import ChunkVecEnv, MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers
 
 
 class EnvpoolChunkVecEnv:
@@ -294,16 +76,19 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
     (VIDEO_SIZE square) for evaluation videos."""
     require_simulator(task)
     steps = max_episode_steps or task.max_episode_steps
-    if task.suite == "gym":
+    if task.suite == "gym" and render:
+        from sims.video import VIDEO_SIZE, plain_lighting
+
         # the locomotion models' own "track" camera follows the body (gymnasium's default free camera does not)
-        frames = dict(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE, camera_name="track") if render else {}
-        env = gym.make(task.env_name, max_episode_steps=steps, **frames)
-        if render:
-            plain_lighting(env.unwrapped.model)
+        env = gym.make(task.env_name, max_episode_steps=steps, render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE,
+                       camera_name="track")
+        plain_lighting(env.unwrapped.model)
+    elif task.suite == "gym":
+        env = gym.make(task.env_name, max_episode_steps=steps)
     elif task.suite == "robomimic":
-        from common.robomimic import make_robomimic_env
+        from sims.robomimic import make_robomimic_env
         env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success, video_frames=render)
-    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (common/furniture.py)
+    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (sims/furniture.py)
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     else:
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
@@ -318,7 +103,7 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
                  cond_steps: int = 1, n_workers: int | None = None, terminate_on_success: bool = False,
                  max_episode_steps: int | None = None, backend: str = "auto", normalizer: Any = None,
                  obs_noise_std: float = 0.0, action_noise_std: float = 0.0, capture_video: bool = False) -> ChunkVecEnv:
-    """`num_envs` chunked envs of `task` following the protocol in this module's docstring; the
+    """`num_envs` chunked envs of `task` following the protocol of `common/vecenv.py`; the
     returned env's `backend` attribute names what runs it.
 
     n_workers: worker processes stepping the envs (`ProcessChunkVecEnv`, 1: in-process). Robomimic (slow in
@@ -327,17 +112,19 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     docs/results.md "Env stepping vs worker count"), except with capture_video (rendered in-process).
     backend (gym locomotion only): `envpool` (C++, ~2.5x the steps/s here; must be
     installed), `gymnasium`, or `auto` = envpool when it is installed, else gymnasium.
-    Furniture only: the dataset `normalizer` and the sim-to-real noise (common/furniture.py).
+    Furniture only: the dataset `normalizer` and the sim-to-real noise (sims/furniture.py).
     capture_video: envs 0..VIDEO_EPISODES-1 can render and `evaluate` records their episodes
-    (common/video.py); the returned env's `video_fps` is then set.
+    (sims/video.py); the returned env's `video_fps` is then set.
     """
     if obs_noise_std or action_noise_std:
         if task.suite != "furniture":
             raise TaskError(f"observation / action noise is the Furniture-Bench sim-to-real option; {task.id!r} has none")
-    if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (common/furniture.py checks the install)
+    if capture_video:
+        from sims.video import AVOID_DT, VIDEO_EPISODES, RenderFrames, require_video, video_timing
+    if task.suite == "furniture":  # Isaac Gym's GPU-batched envs (sims/furniture.py checks the install)
         if capture_video:
             require_video(task)  # no renderer for furniture here: one line
-        from common.furniture import make_furniture_vec_env
+        from sims.furniture import make_furniture_vec_env
         return make_furniture_vec_env(task, num_envs, act_steps or task.act_steps, cond_steps, max_episode_steps,
                                       normalizer, obs_noise_std, action_noise_std, seed)
     require_simulator(task)
@@ -354,17 +141,17 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
                         if task.suite == "gym" else f"--env-backend envpool is for gym locomotion, not {task.id!r}")
     act_steps = act_steps or task.act_steps
     if task.suite == "avoid":
-        from common.avoid import AvoidVecEnv
+        from sims.avoid import AvoidVecEnv
         avoid = AvoidVecEnv(num_envs, act_steps=act_steps, cond_steps=cond_steps,
                             max_episode_steps=max_episode_steps or task.max_episode_steps, seed=seed)
-        avoid.backend = "numpy (common/avoid.py)"
+        avoid.backend = "numpy (sims/avoid.py)"
         avoid.video_fps = 1 / AVOID_DT if capture_video else None
         return avoid
 
     stride, video_fps = 1, None
     if capture_video:  # env fps: gym's metadata (1/dt), robosuite's control frequency (20 Hz)
         if task.suite == "robomimic":
-            from common.robomimic import env_kwargs
+            from sims.robomimic import env_kwargs
             env_fps = float(env_kwargs(task)["control_freq"])
         else:
             env_fps = _gym_render_fps(task)
@@ -391,6 +178,8 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
 
 def _gym_render_fps(task: Task) -> float:
     """The env's own frame rate (1/dt), from one env that also proves rendering works here (one line if not)."""
+    from sims.video import RenderFrames
+
     env = make_env(task, render=True)
     try:
         env.reset(seed=0)
@@ -500,10 +289,13 @@ def evaluate(envs: ChunkVecEnv, act: Callable[[np.ndarray], np.ndarray], task: T
     Returns return_mean/return_std/success_rate/episode_length/n_episodes, and for Avoid
     `mode_fractions` (the share of finished episodes through each row-3 mode 5..8),
     `collision_rate` and `paths` (end-effector paths of the finished episodes); with envs made with
-    `capture_video`, `videos` (`common.video.EvalVideos`: recorded episodes the run folder keeps).
+    `capture_video`, `videos` (`sims.video.EvalVideos`: recorded episodes the run folder keeps).
     """
     n_steps = n_steps or eval_horizon(task, act_steps)
-    videos = EvalVideos(envs) if getattr(envs, "video_fps", None) else None  # before the reset: its first frame
+    videos = None
+    if getattr(envs, "video_fps", None):  # envs made with capture_video; before the reset: its first frame
+        from sims.video import EvalVideos
+        videos = EvalVideos(envs)
     obs = envs.reset(seed=seed)
     n = envs.num_envs
     tracker = EpisodeTracker(n, act_steps, task.success_chunk_reward, task.success_return)

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.datasets import DatasetError
-from common.tasks import TaskError
+from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
 FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
@@ -36,14 +35,6 @@ HEADER_KEYS = ("format", "policy", "backbone", "arch", "task", "obs_dim", "actio
 OPTIONAL_HEADER_KEYS = ("denoising_steps", "std_limits")
 
 ArgsT = TypeVar("ArgsT")
-
-
-class UsageError(ValueError):
-    """The command line cannot work: a flag value out of range or a combination of flags that conflict."""
-
-
-class NonFiniteError(ValueError):
-    """A loss, a weight or an action became NaN or inf: the run stops before it saves anything from that state."""
 
 
 def check_finite(where: str, values: dict[str, float], *modules: nn.Module) -> None:
@@ -273,26 +264,35 @@ def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None) -> dict[str, Any]:
+def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None,
+                    conversion: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint as data (`weights_only=True`) and check it holds a `policy` (any of this project's kinds when
-    None) for `task` (when given); anything else is refused with one line naming the fix."""
-    from common import convert
+    None) for `task` (when given); anything else is refused with one line naming the fix.
 
+    The reference implementation's checkpoints (`--checkpoint paper` / `paper-unet`, or a file of irom-princeton/dppo)
+    are converted in memory by the module `conversion()` returns (`loaders.convert`): the script hands it over, so that
+    the run plumbing never loads the conversion and a run from this project's checkpoints never does either."""
     if path in PAPER_CHECKPOINTS:  # the reference's published pre-trained policy of the task, downloaded once
         if task is None:
             raise UsageError(f"--checkpoint {path} needs the task (--env-id)")
         if policy in ("gmm", None) or (policy != "diffusion" and path != "paper"):
             raise UsageError(f"--checkpoint {path}: the reference publishes no {policy} policy this project's network can "
                              f"load; pre-train one: {pretrain_command}")
-        path = convert.paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
+        if conversion is None:
+            raise UsageError(f"--checkpoint {path}: this script does not import the reference's checkpoints")
+        path = conversion().paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: {pretrain_command})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
-    if convert.is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
-        ckpt = convert.load_reference(path, ckpt, task)
+    if is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
+        if task is None or conversion is None:
+            raise DatasetError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)" if task is None
+                               else f"{path!r} is a reference checkpoint; convert it first: python -m loaders.convert "
+                               f"{path} --env-id {task.id}")
+        ckpt = conversion().load_reference(path, ckpt, task)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")
     has_weights = any(k in ckpt for k in ("ema", "base", "actor"))
@@ -314,13 +314,19 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
     return ckpt
 
 
+def is_reference_checkpoint(obj: Any) -> bool:
+    """The layout the reference's agents save: `model` (and `ema` after pre-training) state dicts of `network.*`."""
+    return (isinstance(obj, dict) and "format" not in obj and isinstance(obj.get("model"), dict)
+            and any(isinstance(k, str) and k.startswith(("network.", "actor", "critic")) for k in obj["model"]))
+
+
 # Built-in pre-trained diffusion checkpoints (made by `python dppo_pretrain.py --output checkpoints/avoid-m2_diffusion.pt`),
 # used when a diffusion fine-tuning script gets no --checkpoint.
 BUILTIN_DIFFUSION_CHECKPOINTS = {
     "avoid-m2": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
                              "avoid-m2_diffusion.pt")}
 DIFFUSION_PRETRAIN_HINT = "python dppo_pretrain.py --env-id {}"
-# `--checkpoint paper`: the pre-trained policy the reference implementation publishes for the task (common/convert.py);
+# `--checkpoint paper`: the pre-trained policy the reference implementation publishes for the task (loaders/convert.py);
 # for diffusion scripts the MLP one (what the reference's DPPO configs fine-tune) or, with `paper-unet`, the UNet one
 PAPER_CHECKPOINTS = {"paper": "diffusion_mlp", "paper-unet": "diffusion_unet"}
 
@@ -542,7 +548,7 @@ class Run:
     def save_videos(self, itr: int, result: dict[str, Any]) -> None:
         """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""
         if result.get("videos"):
-            from common.video import save_videos
+            from sims.video import save_videos
             result["videos"] = save_videos(result["videos"], os.path.join(self.dir, "videos"), f"itr_{itr:04d}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -594,7 +600,7 @@ class Run:
         and return what `main` returns: absolute run folder and checkpoint paths, the eval rows, the
         final evaluation and `extra`."""
         if self.paths_before is not None and "paths" in final:
-            from common.plots import plot_avoid_paths
+            from sims.plots import plot_avoid_paths
             plot_avoid_paths({"before fine-tuning": self.paths_before, "after fine-tuning": final["paths"]},
                              os.path.join(self.dir, "trajectories.png"))
         rows = self.eval_log.rows
@@ -622,7 +628,7 @@ def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any 
         print(f"{mode}: return {r['return_mean']:.2f} ± {r['return_std']:.2f}, success {r['success_rate']:.3f} "
               f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
     if any(r.get("videos") for r in results.values()):
-        from common.video import save_videos
+        from sims.video import save_videos
         folder = os.path.join(new_run_dir(task_id, args.exp_name, args.seed), "videos")
         for mode, r in results.items():
             r["videos"] = save_videos(r.get("videos", []), folder, f"eval_only_{mode}")

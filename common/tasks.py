@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-
-class TaskError(ValueError):
-    """A task id the user typed is unknown, or its simulator / data is not available."""
+from common.errors import TaskError
 
 
 @dataclass(frozen=True)

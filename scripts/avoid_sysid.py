@@ -1,6 +1,6 @@
-"""System identification of the D3IL Avoid simulator (`common/avoid.py`) from the 96 real demos.
+"""System identification of the D3IL Avoid simulator (`sims/avoid.py`) from the 96 real demos.
 
-`--fit` refits the dynamics constants of `common/avoid.py` (`_W`, `_NH`, `_DISC_C`, `_R_DES`,
+`--fit` refits the dynamics constants of `sims/avoid.py` (`_W`, `_NH`, `_DISC_C`, `_R_DES`,
 `_R_EE`) by minimising the open-loop replay error of all demos and prints them in the form the
 module holds them; `--validate` replays every real demo's recorded desired positions open-loop
 from its recorded start through the simulator and reports the fidelity stated in the module's
@@ -19,13 +19,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.avoid import _GAIN_BOX, _GAIN_CENTRE, _demo_arrays, collided, replay, row_modes  # noqa: E402
+from sims.avoid import _GAIN_BOX, _GAIN_CENTRE, _demo_arrays, collided, replay, row_modes  # noqa: E402
 
 
 def fit_dynamics(path: str, iters: int = 1500, lr: float = 5e-3, seed: int = 0,
                  train: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Refit the constants by minimising the open-loop replay MSE (torch autograd through the
-    rollout of `common.avoid.physics_step`). train: optional bool mask of the demos to fit on.
+    rollout of `sims.avoid.physics_step`). train: optional bool mask of the demos to fit on.
     ~4 min on 1 core."""
     import torch
 

@@ -64,7 +64,8 @@ from typing import Any, Literal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.runs import UsageError, cli  # noqa: E402
+from common.errors import UsageError  # noqa: E402
+from common.runs import cli  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 MODULES = {"dppo": "dppo_finetune", "drwr": "drwr", "dawr": "dawr", "exact": "exact_likelihood_pg", "dipo": "dipo",

@@ -1,11 +1,11 @@
 """Scripted D3IL Avoid demonstrations: the built-in Avoid data shipped in `builtin-data/`.
 
 The real D3IL demos cannot be redistributed, so the Avoid tasks' built-in data are scripted
-demonstrations executed in the simulator of `common/avoid.py`: 96 per subset (the size of the real
+demonstrations executed in the simulator of `sims/avoid.py`: 96 per subset (the size of the real
 dataset), 50/50 between the subset's two row-3 modes, collision-free, passing the same M1/M2/M3
-filters as the real demos (`common.avoid.subset_mode`). They are written in the reference
+filters as the real demos (`sims.avoid.subset_mode`). They are written in the reference
 implementation's `train.npz` format (`states`, `actions`, `traj_lengths`; float32, compressed),
-one file per subset, which `common.datasets.load_task_trajectories` loads for an Avoid task given
+one file per subset, which `loaders.datasets.load_task_trajectories` loads for an Avoid task given
 no dataset path. The shipped files were written, from the repository root, with
 
     python scripts/generate_avoid_demos.py
@@ -23,10 +23,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.avoid import (  # noqa: E402
-    ACTION_HIGH, ACTION_LOW, START, SUBSETS, _to_demo, collided, replay, row_modes, subset_mode,
-)
-from common.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
+from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
+from sims.avoid import (ACTION_HIGH, ACTION_LOW, START, SUBSETS, _to_demo, collided, replay, row_modes,  # noqa: E402
+                        subset_mode)
 
 _ROW3_X = {5: (0.265, 0.30), 6: (0.41, 0.44), 7: (0.56, 0.59), 8: (0.695, 0.73)}  # free gaps
 

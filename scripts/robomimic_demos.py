@@ -1,6 +1,6 @@
 """Scripted robomimic demonstrations (Lift, Can, Square) in robomimic's hdf5 layout.
 
-A state machine on the privileged object pose drives the env of `common/robomimic.py` with the
+A state machine on the privileged object pose drives the env of `sims/robomimic.py` with the
 same OSC_POSE delta actions as the datasets, with randomised waypoints, P gain, phase durations and
 action noise; only successful episodes are kept; a demo ends once the task has been solved for
 `--hold-steps` (10) steps. Run from the repository root:
@@ -29,8 +29,9 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
-from common.tasks import Task, TaskError, get_task  # noqa: E402
+from common.errors import TaskError  # noqa: E402
+from common.tasks import Task, get_task  # noqa: E402
+from sims.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
 
 
 def _yaw(quat_xyzw: np.ndarray) -> float:

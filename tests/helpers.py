@@ -28,7 +28,7 @@ class WiringRecorder:
     def __init__(self, module, monkeypatch, normalization: dict) -> None:
         import numpy as np
 
-        from common.datasets import Normalizer
+        from common.normalizer import Normalizer
         self.normalizer = Normalizer.from_state_dict(normalization)
         self.steps, self.resets, self.eval_seeds, self.firsts, self.gae = [], [], [], [], []
         self.fresh_grads: list[bool] = []

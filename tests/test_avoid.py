@@ -1,4 +1,4 @@
-"""Tests for common/avoid.py and its tooling: fidelity to the real D3IL demos (scripts/avoid_sysid.py),
+"""Tests for sims/avoid.py and its tooling: fidelity to the real D3IL demos (scripts/avoid_sysid.py),
 task semantics, the vec env, the scripted demos (scripts/generate_avoid_demos.py) and their shipped files."""
 
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import avoid
-from common.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, load_task_trajectories
 from common.tasks import get_task
+from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, load_task_trajectories
+from sims import avoid
 from scripts import avoid_sysid
 from scripts import generate_avoid_demos as gen
 

@@ -41,9 +41,8 @@ import gmm_ppo as gmm
 import idql
 import qsm
 from common import runs
-from common.datasets import DatasetError
-from common.runs import UsageError, load_checkpoint, load_resume
-from common.tasks import TaskError
+from common.errors import DatasetError, TaskError, UsageError
+from common.runs import load_checkpoint, load_resume
 from scripts import collect_dataset as collect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -427,7 +426,7 @@ def test_state_scripts_refuse_pixel_tasks_in_one_line(module):
     """A pixel task (camera observations) given to a script of state observations names the pixel scripts."""
     import importlib
 
-    from common.tasks import TaskError
+    from common.errors import TaskError
 
     mod = importlib.import_module(module)
     for extra in ({}, {"pretrain": True}) if module in ("gaussian_ppo", "gmm_ppo") else ({},):

@@ -21,8 +21,10 @@ import h5py
 import numpy as np
 import pytest
 
-from common.datasets import DatasetError, download, load_task_trajectories, load_train_npz
+from common.errors import DatasetError
 from common.tasks import get_task
+from loaders.datasets import load_task_trajectories, load_train_npz
+from loaders.files import download
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AVOID = get_task("avoid-m2")  # obs 4, actions 2

@@ -12,8 +12,8 @@ import exact_likelihood_pg as el
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
 from benchmarks import baselines_iteration as bench
+from common.errors import UsageError
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import UsageError
 from common.tasks import get_task
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.envs import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, eval_horizon, evaluate, make_vec_env
+from common.envs import eval_horizon, evaluate, make_vec_env
+from common.errors import TaskError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic, ResidualBlock, ResidualMLP
-from common.tasks import Task, TaskError, get_task, missing_packages, require_simulator, task_ids
+from common.tasks import Task, get_task, missing_packages, require_simulator, task_ids
+from common.vecenv import MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv
 
 
 # ---------------------------------------------------------------- registry
@@ -150,7 +152,7 @@ def test_evaluate_counts_finished_episodes():
 
 
 def test_evaluate_refuses_non_finite_actions():
-    from common.runs import NonFiniteError
+    from common.errors import NonFiniteError
     envs = SyncChunkVecEnv([lambda: MultiStep(Counter(end=8), 4) for _ in range(2)])
     with pytest.raises(NonFiniteError, match="non-finite actions"):
         evaluate(envs, lambda obs: np.full((len(obs), 4, 1), np.nan), _counter_task(5.0), act_steps=4, seed=0, index=0)

@@ -1,4 +1,4 @@
-"""Importing the reference implementation's checkpoints and datasets (common/convert.py, issue 14).
+"""Importing the reference implementation's checkpoints and datasets (loaders/convert.py, issue 14).
 
 The reference checkpoints here are rebuilt from `tests/reference/ref_checkpoints.npz`: state dicts written by the
 reference's own model code (random weights), the normalisation, raw observations and the actions the reference
@@ -21,11 +21,14 @@ import torch
 
 import dppo_finetune as ft
 import gaussian_ppo as gp
-from common import convert
-from common.datasets import DatasetError, Normalizer, download, load_task_dataset, save_train_npz
+from common.errors import DatasetError, TaskError, UsageError
 from common.networks import ObsCritic, build_diffusion_network
-from common.runs import load_checkpoint
-from common.tasks import TaskError, get_task
+from common.normalizer import Normalizer
+from common import runs
+from common.tasks import get_task
+from loaders import convert
+from loaders.datasets import load_task_dataset, save_train_npz
+from loaders.files import download
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = np.load(ROOT / "tests" / "reference" / "ref_checkpoints.npz")
@@ -56,6 +59,11 @@ def write_reference(tmp_path: Path, case: str, with_normalization: bool = True) 
     if with_normalization and f"{case}.obs_min" in REF:
         np.savez(folder / "normalization.npz", **{k: REF[f"{case}.{k}"] for k in Normalizer.KEYS})
     return folder / "state_8000.pt"
+
+
+def load_checkpoint(path: str, policy: str | None, hint: str, task=None) -> dict:
+    """`common.runs.load_checkpoint` as the scripts call it: reference checkpoints converted by `loaders.convert`."""
+    return runs.load_checkpoint(path, policy, hint, task, conversion=lambda: convert)
 
 
 def settings(case: str) -> dict:
@@ -127,14 +135,14 @@ def test_gaussian_with_a_learned_std_takes_half_its_log_variance(tmp_path):
 def test_converter_command_writes_a_checkpoint_once(tmp_path):
     path = write_reference(tmp_path, "square_mlp")
     out = tmp_path / "square.pt"
-    r = subprocess.run([sys.executable, "-m", "common.convert", str(path), "--env-id", "Square", "--output", str(out)],
+    r = subprocess.run([sys.executable, "-m", "loaders.convert", str(path), "--env-id", "Square", "--output", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "cond_mlp_dims=[24, 8]" in r.stdout and "activation=mish" in r.stdout and "denoising_steps=20" in r.stdout
     ckpt = load_checkpoint(str(out), "diffusion", "", get_task("square"))  # now this project's format
     assert ckpt["format"] == "dppo-checkpoint-v1" and ckpt["source"]["kind"] == "diffusion_mlp"
     assert ckpt["arch"]["mlp_dims"] == [48, 48, 48] and ckpt["arch"]["time_dim"] == 32
-    r = subprocess.run([sys.executable, "-m", "common.convert", str(path), "--env-id", "hopper"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "loaders.convert", str(path), "--env-id", "hopper"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "normalises 23 observation" in r.stderr
 
@@ -174,6 +182,19 @@ def test_refusals_are_one_line(tmp_path):
                         Normalizer(np.zeros(11), np.ones(11), -np.ones(3), np.ones(3)), log=lambda *_: None)
 
 
+def test_the_run_plumbing_converts_only_through_the_conversion_it_is_handed(tmp_path):
+    """`common.runs` never imports `loaders`: without `conversion` a reference checkpoint is refused in one line naming
+    the fix (the task, or the converter command), and `--checkpoint paper` too."""
+    path = str(write_reference(tmp_path, "hopper_mlp"))
+    with pytest.raises(DatasetError, match=r"is a reference checkpoint: converting it needs the task \(--env-id\)"):
+        runs.load_checkpoint(path, None, "")  # deploy_franka.py and resumed runs pass no task
+    with pytest.raises(DatasetError, match=f"convert it first: python -m loaders.convert {path} --env-id hopper"):
+        runs.load_checkpoint(path, "diffusion", "", get_task("hopper"))
+    with pytest.raises(UsageError, match="does not import the reference's checkpoints"):
+        runs.load_checkpoint("paper", "diffusion", "", get_task("hopper"))
+    assert runs.load_checkpoint(path, "diffusion", "", get_task("hopper"), conversion=lambda: convert)["task"] == "hopper"
+
+
 def test_normalization_found_beside_else_the_papers_download(tmp_path, monkeypatch):
     monkeypatch.setenv("DPPO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DPPO_OFFLINE", "1")
@@ -203,7 +224,6 @@ def test_paper_checkpoint_keyword(tmp_path, monkeypatch):
     assert load_checkpoint("paper", "diffusion", "", task)["arch"]["activation"] == "relu"
     with pytest.raises(TaskError, match="no diffusion unet checkpoint for hopper"):
         load_checkpoint("paper-unet", "diffusion", "", task)
-    from common.runs import UsageError
     with pytest.raises(UsageError, match="pre-train one"):
         load_checkpoint("paper", "gmm", "python gmm_ppo.py --pretrain", task)
     assert set(convert.PAPER_FILES) == {t for t in map(lambda i: get_task(i).id, convert.PAPER_FILES)}  # ids are canonical

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from common import datasets
-from common.datasets import (ROBOMIMIC_OBS_KEYS, DatasetError, Normalizer, WindowDataset, default_data_path, download,
-                             load_d4rl_hdf5, load_robomimic_hdf5, load_task_trajectories, load_train_npz, save_train_npz)
+from common.errors import DatasetError
+from common.normalizer import Normalizer
 from common.tasks import get_task
+from loaders import datasets
+from loaders.datasets import (ROBOMIMIC_OBS_KEYS, WindowDataset, default_data_path, load_d4rl_hdf5, load_robomimic_hdf5,
+                              load_task_trajectories, load_train_npz, save_train_npz)
+from loaders.files import download, read_normalization
 
 # ---------------------------------------------------------------- writers for the real formats
 
@@ -220,12 +223,12 @@ def test_download_file_url_and_default_paths(tmp_path: Path, monkeypatch: pytest
 
 
 def test_avoid_dispatch_with_stub_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No path: the subset's shipped train.npz (first n_demos of it); a D3IL npz: common.avoid's loader."""
+    """No path: the subset's shipped train.npz (first n_demos of it); a D3IL npz: sims.avoid's loader."""
     calls = []
     demo = [{"obs": np.zeros((6, 4), np.float32), "actions": np.zeros((6, 2), np.float32)}]
-    stub = types.ModuleType("common.avoid")
+    stub = types.ModuleType("sims.avoid")
     stub.load_avoid_demos = lambda path, subset: calls.append(("load", path, subset)) or demo
-    monkeypatch.setitem(sys.modules, "common.avoid", stub)
+    monkeypatch.setitem(sys.modules, "sims.avoid", stub)
     monkeypatch.setattr(datasets, "AVOID_DEMO_DIR", tmp_path / "builtin")
     task = get_task("avoid-m2")
     with pytest.raises(DatasetError, match="built-in Avoid demos .*avoid-m2.npz are missing"):
@@ -291,11 +294,11 @@ def test_normalizer_state_dict_weights_only_and_npz(tmp_path: Path) -> None:
         torch.testing.assert_close(getattr(back, key), getattr(norm, key))
     np.savez(tmp_path / "normalization.npz", **{k: v.numpy() for k, v in d.items()})
     x = torch.tensor([[1.0, 0.5]])
-    torch.testing.assert_close(Normalizer.from_npz(str(tmp_path / "normalization.npz")).normalize_obs(x),
+    torch.testing.assert_close(read_normalization(str(tmp_path / "normalization.npz")).normalize_obs(x),
                                norm.normalize_obs(x))
     np.savez(tmp_path / "bad.npz", obs_min=np.zeros(2))
     with pytest.raises(DatasetError, match="missing key 'obs_max'"):
-        Normalizer.from_npz(str(tmp_path / "bad.npz"))
+        read_normalization(str(tmp_path / "bad.npz"))
 
 
 # ---------------------------------------------------------------- windows

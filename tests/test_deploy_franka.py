@@ -1,4 +1,4 @@
-"""deploy_franka.py and common/robot.py: rotations, the safety limits, stops and the episode log on the in-process
+"""deploy_franka.py and hardware/robot.py: rotations, the safety limits, stops and the episode log on the in-process
 fake robot, sampling equal to the training scripts', and the real protocol against franky-sim (MuJoCo FR3)."""
 
 import importlib.util
@@ -16,11 +16,12 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import deploy_franka as deploy
-from common.datasets import Normalizer
+from common.errors import NonFiniteError, UsageError
 from common.networks import ChunkMLP, DiffusionMLP
-from common.robot import (FakeRobot, FilePoseSource, RobotError, axis_angle_to_matrix, matrix_to_axis_angle,
-                          matrix_to_quat, matrix_to_rot6d, quat_to_matrix, rot6d_to_matrix, rotation_angle)
-from common.runs import CHECKPOINT_FORMAT, NonFiniteError, UsageError, save_checkpoint
+from common.normalizer import Normalizer
+from common.runs import CHECKPOINT_FORMAT, save_checkpoint
+from hardware.robot import (FakeRobot, FilePoseSource, RobotError, axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quat,
+                            matrix_to_rot6d, quat_to_matrix, rot6d_to_matrix, rotation_angle)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWN = np.array([1.0, 0.0, 0.0, 0.0])  # gripper pointing down: 180° about x (x, y, z, w)
@@ -83,9 +84,10 @@ def test_rotation_conversions_round_trip_and_match_scipy():
 
 def test_deployment_observation_equals_the_furniture_envs():
     """The robot part of the observation built here (numpy, float64) equals the one the furniture env feeds the
-    policy in training (common/furniture.py, torch): same order, same quaternion order, same 6D rows."""
-    from common import furniture
-    from common.robot import RobotState
+    policy in training (sims/furniture.py, torch): same order, same quaternion order, same 6D rows."""
+    from common import rotations
+    from hardware.robot import RobotState
+    from sims import furniture
     rng = np.random.default_rng(1)
     for _ in range(20):
         q = rng.normal(size=4)
@@ -96,7 +98,7 @@ def test_deployment_observation_equals_the_furniture_envs():
         assert np.allclose(deploy.robot_obs(state), train, atol=1e-12)
         d6 = train[3:9] + 0.05 * rng.normal(size=6)  # an action's (not orthonormal) 6D: same rotation both ways
         ours = quat_to_matrix(matrix_to_quat(rot6d_to_matrix(d6)))
-        theirs = furniture.quat_to_matrix(furniture.rot6d_to_quat(torch.as_tensor(d6))).numpy()
+        theirs = rotations.quat_to_matrix(rotations.rot6d_to_quat(torch.as_tensor(d6))).numpy()
         assert np.allclose(ours, theirs, atol=1e-9)
 
 
@@ -245,7 +247,7 @@ def test_franky_state_splits_the_twist_into_linear_then_angular(monkeypatch):
     12:15, as the furniture envs' robot state."""
     import types
 
-    from common import robot as robot_mod
+    from hardware import robot as robot_mod
     rng = np.random.default_rng(2)
     J, dq = rng.normal(size=(6, 7)), rng.normal(size=7)
     state = types.SimpleNamespace(O_T_EE=types.SimpleNamespace(translation=[0.4, 0.1, 0.3], quaternion=[1.0, 0, 0, 0]),
@@ -393,7 +395,7 @@ def test_object_poses_from_a_file_enter_the_observation(tmp_path):
 
 def test_udp_poses_newest_wins_and_stale_stops():
     import socket
-    from common.robot import UDPPoseSource
+    from hardware.robot import UDPPoseSource
     source = UDPPoseSource("127.0.0.1:0", 1, max_age=0.3)
     address = source.sock.getsockname()
     with pytest.raises(RobotError, match="no object poses"):
@@ -418,7 +420,7 @@ def test_apriltag_source_transforms_averages_and_filters(tmp_path):
     tag_T_object, the average over an object's tags, the moving average, and the refusal of a never-seen object."""
     from types import SimpleNamespace
 
-    from common.robot import AprilTagPoseSource
+    from hardware.robot import AprilTagPoseSource
 
     def T(R, t):
         M = np.eye(4)
@@ -451,7 +453,7 @@ def test_apriltag_source_transforms_averages_and_filters(tmp_path):
 
 
 def test_apriltag_source_without_its_package_is_one_line(tmp_path, monkeypatch):
-    from common.robot import AprilTagPoseSource
+    from hardware.robot import AprilTagPoseSource
     monkeypatch.setitem(sys.modules, "pupil_apriltags", None)
     with pytest.raises(UsageError, match="pip install pupil-apriltags"):
         AprilTagPoseSource(str(tmp_path / "cal.json"), 1)

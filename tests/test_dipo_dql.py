@@ -13,9 +13,9 @@ import torch.nn as nn
 import dipo
 import dppo_pretrain as pt
 import dql
-from common.datasets import Normalizer
+from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic
-from common.runs import UsageError
+from common.normalizer import Normalizer
 from tests.helpers import assert_resumed_run_matches, policy_action
 
 REF = Path(__file__).parent / "reference"

@@ -12,10 +12,9 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
-from common.datasets import DatasetError, save_train_npz
+from common.errors import DatasetError, TaskError, UsageError
 from common.networks import build_diffusion_network
-from common.runs import UsageError
-from common.tasks import TaskError
+from loaders.datasets import save_train_npz
 from tests.helpers import WiringRecorder, assert_resumed_run_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +137,7 @@ def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretra
 
 
 def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
-    from common.runs import NonFiniteError
+    from common.errors import NonFiniteError
     saves, real_save, real_loss = [], ft.save_checkpoint, ft.ppo_loss_backward
     monkeypatch.setattr(ft, "save_checkpoint", lambda path, payload: saves.append(payload["itr"]) or real_save(path, payload))
     monkeypatch.setattr(ft, "ppo_loss_backward", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl,
@@ -373,7 +372,7 @@ def test_unet_network_defaults(task, dim, mults, T_a, K, eps):
     the stored arch holds every UNet1D argument."""
     import inspect
 
-    from common.unet import UNet1D
+    from common.networks import UNet1D
     args = pt.Args(env_id=task, backbone="unet")
     pt.fill_defaults(args)
     arch = pt.network_arch(args, 7, 3)

@@ -12,8 +12,8 @@ import torch
 import dawr
 import dppo_pretrain as pt
 import drwr
+from common.errors import UsageError
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import UsageError
 from tests.helpers import assert_resumed_run_matches, policy_action
 
 REF = Path(__file__).parent / "reference"
@@ -251,7 +251,7 @@ def test_dawr_wiring_of_the_fifo_buffer_into_the_td_targets(pretrained, monkeypa
     recursion cut at episode ends and before each iteration's reset; it gets γ, λ and α as set. The critic regresses
     each sampled row on that row's target; the actor's weights get β, w_max and, for each sampled row, the TD(λ)
     target minus V(s), both from the critic after its update."""
-    from common.datasets import Normalizer
+    from common.normalizer import Normalizer
     steps, calls, critics = [], [], []
     real_make, real_td, real_critic = dawr.make_vec_env, dawr.td_lambda_targets, dawr.ObsCritic
 
@@ -340,7 +340,7 @@ def test_drwr_wiring_of_returns_weights_and_samples(pretrained, monkeypatch):
     The weights get the unscaled discounted return-to-go of exactly the finished episodes' chunk-steps, and the
     loss sees those chunk-steps' observations and sampled chunks (whose first T_e actions the env executed), each
     with its own weight in both batches of 50."""
-    from common.datasets import Normalizer
+    from common.normalizer import Normalizer
     steps, weights_in, loss_in = [], [], []
     real_make, real_weights, real_loss = drwr.make_vec_env, drwr.rwr_weights, drwr.DiffusionPolicy.loss
 

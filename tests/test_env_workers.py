@@ -1,4 +1,4 @@
-"""The env worker pool (`common.envs.ProcessChunkVecEnv`): how many workers by default, gym locomotion through it
+"""The env worker pool (`common.vecenv.ProcessChunkVecEnv`): how many workers by default, gym locomotion through it
 with the same numbers as in-process, and `benchmarks/env_throughput.py`'s IPC measurement and projection."""
 
 import importlib.util
@@ -10,8 +10,9 @@ import pytest
 
 import common.envs
 from benchmarks.env_throughput import main, measure_ipc, measure_throughput, project
-from common.envs import ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers, make_vec_env
+from common.envs import make_vec_env
 from common.tasks import get_task
+from common.vecenv import ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="mujoco is not installed")
 

@@ -19,9 +19,10 @@ import exact_likelihood_pg
 import idql
 import qsm
 from benchmarks.finetune_iteration import random_checkpoint
-from common.envs import MultiStep, SyncChunkVecEnv, evaluate
+from common.envs import evaluate
 from common.runs import EVAL_STREAM, TRAINING_STREAM, own_rng, stream_seed
 from common.tasks import Task
+from common.vecenv import MultiStep, SyncChunkVecEnv
 from tests.test_common import Counter
 
 SCRIPTS = (dppo_finetune, drwr, dawr, exact_likelihood_pg, dipo, idql, dql, qsm)

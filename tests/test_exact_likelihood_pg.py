@@ -12,8 +12,8 @@ import torch
 
 import dppo_pretrain as pt
 import exact_likelihood_pg as el
+from common.errors import UsageError
 from common.networks import DiffusionMLP, ObsCritic
-from common.runs import UsageError
 from tests.helpers import WiringRecorder
 from tests.test_reference_vectors import load_by_order, ref_weights
 

@@ -1,4 +1,4 @@
-"""Furniture-Bench without Isaac Gym: the rotation conversions, the chunked adapter (`common/furniture.py`)
+"""Furniture-Bench without Isaac Gym: the rotation conversions, the chunked adapter (`sims/furniture.py`)
 driven by a fake `FurnitureRLSimEnv`, the missing-simulator errors, the launcher, and a DPPO smoke run."""
 
 import json
@@ -11,15 +11,17 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-import common.furniture as fur
 import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
-from common.datasets import Normalizer, save_train_npz
+import sims.furniture as fur
+from common import rotations
 from common.envs import make_vec_env
-from common.runs import NonFiniteError, UsageError
-from common.tasks import TaskError, get_task
+from common.errors import NonFiniteError, TaskError, UsageError
+from common.normalizer import Normalizer
+from common.tasks import get_task
+from loaders.datasets import save_train_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_LEG = get_task("one-leg-low")
@@ -93,23 +95,23 @@ def identity_6d_actions(n, steps, pos=0.1):
     return a
 
 
-# ---------------------------------------------------------------- rotations
+# ---------------------------------------------------------------- rotations (common/rotations.py)
 def test_quaternion_to_6d_against_a_known_rotation_and_scipy():
     s = np.sqrt(0.5)
     q = torch.tensor([0.0, 0.0, s, s], dtype=torch.float32)  # 90° about z, xyzw
-    torch.testing.assert_close(fur.quat_to_matrix(q), torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]))
-    torch.testing.assert_close(fur.quat_to_rot6d(q), torch.tensor([0.0, -1, 0, 1, 0, 0]))  # the first two rows
+    torch.testing.assert_close(rotations.quat_to_matrix(q), torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]))
+    torch.testing.assert_close(rotations.quat_to_rot6d(q), torch.tensor([0.0, -1, 0, 1, 0, 0]))  # the first two rows
     qs = torch.randn(500, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3  # any norm
     ref = Rotation.from_quat(qs.numpy()).as_matrix()
-    np.testing.assert_allclose(fur.quat_to_matrix(qs).numpy(), ref, atol=1e-12)
-    np.testing.assert_allclose(fur.quat_to_rot6d(qs).numpy(), ref[:, :2].reshape(-1, 6), atol=1e-12)
+    np.testing.assert_allclose(rotations.quat_to_matrix(qs).numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(rotations.quat_to_rot6d(qs).numpy(), ref[:, :2].reshape(-1, 6), atol=1e-12)
 
 
 def test_6d_to_quaternion_round_trip_and_gram_schmidt():
     g = torch.Generator().manual_seed(1)
     qs = torch.nn.functional.normalize(torch.randn(2000, 4, generator=g, dtype=torch.float64), dim=-1)
     qs = torch.cat([qs, torch.eye(4, dtype=torch.float64), -torch.eye(4, dtype=torch.float64)])  # 180° turns: w = 0
-    back = fur.rot6d_to_quat(fur.quat_to_rot6d(qs))
+    back = rotations.rot6d_to_quat(rotations.quat_to_rot6d(qs))
     canon = torch.where(qs[:, 3:] < 0, -qs, qs)
     close = (back - canon).abs().amax(-1) < 1e-9
     flipped = (back + canon).abs().amax(-1) < 1e-9  # w = 0: q and -q are both canonical
@@ -118,8 +120,8 @@ def test_6d_to_quaternion_round_trip_and_gram_schmidt():
     # every branch of matrix_to_quat is taken (largest of w, x, y, z)
     assert set(qs.abs().argmax(-1).tolist()) == {0, 1, 2, 3}
     # a perturbed 6D still maps to a proper rotation whose first row has the first 3-vector's direction
-    d6 = fur.quat_to_rot6d(qs[:100]) + 0.1 * torch.randn(100, 6, generator=g, dtype=torch.float64)
-    m = fur.rot6d_to_matrix(d6)
+    d6 = rotations.quat_to_rot6d(qs[:100]) + 0.1 * torch.randn(100, 6, generator=g, dtype=torch.float64)
+    m = rotations.rot6d_to_matrix(d6)
     torch.testing.assert_close(m @ m.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(100, 3, 3))
     torch.testing.assert_close(torch.linalg.det(m), torch.ones(100, dtype=torch.float64))
     torch.testing.assert_close(m[:, 0], torch.nn.functional.normalize(d6[:, :3], dim=-1))
@@ -326,7 +328,7 @@ def test_torch_before_isaac_gym_names_the_launcher(monkeypatch):
     monkeypatch.setattr(fur, "install_error", lambda: None)
     monkeypatch.delitem(sys.modules, "isaacgym", raising=False)
     monkeypatch.setattr(sys, "argv", ["dppo_finetune.py", "--env-id", "one-leg-low"])
-    with pytest.raises(TaskError, match=r"before torch.*python -m common.furniture dppo_finetune.py --env-id one-leg-low"):
+    with pytest.raises(TaskError, match=r"before torch.*python -m sims.furniture dppo_finetune.py --env-id one-leg-low"):
         fur.make_sim(ONE_LEG, 2, 700)
 
 
@@ -341,7 +343,7 @@ def test_launcher_imports_isaac_gym_before_torch_then_runs_the_script(tmp_path):
     probe.write_text("import sys\nimport isaacgym\nimport torch\n"
                      "print('torch first:', isaacgym.TORCH_FIRST, 'argv:', sys.argv[1:], 'name:', __name__)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
-    out = subprocess.run([sys.executable, "-m", "common.furniture", str(probe), "--env-id", "one-leg-low"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "sims.furniture", str(probe), "--env-id", "one-leg-low"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch first: False argv: ['--env-id', 'one-leg-low'] name: __main__" in out.stdout
@@ -349,12 +351,12 @@ def test_launcher_imports_isaac_gym_before_torch_then_runs_the_script(tmp_path):
 
 def test_launcher_errors_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    usage = subprocess.run([sys.executable, "-m", "common.furniture"], cwd=ROOT, env=env, capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "sims.furniture"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "usage" in usage.stderr
     if fur.install_error() is None:
         return
-    out = subprocess.run([sys.executable, "-m", "common.furniture", "dppo_finetune.py", "--env-id", "one-leg-low"],
+    out = subprocess.run([sys.executable, "-m", "sims.furniture", "dppo_finetune.py", "--env-id", "one-leg-low"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: Furniture-Bench needs")
 

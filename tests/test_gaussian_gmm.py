@@ -13,9 +13,9 @@ from torch import distributions as D
 
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
-from common.datasets import DatasetError, load_train_npz
+from common.errors import DatasetError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import UsageError
+from loaders.datasets import load_train_npz
 from scripts import collect_dataset
 from tests.helpers import WiringRecorder, assert_resumed_run_matches
 

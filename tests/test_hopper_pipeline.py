@@ -13,7 +13,7 @@ import torch
 import dppo_finetune as ft
 import dppo_pretrain as pt
 import gaussian_ppo as gauss
-from common.datasets import load_train_npz
+from loaders.datasets import load_train_npz
 from scripts import collect_dataset
 
 

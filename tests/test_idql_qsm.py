@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import dppo_pretrain as pt
 import idql
 import qsm
-from common.datasets import Normalizer
+from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic
-from common.runs import UsageError
+from common.normalizer import Normalizer
 from tests.helpers import assert_resumed_run_matches, policy_action
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

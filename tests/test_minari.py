@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import DatasetError, WindowDataset, load_task_dataset
+from common.errors import DatasetError
 from common.tasks import get_task
+from loaders.datasets import WindowDataset, load_task_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +137,7 @@ def test_missing_minari_dataset_says_how_to_get_it(minari_path: Path, monkeypatc
 
 def test_minari_is_imported_lazily_and_its_absence_is_one_line(minari_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                 ) -> None:
-    code = "import sys, common.datasets, dppo_pretrain; print('minari' in sys.modules)"
+    code = "import sys, loaders.datasets, dppo_pretrain; print('minari' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -12,8 +12,8 @@ import dql
 import idql
 import qsm
 from benchmarks import offpolicy_iteration
+from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic
-from common.runs import UsageError
 
 MODULES = [dql, idql, dipo, qsm]
 IDS = [m.__name__ for m in MODULES]

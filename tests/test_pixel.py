@@ -149,7 +149,7 @@ def pixel_pretrained(tmp_path_factory):
 
 @needs_robosuite
 def test_pixel_env_observations():
-    from common.robomimic import PixelChunkVecEnv, make_robomimic_env
+    from sims.robomimic import PixelChunkVecEnv, make_robomimic_env
     env = make_robomimic_env("lift-img", seed=0, image_size=(32, 40))
     obs, _ = env.reset(seed=3)
     assert obs["state"].shape == (9,) and obs["state"].dtype == np.float32
@@ -173,8 +173,8 @@ def test_pixel_env_observations():
 
 @needs_robosuite
 def test_missing_gl_backend_is_one_line(monkeypatch):
-    import common.robomimic as rm
-    from common.tasks import TaskError
+    import sims.robomimic as rm
+    from common.errors import TaskError
     robosuite = rm._import_robosuite()
 
     def broken(*a, **kw):
@@ -192,7 +192,7 @@ def test_missing_gl_backend_is_one_line(monkeypatch):
 @needs_robosuite
 def test_pixel_pretrain_and_finetune_smoke(pixel_pretrained, monkeypatch):
     import dppo_finetune_pixel as ftp
-    from common.datasets import load_task_dataset
+    from loaders.datasets import load_task_dataset
     from common.tasks import get_task
     trajs, _ = load_task_dataset(get_task("lift-img"), pixel_pretrained["dataset"])
     assert trajs[0]["images"].shape[1:] == (3, 32, 32) and trajs[0]["images"].dtype == np.uint8
@@ -330,15 +330,15 @@ def test_gradient_accumulation_equals_one_big_batch(pixel_pretrained, monkeypatc
 def test_pixel_scripts_refuse_bad_input(pixel_pretrained, tmp_path):
     import dppo_finetune_pixel as ftp
     import dppo_pretrain_pixel as ptp
-    from common.datasets import DatasetError
-    from common.runs import UsageError
+    from common.errors import DatasetError
+    from common.errors import UsageError
     with pytest.raises(UsageError, match="dppo_finetune.py"):
         ftp.main(ftp.Args(env_id="lift", checkpoint=pixel_pretrained["release"]))
     with pytest.raises(UsageError, match="dppo_pretrain.py"):
         ptp.main(ptp.Args(env_id="lift", dataset=pixel_pretrained["dataset"]))
     import dppo_finetune as ft
     import dppo_pretrain as pt
-    from common.tasks import TaskError
+    from common.errors import TaskError
     with pytest.raises(TaskError, match="dppo_finetune_pixel.py"):
         ft.main(ft.Args(env_id="lift-img"))
     with pytest.raises(TaskError, match="dppo_pretrain_pixel.py"):
@@ -401,7 +401,8 @@ def test_pixel_dataset_from_reference_train_npz(tmp_path):
     """The reference's image train.npz (`images` N×C×H×W): loaded per trajectory for the -img task; float images of
     whole numbers in [0, 255] become uint8, images in [0, 1] and a file without images are refused in one line."""
     import dppo_pretrain_pixel as ptp
-    from common.datasets import DatasetError, load_task_dataset, save_train_npz
+    from common.errors import DatasetError
+    from loaders.datasets import load_task_dataset, save_train_npz
     from common.tasks import get_task
     rng = np.random.default_rng(0)
     trajs = [{"obs": rng.standard_normal((n, 9)).astype(np.float32), "actions": rng.uniform(-1, 1, (n, 7)).astype(np.float32),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dppo_pretrain as pt
-from common.runs import UsageError
+from common.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny Avoid M2 run: 7479 windows, 29 steps of the global batch 256 per epoch

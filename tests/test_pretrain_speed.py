@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import dppo_pretrain as pt
-from common.datasets import WindowDataset, load_task_dataset, save_train_npz
-from common.runs import UsageError, seed_everything, warmup_then_cosine
+from common.errors import UsageError
+from common.runs import seed_everything, warmup_then_cosine
 from common.tasks import get_task
+from loaders.datasets import WindowDataset, load_task_dataset, save_train_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 14 steps per epoch on the 7479 M2 windows; the EMA runs from epoch 1 every 2nd step, so it is a real average

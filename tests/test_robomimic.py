@@ -10,8 +10,9 @@ if importlib.util.find_spec("robosuite") is None:  # installed but broken must f
 h5py = pytest.importorskip("h5py")
 
 from benchmarks.env_throughput import PAPER_ITERATION_ENV_STEPS, measure_throughput  # noqa: E402
-from common.robomimic import env_kwargs, make_robomimic_env, obs_keys  # noqa: E402
-from common.tasks import TaskError, get_task  # noqa: E402
+from common.errors import TaskError  # noqa: E402
+from common.tasks import get_task  # noqa: E402
+from sims.robomimic import env_kwargs, make_robomimic_env, obs_keys  # noqa: E402
 from scripts.robomimic_demos import ScriptedPolicy, generate_demos, main, rollout_scripted  # noqa: E402
 
 

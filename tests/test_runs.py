@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from common.datasets import DatasetError
-from common.runs import (CHECKPOINT_FORMAT, NonFiniteError, UsageError, apply_defaults, check_finite, check_output_path,
-                         check_positive, check_range, load_checkpoint, new_run_dir, refuse_flags, release_checkpoint,
-                         resume_args, save_checkpoint, script_name)
+from common.errors import DatasetError, NonFiniteError, UsageError
+from common.runs import (CHECKPOINT_FORMAT, apply_defaults, check_finite, check_output_path, check_positive, check_range,
+                         load_checkpoint, new_run_dir, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
+                         script_name)
 
 
 @dataclasses.dataclass

@@ -90,7 +90,7 @@ def test_compiled_sampling_draws_the_chains_of_eager():
 
 
 def test_onednn_matmul_refuses_reduced_precision(tmp_path, monkeypatch, restore_matmul_precision):
-    from common.runs import UsageError
+    from common.errors import UsageError
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision medium"):
         ft.main(ft.Args(onednn_matmul=True, float32_matmul_precision="medium", n_train_itr=1))

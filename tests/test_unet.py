@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.unet import SinusoidalPosEmb, UNet1D
+from common.networks import SinusoidalPosEmb, UNet1D
 from tests.helpers import float64_forward, load_by_order, ref_weights
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Evaluation videos (`--capture-video`, common/video.py): recording never changes an evaluation's numbers,
+"""Evaluation videos (`--capture-video`, sims/video.py): recording never changes an evaluation's numbers,
 files appear with their episode's return and success in the name and the right number of frames."""
 
 import csv
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import dppo_finetune as ft
-from common.avoid import path_reward
 from common.envs import evaluate, make_vec_env
-from common.runs import UsageError
-from common.tasks import TaskError, get_task
+from common.errors import TaskError, UsageError
+from common.tasks import get_task
+from sims.avoid import path_reward
 
 imageio = pytest.importorskip("imageio")
 pytest.importorskip("imageio_ffmpeg")
@@ -58,7 +58,7 @@ def test_avoid_recording_keeps_the_numbers_and_names_each_episode(tmp_path):
         assert v["frames"] == len(frames) == 101 and frames[0].shape == (352, 256, 3)  # the start + 100 steps
         assert not np.array_equal(frames[0], frames[-1])  # the path is drawn as it grows
     assert len({v["return"] for v in rec["videos"]}) > 1  # the three episodes are different ones
-    from common.video import save_videos
+    from sims.video import save_videos
     saved = save_videos(rec["videos"], str(tmp_path / "videos"), "itr_0007")
     for v, p in zip(rec["videos"], saved):
         m = NAME.match(os.path.basename(p))
@@ -156,7 +156,7 @@ import gymnasium as gym
 import numpy as np
 from common.envs import evaluate, make_vec_env
 from common.tasks import get_task
-from common.video import save_videos
+from sims.video import save_videos
 task = get_task("hopper")
 out = {}
 for capture in (False, True):
@@ -260,8 +260,8 @@ class _NoGL(gym.Env):
 
 
 def test_a_render_failure_in_a_worker_process_is_one_line_in_the_parent():
-    from common.envs import MultiStep, ProcessChunkVecEnv
-    from common.video import RenderFrames
+    from common.vecenv import MultiStep, ProcessChunkVecEnv
+    from sims.video import RenderFrames
     envs = ProcessChunkVecEnv([lambda: MultiStep(RenderFrames(_NoGL(), 1), 2)] * 2, 2)
     try:
         envs.set_recording([1])

@@ -7,7 +7,7 @@ pre-trained checkpoints, its preprocessed datasets (`train.npz`) and their norma
 `PreTrainAgent.save_model`) with the policy network under `network.`. This module turns such a file,
 with the task's `normalization.npz`, into this project's self-describing checkpoint:
 
-    python -m common.convert state_8000.pt --env-id square [--normalization normalization.npz] [--output square.pt]
+    python -m loaders.convert state_8000.pt --env-id square [--normalization normalization.npz] [--output square.pt]
 
 and every fine-tuning script accepts the reference file directly as `--checkpoint` (converted in memory),
 or `--checkpoint paper` for the published checkpoint of the task (downloaded to
@@ -34,8 +34,12 @@ from typing import Any
 
 import torch
 
-from common.datasets import REPO_ROOT, DatasetError, Normalizer, download
-from common.tasks import Task, TaskError, get_task
+from common.errors import DatasetError, TaskError
+from common.networks import ChunkMLP, DiffusionMLP, UNet1D
+from common.normalizer import Normalizer
+from common.runs import CHECKPOINT_FORMAT, check_output_path, is_reference_checkpoint, save_checkpoint
+from common.tasks import Task, get_task
+from loaders.files import REPO_ROOT, download, read_normalization
 
 REFERENCE = "irom-princeton/dppo"
 DRIVE_FILE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
@@ -197,19 +201,13 @@ def reference_config(task: Task, kind: str, overrides: dict[str, Any] | None = N
     """The settings of the reference's pre-training config of `task` that the weights do not hold."""
     if (task.suite, kind) not in REFERENCE_CONFIGS:
         raise ConversionError(f"{REFERENCE} publishes no {kind.replace('_', ' ')} pre-training config for {task.suite} "
-                              f"tasks; pass the settings explicitly (python -m common.convert --help)")
+                              f"tasks; pass the settings explicitly (python -m loaders.convert --help)")
     cfg = {**REFERENCE_CONFIGS[(task.suite, kind)], **TASK_CONFIGS.get((task.id, kind), {})}
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "weights"})
     return cfg
 
 
 # ---- reading a reference checkpoint ----
-
-def is_reference_checkpoint(obj: Any) -> bool:
-    """The layout the reference's agents save: `model` (and `ema` after pre-training) state dicts of `network.*`."""
-    return (isinstance(obj, dict) and "format" not in obj and isinstance(obj.get("model"), dict)
-            and any(isinstance(k, str) and k.startswith(("network.", "actor", "critic")) for k in obj["model"]))
-
 
 def detect_kind(sd: dict[str, torch.Tensor]) -> str:
     """`diffusion_mlp`, `diffusion_unet` or `gaussian_mlp` from the module names; the rest is refused in one line."""
@@ -297,7 +295,7 @@ def diffusion_mlp_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, A
 
 
 def diffusion_unet_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    """`common.unet.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
+    """`common.networks.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
     if any(k.startswith("cond_mlp.") for k in sd):
         raise ConversionError("this reference Unet1D has an observation MLP (cond_mlp_dims), which no published config "
                               "uses and this project's UNet1D does not have")
@@ -342,9 +340,6 @@ def copy_by_order(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, overrides: dict[str, Any] | None = None,
             log: Any = print) -> dict[str, Any]:
     """This project's checkpoint (header, normalisation, `ema` weights) of a reference pre-training checkpoint."""
-    from common.networks import ChunkMLP, DiffusionMLP
-    from common.runs import CHECKPOINT_FORMAT
-
     kind = detect_kind(ref["model"])
     # The weights the reference fine-tunes: its diffusion policies load `ema` (model/diffusion/diffusion.py,
     # DiffusionModel.__init__), its Gaussian policies `model` (model/common/gaussian.py, GaussianModel.__init__).
@@ -380,7 +375,6 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
             net: torch.nn.Module = DiffusionMLP(**arch)
             horizon, cond_steps = arch["horizon_steps"], arch["cond_steps"]
         else:
-            from common.unet import UNet1D
             arch = diffusion_unet_arch(net_sd, task, cfg)
             if arch["action_dim"] != task.action_dim:
                 raise ConversionError(f"the reference Unet1D acts in {arch['action_dim']} dimensions, {task.id} in "
@@ -456,7 +450,7 @@ def paper_dataset(task: Task) -> str:
     """The reference's `train.npz` (+ `normalization.npz` beside it) of the task, in `paper_dir(task)`.
 
     The reference publishes each dataset as a Google Drive folder: `gdown` lists the folder, and each file is fetched
-    and format-checked by `common.datasets.download`."""
+    and format-checked by `loaders.datasets.download`."""
     folder_id = _paper_entry(task)[0]
     dest = os.path.join(paper_dir(task), "train.npz")
     if os.path.exists(dest):
@@ -500,7 +494,7 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
         raise ConversionError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)")
     detect_kind(ref["model"])  # a policy that cannot be imported is refused before its statistics are looked for
     norm_path = normalization or find_normalization(path, task)
-    normalizer = Normalizer.from_file(norm_path)
+    normalizer = read_normalization(norm_path)
     if normalizer.obs_min.numel() != task.obs_dim or normalizer.action_min.numel() != task.action_dim:
         raise ConversionError(f"{norm_path} normalises {normalizer.obs_min.numel()} observation and "
                               f"{normalizer.action_min.numel()} action dimensions, {task.id} has {task.obs_dim} and "
@@ -510,7 +504,7 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m common.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loaders.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a reference pre-training checkpoint (state_<epoch>.pt), or 'paper' for the task's "
                                       "published one (downloaded)")
     p.add_argument("--env-id", required=True, help="the task it was trained on (e.g. square, hopper, avoid-m2)")
@@ -524,8 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=["ema", "model"], help="which weights of the file (default: what the reference "
                                                                 "fine-tunes: ema for diffusion, model for Gaussian)")
     a = p.parse_args(argv)
-    from common.runs import check_output_path, save_checkpoint
-
     try:
         task = get_task(a.env_id)
         path = paper_checkpoint(task, a.kind) if a.checkpoint == "paper" else a.checkpoint

@@ -22,7 +22,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from common.tasks import Task, TaskError
+from common.errors import TaskError
+from common.tasks import Task
 
 VIDEO_EPISODES = 3
 """episodes recorded per evaluation: the first one that ends in each of envs 0, 1, 2"""
@@ -30,7 +31,7 @@ VIDEO_SIZE = 256
 """rendered frame width and height (gym, robomimic)"""
 TARGET_FPS = 30.0
 """frames kept per second of simulated time, about (every `stride`-th env step)"""
-AVOID_DT = 0.035  # Avoid's control period (common/avoid.py `physics_step`)
+AVOID_DT = 0.035  # Avoid's control period (sims/avoid.py `physics_step`)
 GL_HINT = ("on a machine without a display set MUJOCO_GL=egl (libEGL: `apt install libegl1`, software Mesa works) "
            "or MUJOCO_GL=osmesa (`apt install libosmesa6`)")
 
@@ -113,7 +114,7 @@ def draw_avoid_frames(path: np.ndarray) -> list[np.ndarray]:
     obstacles, the goal line y = 0.4, the path so far and the end-effector (red once it has collided)."""
     from PIL import Image, ImageDraw
 
-    from common.avoid import OBSTACLES, ROD_RADIUS, clearance
+    from sims.avoid import OBSTACLES, ROD_RADIUS, clearance
 
     x0, y0, s = _AVOID_VIEW
     w, h = _AVOID_SIZE
@@ -169,7 +170,7 @@ class EvalVideos:
         self.points: dict[int, list[np.ndarray]] = {}
         self.done: list[dict[str, Any]] = []
         if self.drawn:
-            from common.avoid import START
+            from sims.avoid import START
             self.points = {i: [START.copy()] for i in self.todo}
         else:
             envs.set_recording(self.todo)

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from common import furniture as rotations
-from common.runs import UsageError
+from common import rotations
+from common.errors import UsageError
 
 
 class RobotError(OSError):
@@ -42,7 +42,7 @@ class RobotError(OSError):
 
 # ---- rotations (quaternion x, y, z, w <-> matrix <-> 6D) ----
 
-# One implementation of the conversions, batched in torch (common/furniture.py, which the training env uses), so that
+# One implementation of the conversions, batched in torch (common/rotations.py, which the furniture env uses), so that
 # deployment builds exactly the observation and reads exactly the action the policy was trained with; here in float64.
 
 def _np(f: Any, x: Any) -> np.ndarray:
@@ -61,7 +61,7 @@ def matrix_to_quat(R: np.ndarray) -> np.ndarray:
 
 def matrix_to_rot6d(R: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) -> 6D (..., 6): the first two ROWS, flattened (Zhou et al., CVPR 2019, as the
-    furniture-bench code of the reference's furniture env writes it; see common/furniture.py)."""
+    furniture-bench code of the reference's furniture env writes it; see common/rotations.py)."""
     return _np(rotations.matrix_to_rot6d, R)
 
 

@@ -43,8 +43,9 @@ from typing import Any, Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
-from common.envs import MultiStep, close_workers, serve_envs, start_workers
-from common.tasks import Task, TaskError, get_task, require_simulator
+from common.errors import TaskError
+from common.tasks import Task, get_task, require_simulator
+from common.vecenv import MultiStep, close_workers, serve_envs, start_workers
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
 CONTROLLER_CONFIG: dict[str, Any] = {
@@ -225,7 +226,7 @@ class RobomimicEnv(gym.Env):
             self.env = _make_robosuite(self.task, image_size, video_frames)
         self.render_mode = "rgb_array" if video_frames else None
         if video_frames and not self.pixel:  # (a pixel policy's own camera images must keep the scene's lighting)
-            from common.video import plain_lighting
+            from sims.video import plain_lighting
             plain_lighting(self.env.sim.model._model)
         self.terminate_on_success = terminate_on_success
         self.keys = obs_keys(self.task)
@@ -287,7 +288,7 @@ class RobomimicEnv(gym.Env):
 
     def render(self) -> np.ndarray:
         """(VIDEO_SIZE, VIDEO_SIZE, 3) uint8 frame of the `agentview` camera (needs video_frames=True)."""
-        from common.video import VIDEO_SIZE
+        from sims.video import VIDEO_SIZE
         return self.env.sim.render(camera_name=self.VIDEO_CAMERA, width=VIDEO_SIZE, height=VIDEO_SIZE)[::-1]
 
     def close(self) -> None:
@@ -310,7 +311,7 @@ def make_robomimic_env(task: Task | str, seed: int | None = None, terminate_on_s
 
 
 class PixelChunkEnv:
-    """One pixel env stepped in chunks of T_e actions (`common.envs.MultiStep`: rewards summed, early stop at done,
+    """One pixel env stepped in chunks of T_e actions (`common.vecenv.MultiStep`: rewards summed, early stop at done,
     the last T_o observations stacked per key, the first repeated after reset), with autoreset."""
 
     def __init__(self, task: Task | str, seed: int | None, act_steps: int, cond_steps: int,
@@ -318,8 +319,8 @@ class PixelChunkEnv:
                  max_episode_steps: int | None = None, video_stride: int = 0) -> None:
         env = make_robomimic_env(task, seed, terminate_on_success, image_size=image_size,
                                  max_episode_steps=max_episode_steps, video_frames=video_stride > 0)
-        if video_stride:  # --capture-video: evaluation-video frames of this env (common/video.py)
-            from common.video import RenderFrames
+        if video_stride:  # --capture-video: evaluation-video frames of this env (sims/video.py)
+            from sims.video import RenderFrames
             env = RenderFrames(env, video_stride)
         self.frames_env = env  # RenderFrames while recording videos
         self.env = MultiStep(env, act_steps, cond_steps)
@@ -407,8 +408,8 @@ class PixelChunkVecEnv:
         self.num_envs, self.task = num_envs, task
         act_steps = act_steps or task.act_steps
         stride, self.video_fps = 0, None
-        if capture_video:  # agentview frames of envs 0..VIDEO_EPISODES-1 (common/video.py), at the control rate
-            from common.video import VIDEO_EPISODES, require_video, video_timing
+        if capture_video:  # agentview frames of envs 0..VIDEO_EPISODES-1 (sims/video.py), at the control rate
+            from sims.video import VIDEO_EPISODES, require_video, video_timing
             require_video(task)
             stride, self.video_fps = video_timing(float(env_kwargs(task)["control_freq"]))
         fns = [partial(PixelChunkEnv, task.id, None if seed is None else seed + i, act_steps, cond_steps, image_size,
@@ -440,7 +441,7 @@ class PixelChunkVecEnv:
     def _receive(self) -> list[Any]:
         results = [remote.recv() for remote in self._remotes]
         for r in results:
-            if isinstance(r, TaskError):  # raised in a worker (common.envs.serve_envs): one line here
+            if isinstance(r, TaskError):  # raised in a worker (common.vecenv.serve_envs): one line here
                 raise r
         return results
 

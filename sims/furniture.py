@@ -6,7 +6,7 @@ obs = {"robot_state": (N, 14), "parts_poses": (N, 7·(parts + 1))}, reward (N, 1
 pair becomes assembled), done (N, 1) (ignored, as the reference does), info; `env_steps` (N,) counts the
 steps of each env's episode. `FurnitureChunkVecEnv` drives it the way the reference's
 `FurnitureRLSimEnvMultiStepWrapper` (`irom-princeton/dppo`, `env/gym_utils/wrapper/furniture.py`) does, and
-presents the protocol of `common/envs.py`: raw observations (N, T_o, D_o) with the quaternion of
+presents the protocol of `common/vecenv.py`: raw observations (N, T_o, D_o) with the quaternion of
 `robot_state` replaced by its 6D rotation (58 = 16 + 42 for One-leg, 44 = 16 + 28 for Lamp/Round-table),
 raw chunks (N, T_e, 10) (position, 6D rotation, gripper), the chunk's rewards summed (the reference's
 `sparse_reward: True`), and same-step autoreset with `info["final_obs"]`.
@@ -29,7 +29,7 @@ The reference clamps normalised observations to [-5, 5]; given the dataset norma
 Isaac Gym must be imported before torch. The scripts import torch first, so furniture runs go through
 this module as a launcher, which imports Isaac Gym and then runs the script:
 
-    python -m common.furniture dppo_finetune.py --env-id one-leg-low --checkpoint CKPT ...
+    python -m sims.furniture dppo_finetune.py --env-id one-leg-low --checkpoint CKPT ...
 """
 
 from __future__ import annotations
@@ -51,65 +51,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common.runs import NonFiniteError
-from common.tasks import Task, TaskError
+from common.errors import NonFiniteError, TaskError
+from common.rotations import quat_to_rot6d
+from common.tasks import Task
 
-LAUNCH_HINT = "python -m common.furniture {script} --env-id {task} ..."
+LAUNCH_HINT = "python -m sims.furniture {script} --env-id {task} ..."
 FORK_URL = "https://github.com/ankile/furniture-bench"
 
 
-# ---------------------------------------------------------------- rotations
-# Quaternions are (x, y, z, w), real part last (Isaac Gym's order). The 6D rotation is the first two rows
-# of the rotation matrix, row by row, as the fork's `proprioceptive_quat_to_6d_rotation` writes it in the
-# observations and as the datasets store actions (Zhou et al., CVPR 2019, continuity of rotation representations).
-
-def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """(..., 4) xyzw quaternions (any norm > 0) -> (..., 3, 3) rotation matrices."""
-    q = q / q.norm(dim=-1, keepdim=True)
-    x, y, z, w = q.unbind(-1)
-    rows = (1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y))
-    return torch.stack(rows, -1).reshape(*q.shape[:-1], 3, 3)
-
-
-def matrix_to_rot6d(m: torch.Tensor) -> torch.Tensor:
-    """(..., 3, 3) -> (..., 6): rows 0 and 1."""
-    return m[..., :2, :].reshape(*m.shape[:-2], 6)
-
-
-def rot6d_to_matrix(d6: torch.Tensor) -> torch.Tensor:
-    """(..., 6) -> (..., 3, 3): Gram-Schmidt on the two rows, the third row their cross product."""
-    r0 = torch.nn.functional.normalize(d6[..., :3], dim=-1)
-    r1 = d6[..., 3:] - (r0 * d6[..., 3:]).sum(-1, keepdim=True) * r0
-    r1 = torch.nn.functional.normalize(r1, dim=-1)
-    return torch.stack((r0, r1, torch.linalg.cross(r0, r1, dim=-1)), dim=-2)
-
-
-def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
-    """(..., 3, 3) rotation matrices -> (..., 4) unit xyzw quaternions with w >= 0.
-
-    Each of the four candidate formulas divides by one of 4w², 4x², 4y², 4z² (the largest, for precision)."""
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.reshape(*m.shape[:-2], 9).unbind(-1)
-    s = torch.stack((1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22), -1)
-    r = 2 * s.clamp(min=1e-12).sqrt()  # 4|w|, 4|x|, 4|y|, 4|z|
-    cand = torch.stack((
-        torch.stack(((m21 - m12), (m02 - m20), (m10 - m01), s[..., 0]), -1) / r[..., 0:1],
-        torch.stack((s[..., 1], (m01 + m10), (m02 + m20), (m21 - m12)), -1) / r[..., 1:2],
-        torch.stack(((m01 + m10), s[..., 2], (m12 + m21), (m02 - m20)), -1) / r[..., 2:3],
-        torch.stack(((m02 + m20), (m12 + m21), s[..., 3], (m10 - m01)), -1) / r[..., 3:4]), -2)
-    q = cand.gather(-2, s.argmax(-1)[..., None, None].expand(*s.shape[:-1], 1, 4)).squeeze(-2)
-    q = q / q.norm(dim=-1, keepdim=True)
-    return torch.where(q[..., 3:] < 0, -q, q)
-
-
-def quat_to_rot6d(q: torch.Tensor) -> torch.Tensor:
-    return matrix_to_rot6d(quat_to_matrix(q))
-
-
-def rot6d_to_quat(d6: torch.Tensor) -> torch.Tensor:
-    return matrix_to_quat(rot6d_to_matrix(d6))
-
+# ---------------------------------------------------------------- the furniture observation
 
 def robot_state_to_6d(robot_state: torch.Tensor) -> torch.Tensor:
     """(..., 14) [pos 3, quat xyzw 4, linear vel 3, angular vel 3, gripper width 1] -> (..., 16), 6D in place
@@ -118,6 +68,7 @@ def robot_state_to_6d(robot_state: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the simulator
+
 def install_error() -> str | None:
     """One line naming what to install for FurnitureSim, or None when Isaac Gym and the fork are importable."""
     missing = []
@@ -157,13 +108,13 @@ def make_sim(task: Task, num_envs: int, max_episode_steps: int, gpu_id: int = 0,
 
 
 class FurnitureChunkVecEnv:
-    """FurnitureSim's N GPU-batched envs as a chunked vector env (the protocol in `common/envs.py`).
+    """FurnitureSim's N GPU-batched envs as a chunked vector env (the protocol in `common/vecenv.py`).
 
     normalizer: the dataset's `Normalizer` (obs/action min and max); needed for the [-5, 5] observation
     clamp and for the noise, which are skipped without it (no noise is allowed then).
     """
 
-    backend = "Isaac Gym (FurnitureRLSimEnv, common/furniture.py)"
+    backend = "Isaac Gym (FurnitureRLSimEnv, sims/furniture.py)"
 
     def __init__(self, sim: Any, task: Task, act_steps: int, cond_steps: int = 1, max_episode_steps: int | None = None,
                  normalizer: Any = None, obs_noise_std: float = 0.0, action_noise_std: float = 0.0,
@@ -287,7 +238,7 @@ def make_furniture_vec_env(task: Task, num_envs: int, act_steps: int, cond_steps
 
 # ---------------------------------------------------------------- the launcher
 def launch(argv: list[str]) -> None:
-    """`python -m common.furniture SCRIPT.py ARGS...`: Isaac Gym is imported (above, before torch), then
+    """`python -m sims.furniture SCRIPT.py ARGS...`: Isaac Gym is imported (above, before torch), then
     SCRIPT runs as `__main__` with ARGS."""
     if not argv or not argv[0].endswith(".py") or not os.path.isfile(argv[0]):
         print(f"error: usage: {LAUNCH_HINT.format(script='SCRIPT.py', task='one-leg-low')} "

@@ -1,4 +1,4 @@
-"""Demonstration datasets: loaders for every format the paper uses, min-max normalisation, windows.
+"""Demonstration datasets: loaders for every format the paper uses, their normalisation, windows.
 
 Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions": float32 (L, D_a)}`
 (+ `"rewards"` (L,) when the file has them). Formats:
@@ -6,30 +6,26 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
 - Minari datasets (gym locomotion, `minari:<dataset id>`): episodes read with Minari's own reader (imported lazily);
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
-- D3IL Avoid: real demos (`des_c_pos` npz, via `common.avoid`) or the built-in scripted demos shipped as
+- D3IL Avoid: real demos (`des_c_pos` npz, via `sims.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
-`Normalizer`: per-dimension min-max to [-1, 1] (paper App. D.4); `WindowDataset`: the pre-training windows (paper App. D.1).
+`load_task_dataset` also returns the `common.normalizer.Normalizer` to train with (paper App. D.4); `WindowDataset`:
+the pre-training windows (paper App. D.1). Opening, format checks and downloads: `loaders/files.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
-import sys
 import urllib.parse
-import urllib.request
-import zipfile
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.errors import DatasetError
+from common.normalizer import Normalizer
+from loaders.files import REPO_ROOT, download, npz_array, one_line, open_hdf5, open_npz, read_normalization, require_key
+
 ROBOT_KEYS = ["eef_pos", "eef_quat", "gripper_qpos"]  # 3 + 4 + 2 per arm
 ROBOMIMIC_OBS_KEYS: dict[str, list[str]] = {
     "lift": [f"robot0_{k}" for k in ROBOT_KEYS] + ["object"],  # 9 + 10 = 19
@@ -41,120 +37,17 @@ AVOID_N_DEMOS = 96  # the size of the real D3IL Avoid dataset, and of each shipp
 # the built-in Avoid demos, one train.npz per subset (not importable by design: a `datasets/` folder at the
 # repository root, which is on sys.path, would shadow the `datasets` package)
 AVOID_DEMO_DIR = REPO_ROOT / "builtin-data"
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of every (userblock-free) HDF5 file
-ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (the second: an empty one)
 Traj = dict[str, np.ndarray]
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing, unreadable, or has the wrong keys, values or dimensions (one-line message)."""
-
-
-def _one_line(e: object) -> str:
-    """An exception's text on one line (library messages may span several)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _head(path: str, n: int = 64) -> bytes:
-    """The first `n` bytes of a file (DatasetError if it cannot be read at all)."""
-    if os.path.isdir(path):
-        raise DatasetError(f"{path} is a folder, not a dataset file; pass the file inside it")
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(n)
-    except OSError as e:
-        raise DatasetError(f"cannot read {path} ({_one_line(e.strerror or e)}); check the path and its permissions") from e
-
-
-def _describe(head: bytes) -> str:
-    """What a file that starts with `head` looks like, for messages about files of the wrong format."""
-    text = head.lstrip().lower()
-    if not head:
-        return "an empty file (0 bytes)"
-    if text.startswith(b"<"):  # <!doctype html>, <html>, <?xml ...>: a web page, not data
-        return "an HTML page (a login, error or captive-portal page saved in place of the data?)"
-    if head.startswith(HDF5_SIGNATURE):
-        return "an HDF5 file"
-    if head.startswith(ZIP_SIGNATURES):
-        return "a zip archive"
-    if head.startswith(b"\x93NUMPY"):
-        return "a single .npy array (written by np.save; np.savez writes an .npz)"
-    if head.startswith(b"\x80"):
-        return "a Python pickle, which is never loaded (allow_pickle=False)"
-    return f"a file that starts with {head[:8]!r}"
 
 
 def _shape_error(path: str, key: str, found: tuple[int, ...], expected: str, fix: str) -> DatasetError:
     return DatasetError(f"{path}: '{key}' has shape {tuple(found)}, expected {expected}; {fix}")
 
 
-def _require(path: str, keys: Any, key: str, what: str = "key", fix: str = "is this the right dataset file?") -> None:
-    if key not in keys:
-        raise DatasetError(f"{path}: missing {what} '{key}' (found: {', '.join(sorted(keys)) or 'none'}); {fix}")
-
-
 def _check_2d(path: str, key: str, arr: np.ndarray, dim: int, rows: int | None = None) -> None:
     if arr.ndim != 2 or arr.shape[1] != dim or (rows is not None and arr.shape[0] != rows):
         expected = f"({rows if rows is not None else 'N'}, {dim})"
         raise _shape_error(path, key, arr.shape, expected, "use the dataset made for this task")
-
-
-def _h5py() -> Any:
-    try:
-        import h5py
-    except ImportError as e:
-        raise DatasetError("reading .hdf5 datasets needs h5py; pip install h5py") from e
-    return h5py
-
-
-@contextmanager
-def _open_hdf5(path: str) -> Iterator[Any]:
-    """`h5py.File(path, "r")`; a file that is not HDF5, truncated or corrupt ends in one DatasetError."""
-    h5py = _h5py()
-    head = _head(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        what = (f"truncated or corrupt HDF5 ({_one_line(e)})" if head.startswith(HDF5_SIGNATURE)
-                else f"not an HDF5 file but {_describe(head)}")
-        raise DatasetError(f"{path}: {what}; download the file again") from e
-    try:
-        with f:
-            yield f
-    except OSError as e:  # raised by h5py while reading a damaged dataset
-        raise DatasetError(f"{path}: corrupt HDF5 data ({_one_line(e)}); download the file again") from e
-
-
-@contextmanager
-def _open_npz(path: str) -> Iterator[Any]:
-    """`np.load(path, allow_pickle=False)` of an .npz archive; anything else ends in one DatasetError."""
-    head = _head(path)
-    if not head.startswith(ZIP_SIGNATURES):
-        raise DatasetError(f"{path}: not an .npz archive but {_describe(head)}; write or download the file again")
-    try:
-        f = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: truncated or corrupt .npz ({_one_line(e)}); write or download the file again") from e
-    with f:
-        yield f
-
-
-def _npz_array(path: str, f: Any, key: str) -> np.ndarray:
-    """`f[key]` of an open .npz, which must be numeric: object arrays are refused, never unpickled."""
-    try:
-        arr = f[key]
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise DatasetError(f"{path}: '{key}' is an object array, which would need pickle to load and is refused "
-                               "(allow_pickle=False); save it as a numeric array") from e
-        raise DatasetError(f"{path}: '{key}' is corrupt ({_one_line(e)}); write or download the file again") from e
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DatasetError(f"{path}: '{key}' is truncated or corrupt ({_one_line(e)}); "
-                           "write or download the file again") from e
-    if arr.dtype.kind not in "biuf":
-        raise DatasetError(f"{path}: '{key}' has dtype {arr.dtype}, expected numbers; save it as a numeric array")
-    return arr
 
 
 def _check_lengths(path: str, key: str, lengths: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -189,12 +82,12 @@ def _check_lengths(path: str, key: str, lengths: np.ndarray, rows: dict[str, np.
 
 def load_train_npz(path: str, obs_dim: int, action_dim: int, with_images: bool = False) -> list[Traj]:
     """The reference `train.npz`; `with_images=True` also slices `images` (N, C, H, W) per trajectory."""
-    with _open_npz(path) as f:
+    with open_npz(path) as f:
         for key in ("states", "actions", "traj_lengths"):
-            _require(path, f.files, key)
-        states, actions = _npz_array(path, f, "states"), _npz_array(path, f, "actions")
-        raw_lengths = _npz_array(path, f, "traj_lengths")
-        extra = {k: _npz_array(path, f, k) for k in ("rewards",) + (("images",) if with_images else ()) if k in f.files}
+            require_key(path, f.files, key)
+        states, actions = npz_array(path, f, "states"), npz_array(path, f, "actions")
+        raw_lengths = npz_array(path, f, "traj_lengths")
+        extra = {k: npz_array(path, f, k) for k in ("rewards",) + (("images",) if with_images else ()) if k in f.files}
     lengths = _check_lengths(path, "traj_lengths", raw_lengths, {"states": states, "actions": actions})
     n = int(lengths.sum())
     _check_2d(path, "states", states, obs_dim, n)
@@ -232,9 +125,9 @@ def save_train_npz(path: str, trajs: list[Traj], compressed: bool = False) -> No
 
 def load_d4rl_hdf5(path: str, obs_dim: int, action_dim: int, positive_return_only: bool = True) -> list[Traj]:
     """Flat D4RL v2 hdf5 split at `terminals | timeouts` (the done step stays in its trajectory)."""
-    with _open_hdf5(path) as f:
+    with open_hdf5(path) as f:
         for key in ("observations", "actions", "rewards", "terminals"):
-            _require(path, f.keys(), key)
+            require_key(path, f.keys(), key)
         obs, actions = f["observations"][()], f["actions"][()]
         rewards = f["rewards"][()].reshape(-1)
         done = f["terminals"][()].reshape(-1).astype(bool)
@@ -287,7 +180,7 @@ def _minari_download(minari: Any, dataset_id: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         if not isinstance(e, Exception):
             raise
-        raise _minari_missing(dataset_id, f"its download failed ({_one_line(e)})") from e
+        raise _minari_missing(dataset_id, f"its download failed ({one_line(e)})") from e
 
 
 def _space(space: Any) -> str:
@@ -320,10 +213,10 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
         dataset = minari.load_dataset(dataset_id)
         obs_space, act_space, spec = dataset.observation_space, dataset.action_space, dataset.env_spec
     except ImportError as e:  # e.g. a dataset stored as arrow needs pyarrow
-        raise DatasetError(f"{name} needs {e.name or 'a package'} to be read ({_one_line(e)}); "
+        raise DatasetError(f"{name} needs {e.name or 'a package'} to be read ({one_line(e)}); "
                            "pip install 'minari[arrow]' for arrow datasets") from e
     except Exception as e:  # noqa: BLE001 - any unreadable dataset gets the same one-line answer
-        raise DatasetError(f"{name}: not a readable Minari dataset ({_one_line(e)}); download it again") from e
+        raise DatasetError(f"{name}: not a readable Minari dataset ({one_line(e)}); download it again") from e
     hint = ""
     if env_name is not None:
         import gymnasium
@@ -357,7 +250,7 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
     except DatasetError:
         raise
     except (OSError, KeyError, ValueError) as e:
-        raise DatasetError(f"{name}: corrupt Minari data ({_one_line(e)}); download it again") from e
+        raise DatasetError(f"{name}: corrupt Minari data ({one_line(e)}); download it again") from e
     return trajs
 
 
@@ -365,12 +258,12 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
                         max_demos: int | None = None, image_keys: list[str] | None = None) -> list[Traj]:
     """robomimic hdf5: obs = concat(obs/<key> for key in obs_keys); demos in order of their index N.
     `image_keys`: also `images` = the cameras' HWC uint8 frames as (L, 3·cameras, H, W), in the keys' order."""
-    with _open_hdf5(path) as f:
-        _require(path, f.keys(), "data", "group")
+    with open_hdf5(path) as f:
+        require_key(path, f.keys(), "data", "group")
         if filter_key is None:
             names = [k for k in f["data"].keys() if k.startswith("demo_") and k[5:].isdigit()]
         else:
-            _require(path, f["mask"].keys() if "mask" in f else [], filter_key, "mask")
+            require_key(path, f["mask"].keys() if "mask" in f else [], filter_key, "mask")
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["mask"][filter_key][()]]
             for name in names:
                 if not (name.startswith("demo_") and name[5:].isdigit()):
@@ -379,15 +272,15 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
         names = sorted(names, key=lambda n: int(n.rsplit("_", 1)[1]))[:max_demos]
         trajs = []
         for name in names:
-            _require(path, f["data"].keys(), name, "demo")
+            require_key(path, f["data"].keys(), name, "demo")
             demo = f["data"][name]
-            _require(f"{path}:data/{name}", demo.keys(), "actions")
-            _require(f"{path}:data/{name}", demo.keys(), "obs", "group")
+            require_key(f"{path}:data/{name}", demo.keys(), "actions")
+            require_key(f"{path}:data/{name}", demo.keys(), "obs", "group")
             actions = demo["actions"][()]
             _check_2d(path, f"data/{name}/actions", actions, action_dim)
             parts = []
             for key in obs_keys:
-                _require(f"{path}:data/{name}/obs", demo["obs"].keys(), key)
+                require_key(f"{path}:data/{name}/obs", demo["obs"].keys(), key)
                 part = demo["obs"][key][()]
                 part = part.reshape(part.shape[0], -1)
                 if part.shape[0] != actions.shape[0]:
@@ -398,7 +291,7 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
             if image_keys:
                 frames = []
                 for key in image_keys:
-                    _require(f"{path}:data/{name}/obs", demo["obs"].keys(), key, fix="is this an image dataset "
+                    require_key(f"{path}:data/{name}/obs", demo["obs"].keys(), key, fix="is this an image dataset "
                              "(image_v141.hdf5, or scripts/robomimic_demos.py --images)?")
                     img = demo["obs"][key][()]
                     if img.ndim != 4 or img.shape[-1] != 3 or img.dtype != np.uint8 or len(img) != len(actions):
@@ -410,98 +303,6 @@ def load_robomimic_hdf5(path: str, obs_keys: list[str], action_dim: int, filter_
                 traj["rewards"] = demo["rewards"][()].reshape(-1).astype(np.float32)
             trajs.append(traj)
     return trajs
-
-
-def _make_folders(folder: str, dest: str) -> list[str]:
-    """Create `folder` and its missing parents; returns the folders made, deepest first."""
-    created = []
-    while not os.path.isdir(folder):
-        if os.path.exists(folder):
-            raise DatasetError(f"cannot save {dest}: {folder} is a file, not a folder; move it away or choose another path")
-        created.append(folder)
-        folder = os.path.dirname(folder)
-    for folder in reversed(created):
-        os.mkdir(folder)
-    return created
-
-
-def _download_problem(part: str, dest: str, sha256: str | None, digest: str) -> str | None:
-    """Why the downloaded `part` must not become `dest` (None: it may): checksum, then format signature."""
-    if sha256 is not None and digest != sha256.lower():
-        return f"its sha256 is {digest}, expected {sha256.lower()}"
-    head = _head(part)
-    ext = os.path.splitext(dest)[1].lower()
-    if ext in (".hdf5", ".h5"):
-        if not head.startswith(HDF5_SIGNATURE):
-            return f"the server sent {_describe(head)}, not an HDF5 file"
-        try:
-            with _open_hdf5(part):
-                pass
-        except DatasetError as e:
-            if isinstance(e.__cause__, OSError):  # (without h5py only the signature is checked)
-                return f"the HDF5 file is truncated or corrupt ({_one_line(e.__cause__)})"
-    elif ext in (".npz", ".pt"):  # both are zip archives (torch.save's format since PyTorch 1.6)
-        what = "an .npz (zip) archive" if ext == ".npz" else "a PyTorch checkpoint (zip archive)"
-        if not head.startswith(ZIP_SIGNATURES):
-            return f"the server sent {_describe(head)}, not {what}"
-        try:
-            with zipfile.ZipFile(part) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, zlib.error) as e:
-            return f"the {ext} archive is truncated or corrupt ({_one_line(e)})"
-        if bad is not None:
-            return f"the {ext} archive is corrupt (member {bad} fails its CRC check)"
-    elif _describe(head).startswith(("an HTML page", "an empty file")):
-        return f"the server sent {_describe(head)}"
-    return None
-
-
-def download(url: str, dest: str, sha256: str | None = None) -> None:
-    """Fetch `url` to `dest` with a progress line; a failure leaves no file and no new folder behind.
-
-    Before the file is moved into place its format is checked against `dest`'s extension (the HDF5 signature
-    for .hdf5/.h5, a complete zip archive for .npz; never an HTML page), and against `sha256` when the source
-    publishes one: a captive-portal page or a cut-off transfer is refused, not saved as the dataset.
-    """
-    if os.environ.get("DPPO_OFFLINE") and urllib.parse.urlparse(url).scheme in ("http", "https"):
-        raise DatasetError(f"DPPO_OFFLINE is set, so {url} is not downloaded; put the file at {dest} and run again")
-    part = dest + ".part"
-    created = _make_folders(os.path.dirname(os.path.abspath(dest)), dest)
-    saved = False
-    try:
-        digest = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                try:
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        size = f"/{total / 1e6:.1f}" if total else ""
-                        print(f"\rdownloading {url}: {done / 1e6:.1f}{size} MB", end="", file=sys.stderr, flush=True)
-                finally:
-                    if done:
-                        print(file=sys.stderr)
-                if total and done != total:
-                    raise OSError(f"got {done} of {total} bytes")
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-            reason = getattr(e, "reason", None) or e
-            raise DatasetError(f"could not download {url} ({_one_line(reason)}); put the file at {dest} and run again") from e
-        problem = _download_problem(part, dest, sha256, digest.hexdigest())
-        if problem:
-            raise DatasetError(f"refused the download of {url}: {problem}; nothing was saved: get the file by hand, "
-                               f"put it at {dest} and run again")
-        os.replace(part, dest)
-        saved = True
-    finally:  # also on KeyboardInterrupt
-        if os.path.exists(part):
-            os.remove(part)
-        if not saved:
-            for folder in created:  # deepest first
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
 
 
 def _is_url(data: str) -> bool:
@@ -546,7 +347,7 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
     # (env/gym_utils/furniture_normalizer.py).
     beside = found[0]
     eps = 0.0 if beside.endswith(".pth") else 1e-6
-    normalizer = Normalizer.from_file(beside)
+    normalizer = read_normalization(beside)
     dims = (normalizer.obs_min.numel(), normalizer.action_min.numel())
     if dims != (task.obs_dim, task.action_dim):
         raise DatasetError(f"{beside} normalises {dims[0]} observation and {dims[1]} action dimensions, {task.id} has "
@@ -585,7 +386,7 @@ def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[s
     if path is not None and path.startswith(MINARI_PREFIX):  # a Minari dataset id, not a file
         return path, load_minari(path[len(MINARI_PREFIX):], task.obs_dim, task.action_dim, task.env_name)
     if path == "paper":  # the reference implementation's own train.npz (+ normalization.npz), downloaded once
-        from common.convert import paper_dataset
+        from loaders.convert import paper_dataset
 
         path = paper_dataset(task)
     if path is None and task.suite == "avoid":
@@ -608,7 +409,7 @@ def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[s
             path = default_data_path(task)
             if not os.path.exists(path):
                 if not _is_url(task.data):
-                    from common.convert import DRIVE_FOLDER, PAPER_FILES
+                    from loaders.convert import DRIVE_FOLDER, PAPER_FILES
 
                     where = (f"--dataset paper downloads the reference's ({DRIVE_FOLDER.format(PAPER_FILES[task.id][0])})"
                              if task.id in PAPER_FILES else f"get it from {task.data}")
@@ -641,7 +442,7 @@ def _load_file(task: Any, path: str) -> list[Traj]:
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a folder, not a dataset file; pass the file inside it")
     if path.endswith(".npz"):
-        with _open_npz(path) as f:
+        with open_npz(path) as f:
             keys = set(f.files)
         if {"traj_lengths", "states"} <= keys:
             if task.suite == "robomimic-img" and "images" not in keys:
@@ -649,21 +450,21 @@ def _load_file(task: Any, path: str) -> list[Traj]:
             return load_train_npz(path, task.obs_dim, task.action_dim, with_images=task.suite == "robomimic-img")
         if "des_c_pos" in keys:
             _check_d3il_avoid(path)
-            from common.avoid import load_avoid_demos
+            from sims.avoid import load_avoid_demos
 
             return load_avoid_demos(path, task.option("subset"))
         raise DatasetError(f"{path}: unknown .npz layout (keys: {', '.join(sorted(keys))}); expected "
                            "'states', 'actions', 'traj_lengths' (train.npz) or D3IL Avoid 'des_c_pos'")
     if path.endswith((".hdf5", ".h5")):
-        with _open_hdf5(path) as f:
+        with open_hdf5(path) as f:
             is_robomimic, keys = "data" in f, set(f.keys())
         if not is_robomimic and "observations" not in keys:
             raise DatasetError(f"{path}: neither a robomimic file (group 'data') nor a D4RL file (key 'observations') "
                                f"(found: {', '.join(sorted(keys)) or 'none'}); is this the right dataset file?")
         if not is_robomimic:
             return load_d4rl_hdf5(path, task.obs_dim, task.action_dim)
-        if task.suite == "robomimic-img":  # proprio + camera images (common/robomimic.py)
-            from common.robomimic import image_keys, obs_keys
+        if task.suite == "robomimic-img":  # proprio + camera images (sims/robomimic.py)
+            from sims.robomimic import image_keys, obs_keys
             return load_robomimic_hdf5(path, obs_keys(task), task.action_dim, image_keys=image_keys(task))
         if task.id not in ROBOMIMIC_OBS_KEYS:
             raise DatasetError(f"{path} is a robomimic dataset but task {task.id!r} is not a robomimic task")
@@ -672,13 +473,13 @@ def _load_file(task: Any, path: str) -> list[Traj]:
 
 
 def _check_d3il_avoid(path: str) -> None:
-    """The checks `common.avoid.load_avoid_demos` leaves out: keys, numeric dtypes, row counts, traj_lengths, finite."""
+    """The checks `sims.avoid.load_avoid_demos` leaves out: keys, numeric dtypes, row counts, traj_lengths, finite."""
     fix = "a D3IL Avoid file needs 'des_c_pos', 'c_pos' (N, 3) and 'traj_lengths'"
-    with _open_npz(path) as f:
+    with open_npz(path) as f:
         for key in ("des_c_pos", "c_pos", "traj_lengths"):
-            _require(path, f.files, key, fix=fix)
-        arrays = {k: _npz_array(path, f, k) for k in ("des_c_pos", "c_pos")}
-        lengths = _npz_array(path, f, "traj_lengths")
+            require_key(path, f.files, key, fix=fix)
+        arrays = {k: npz_array(path, f, k) for k in ("des_c_pos", "c_pos")}
+        lengths = npz_array(path, f, "traj_lengths")
     for key, arr in arrays.items():
         if arr.ndim != 2 or arr.shape[1] < 2:
             raise _shape_error(path, key, arr.shape, "(N, 3)", fix)
@@ -688,84 +489,6 @@ def _check_d3il_avoid(path: str) -> None:
         if bad.size:
             raise DatasetError(f"{path}: '{key}' row {bad[0]} is not finite ({bad.size} rows hold NaN or inf); "
                                "remove or repair those demos and run again")
-
-
-class Normalizer:
-    """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1; back with (x+1)/2·(max−min) + min,
-    as the reference's env wrappers map actions back (the inverse within 1e-6·(x+1)/2)."""
-
-    KEYS = ("obs_min", "obs_max", "action_min", "action_max")
-
-    def __init__(self, obs_min: Any, obs_max: Any, action_min: Any, action_max: Any) -> None:
-        stats = (obs_min, obs_max, action_min, action_max)
-        self.obs_min, self.obs_max, self.action_min, self.action_max = (
-            torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in stats)
-        self._np = {k: getattr(self, k).detach().cpu().numpy() for k in self.KEYS}
-
-    @classmethod
-    def from_trajectories(cls, trajs: list[Traj]) -> Normalizer:
-        obs = np.concatenate([t["obs"] for t in trajs])
-        act = np.concatenate([t["actions"] for t in trajs])
-        return cls(obs.min(0), obs.max(0), act.min(0), act.max(0))
-
-    @classmethod
-    def from_npz(cls, path: str) -> Normalizer:
-        """The reference `normalization.npz` (obs_min, obs_max, action_min, action_max)."""
-        with _open_npz(path) as f:
-            for key in cls.KEYS:
-                _require(path, f.files, key)
-            return cls(*(_npz_array(path, f, k) for k in cls.KEYS))
-
-    @classmethod
-    def from_file(cls, path: str) -> Normalizer:
-        """`normalization.npz`, or the reference's furniture `normalization.pth` (a `LinearNormalizer` state dict with
-        `stats.observations.min/max`, `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py)."""
-        if not path.endswith((".pth", ".pt")):
-            return cls.from_npz(path)
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
-        keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
-        if not isinstance(sd, dict) or any(k not in sd for k in keys):
-            raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
-        return cls(*(sd[k] for k in keys))
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> Normalizer:
-        return cls(*(d[k] for k in cls.KEYS))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach().cpu().clone() for k in self.KEYS}
-
-    def to(self, device: str | torch.device) -> Normalizer:
-        for k in self.KEYS:
-            setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def _apply(self, x: ArrayT, lo_key: str, hi_key: str, inverse: bool) -> ArrayT:
-        if isinstance(x, torch.Tensor):
-            lo = getattr(self, lo_key).to(x.device, x.dtype)
-            hi = getattr(self, hi_key).to(x.device, x.dtype)
-        else:
-            x = np.asarray(x)
-            dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-            lo, hi = self._np[lo_key].astype(dtype), self._np[hi_key].astype(dtype)
-        # the reference's env wrappers: normalise with (max - min + 1e-6), map actions back with (max - min)
-        # (irom-princeton/dppo, env/gym_utils/wrapper/robomimic_lowdim.py, normalize_obs / unnormalize_action)
-        return (x + 1) / 2 * (hi - lo) + lo if inverse else 2 * (x - lo) / (hi - lo + 1e-6) - 1
-
-    def normalize_obs(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "obs_min", "obs_max", inverse=False)
-
-    def unnormalize_obs(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "obs_min", "obs_max", inverse=True)
-
-    def normalize_action(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "action_min", "action_max", inverse=False)
-
-    def unnormalize_action(self, x: ArrayT) -> ArrayT:
-        return self._apply(x, "action_min", "action_max", inverse=True)
 
 
 class WindowDataset:

@@ -11,7 +11,7 @@ def plot_avoid_paths(panels: dict[str, list[np.ndarray]], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.avoid import OBSTACLES
+    from sims.avoid import OBSTACLES
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
     for ax, (title, paths) in zip(axes[0], panels.items()):
