@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common.datasets import DatasetError, Normalizer, WindowDataset, load_task_dataset
 from common.envs import evaluate, make_vec_env
 from common.networks import ACTIVATIONS, DiffusionMLP
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+from common.runs import (CHECKPOINT_FORMAT, RunFolder, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
                          check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint,
                          load_weights, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
                          script_name, seed_everything, warmup_then_cosine)
@@ -404,7 +404,7 @@ def main(args: Args) -> dict:
                                  capture_video=args.capture_video)
     run = None
     if is_main:  # keeps the rows up to the checkpoint's epoch
-        run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
+        run = RunFolder.from_args(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

@@ -45,7 +45,7 @@ from common.datasets import DatasetError, Normalizer, load_task_dataset
 from common.envs import evaluate
 from common.networks import VisionDiffusionNet
 from common.robomimic import PixelChunkVecEnv, camera_names
-from common.runs import (CHECKPOINT_FORMAT, Run, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+from common.runs import (CHECKPOINT_FORMAT, RunFolder, UsageError, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
                          check_finite, check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
                          release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import TaskError, get_task
@@ -349,7 +349,7 @@ def main(args: Args) -> dict:
                                          image_size=image_hw, n_workers=args.n_workers, capture_video=args.capture_video)
         except TaskError as e:
             raise TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
-    run = Run(args, task.id)
+    run = RunFolder.from_args(args, task.id)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

@@ -70,7 +70,7 @@ from tqdm import tqdm
 from common.datasets import Normalizer, WindowDataset, load_task_dataset
 from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, UsageError, apply_defaults, apply_matmul_flags, args_dict,
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, RunFolder, UsageError, apply_defaults, apply_matmul_flags, args_dict,
                          check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
                          explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header,
                          ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
@@ -504,7 +504,7 @@ def pretrain(args: Args, task: Task) -> dict:
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
                                  capture_video=args.capture_video)
-    run = Run(args, task.id)
+    run = RunFolder.from_args(args, task.id)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (App. D.8)
