@@ -182,17 +182,13 @@ def fill_from_checkpoint(args: Args, ckpt: dict, filled: dict) -> None:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) /
-    ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
-
-    Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
-    evaluates the same float64 values and returns them cast to float32; everything derived from β is
-    then computed in float32 (see `DiffusionPPO.__init__`)."""
+    """β_1..β_K of the cosine schedule in float64, as the reference computes them (`model/diffusion/sampling.py`,
+    `cosine_beta_schedule`; cast to float32 there and in `DiffusionPPO`): ᾱ(i) = cos²((i/K + s)/(1 + s)·π/2) / ᾱ(0),
+    β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
     i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)  # = i/K, evaluated as the reference does
     alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
-
 
 
 class DiffusionPPO(nn.Module):
@@ -209,17 +205,14 @@ class DiffusionPPO(nn.Module):
         self.use_ddim, self.ft_steps = use_ddim, ft_denoising_steps
         self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
 
-        # All coefficients in float32 from float32 β, with the reference's operation order and
-        # std = exp(½·log var) (irom-princeton/dppo: model/diffusion/diffusion.py, DiffusionModel.__init__;
-        # model/diffusion/diffusion_vpg.py, VPGDiffusion.p_mean_var). Matching its log-probs to 1e-5 needs
-        # this: e.g. at K = 100, t = 0 the float32 mean coefficient c2 is 1.0000139, not 1.
+        # float32 coefficients from float32 β in the reference's order, std = exp(½·log var) (`DiffusionModel.__init__`,
+        # `VPGDiffusion.p_mean_var`): its log-probs to 1e-5 need it (at K = 100, t = 0 the float32 c2 is 1.0000139)
         betas = cosine_beta_schedule(denoising_steps).float()
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         one = torch.ones(1)
         if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (reference `DiffusionModel`)
-            ts = torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)
-            ts = ts.flip(0)
+            ts = (torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)).flip(0)
             a, a_prev = ac[ts], torch.cat([ac[ts[1:]], one])
             sigma = (1.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 1
             sigma0 = (0.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 0 (evaluation)
@@ -268,9 +261,8 @@ class DiffusionPPO(nn.Module):
 
     @torch.no_grad()
     def rollout_action(self, cond: torch.Tensor, act_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`get_action` for the rollout, plus each fine-tuned step's `pair_logprobs` (B, K'): PPO's old log-probs, read
-        off the means the chain was sampled from instead of a second pass of actor_ft over all pairs after the rollout
-        (the reference's; same weights, same formula, float rounding aside)."""
+        """`get_action` and each fine-tuned step's `pair_logprobs` (B, K'), PPO's old log-probs, from the means the chain
+        was drawn with (the reference: a second pass of actor_ft over all pairs; float rounding aside the same)."""
         x, chain, (means, stds) = self.sample(cond, keep_means=True)
         return x, chain, chunk_logprob(self.logprob(chain[:, 1:], torch.stack(means, 1), torch.stack(stds, 1)), act_steps)
 
@@ -308,10 +300,8 @@ class DiffusionPPO(nn.Module):
         return self.critic(cond)
 
     def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
-        """Optional BC term (`irom-princeton/dppo` `model/diffusion/diffusion_ppo.py` `PPODiffusion.loss`,
-        `use_bc_loss`): one full chain sampled by the frozen base policy per observation, its log-prob
-        under actor_ft at every fine-tuned step, clamped to [-5, 2] and averaged over the whole chunk
-        (all T_a actions), the K' steps and the batch; minus that mean."""
+        """Optional BC term (reference `PPODiffusion.loss`, `use_bc_loss`): minus the log-prob under actor_ft of a base
+        chain per observation at every fine-tuned step, clamped to [-5, 2], averaged over all T_a actions, K' and B."""
         _, chain = self.get_action(cond, base_only=True)
         B = chain.shape[0]
         i = torch.arange(self.ft_steps, device=cond.device).repeat(B)
@@ -329,7 +319,6 @@ def chunk_logprob(logprob: torch.Tensor, act_steps: int) -> torch.Tensor:
     """A pair's scalar: element-wise log-probs (..., T_a, D_a) clamped to [-5, 2], restricted to the executed T_e
     actions and averaged (`PPODiffusion.loss`, reference)."""
     return logprob.clamp(-5, 2)[..., :act_steps, :].mean(dim=(-2, -1))
-
 
 
 def clip_schedule(ft_steps: int, base: float, clip: float, rate: float) -> torch.Tensor:
@@ -426,14 +415,6 @@ def step_lr_schedules(actor_sched: torch.optim.lr_scheduler.LRScheduler, critic_
     critic_sched.step()
 
 
-def compile_sampling(get_action, device: torch.device):
-    """`torch.compile` of the sampling chain, drawing the same noise as eager (inductor's `fallback_random`); on a GPU
-    in mode reduce-overhead, which replays CUDA graphs instead of launching each denoising step's small kernels."""
-    import torch._inductor.config as inductor_config
-    inductor_config.fallback_random = True
-    return torch.compile(get_action, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
 def main(args: Args) -> dict:
     resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id)) if args.resume else None
     if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -464,21 +445,18 @@ def main(args: Args) -> dict:
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
                         obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
     runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
     if args.onednn_matmul:
         print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
     if args.compile:
-        agent.get_action = compile_sampling(agent.get_action, device)
-        agent.rollout_action = compile_sampling(agent.rollout_action, device)
+        agent.get_action = runs.compile_sampling(agent.get_action, device)
+        agent.rollout_action = runs.compile_sampling(agent.rollout_action, device)
     chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)  # pairs per backward piece
 
-    def policy(cond: torch.Tensor, deterministic: bool) -> torch.Tensor:  # what evaluation executes
-        x, _ = agent.get_action(cond, deterministic)
-        return x.clamp(-1, 1) if args.final_action_clip else x
-
+    executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731
+    policy = lambda cond, deterministic: executed(agent.get_action(cond, deterministic)[0])  # noqa: E731 (evaluation)
     run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
                    exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
                    save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
@@ -508,10 +486,8 @@ def main(args: Args) -> dict:
             continue
 
         # ---- rollout ----
-        if run.need_reset or task.reset_every_iteration:
+        if run.need_reset or task.reset_every_iteration:  # else `first` goes on from the last step (reference `run`)
             obs, first = run.reset_envs(itr), np.ones(N)
-        # else: envs that continue across iterations keep the last step's done as the first step's `first`
-        # (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
@@ -519,8 +495,8 @@ def main(args: Args) -> dict:
             obs_buf[step] = cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x, chain_buf[step], old_lp_buf[step] = agent.rollout_action(cond, T_e)  # old log-probs: while sampling
             run.lap("sampling")
-            x = x.clamp(-1, 1) if args.final_action_clip else x
-            obs, rewards[step], term, trunc, info = envs.step(normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy())
+            action = normalizer.unnormalize_action(executed(x)[:, :T_e]).cpu().numpy()
+            obs, rewards[step], term, trunc, info = envs.step(action)
             next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
             terminated[step], dones[step] = term, term | trunc
             first = dones[step].astype(np.float64)
@@ -547,48 +523,40 @@ def main(args: Args) -> dict:
 
         # ---- the PPO update (eqs. 4.5-4.7, reference `PPODiffusion.loss`) ----
         agent.train()
-        stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
+        stats = []  # per minibatch: pg_loss, v_loss, approx_kl, clipfrac, bc_loss
         for epoch in range(args.update_epochs):
-            perm = torch.randperm(S * K_ft, device=device)
-            kls = []
+            perm, kls = torch.randperm(S * K_ft, device=device), []
             for start in range(0, S * K_ft - B + 1, B):
                 mb = perm[start:start + B]
                 s, i = sample[mb], pos[mb]
-                mb_adv = b_adv[s]
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8) * disc[i]  # normalised, then γ_denoise^(K'-i-1)
+                mb_adv = (b_adv[s] - b_adv[s].mean()) / (b_adv[s].std() + 1e-8) * disc[i]  # normalised, then discounted
                 v_loss = 0.5 * ((minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
-                # optional: base-policy chains should stay likely under actor_ft (one per pair's observation, as the reference)
                 bc_loss = agent.bc_loss(b_obs[s]) if args.bc_coef > 0 else torch.zeros((), device=device)
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                # back-propagated in pieces of `chunk` pairs, the gradients accumulated: each piece adds its share of the
-                # minibatch's pg_loss, the first also the minibatch's value and BC terms (one piece on a GPU)
                 pg_loss = approx_kl = clipfrac = 0.0
-                for a in range(0, B, chunk):
+                for a in range(0, B, chunk):  # pieces of the minibatch, their gradients accumulated (one piece on a GPU)
                     p = slice(a, a + chunk)
                     new_lp = pair_logprobs(agent, b_obs[s[p]], b_chain[s[p], i[p]], b_chain[s[p], i[p] + 1], i[p], T_e)
-                    pg, kl, cf = ppo_loss(new_lp, b_old_lp[mb[p]], mb_adv[p], clip_eps[i[p]], B)
-                    loss = pg + (args.vf_coef * v_loss + args.bc_coef * bc_loss if a == 0 else 0.0)
+                    pg, kl, cf = ppo_loss(new_lp, b_old_lp[mb[p]], mb_adv[p], clip_eps[i[p]], B)  # the piece's share
+                    loss = pg + (args.vf_coef * v_loss + args.bc_coef * bc_loss if a == 0 else 0.0)  # value, BC: once
                     loss.backward()
                     pg_loss, approx_kl, clipfrac = pg_loss + pg.detach(), approx_kl + kl, clipfrac + cf
-                if itr >= args.n_critic_warmup_itr:
-                    # the reference clips only actor_ft's gradients, after the critic warm-up (`run`)
+                if itr >= args.n_critic_warmup_itr:  # only actor_ft's gradient is clipped, once it steps (reference `run`)
                     if args.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
                 critic_opt.step()
                 kls.append(approx_kl)
-                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", approx_kl), ("bc_loss", bc_loss),
-                             ("clipfrac", clipfrac)):
-                    stats[k].append(v.detach())
-            if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
-                break  # one host sync per epoch (docs/deviations.md)
+                stats.append(torch.stack([pg_loss, v_loss.detach(), approx_kl, clipfrac, bc_loss.detach()]))
+            if args.target_kl is not None and torch.stack(kls).max().item() > args.target_kl:
+                break  # checked once per epoch: one host sync (docs/deviations.md)
         lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
         step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)
         run.lap("update")
 
         # ---- logging and the checkpoint, once per iteration ----
-        logged = {k: torch.stack(v).mean().item() for k, v in stats.items() if v}
+        logged = dict(zip(("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss"), torch.stack(stats).mean(0).tolist()))
         runs.check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)  # stops before saving a broken state
         logged["explained_variance"] = runs.explained_variance(values.flatten(), returns.flatten())
         run.end_iteration(itr, logged, lrs)

@@ -269,6 +269,15 @@ def apply_matmul_flags(args: Any, device: torch.device) -> None:
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
 
 
+def compile_sampling(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """A script's `--compile`: `torch.compile` of its sampling chain, drawing the same noise as eager (inductor's
+    `fallback_random`); on a GPU in mode reduce-overhead, which replays CUDA graphs instead of launching each denoising
+    step's small kernels."""
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def adam_kernel(fused: bool) -> dict[str, bool | None]:
     """Pre-training's AdamW implementation (keyword arguments of `torch.optim.AdamW`): the multi-tensor one (default; the
     per-tensor loop's update bit for bit) or, with `--fused-adam`, the fused kernel (the same update up to rounding)."""
@@ -708,6 +717,7 @@ class Run:
         self.need_reset = True  # the envs must be reset before the next rollout (at the start, after an evaluation)
         self.start_itr = self.n_train_itr = self.env_steps = self.itr_env_steps = 0
         self.t_itr = time.time()
+        print(f"envs: {envs.num_envs} x {task.id} on {envs.backend}")
 
     def evaluate(self, deterministic: bool, index: int) -> dict[str, Any]:
         """`common.envs.evaluate` of the policy, on the evaluation's own stream `index` (the iteration evaluated)."""

@@ -11,6 +11,7 @@ import torch
 import dppo_finetune as ft
 from benchmarks import finetune_iteration, reference_compare
 from common.networks import DiffusionMLP, ObsCritic
+from common import runs
 from common.runs import enable_onednn_fp32_matmul
 
 
@@ -81,7 +82,7 @@ def test_compiled_sampling_draws_the_chains_of_eager():
     agent = ft.DiffusionPPO(DiffusionMLP(2, 4, 3, mlp_dims=(32, 32, 32)), ObsCritic(3, mlp_dims=(16, 16, 16)), 20, 10, 4,
                             2, False, 5, 0.1, 0.1, 3.0)
     cond = torch.randn(5, 1, 3)
-    compiled = ft.compile_sampling(agent.get_action, torch.device("cpu"))
+    compiled = runs.compile_sampling(agent.get_action, torch.device("cpu"))
     torch.manual_seed(1)
     x, chain = agent.get_action(cond)
     torch.manual_seed(1)
