@@ -109,6 +109,8 @@ def test_finetune_smoke_update_eval_and_frozen_base(pretrained):
     assert all(x["n_episodes"] == 8 for x in h)  # Avoid: one full 100-step episode per env and iteration
     rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "eval.csv"))))
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and all(r["mode"] == "stochastic" for r in rows)
+    assert [x["env_steps"] for x in h] == [800, 1600, 2400]  # 8 envs x 25 chunk-steps x T_e = 4 per iteration
+    assert [int(r["env_steps"]) for r in rows] == [800, 1600, 2400, 2400]
     assert os.path.isfile(os.path.join(out["run_dir"], "trajectories.png"))
     pre = torch.load(pretrained["checkpoint"], weights_only=True)
     post = torch.load(out["checkpoint"], weights_only=True)

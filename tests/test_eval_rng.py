@@ -153,6 +153,24 @@ def test_training_does_not_depend_on_what_evaluation_drew(hopper_checkpoint):
     assert rows[-1]["return_mean"] != row2["return_mean"]  # the final evaluation (index 3) of the same weights
 
 
+def test_training_after_an_evaluation_iteration_starts_from_a_reset(hopper_checkpoint, monkeypatch):
+    """Hopper's envs go on across training iterations; an evaluation iteration (0 and 2 of 4) resets them for itself, so
+    the training iteration after it (3) starts from its own reset (seed + 3N), not from where the evaluation left them
+    (docs/deviations.md, "Envs are reset after an evaluation iteration")."""
+    resets, real_make = [], dppo_finetune.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(dppo_finetune, "make_vec_env", make)
+    dppo_finetune.main(dppo_finetune.Args(checkpoint=hopper_checkpoint, n_train_itr=4, val_freq=2, n_steps=3, plot=False,
+                                          exp_name="resets", **{**HOPPER, "eval_n_steps": 2}, **TINY[dppo_finetune]))
+    ev, N = HOPPER["seed"] + 1_000_000, HOPPER["num_envs"]
+    assert resets == [ev, HOPPER["seed"] + 1 * N, ev, HOPPER["seed"] + 3 * N, ev]  # evaluations 0, 2 and the final one
+
+
 def test_pretraining_does_not_depend_on_how_often_it_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     kw = dict(env_id="avoid-m2", n_epochs=2, seed=0, mlp_dims=(32, 32, 32), batch_size=128, n_eval_envs=4)

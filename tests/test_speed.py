@@ -56,6 +56,7 @@ def test_finetune_iteration_benchmark_code_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = finetune_iteration.main(finetune_iteration.Bench(env_id="hopper", n_steps=3, num_envs=2, update_chunk=7))
     assert {"env", "sampling", "update"} <= set(out["times"]) and "old_logprobs" not in out["times"] and out["total"] > 0
+    assert set(out["cpu"]) == set(out["times"]) and out["cpu"]["update"] > 0  # Run's timer keeps the CPU time too
     assert out["env_steps"] == 3 * 2 * 4
     text = capsys.readouterr().out
     assert "hopper: 2 envs x 3 chunk-steps" in text and "update pieces of 7 pairs" in text
