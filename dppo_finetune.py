@@ -205,8 +205,8 @@ class DiffusionPPO(nn.Module):
         self.use_ddim, self.ft_steps = use_ddim, ft_denoising_steps
         self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
 
-        # float32 coefficients from float32 β in the reference's order, std = exp(½·log var) (`DiffusionModel.__init__`,
-        # `VPGDiffusion.p_mean_var`): its log-probs to 1e-5 need it (at K = 100, t = 0 the float32 c2 is 1.0000139)
+        # float32 from float32 β in the reference's order, std = exp(½·log var) (`model/diffusion/diffusion.py`
+        # `DiffusionModel.__init__`, `diffusion_vpg.py` `VPGDiffusion.p_mean_var`): its log-probs to 1e-5 need it
         betas = cosine_beta_schedule(denoising_steps).float()
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
