@@ -336,9 +336,8 @@ def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
-    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
-    the episode ended there)."""
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t),
+    s'_t the observation after chunk-step t (the episode's final one where it ended)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -395,9 +394,8 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
 
 
 def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """V(s) of each pair's env-step, the critic run once per env-step instead of once per pair (the same values: a
-    minibatch holds each env-step up to K' times). All env-steps when they are no more than the pairs (no host sync);
-    else, on the CPU, the distinct ones."""
+    """V(s) of each pair's env-step, the critic run once per env-step (a minibatch holds each up to K' times): on all of
+    them when they are no more than the pairs (no host sync), else, on the CPU, on the distinct ones."""
     if b_obs.shape[0] <= s.numel():
         return critic(b_obs).view(-1)[s]
     if s.device.type == "cpu":  # torch.unique would wait for a GPU
@@ -406,8 +404,7 @@ def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) ->
     return critic(b_obs[s]).view(-1)
 
 
-def step_lr_schedules(actor_sched: torch.optim.lr_scheduler.LRScheduler, critic_sched: torch.optim.lr_scheduler.LRScheduler,
-                      itr: int, n_critic_warmup_itr: int) -> None:
+def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
     """Once per iteration, evaluation iterations included; the actor's schedule only once the actor steps, after the
     critic warm-up (reference `agent/finetune/train_ppo_diffusion_agent.py`, `TrainPPODiffusionAgent.run`)."""
     if itr >= n_critic_warmup_itr:
