@@ -21,27 +21,7 @@ One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over
 n_steps·N·K' of them (eqs. 4.5-4.7, reference `PPODiffusion.loss`). Log-probs are element-wise Normal
 densities clamped to [-5, 2], restricted to the executed T_e actions and averaged (eq. 4.4).
 
-Deviations from the reference implementation (docs/deviations.md):
-- Truncation bootstraps from the finished episode's final observation, not the next episode's
-  first; only `terminated` removes the bootstrap.
-- K' = 1 uses the maximum clip range (the reference divides by zero).
-- Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
-  bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
-- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
-  on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
-- The frozen network runs only on the steps it owns, and the old log-probs are taken while sampling,
-  from the means the chain was drawn with, instead of a second pass of actor_ft over all pairs (the
-  same formula and weights; float rounding aside; benchmarks/reference_compare.py).
-- The critic runs once per env-step of a minibatch, not once per pair, and each minibatch is
-  back-propagated in pieces of `--update-chunk` pairs with the gradients accumulated (the same loss
-  and gradient up to float rounding; benchmarks/reference_compare.py).
-- The target-KL stop is checked once per epoch (the max KL of its minibatches), not per minibatch,
-  to keep host syncs out of the update loop; with target_kl = 1 it practically never fires.
-- Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
-  iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
-- Furniture-Bench (`sims/furniture.py`, run through `python -m sims.furniture dppo_finetune.py ...`):
-  truncation at exactly 700 / 1000 steps, a reset of envs whose observations turn non-finite, and the
-  optional sim-to-real noise (App. D.7) in normalised units.
+Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -49,167 +29,86 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
-from common.errors import UsageError
+from common import runs
+from common.envs import make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, check_finite, check_positive,
-                         apply_matmul_flags, check_range, cli, diffusion_checkpoint_path,
-                         eval_only_report, explained_variance,
-                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, resume_args, save_checkpoint, script_name, seed_everything,
-                         start_finetuning,
-                         step_schedulers, whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
-# the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-
+HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py)"""
-    checkpoint: str | None = None
-    """pre-trained (or fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch: 1 is fastest for the small batches of sampling and immune to
-    oversubscription (see README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    update_chunk: int | None = None
-    """(env-step, denoising-step) pairs per forward/backward piece of a PPO minibatch, gradients accumulated over the
-    pieces (the same gradient up to float rounding); None: 4096 on the CPU (measured, docs/results.md "Speed"), the whole
-    minibatch on a GPU"""
-    compile: bool = False
-    """torch.compile the sampling chain (`get_action`; on a GPU with CUDA graphs, mode reduce-overhead): the same noise
-    as eager, ~40 % less sampling time on the CPU for ~1-2 minutes of compilation at start (docs/results.md "Speed")"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
-    n_train_itr: int | None = None
-    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
-    num_envs: int | None = None
-    """parallel environments (gym 40, robomimic 50, furniture 1000, Avoid 50)"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25, furniture 88 One-leg,
-    125 Lamp/Round-table)"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    ft_denoising_steps: int | None = None
-    """K': the last K' denoising steps are fine-tuned (None: 10; under DDIM all ddim_steps)"""
-    use_ddim: bool | None = None
-    """DDIM sampling for checkpoints pre-trained with K = 100 (None: furniture yes, else no)"""
-    ddim_steps: int = 5
-    """DDIM steps"""
-    horizon_steps: int | None = None
-    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float | None = None
-    """environment discount per chunk-step (gym/Avoid 0.99, robomimic/furniture 0.999)"""
-    gae_lambda: float = 0.95
-    """GAE λ"""
-    bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
-    docs/deviations.md)"""
-    gamma_denoising: float | None = None
-    """denoising discount (0.99; Avoid 0.95, furniture 0.9)"""
-    min_sampling_denoising_std: float | None = None
-    """exploration std floor while sampling (0.1; furniture 0.04)"""
-    min_logprob_denoising_std: float = 0.1
-    """std floor when evaluating log-probs"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp"""
-    final_action_clip: bool | None = None
-    """clamp executed actions to [-1, 1] before un-normalising (None: no; the reference's configs never clamp)"""
-    actor_lr: float | None = None
-    """actor learning rate (gym/robomimic 1e-4, furniture/Avoid 1e-5)"""
-    actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: constant; furniture 1e-6)"""
-    critic_lr: float = 1e-3
-    """critic learning rate"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
-    (None: n_train_itr; furniture 10000)"""
-    batch_size: int | None = None
-    """PPO minibatch of (env-step, denoising-step) pairs (gym 50000, lift/can 7500, square/transport 10000, Avoid
-    n_steps·num_envs·K'/2, furniture MLP 8800 (one-leg-low 17600), UNet 30000 One-leg / 40000)"""
-    update_epochs: int | None = None
-    """PPO epochs per iteration (10; gym, transport, furniture 5)"""
-    clip_coef: float | None = None
-    """clip ε of the final denoising step (gym 0.01, robomimic 0.01, furniture 0.001, Avoid 0.1)"""
-    clip_coef_base: float | None = None
-    """clip ε of the noisiest fine-tuned step (robomimic 0.001; elsewhere = clip_coef)"""
-    clip_coef_rate: float = 3.0
-    """exponential rate of the per-step clip schedule"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    target_kl: float | None = 1.0
-    """stop the epochs when approx KL exceeds this"""
-    max_grad_norm: float | None = None
-    """gradient norm clip (None: off)"""
-    n_critic_warmup_itr: int | None = None
-    """iterations before the actor starts to step (gym 0, robomimic 2, furniture/Avoid 1)"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    reward_scale_running: bool = True
-    """running reward scaling"""
-    bc_coef: float = 0.0
-    """optional BC term: log-prob of base-policy chains under actor_ft (off by default)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
-    obs_noise_std: float = 0.0
-    """furniture sim-to-real (paper App. D.7): std of Gaussian noise on every observation, in the dataset's normalised
-    units, applied by the env in training and evaluation (0: off)"""
-    action_noise_std: float = 0.0
-    """furniture sim-to-real (paper App. D.7 uses 0.03): std of Gaussian noise on every executed action, in normalised
-    units, applied by the env in training and evaluation (0: off)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py)
+    checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    ft_denoising_steps: Annotated[int | None, Positive] = None  # K' fine-tuned denoising steps (None: 10; DDIM: ddim_steps)
+    use_ddim: bool | None = None  # DDIM sampling, for checkpoints pre-trained with K = 100
+    ddim_steps: Annotated[int, Positive] = 5  # DDIM steps
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a of fine-tuning (None: the checkpoint's; a UNet's may differ)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk
+    gamma: Annotated[float | None, Fraction] = None  # γ_env, the discount per chunk-step
+    gae_lambda: Annotated[float, Fraction] = 0.95  # GAE λ
+    bootstrap_truncated: bool | None = None  # bootstrap time limits from V(final obs); False: the horizon ends the task
+    gamma_denoising: Annotated[float | None, Fraction] = None  # γ_denoise, the discount per denoising step
+    min_sampling_denoising_std: Annotated[float | None, Positive] = None  # σ^exp_min, the sampling std floor
+    min_logprob_denoising_std: Annotated[float, Positive] = 0.1  # σ^prob_min, the std floor of the log-probs
+    randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
+    final_action_clip: bool | None = None  # clamp executed actions to [-1, 1] (no reference config does)
+    actor_lr: Annotated[float | None, Positive] = None  # actor learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the actor's cosine schedule (None: actor_lr, constant)
+    critic_lr: Annotated[float, Positive] = 1e-3  # critic learning rate (constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
+    batch_size: Annotated[int | None, Positive] = None  # PPO minibatch of (env-step, denoising-step) pairs
+    update_epochs: Annotated[int | None, Positive] = None  # PPO epochs per iteration
+    clip_coef: Annotated[float | None, Positive] = None  # clip ε of the final denoising step
+    clip_coef_base: Annotated[float | None, Positive] = None  # clip ε of the noisiest fine-tuned step
+    clip_coef_rate: Annotated[float, Positive] = 3.0  # exponential rate of the per-step clip schedule
+    vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor_ft (None: off)
+    n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    reward_scale_running: bool = True  # running reward scaling
+    bc_coef: Annotated[float, NonNegative] = 0.0  # optional BC term: base-policy chains stay likely under actor_ft
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    obs_noise_std: Annotated[float, NonNegative] = 0.0  # furniture sim-to-real (App. D.7): observation noise, normalised
+    action_noise_std: Annotated[float, NonNegative] = 0.0  # furniture sim-to-real (App. D.7: 0.03): action noise, normalised
+    # speed (opt-in, same results; docs/results.md "Speed")
+    update_chunk: Annotated[int | None, Positive] = None  # pairs per backward piece (None: 4096 on a CPU, all on a GPU)
+    compile: bool = False  # torch.compile the sampling chain (CUDA graphs on a GPU): the same noise, ~1-2 min to compile
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -245,123 +144,52 @@ def fill_defaults(args: Args) -> dict:
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                   "act_steps": task.act_steps})
+    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                        "act_steps": task.act_steps})
     if args.use_ddim and args.ft_denoising_steps is not None and args.ft_denoising_steps > args.ddim_steps:
-        raise UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
-                         "(DDIM fine-tunes the last K' <= ddim_steps steps)")
-    filled.update(apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
-                                        "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+        raise runs.UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
+                              "(DDIM fine-tunes the last K' <= ddim_steps steps)")
+    filled.update(runs.apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
+                                             "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps",
-                   "horizon_steps", "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps",
-                   "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base",
-                   "min_logprob_denoising_std", "min_sampling_denoising_std", "randn_clip_value", "target_kl", "max_grad_norm",
-                   "clip_coef_rate", "update_chunk")
-    for name in ("gamma", "gae_lambda", "gamma_denoising"):
-        check_range(args, name, 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+    runs.check_args(args)  # every number within the Limits of its field
     for name in ("obs_noise_std", "action_noise_std"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})")
-        if value and task.suite != "furniture":
-            raise UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
-    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef"):
-        check_range(args, name, 0, math.inf)
+        if getattr(args, name) and task.suite != "furniture":
+            raise runs.UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
-def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`): ᾱ(i) = cos²(((i/K)+s)/(1+s)·π/2) /
-    ᾱ(0); β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999].
+def fill_from_checkpoint(args: Args, ckpt: dict, filled: dict) -> None:
+    """T_a from the checkpoint unless given, the furniture UNet's batch; the flags checked against the network."""
+    task, K, K_ft = get_task(args.env_id), ckpt["denoising_steps"], args.ft_denoising_steps
+    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
+        args.batch_size = FURNITURE_UNET_BATCH[task.env_name]
+        print(f"{task.id} UNet default: batch_size={args.batch_size}")
+    if args.use_ddim and K % args.ddim_steps:
+        raise runs.UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {K})")
+    if not args.use_ddim and K_ft > K:
+        raise runs.UsageError(f"--ft-denoising-steps {K_ft} exceeds the checkpoint's K = {K}")
+    if args.act_steps > args.horizon_steps:
+        raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
+    pairs = args.n_steps * args.num_envs * K_ft
+    if not args.eval_only and args.batch_size > pairs:
+        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {pairs} (env-step, denoising-step) pairs of one "
+                              f"iteration (n_steps {args.n_steps} x num_envs {args.num_envs} x K' {K_ft})")
 
-    Float64. The reference (irom-princeton/dppo, model/diffusion/sampling.py, cosine_beta_schedule)
-    evaluates the same float64 values and returns them cast to float32; everything derived from β is
-    then computed in float32 (see `DiffusionPPO.__init__`)."""
+
+def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
+    """β_1..β_K of the cosine schedule in float64, as the reference computes them (`model/diffusion/sampling.py`,
+    `cosine_beta_schedule`; cast to float32 there and in `DiffusionPPO`): ᾱ(i) = cos²((i/K + s)/(1 + s)·π/2) / ᾱ(0),
+    β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
     i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)  # = i/K, evaluated as the reference does
     alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
-
-
-def clip_schedule(ft_steps: int, base: float, clip: float, rate: float) -> torch.Tensor:
-    """Per fine-tuned step i (0 = noisiest): ε(i) = base + (clip - base)(e^{rate·u} - 1)/(e^{rate} - 1), u = i/(K'-1)."""
-    if ft_steps == 1:  # the reference divides by zero here (docs/deviations.md)
-        return torch.tensor([clip])
-    u = torch.linspace(0, 1, ft_steps, dtype=torch.float64)
-    return (base + (clip - base) * (torch.exp(rate * u) - 1) / (math.exp(rate) - 1)).float()
-
-
-def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
-    """γ_denoise^(K'-i-1): the final denoising step has weight 1 (eq. 4.7)."""
-    return gamma_denoising ** torch.arange(ft_steps - 1, -1, -1, dtype=torch.float32)
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
-                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
-    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
-    the episode ended there)."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
-        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
-        advantages[t] = last
-    return advantages, advantages + values
-
-
-def surrogate_terms(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair: clipped surrogate loss, approx KL and clipped flag, for advantages already normalised and discounted."""
-    log_ratio = new_lp - old_lp
-    ratio = log_ratio.exp()
-    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))
-    with torch.no_grad():
-        return pg, (ratio - 1) - log_ratio, ((ratio - 1).abs() > eps).float()
-
-
-def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor, eps: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate over (env-step, denoising-step) pairs (eqs. 4.5-4.7, reference `PPODiffusion.loss`).
-
-    Advantages are normalised within the minibatch, then weighted by γ_denoise^(K'-i-1) (`disc`);
-    `eps` is each pair's clip range. Returns (pg_loss, approx_kl, clipfrac)."""
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
-    pg, kl, clipped = surrogate_terms(new_lp, old_lp, adv, eps)
-    return pg.mean(), kl.mean(), clipped.mean()
-
-
-def ppo_loss_backward(logprob, idx: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, disc: torch.Tensor,
-                      eps: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`ppo_loss(logprob(idx), old_lp, adv, disc, eps)` and its backward pass, in pieces of `chunk` pairs that fit the
-    CPU cache: the advantages are normalised over the whole minibatch first, each piece back-propagates its sum / the
-    minibatch size, so the gradient accumulates to that of the whole minibatch (up to float rounding). Returns the
-    detached (pg_loss, approx_kl, clipfrac)."""
-    n = idx.numel()
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
-    total = torch.zeros(3, device=idx.device)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        pg, kl, clipped = surrogate_terms(logprob(idx[a:b]), old_lp[a:b], adv[a:b], eps[a:b])
-        pg = pg.sum() / n
-        pg.backward()
-        total += torch.stack([pg.detach(), kl.sum() / n, clipped.sum() / n])
-    return total[0], total[1], total[2]
-
-
-def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """V(s) of each pair's env-step, the critic run once per env-step instead of once per pair (the same values: a
-    minibatch holds each env-step up to K' times). All env-steps when they are no more than the pairs (no host sync);
-    else, on the CPU, the distinct ones."""
-    if b_obs.shape[0] <= s.numel():
-        return critic(b_obs).view(-1)[s]
-    if s.device.type == "cpu":  # torch.unique would wait for a GPU
-        rows, inverse = torch.unique(s, return_inverse=True)
-        return critic(b_obs[rows]).view(-1)[inverse]
-    return critic(b_obs[s]).view(-1)
 
 
 class DiffusionPPO(nn.Module):
@@ -375,20 +203,17 @@ class DiffusionPPO(nn.Module):
         self.actor_ft = copy.deepcopy(base).requires_grad_(True)
         self.critic = critic
         self.horizon_steps, self.action_dim = horizon_steps, action_dim
-        self.use_ddim, self.K, self.ft_steps = use_ddim, denoising_steps, ft_denoising_steps
+        self.use_ddim, self.ft_steps = use_ddim, ft_denoising_steps
         self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
 
-        # All coefficients in float32 from float32 β, with the reference's operation order and
-        # std = exp(½·log var) (irom-princeton/dppo: model/diffusion/diffusion.py, DiffusionModel.__init__;
-        # model/diffusion/diffusion_vpg.py, VPGDiffusion.p_mean_var). Matching its log-probs to 1e-5 needs
-        # this: e.g. at K = 100, t = 0 the float32 mean coefficient c2 is 1.0000139, not 1.
+        # float32 from float32 β in the reference's order, std = exp(½·log var) (`model/diffusion/diffusion.py`
+        # `DiffusionModel.__init__`, `diffusion_vpg.py` `VPGDiffusion.p_mean_var`): its log-probs to 1e-5 need it
         betas = cosine_beta_schedule(denoising_steps).float()
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         one = torch.ones(1)
         if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (reference `DiffusionModel`)
-            ts = torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)
-            ts = ts.flip(0)
+            ts = (torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)).flip(0)
             a, a_prev = ac[ts], torch.cat([ac[ts[1:]], one])
             sigma = (1.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 1
             sigma0 = (0.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 0 (evaluation)
@@ -437,9 +262,8 @@ class DiffusionPPO(nn.Module):
 
     @torch.no_grad()
     def rollout_action(self, cond: torch.Tensor, act_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`get_action` for the rollout, plus each fine-tuned step's `pair_logprobs` (B, K'): PPO's old log-probs, read
-        off the means the chain was sampled from instead of a second pass of actor_ft over all pairs after the rollout
-        (the reference's; same weights, same formula, float rounding aside)."""
+        """`get_action` and each fine-tuned step's `pair_logprobs` (B, K'), PPO's old log-probs, from the means the chain
+        was drawn with (the reference: a second pass of actor_ft over all pairs; float rounding aside the same)."""
         x, chain, (means, stds) = self.sample(cond, keep_means=True)
         return x, chain, chunk_logprob(self.logprob(chain[:, 1:], torch.stack(means, 1), torch.stack(stds, 1)), act_steps)
 
@@ -477,10 +301,8 @@ class DiffusionPPO(nn.Module):
         return self.critic(cond)
 
     def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
-        """Optional BC term (`irom-princeton/dppo` `model/diffusion/diffusion_ppo.py` `PPODiffusion.loss`,
-        `use_bc_loss`): one full chain sampled by the frozen base policy per observation, its log-prob
-        under actor_ft at every fine-tuned step, clamped to [-5, 2] and averaged over the whole chunk
-        (all T_a actions), the K' steps and the batch; minus that mean."""
+        """Optional BC term (reference `PPODiffusion.loss`, `use_bc_loss`): minus the log-prob under actor_ft of a base
+        chain per observation at every fine-tuned step, clamped to [-5, 2], averaged over all T_a actions, K' and B."""
         _, chain = self.get_action(cond, base_only=True)
         B = chain.shape[0]
         i = torch.arange(self.ft_steps, device=cond.device).repeat(B)
@@ -500,12 +322,95 @@ def chunk_logprob(logprob: torch.Tensor, act_steps: int) -> torch.Tensor:
     return logprob.clamp(-5, 2)[..., :act_steps, :].mean(dim=(-2, -1))
 
 
-def compile_sampling(get_action, device: torch.device):
-    """`torch.compile` of the sampling chain, drawing the same noise as eager (inductor's `fallback_random`); on a GPU
-    in mode reduce-overhead, which replays CUDA graphs instead of launching each denoising step's small kernels."""
-    import torch._inductor.config as inductor_config
-    inductor_config.fallback_random = True
-    return torch.compile(get_action, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+def clip_schedule(ft_steps: int, base: float, clip: float, rate: float) -> torch.Tensor:
+    """Per fine-tuned step i (0 = noisiest): ε(i) = base + (clip - base)(e^{rate·u} - 1)/(e^{rate} - 1), u = i/(K'-1)."""
+    if ft_steps == 1:  # the reference divides by zero here (docs/deviations.md)
+        return torch.tensor([clip])
+    u = torch.linspace(0, 1, ft_steps, dtype=torch.float64)
+    return (base + (clip - base) * (torch.exp(rate * u) - 1) / (math.exp(rate) - 1)).float()
+
+
+def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
+    """γ_denoise^(K'-i-1): the final denoising step has weight 1 (eq. 4.7)."""
+    return gamma_denoising ** torch.arange(ft_steps - 1, -1, -1, dtype=torch.float32)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t),
+    s'_t the observation after chunk-step t (the episode's final one where it ended)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class RunningRewardScaler:
+    """Running reward scaling (reference `util/reward_scaling.py`, `RunningRewardScaler.__call__`), called once per
+    iteration on its (n_steps, N) rewards: all the iteration's discounted returns (per env, ret <- r + 0.99 (1 - first)
+    ret) update the running variance in one batch (`RunningMeanStd`: count 1e-4, mean 0, var 1; var = M2 / (count - 1)),
+    then every reward is divided by sqrt(var + 1e-8) and clipped to ±10. `ret` carries over to the next iteration."""
+
+    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.ret, self.mean, self.var, self.count = np.zeros(num_envs), 0.0, 1.0, 1e-4
+
+    def __call__(self, rewards: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+        rets = np.zeros_like(rewards, dtype=np.float64)
+        ret = self.ret
+        for t in range(rewards.shape[0]):
+            ret = rets[t] = rewards[t] + self.gamma * (1.0 - firsts[t]) * ret
+        self.ret = rets[-1].copy()
+        x = rets.reshape(-1)  # the moments of the iteration's returns, merged into the running ones
+        batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
+        return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
+
+    def state_dict(self) -> dict:
+        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
+                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.ret = d["ret"].numpy().copy()
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+
+
+def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor, n: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate over (env-step, denoising-step) pairs (eq. 4.6, reference `PPODiffusion.loss`), for advantages
+    already normalised over the minibatch and discounted by γ_denoise^(K'-i-1); `eps`: each pair's clip range. Returns
+    (pg_loss, approx_kl, clipfrac), each a sum over the pairs divided by `n` (default: their number, i.e. the mean; a
+    piece of a minibatch of n pairs gives its share of the minibatch's mean)."""
+    n = n or new_lp.numel()
+    log_ratio = new_lp - old_lp
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)).sum() / n
+    with torch.no_grad():
+        return pg_loss, ((ratio - 1) - log_ratio).sum() / n, ((ratio - 1).abs() > eps).float().sum() / n
+
+
+def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """V(s) of each pair's env-step, the critic run once per env-step (a minibatch holds each up to K' times): on all of
+    them when they are no more than the pairs (no host sync), else, on the CPU, on the distinct ones."""
+    if b_obs.shape[0] <= s.numel():
+        return critic(b_obs).view(-1)[s]
+    if s.device.type == "cpu":  # torch.unique would wait for a GPU
+        rows, inverse = torch.unique(s, return_inverse=True)
+        return critic(b_obs[rows]).view(-1)[inverse]
+    return critic(b_obs[s]).view(-1)
+
+
+def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
+    """Once per iteration, evaluation iterations included; the actor's schedule only once the actor steps, after the
+    critic warm-up (reference `agent/finetune/train_ppo_diffusion_agent.py`, `TrainPPODiffusionAgent.run`)."""
+    if itr >= n_critic_warmup_itr:
+        actor_sched.step()
+    critic_sched.step()
 
 
 def reference_conversion() -> ModuleType:
@@ -517,217 +422,153 @@ def reference_conversion() -> ModuleType:
 
 
 def main(args: Args) -> dict:
-    resume = None
-    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id))
-        args = resume_args(args, resume["args"], args.resume)
+    resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id)) if args.resume else None
+    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
-                                     conversion=reference_conversion)
-    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
-    if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
-        args.batch_size = FURNITURE_UNET_BATCH[task.env_name]
-        print(f"{task.id} UNet default: batch_size={args.batch_size}")
-    K_ft, T_e, N = args.ft_denoising_steps, args.act_steps, args.num_envs
-    if args.use_ddim and ckpt["denoising_steps"] % args.ddim_steps:
-        raise UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it "
-                         f"(checkpoint K = {ckpt['denoising_steps']})")
-    if not args.use_ddim and K_ft > ckpt["denoising_steps"]:
-        raise UsageError(f"--ft-denoising-steps {K_ft} exceeds the checkpoint's K = {ckpt['denoising_steps']}")
-    if T_e > args.horizon_steps:
-        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
-    if not args.eval_only and args.batch_size > args.n_steps * N * K_ft:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N * K_ft} (env-step, denoising-step) "
-                         f"pairs of one iteration (n_steps {args.n_steps} x num_envs {N} x K' {K_ft})")
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
-    # pieces of each minibatch's backward (docs/results.md "Speed")
-    chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)
+        runs.print_defaults(task.id, filled)
+    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    fill_from_checkpoint(args, ckpt, filled)
+    K_ft, T_o, T_a, T_e, N = args.ft_denoising_steps, ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    base = build_diffusion_network(ckpt, args.horizon_steps)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    base = build_diffusion_network(ckpt, T_a)
     # fine-tuning starts from the EMA of pre-training (or a whole-network fine-tuned `actor`, e.g. drwr.py's)
-    load_weights(base, ckpt["base"] if "base" in ckpt else whole_network_weights(ckpt, ckpt_path), ckpt_path)
+    runs.load_weights(base, ckpt["base"] if "base" in ckpt else runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)
     # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
-    agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, args.horizon_steps,
-                         task.action_dim, args.use_ddim, args.ddim_steps, args.min_sampling_denoising_std,
-                         args.min_logprob_denoising_std, args.randn_clip_value).to(device)
-    if "actor_ft" in ckpt:
-        load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
-        load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
-    if args.compile:  # an opt-in speed-up; the eager path is the default
-        agent.get_action = compile_sampling(agent.get_action, device)
-        agent.rollout_action = compile_sampling(agent.rollout_action, device)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+    critic = ObsCritic(task.obs_dim, T_o, mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
+    agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, T_a, task.action_dim, args.use_ddim, args.ddim_steps,
+                         args.min_sampling_denoising_std, args.min_logprob_denoising_std, args.randn_clip_value).to(device)
+    if "actor_ft" in ckpt:  # a fine-tuning checkpoint: resumed, or evaluated
+        runs.load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
+        runs.load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
                         obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x, _ = agent.get_action(cond, deterministic)
-            x = x.clamp(-1, 1) if args.final_action_clip else x
-            return normalizer.unnormalize_action(x).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    if args.compile:
+        agent.get_action = runs.compile_sampling(agent.get_action, device)
+        agent.rollout_action = runs.compile_sampling(agent.rollout_action, device)
+    chunk = args.update_chunk or (4096 if device.type == "cpu" else args.batch_size)  # pairs per backward piece
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731
+    policy = lambda cond, deterministic: executed(agent.get_action(cond, deterministic)[0])  # noqa: E731 (evaluation)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
-
-    optimizers, schedulers = ppo_optimizers(agent.actor_ft, agent.critic, args)
-    actor_opt, critic_opt = optimizers["actor"], optimizers["critic"]
+        return run.eval_only(index=ckpt.get("itr", 0))
+    # AdamW without weight decay and the reference's cosine schedules (constant for the critic, and by default)
+    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.actor_ft, args.actor_lr, args.actor_lr_min,
+                                                          args.lr_cycle_itr, args.lr_warmup_itr)
+    critic_opt, critic_sched = runs.optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
+                                                            args.lr_cycle_itr, args.lr_warmup_itr)
     scaler = RunningRewardScaler(N)
-    clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)
-    disc = denoising_discount(K_ft, args.gamma_denoising).to(device)
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, scaler,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
-
-    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
-    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
-    next_obs_buf = torch.zeros_like(obs_buf)
-    chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, D_a, device=device)
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a},
+              {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic},
+              {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched},
+              {"reward_scaler": scaler})
+    clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)  # (K',)
+    disc = denoising_discount(K_ft, args.gamma_denoising).to(device)  # (K',)
+    obs_buf = torch.zeros(args.n_steps, N, T_o, task.obs_dim, device=device)
+    next_obs_buf = torch.zeros_like(obs_buf)  # the observation after each chunk-step (an episode's final one if it ended)
+    chain_buf = torch.zeros(args.n_steps, N, K_ft + 1, T_a, task.action_dim, device=device)
     old_lp_buf = torch.zeros(args.n_steps, N, K_ft, device=device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward, task.success_return)
-    history, last_train = [], {}
-    obs, need_reset = None, True
-    timer = PhaseTimer(device)
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
+
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainPPODiffusionAgent.run`)
+            step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)  # as the reference, here too
             continue
 
         # ---- rollout ----
-        timer.reset()
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
-            first = np.ones(N)
-        # else: envs that continue across iterations keep the last step's done as the first step's
-        # `first` (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
+        if run.need_reset or task.reset_every_iteration:  # else `first` goes on from the last step (reference `run`)
+            obs, first = run.reset_envs(itr), np.ones(N)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
             firsts[step] = first
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x, chain, old_lp_buf[step] = agent.rollout_action(cond, T_e)
-            obs_buf[step], chain_buf[step] = cond, chain
-            timer.lap("sampling")
-            x = x.clamp(-1, 1) if args.final_action_clip else x
-            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs_buf[step] = cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            x, chain_buf[step], old_lp_buf[step] = agent.rollout_action(cond, T_e)  # old log-probs: while sampling
+            run.lap("sampling")
+            action = normalizer.unnormalize_action(executed(x)[:, :T_e]).cpu().numpy()
             obs, rewards[step], term, trunc, info = envs.step(action)
             next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
             terminated[step], dones[step] = term, term | trunc
-            tracker.step(rewards[step], dones[step].astype(bool))
             first = dones[step].astype(np.float64)
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.step(rewards[step], dones[step])
+        run.end_rollout(itr)
 
-        # ---- advantages: GAE over chunk-steps (paper eq. 4.7; truncation: docs/deviations.md) ----
-        r_scaled = rewards
-        if args.reward_scale_running:
-            r_scaled = scaler(rewards, firsts)  # once per iteration, as the reference (docs/deviations.md)
+        # ---- advantages: GAE over chunk-steps (eq. 4.7; truncation: docs/deviations.md) ----
+        r = scaler(rewards, firsts) if args.reward_scale_running else rewards  # once per iteration, as the reference
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
             as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
             cut = terminated if args.bootstrap_truncated else dones
-            advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(cut), as_t(dones),
-                                              args.gamma, args.gae_lambda)
-        timer.lap("advantages")
+            advantages, returns = compute_gae(as_t(r), values, next_values, as_t(cut), as_t(dones), args.gamma,
+                                              args.gae_lambda)
+        run.lap("advantages")
 
-        # ---- the pairs; their old log-probs were taken while sampling (`DiffusionPPO.rollout_action`) ----
-        b_obs = obs_buf.flatten(0, 1)                                    # (S, T_o, D_o), S = n_steps·N
-        b_chain = chain_buf.flatten(0, 1)                                # (S, K'+1, T_a, D_a)
-        b_adv, b_ret = advantages.flatten(), returns.flatten()
-        S = b_obs.shape[0]
-        pos = torch.arange(K_ft, device=device).repeat(S)                # (S·K',) position i of each pair
+        # ---- the pairs: every (env-step, denoising-step), S·K' of them ----
+        b_obs, b_chain = obs_buf.flatten(0, 1), chain_buf.flatten(0, 1)  # (S, T_o, D_o), (S, K'+1, T_a, D_a); S = n_steps·N
+        b_adv, b_ret, b_old_lp = advantages.flatten(), returns.flatten(), old_lp_buf.flatten()  # (S,), (S,), (S·K',)
+        S, B = b_obs.shape[0], args.batch_size
+        pos = torch.arange(K_ft, device=device).repeat(S)                # (S·K',) denoising position i of each pair
         sample = torch.arange(S, device=device).repeat_interleave(K_ft)  # (S·K',) env-step of each pair
 
-        def logprob(idx: torch.Tensor) -> torch.Tensor:
-            s, i = sample[idx], pos[idx]
-            return pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, T_e)
-
-        old_lp = old_lp_buf.flatten()                                    # (S·K',) in the order of (sample, pos)
-
-        # ---- PPO update over (env-step, denoising-step) pairs (paper eqs. 4.5-4.7) ----
+        # ---- the PPO update (eqs. 4.5-4.7, reference `PPODiffusion.loss`) ----
         agent.train()
-        stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
+        stats = []  # per minibatch: pg_loss, v_loss, approx_kl, clipfrac, bc_loss
         for epoch in range(args.update_epochs):
-            perm = torch.randperm(S * K_ft, device=device)
-            kls = []
-            for start in range(0, S * K_ft - args.batch_size + 1, args.batch_size):
-                idx = perm[start:start + args.batch_size]
-                s, i = sample[idx], pos[idx]
+            perm, kls = torch.randperm(S * K_ft, device=device), []
+            for start in range(0, S * K_ft - B + 1, B):
+                mb = perm[start:start + B]
+                s, i = sample[mb], pos[mb]
+                mb_adv = (b_adv[s] - b_adv[s].mean()) / (b_adv[s].std() + 1e-8) * disc[i]  # normalised, then discounted
+                v_loss = 0.5 * ((minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
+                bc_loss = agent.bc_loss(b_obs[s]) if args.bc_coef > 0 else torch.zeros((), device=device)
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                # loss = pg_loss + vf_coef·v_loss (+ bc_coef·bc_loss), back-propagated in parts (same gradient)
-                pg_loss, kl, clipfrac = ppo_loss_backward(logprob, idx, old_lp[idx], b_adv[s], disc[i], clip_eps[i], chunk)
-                v_loss = 0.5 * ((minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
-                loss = args.vf_coef * v_loss
-                bc_loss = torch.zeros((), device=device)
-                if args.bc_coef > 0:  # optional: base-policy chains should stay likely under actor_ft
-                    bc_loss = agent.bc_loss(b_obs[s])  # one base chain per pair's observation, as the reference
-                    loss = loss + args.bc_coef * bc_loss
-                loss.backward()
-                if itr >= args.n_critic_warmup_itr:
-                    # the reference clips only actor_ft's gradients, after the critic warm-up
-                    # (`agent/finetune/train_ppo_diffusion_agent.py` `run`)
+                pg_loss = approx_kl = clipfrac = 0.0
+                for a in range(0, B, chunk):  # pieces of the minibatch, their gradients accumulated (one piece on a GPU)
+                    p = slice(a, a + chunk)
+                    new_lp = pair_logprobs(agent, b_obs[s[p]], b_chain[s[p], i[p]], b_chain[s[p], i[p] + 1], i[p], T_e)
+                    pg, kl, cf = ppo_loss(new_lp, b_old_lp[mb[p]], mb_adv[p], clip_eps[i[p]], B)  # the piece's share
+                    loss = pg + (args.vf_coef * v_loss + args.bc_coef * bc_loss if a == 0 else 0.0)  # value, BC: once
+                    loss.backward()
+                    pg_loss, approx_kl, clipfrac = pg_loss + pg.detach(), approx_kl + kl, clipfrac + cf
+                if itr >= args.n_critic_warmup_itr:  # only actor_ft's gradient is clipped, once it steps (reference `run`)
                     if args.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
                 critic_opt.step()
-                kls.append(kl)
-                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", kl), ("bc_loss", bc_loss),
-                             ("clipfrac", clipfrac)):
-                    stats_t[k].append(v.detach())
-            if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
-                break  # one host sync per epoch
-        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
-        timer.lap("update")
+                kls.append(approx_kl)
+                stats.append(torch.stack([pg_loss, v_loss.detach(), approx_kl, clipfrac, bc_loss.detach()]))
+            if args.target_kl is not None and torch.stack(kls).max().item() > args.target_kl:
+                break  # checked once per epoch: one host sync (docs/deviations.md)
+        lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
+        step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)
+        run.lap("update")
 
-        # ---- logging, once per iteration ----
-        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)
-        logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
-                schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        # ---- logging and the checkpoint, once per iteration ----
+        logged = dict(zip(("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss"), torch.stack(stats).mean(0).tolist()))
+        runs.check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)  # stops before saving a broken state
+        logged["explained_variance"] = runs.explained_variance(values.flatten(), returns.flatten())
+        run.end_iteration(itr, logged, lrs)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -54,10 +54,10 @@ from common.envs import evaluate, make_vec_env
 from common.errors import DatasetError, UsageError
 from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, flush_denormals, load_checkpoint, load_weights,
-                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
-                         seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, RunFolder, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals,
+                         load_checkpoint, load_weights, print_defaults, refuse_flags, release_checkpoint, resume_args,
+                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages, refuse_pixel_task
 from loaders.datasets import WindowDataset, load_task_dataset
 
@@ -405,7 +405,7 @@ def main(args: Args) -> dict:
                                  capture_video=args.capture_video)
     run = None
     if is_main:  # keeps the rows up to the checkpoint's epoch
-        run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
+        run = RunFolder.from_args(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

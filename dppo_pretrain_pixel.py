@@ -45,9 +45,10 @@ from common.envs import evaluate
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import VisionDiffusionNet
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, Run, adam_kernel, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, flush_denormals, print_defaults,
-                         release_checkpoint, save_checkpoint, script_name, seed_everything, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, RunFolder, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals,
+                         print_defaults, release_checkpoint, save_checkpoint, script_name, seed_everything,
+                         warmup_then_cosine)
 from common.tasks import get_task
 from loaders.datasets import load_task_dataset
 from sims.robomimic import PixelChunkVecEnv, camera_names
@@ -351,7 +352,7 @@ def main(args: Args) -> dict:
                                          image_size=image_hw, n_workers=args.n_workers, capture_video=args.capture_video)
         except TaskError as e:
             raise TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
-    run = Run(args, task.id)
+    run = RunFolder.from_args(args, task.id)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

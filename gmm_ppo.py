@@ -62,11 +62,12 @@ from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_
 from common.errors import TaskError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, Run, apply_defaults, apply_matmul_flags, args_dict, check_finite,
-                         check_output_path, check_positive, check_range, cli, eval_only_report, explained_variance,
-                         finetune_checkpoint, load_checkpoint, load_resume, load_weights, policy_header, ppo_optimizers,
-                         print_defaults, refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name,
-                         seed_everything, start_finetuning, step_schedulers, warmup_then_cosine)
+from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, RunFolder, apply_defaults, apply_matmul_flags, args_dict,
+                         check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
+                         explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
+                         policy_header, ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args,
+                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
+                         warmup_then_cosine)
 from common.tasks import Task, get_task, missing_packages, refuse_pixel_task
 from loaders.datasets import WindowDataset, load_task_dataset
 
@@ -483,7 +484,7 @@ def pretrain(args: Args, task: Task) -> dict:
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
                                  capture_video=args.capture_video)
-    run = Run(args, task.id)
+    run = RunFolder.from_args(args, task.id)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (App. D.8)

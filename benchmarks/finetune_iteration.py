@@ -100,22 +100,23 @@ def main(bench: Bench) -> dict:
                                   torch_threads=bench.threads, update_chunk=bench.update_chunk,
                                   onednn_matmul=bench.onednn_matmul, compile=bench.compile)
         out = dppo_finetune.main(args)
-    it = out["history"][-1]
+    it = out["history"][-1]  # the phase times of `common.runs.Run`'s timer: wall (time_*) and process CPU (cpu_*)
     times = {k[5:]: v for k, v in it.items() if k.startswith("time_")}
+    cpu = {k[4:]: v for k, v in it.items() if k.startswith("cpu_")}
     total = sum(times.values())
     a = dppo_finetune.Args(env_id=bench.env_id, n_steps=n_steps, num_envs=num_envs, batch_size=batch)
     dppo_finetune.fill_defaults(a)
     steps = a.n_steps * a.num_envs * a.act_steps
     print(f"\n{plan(bench, n_steps, num_envs, batch)}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} (wall times)")
+          f"load average {os.getloadavg()[0]:.1f} (wall times; process CPU times, which other jobs barely disturb)")
     for k, v in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:13s} {v:8.2f} s  {100 * v / total:5.1f} %")
-    print(f"  {'total':13s} {total:8.2f} s")
+        print(f"  {k:13s} {v:8.2f} s  {100 * v / total:5.1f} %   cpu {cpu.get(k, float('nan')):8.2f} s")
+    print(f"  {'total':13s} {total:8.2f} s           cpu {sum(cpu.values()):8.2f} s")
     scale = paper.n_steps * paper.num_envs / (n_steps * num_envs)
     if scale != 1:
         print(f"  x{scale:g} for the paper's size (every phase scales linearly with n_steps x num_envs): "
               f"{total * scale:.1f} s")
-    return {"times": times, "total": total, "env_steps": steps}
+    return {"times": times, "cpu": cpu, "total": total, "env_steps": steps}
 
 
 if __name__ == "__main__":

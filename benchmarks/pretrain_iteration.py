@@ -4,7 +4,7 @@ Runs `dppo_pretrain.main` itself (no copy of its loop) for 3 epochs and reports 
 third also holds the evaluation rollout and the checkpoint, timed on their own). Phases are timed from outside the loop,
 by wrapping what it calls: the batch iterator (data batch assembly), `DiffusionPolicy.loss` and `Tensor.backward`
 (forward+backward), the optimizer's step hooks, `zero_grad` and `ema_update` (optimizer+EMA), `check_finite` and
-`Run.scalars` (logging: the end-of-epoch finiteness check and TensorBoard); `other` is the rest of the epoch (the loop's
+`RunFolder.scalars` (logging: the end-of-epoch finiteness check and TensorBoard); `other` is the rest of the epoch (the loop's
 own lines, the progress bar and these timers' overhead, ~0.2 ms per step). Times are process CPU time
 (`time.process_time`), medians over `--repeats` runs.
 
@@ -129,7 +129,7 @@ def patched(clock: PhaseClock):
     """Wrap what dppo_pretrain's loop calls (undone on exit)."""
     saved = [(dppo_pretrain.WindowDataset, "iterate"), (dppo_pretrain.DiffusionPolicy, "loss"), (torch.Tensor, "backward"),
              (torch.optim.Optimizer, "zero_grad"), (dppo_pretrain, "ema_update"), (dppo_pretrain, "evaluate"),
-             (dppo_pretrain, "save_checkpoint"), (dppo_pretrain, "check_finite"), (dppo_pretrain.Run, "scalars")]
+             (dppo_pretrain, "save_checkpoint"), (dppo_pretrain, "check_finite"), (dppo_pretrain.RunFolder, "scalars")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in saved]
     pre: list[float] = []
     hooks = [register_optimizer_step_pre_hook(lambda *_: pre.append(time.process_time())),

@@ -109,21 +109,24 @@ def ours_iteration(b: Bench, agent: ft.DiffusionPPO, opts: list, data: dict, chu
             old_lp = lp_buf.flatten()
         clock.lap("old_logprobs")
     disc, eps = ft.denoising_discount(K_FT, 0.99), ft.clip_schedule(K_FT, 0.01, 0.01, 3.0)
-    b_adv, b_ret = data["adv"], data["ret"]
+    b_adv, b_ret, B = data["adv"], data["ret"], b.batch_size
     for _ in range(b.update_epochs):
         perm = torch.randperm(S * K_FT)
-        for start in range(0, S * K_FT - b.batch_size + 1, b.batch_size):
-            idx = perm[start:start + b.batch_size]
-            s, i = sample[idx], pos[idx]
+        for start in range(0, S * K_FT - B + 1, B):  # the minibatch update of `dppo_finetune.main`
+            mb = perm[start:start + B]
+            s, i = sample[mb], pos[mb]
+            mb_adv = (b_adv[s] - b_adv[s].mean()) / (b_adv[s].std() + 1e-8) * disc[i]
+            if chunk is None:  # before: the critic once per pair, one piece
+                v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
+            else:
+                v_loss = 0.5 * ((ft.minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
             for o in opts:
                 o.zero_grad(set_to_none=True)
-            if chunk is None:
-                pg_loss, _, _ = ft.ppo_loss(logprob(idx), old_lp[idx], b_adv[s], disc[i], eps[i])
-                v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
-                (pg_loss + 0.5 * v_loss).backward()
-            else:
-                ft.ppo_loss_backward(logprob, idx, old_lp[idx], b_adv[s], disc[i], eps[i], chunk)
-                (0.5 * 0.5 * ((ft.minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()).backward()
+            piece = chunk or B
+            for a in range(0, B, piece):
+                pg, _, _ = ft.ppo_loss(logprob(mb[a:a + piece]), old_lp[mb[a:a + piece]], mb_adv[a:a + piece],
+                                       eps[i[a:a + piece]], B)
+                (pg + (0.5 * v_loss if a == 0 else 0.0)).backward()
             for o in opts:
                 o.step()
     clock.lap("update")

@@ -7,16 +7,39 @@ one evaluation function of every script. Every env follows the chunked vector-en
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from common.errors import NonFiniteError, TaskError
-from common.runs import EVAL_STREAM, own_rng, stream_seed
 from common.tasks import Task, require_simulator
 from common.vecenv import ChunkVecEnv, MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers
+
+
+# Independent random streams of one run, told apart by their number (`stream_seed`): the training draws (sampling
+# noise of the rollouts, minibatches) and the evaluations' (docs/deviations.md "Evaluation draws from its own stream").
+TRAINING_STREAM, EVAL_STREAM = 0, 1
+
+
+def stream_seed(seed: int, stream: int, index: int = 0) -> int:
+    """A 63-bit seed for stream `stream` (and its `index`-th member, e.g. the evaluation at iteration `index`) of the run
+    seeded `seed`; numpy's SeedSequence makes distinct (seed, stream, index) give unrelated streams."""
+    return int(np.random.SeedSequence([seed % 2**64, stream, index]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@contextmanager
+def own_rng(seed: int) -> Iterator[None]:
+    """Inside the block torch's global generators (CPU, and CUDA's when CUDA is in use) draw from `seed`; on exit they
+    continue exactly where they were, as if the block had not run. (The policies draw only from torch's generators.)"""
+    cuda = torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        yield
 
 
 class EnvpoolChunkVecEnv:

@@ -18,13 +18,14 @@ import random
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+import typing
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from common.envs import EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, own_rng, stream_seed  # noqa: F401
 from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
@@ -97,6 +98,49 @@ def check_range(args: Any, name: str, low: float, high: float) -> None:
         raise UsageError(f"--{name.replace('_', '-')} must be in [{low}, {high}] (got {value})")
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The numbers a flag may take, declared with its `Args` field (tyro ignores it) and checked by `check_args`:
+    `num_envs: Annotated[int | None, runs.POSITIVE] = None`. A numeric field without one must be finite."""
+    low: float = -math.inf
+    high: float = math.inf
+    strict: bool = False  # low itself refused: x > low
+    inf_ok: bool = False  # inf allowed: it means "no limit"
+
+    def refusal(self, value: float) -> str | None:
+        """What `value` must be ("must be positive"), or None when it is allowed (NaN never is)."""
+        above = value > self.low if self.strict else value >= self.low
+        if above and value <= self.high and (self.inf_ok or math.isfinite(value)):
+            return None
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            return f"must be in [{self.low}, {self.high}]"
+        if self.strict and self.low == 0 and not (above and math.isinf(value)):
+            return "must be positive"
+        return "must be a finite number" + ("" if self.low == -math.inf else f" {'>' if self.strict else '>='} {self.low}")
+
+
+FINITE = Limits()  # every int or float field without its own Limits
+POSITIVE = Limits(0, strict=True)
+POSITIVE_OR_INF = Limits(0, strict=True, inf_ok=True)  # inf: no limit
+NON_NEGATIVE = Limits(0)
+FRACTION = Limits(0.0, 1.0)
+SEED = Limits(0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
+
+
+def check_args(args: Any) -> None:
+    """UsageError naming the first number of the dataclass `args` that its field's `Limits` refuse (a field without one:
+    NaN and ±inf); None (a default not filled yet), booleans and other types pass."""
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        limits = next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Limits)), FINITE)
+        why = limits.refusal(value)
+        if why:
+            raise UsageError(f"--{f.name.replace('_', '-')} {why} (got {value})")
+
+
 def refuse_flags(args: Any, names: tuple[str, ...], why: str) -> None:
     """UsageError naming the first of `names` given a value other than its default: a flag that this
     mode of the script would not use is refused rather than silently ignored."""
@@ -133,29 +177,6 @@ def seed_everything(seed: int, torch_deterministic: bool, torch_threads: int | N
         torch.set_num_threads(torch_threads)
     keep_freed_memory()
     return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
-
-
-# Independent random streams of one run, told apart by their number (`stream_seed`): the training draws (sampling
-# noise of the rollouts, minibatches) and the evaluations' (docs/deviations.md "Evaluation draws from its own stream").
-TRAINING_STREAM, EVAL_STREAM = 0, 1
-
-
-def stream_seed(seed: int, stream: int, index: int = 0) -> int:
-    """A 63-bit seed for stream `stream` (and its `index`-th member, e.g. the evaluation at iteration `index`) of the run
-    seeded `seed`; numpy's SeedSequence makes distinct (seed, stream, index) give unrelated streams."""
-    return int(np.random.SeedSequence([seed % 2**64, stream, index]).generate_state(1, np.uint64)[0]) >> 1
-
-
-@contextmanager
-def own_rng(seed: int) -> Iterator[None]:
-    """Inside the block torch's global generators (CPU, and CUDA's when CUDA is in use) draw from `seed`; on exit they
-    continue exactly where they were, as if the block had not run. (The policies draw only from torch's generators.)"""
-    cuda = torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed_all(seed)
-        yield
 
 
 def keep_freed_memory() -> bool:
@@ -214,6 +235,15 @@ def apply_matmul_flags(args: Any, device: torch.device) -> None:
             raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
                              f"--float32-matmul-precision {args.float32_matmul_precision}")
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
+
+
+def compile_sampling(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """A script's `--compile`: `torch.compile` of its sampling chain, drawing the same noise as eager (inductor's
+    `fallback_random`); on a GPU in mode reduce-overhead, which replays CUDA graphs instead of launching each denoising
+    step's small kernels."""
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def adam_kernel(fused: bool) -> dict[str, bool | None]:
@@ -523,27 +553,36 @@ class EvalLog:
             csv.DictWriter(f, self.FIELDS).writerow(row)
 
 
-class Run:
+class RunFolder:
     """An open run folder: TensorBoard writer, `args.json`, the hyperparameter table, optional wandb
     and `eval.csv`. Opened only after every input has been checked, so a refused command leaves
-    nothing behind; `--resume` reopens the run's own folder."""
+    nothing behind; `--resume` reopens the run's own folder. `config`: the script's `Args`, recorded as data."""
 
-    def __init__(self, args: Any, task_id: str, resume_dir: str | None = None, resume_itr: int | None = None) -> None:
+    def __init__(self, config: Any, task_id: str, exp_name: str, seed: int, *, track: bool = False,
+                 wandb_project: str = "dppo", resume_dir: str | None = None, resume_itr: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = resume_dir or new_run_dir(task_id, args.exp_name, args.seed)
+        self.dir = resume_dir or new_run_dir(task_id, exp_name, seed)
         self.paths_before: list | None = None  # Avoid: evaluation paths before training, for the picture
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
         self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
         with open(os.path.join(self.dir, "args.json"), "w") as f:
-            json.dump(args_dict(args), f, indent=1)
+            json.dump(args_dict(config), f, indent=1)
         self.writer = SummaryWriter(self.dir)
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(config).items())
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        if args.track:
+        if track:
             import wandb
-            wandb.init(project=args.wandb_project_name, config=args_dict(args), name=os.path.basename(self.dir),
+            wandb.init(project=wandb_project, config=args_dict(config), name=os.path.basename(self.dir),
                        sync_tensorboard=True)
+
+    @classmethod
+    def from_args(cls, args: Any, task_id: str, resume_dir: str | None = None,
+                  resume_itr: int | None = None) -> RunFolder:
+        """For the scripts that do not use `Run` yet: the folder of their `args` (exp_name, seed, track,
+        wandb_project_name)."""
+        return cls(args, task_id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=resume_dir, resume_itr=resume_itr)
 
     def save_videos(self, itr: int, result: dict[str, Any]) -> None:
         """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""
@@ -613,10 +652,178 @@ class Run:
                 "eval_rows": list(rows), "final_eval": final, **extra}
 
 
+# ---- the loop of a fine-tuning script ----
+
+class Run:
+    """What every fine-tuning loop repeats, so that the script's loop shows its method and a few calls: the evaluation
+    (the policy on the task's envs, on its own random stream), `--eval-only`, the training state restored on resume, the
+    run folder, episode statistics, history, phase timer, progress bar, SPS, the evaluation iterations and the
+    log-and-save tail. Every setting comes as an explicit value; `config` (the script's `Args`) is only recorded.
+
+        run = Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed, ...)
+        if args.eval_only:
+            return run.eval_only(index=ckpt.get("itr", 0))
+        run.start(resume, header, modules, optimizers, schedulers, extra)
+        for itr in run.iterations(n_train_itr):
+            if run.evaluation_iteration(itr):
+                continue
+            if run.need_reset or task.reset_every_iteration:
+                obs = run.reset_envs(itr)
+            for step in range(n_steps):
+                ...; run.lap("sampling"); ...; obs, reward, term, trunc, info = envs.step(action); ...
+                run.step(reward, term | trunc)
+            run.end_rollout(itr)
+            ...; run.lap("update")
+            run.end_iteration(itr, losses, learning_rates)
+        return run.finish()
+
+    `policy(cond, deterministic)`: normalised observations (N, T_o, D_o) -> the normalised chunk to execute (N, T_a, D_a).
+    Avoid is evaluated with the training noise (App. D.8), every other task deterministically; with `val_freq` > 0 an
+    evaluation takes every val_freq-th iteration (Avoid: that iteration's training episodes are its row).
+    """
+
+    def __init__(self, config: Any, envs: Any, task: Any, normalizer: Any,
+                 policy: Callable[[torch.Tensor, bool], torch.Tensor], *, act_steps: int, device: torch.device, seed: int,
+                 exp_name: str, eval_n_steps: int | None = None, val_freq: int = 10, save_every: int = 1,
+                 plot: bool = True, track: bool = False, wandb_project: str = "dppo", resume_dir: str | None = None) -> None:
+
+        self.config, self.envs, self.task, self.normalizer, self.policy = config, envs, task, normalizer, policy
+        self.act_steps, self.device, self.seed, self.exp_name = act_steps, device, seed, exp_name
+        self.eval_n_steps, self.val_freq, self.save_every, self.plot = eval_n_steps, val_freq, save_every, plot
+        self.track, self.wandb_project, self.resume_dir = track, wandb_project, resume_dir
+        self.eval_deterministic = task.suite != "avoid"
+        self.tracker = EpisodeTracker(envs.num_envs, act_steps, task.success_chunk_reward, task.success_return)
+        self.timer = PhaseTimer(device)
+        self.history: list[dict[str, Any]] = []
+        self.last_train: dict[str, Any] = {}
+        self.need_reset = True  # the envs must be reset before the next rollout (at the start, after an evaluation)
+        self.start_itr = self.n_train_itr = self.env_steps = self.itr_env_steps = 0
+        self.t_itr = time.time()
+        print(f"envs: {envs.num_envs} x {task.id} on {envs.backend}")
+
+    def evaluate(self, deterministic: bool, index: int) -> dict[str, Any]:
+        """`common.envs.evaluate` of the policy, on the evaluation's own stream `index` (the iteration evaluated)."""
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            cond = self.normalizer.normalize_obs(torch.as_tensor(obs, device=self.device))
+            return self.normalizer.unnormalize_action(self.policy(cond, deterministic)).cpu().numpy()
+        return evaluate(self.envs, act, self.task, self.act_steps, seed=self.seed + 1_000_000, index=index,
+                        n_steps=self.eval_n_steps)
+
+    def eval_only(self, index: int) -> dict[str, Any]:
+        """`--eval-only` (`eval_only`, writes nothing) of the checkpoint of iteration `index`; closes the envs."""
+        out = eval_only(self.evaluate, self.task.id, self.exp_name, self.seed, index)
+        self.envs.close()
+        return out
+
+    def start(self, resume: dict[str, Any] | None, header: dict[str, Any], modules: dict[str, nn.Module],
+              optimizers: dict[str, Any], schedulers: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Restore a resumed run's training state (optimisers, schedulers, each `extra` object's `load_state_dict`, the
+        torch RNG), or seed a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while
+        building its networks does not change training's draws); take the Avoid "before" rollouts for the picture (an
+        evaluation: its own stream) and open the run folder. The checkpoints hold `header`, the config, the `modules`'
+        weights, optimisers, schedulers and `extra` (objects by their `state_dict()`, plain values as they are)."""
+        self.header, self.modules, self.optimizers, self.schedulers = header, modules, optimizers, schedulers
+        self.extra = extra or {}
+        if resume is not None:
+            self.start_itr, self.env_steps = restore_training(resume, optimizers, schedulers)
+            for key, obj in self.extra.items():
+                if hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(resume[key])
+        else:
+            torch.manual_seed(stream_seed(self.seed, TRAINING_STREAM))
+        before = None
+        if self.task.suite == "avoid" and self.plot and self.start_itr == 0:
+            before = self.evaluate(self.eval_deterministic, 0)
+        self.folder = RunFolder(self.config, self.task.id, self.exp_name, self.seed, track=self.track,
+                                wandb_project=self.wandb_project, resume_dir=self.resume_dir, resume_itr=self.start_itr)
+        if before is not None:
+            self.folder.paths_before = before["paths"]
+            self.folder.save_videos(0, before)  # --capture-video: the policy before fine-tuning, as itr_0000
+
+    def iterations(self, n_train_itr: int) -> Iterator[int]:
+        """The iterations left, under a progress bar; each starts the iteration's clock (SPS) and phase timer."""
+        from tqdm import tqdm
+
+        self.n_train_itr = n_train_itr
+        self.bar = tqdm(range(self.start_itr, n_train_itr), initial=self.start_itr, total=n_train_itr, desc="iterations")
+        for itr in self.bar:
+            self.t_itr, self.itr_env_steps = time.time(), 0
+            self.timer.reset()
+            yield itr
+        self.bar.close()
+
+    def evaluation_iteration(self, itr: int) -> bool:
+        """On tasks evaluated deterministically, every val_freq-th iteration is an evaluation and no update (as the
+        reference's `TrainPPODiffusionAgent.run`): its row, the row of the training episodes since the last one and
+        the progress bar; the envs are reset before the next rollout. Returns whether `itr` is one."""
+        if not (self.eval_deterministic and self.val_freq > 0 and itr % self.val_freq == 0):
+            return False
+        result = self.evaluate(True, itr)
+        self.folder.log_evaluation_iteration(itr, self.env_steps, result, self.last_train, self.bar)
+        self.need_reset = True
+        return True
+
+    def reset_envs(self, itr: int) -> np.ndarray:
+        """Reset the envs for iteration `itr` (seed + itr·N) and drop the episodes they were running."""
+        obs = self.envs.reset(seed=self.seed + itr * self.envs.num_envs)
+        self.tracker.reset()
+        self.need_reset = False
+        return obs
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap counts as `phase` (history's time_{phase} and cpu_{phase})."""
+        self.timer.lap(phase)
+
+    def step(self, reward: np.ndarray, done: np.ndarray) -> None:
+        """After each chunk-step of the rollout: the episode statistics, the env steps, and the time since the last lap
+        as `env`."""
+        self.tracker.step(reward, np.asarray(done, dtype=bool))
+        self.itr_env_steps += len(reward) * self.act_steps
+        self.timer.lap("env")
+
+    def end_rollout(self, itr: int) -> dict[str, Any]:
+        """The training episodes that ended in this rollout (returned) start the iteration's history row; on Avoid, in
+        an evaluation iteration, they are its `eval.csv` row."""
+        self.env_steps += self.itr_env_steps
+        self.last_train = self.tracker.pop()
+        self.history.append({"iteration": itr, "env_steps": self.env_steps, **self.last_train})
+        if not self.eval_deterministic and self.val_freq > 0 and itr % self.val_freq == 0:
+            self.folder.log_eval(itr, self.env_steps, "stochastic", self.last_train)
+        return self.last_train
+
+    def end_iteration(self, itr: int, logged: dict[str, float], lrs: dict[str, float]) -> None:
+        """TensorBoard, the history row (losses and statistics `logged`, learning rates `lrs`, phase times), the progress
+        bar; the checkpoint every save_every iterations and after the last."""
+        sps = self.itr_env_steps / (time.time() - self.t_itr)
+        self.folder.end_iteration(itr, logged, self.last_train, sps, lrs, self.history[-1], self.timer.times, self.bar,
+                                  self.env_steps)
+        self.history[-1].update({f"cpu_{k}": v for k, v in self.timer.cpu_times.items()})
+        if (itr + 1) % self.save_every == 0 or itr + 1 == self.n_train_itr:
+            extra = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.extra.items()}
+            save_checkpoint(self.folder.checkpoint, finetune_checkpoint(
+                self.header, self.config, self.modules, self.optimizers, self.schedulers, extra, itr + 1, self.env_steps))
+
+    def finish(self) -> dict[str, Any]:
+        """A final evaluation row after the last update, the summary (`RunFolder.finish`); closes the envs. Returns what
+        `main` returns: run folder, checkpoint, eval rows, the final evaluation and the history."""
+        final = self.evaluate(self.eval_deterministic, self.n_train_itr)
+        out = self.folder.finish(self.n_train_itr, self.env_steps, "deterministic" if self.eval_deterministic
+                                 else "stochastic", final, {"history": self.history})
+        self.envs.close()
+        return out
+
+
 # ---- evaluation report and small shared numbers ----
 
 def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any = None, task_id: str = "",
                      index: int = 0) -> dict[str, Any]:
+    """`eval_only` for the scripts that do not use `Run` yet (their `args`' exp_name and seed)."""
+    return eval_only(run_eval, task_id, args.exp_name if args else "", args.seed if args else 0, index)
+
+
+def eval_only(run_eval: Callable[[bool, int], dict[str, Any]], task_id: str, exp_name: str, seed: int,
+              index: int = 0) -> dict[str, Any]:
     """`--eval-only`: the one evaluation function, deterministic and stochastic, printed, with the evaluation stream's
     `index` (the checkpoint's iteration: the training run's evaluation of these weights drew the same); nothing is written,
     except with `--capture-video`: the recorded episodes go to a new run folder
@@ -629,7 +836,7 @@ def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any 
               f"over {r['n_episodes']} episodes" + (f", modes {r['mode_fractions']}" if "mode_fractions" in r else ""))
     if any(r.get("videos") for r in results.values()):
         from sims.video import save_videos
-        folder = os.path.join(new_run_dir(task_id, args.exp_name, args.seed), "videos")
+        folder = os.path.join(new_run_dir(task_id, exp_name, seed), "videos")
         for mode, r in results.items():
             r["videos"] = save_videos(r.get("videos", []), folder, f"eval_only_{mode}")
         print(f"videos: {folder}")
@@ -678,7 +885,7 @@ def ppo_optimizers(actor: nn.Module, critic: nn.Module, args: Any) -> tuple[dict
 
 def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimizers: dict[str, Any],
                      schedulers: dict[str, Any], scaler: Any | None, evaluate_paths: Callable[[], dict[str, Any]]
-                     ) -> tuple[Run, int, int]:
+                     ) -> tuple[RunFolder, int, int]:
     """Restore a resumed run's training state (optimisers, schedulers, reward scaler unless None, torch RNG), or seed
     a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while building its networks
     does not change the training's draws); take the Avoid "before" rollouts for the picture (an evaluation: its own
@@ -693,7 +900,7 @@ def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimi
     before = None
     if task.suite == "avoid" and args.plot and start_itr == 0:
         before = evaluate_paths()
-    run = Run(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
+    run = RunFolder.from_args(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
     if before is not None:
         run.paths_before = before["paths"]
         run.save_videos(0, before)  # --capture-video: the policy before fine-tuning, as itr_0000
@@ -726,19 +933,24 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
 
 
 class PhaseTimer:
-    """Wall time per phase of an iteration (env, sampling, update, ...). On CUDA it synchronises
-    only at phase boundaries, where the rollout syncs anyway to hand actions to the envs."""
+    """Wall time (`times`) and process CPU time (`cpu_times`, which other jobs on a shared machine barely disturb) per
+    phase of an iteration (env, sampling, update, ...). On CUDA it synchronises only at phase boundaries, where the
+    rollout syncs anyway to hand actions to the envs."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self._last = device, {}, time.perf_counter()
+        self.cpu_times: dict[str, float] = {}
+        self._last_cpu = time.process_time()
 
     def reset(self) -> None:
         self.times.clear()
+        self.cpu_times.clear()
         self.lap("other")
 
     def lap(self, phase: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.times[phase] = self.times.get(phase, 0.0) + now - self._last
-        self._last = now
+        self.cpu_times[phase] = self.cpu_times.get(phase, 0.0) + cpu - self._last_cpu
+        self._last, self._last_cpu = now, cpu

@@ -34,8 +34,11 @@ class WiringRecorder:
         self.fresh_grads: list[bool] = []
         self.critic = None
         rec = self
-        real_make, real_eval, real_scaler, real_critic = (module.make_vec_env, module.evaluate, module.RunningRewardScaler,
-                                                          module.ObsCritic)
+        import common.envs
+        # the evaluation: the script's own import of it, or (scripts on `common.runs.Run`) the one `Run` calls
+        eval_owner = module if hasattr(module, "evaluate") else common.envs
+        real_make, real_eval, real_scaler, real_critic = (module.make_vec_env, eval_owner.evaluate,
+                                                          module.RunningRewardScaler, module.ObsCritic)
         real_gae = module.compute_gae
 
         def make(*a, **kw):
@@ -80,9 +83,10 @@ class WiringRecorder:
             rec.gae.append(dict(rewards=rewards, values=values, next_values=next_values, cut=cut, dones=dones,
                                 gamma=gamma, gae_lambda=gae_lambda, advantages=out[0], expected_next_values=expected))
             return out
-        for name, f in (("make_vec_env", make), ("evaluate", evaluate), ("RunningRewardScaler", Scaler),
-                        ("ObsCritic", Critic), ("compute_gae", compute_gae)):
+        for name, f in (("make_vec_env", make), ("RunningRewardScaler", Scaler), ("ObsCritic", Critic),
+                        ("compute_gae", compute_gae)):
             monkeypatch.setattr(module, name, f)
+        monkeypatch.setattr(eval_owner, "evaluate", evaluate)
 
     def check_first_iteration(self, n_steps: int, gamma: float, gae_lambda: float, bootstrap_truncated: bool,
                               seed: int, num_envs: int) -> None:

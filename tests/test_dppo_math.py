@@ -9,7 +9,7 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
-from common.envs import EpisodeTracker, RunningRewardScaler
+from common.envs import EpisodeTracker
 from common.networks import DiffusionMLP, ObsCritic
 
 
@@ -172,16 +172,22 @@ def test_gae_truncation_bootstraps_and_termination_does_not():
 def test_ppo_loss_by_hand():
     new = torch.tensor([0.0, 0.5, -0.5, 0.02])
     old = torch.tensor([0.0, 0.0, 0.0, 0.0])
-    adv = torch.tensor([1.0, 2.0, -1.0, 0.5])
-    disc = torch.tensor([1.0, 0.9, 1.0, 0.81])
+    a = torch.tensor([1.0, 2.0, -1.0, -0.5])  # advantages as the loss gets them (normalised and discounted)
     eps = torch.tensor([0.1, 0.1, 0.2, 0.01])
-    pg, kl, clipfrac = ft.ppo_loss(new, old, adv, disc, eps)
-    a = (adv - adv.mean()) / (adv.std() + 1e-8) * disc
+    pg, kl, clipfrac = ft.ppo_loss(new, old, a, eps)
     r = new.exp()
     terms = [max(-a[k] * r[k], -a[k] * min(max(r[k], 1 - eps[k]), 1 + eps[k])) for k in range(4)]
     assert pg.item() == pytest.approx(float(sum(terms) / 4), rel=1e-6)
     assert kl.item() == pytest.approx(float(((r - 1) - new).mean()), rel=1e-6)
     assert clipfrac.item() == pytest.approx(0.75)  # pairs 1, 2 and 3 are outside their clip range
+    pieces = [ft.ppo_loss(new[j], old[j], a[j], eps[j], n=4) for j in (slice(0, 3), slice(3, 4))]  # shares of the mean
+    for k, whole in enumerate((pg, kl, clipfrac)):
+        assert (pieces[0][k] + pieces[1][k]).item() == pytest.approx(whole.item(), rel=1e-6)
+    lp = new.clone().requires_grad_(True)
+    ft.ppo_loss(lp, old, a, eps)[0].backward()  # through pair 0 (inside its range) and 3 (worse than clipped)
+    expected = [(-a[k] * r[k] / 4).item() if abs(r[k] - 1) <= eps[k] or (a[k] > 0) == (r[k] < 1) else 0.0 for k in range(4)]
+    torch.testing.assert_close(lp.grad, torch.tensor(expected))
+    assert lp.grad[0] != 0 and lp.grad[3] != 0 and lp.grad[1] == lp.grad[2] == 0
 
 
 def test_running_reward_scaler_against_plain_computation():
@@ -193,7 +199,7 @@ def test_running_reward_scaler_against_plain_computation():
     firsts[0, 0] = 1
     firsts[0, 7, 1] = 1
     firsts[1, 3, 2] = 1
-    sc = RunningRewardScaler(3)
+    sc = ft.RunningRewardScaler(3)
     # plain computation: ret per env, pooled moments merged into (count 1e-4, mean 0, var 1), var = M2 / (count - 1)
     ret, mean, var, count = np.zeros(3), 0.0, 1.0, 1e-4
     for it in range(2):
@@ -211,14 +217,14 @@ def test_running_reward_scaler_against_plain_computation():
         assert out.shape == (20, 3)
         np.testing.assert_allclose(out, expected, rtol=1e-12)  # every step scaled with the variance after the update
     assert sc.var == pytest.approx(var, rel=1e-12) and sc.count == pytest.approx(count)
-    sc2 = RunningRewardScaler(3)
+    sc2 = ft.RunningRewardScaler(3)
     sc2.load_state_dict(sc.state_dict())
     np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
     assert sc2.var == sc.var
 
     spike = np.zeros((200, 2))
     spike[100, 0] = 1e3  # one reward ~20 running stds above the rest: clipped to +10
-    out = RunningRewardScaler(2)(spike, np.ones((200, 2)))
+    out = ft.RunningRewardScaler(2)(spike, np.ones((200, 2)))
     assert out.max() == 10.0 and (out[spike == 0] == 0).all()
 
 
@@ -242,36 +248,36 @@ def test_episode_tracker_counts_every_episode_that_ends():
 
 
 def _update_gradients(agent, b_obs, b_chain, b_adv, b_ret, idx, old_lp, fast, chunk=None):
-    """One minibatch's losses and gradients: `fast` as `dppo_finetune.main` computes them now (pieces of `chunk`
-    pairs, the critic once per env-step); else the whole-minibatch formulation (critic once per pair)."""
-    K_ft = agent.ft_steps
+    """One minibatch's losses and gradients: `fast` as `dppo_finetune.main` computes them (pieces of `chunk` pairs, the
+    value and BC terms with the first, the critic once per env-step); else the whole minibatch in one piece with the
+    critic once per pair. BC coefficient 0.1."""
+    K_ft, B = agent.ft_steps, idx.numel()
     S = b_obs.shape[0]
     pos, sample = torch.arange(K_ft).repeat(S), torch.arange(S).repeat_interleave(K_ft)
     disc, eps = ft.denoising_discount(K_ft, 0.9), ft.clip_schedule(K_ft, 0.01, 0.1, 3.0)
-
-    def logprob(j):
-        s, i = sample[j], pos[j]
-        return ft.pair_logprobs(agent, b_obs[s], b_chain[s, i], b_chain[s, i + 1], i, 3)
-
     s, i = sample[idx], pos[idx]
+    adv = (b_adv[s] - b_adv[s].mean()) / (b_adv[s].std() + 1e-8) * disc[i]
+    values = ft.minibatch_values(agent.critic, b_obs, s) if fast else agent.get_value(b_obs[s])
+    v_loss = 0.5 * ((values - b_ret[s]) ** 2).mean()
+    torch.manual_seed(7)
+    bc_loss = agent.bc_loss(b_obs[s])
     agent.zero_grad(set_to_none=True)
-    if fast:
-        pg, kl, cf = ft.ppo_loss_backward(logprob, idx, old_lp[idx], b_adv[s], disc[i], eps[i], chunk)
-        v_loss = 0.5 * ((ft.minibatch_values(agent.critic, b_obs, s) - b_ret[s]) ** 2).mean()
-        (0.5 * v_loss).backward()
-    else:
-        pg, kl, cf = ft.ppo_loss(logprob(idx), old_lp[idx], b_adv[s], disc[i], eps[i])
-        v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
-        (pg + 0.5 * v_loss).backward()
+    totals = torch.zeros(3)
+    for a in range(0, B, chunk if fast else B):
+        p = slice(a, a + (chunk if fast else B))
+        new_lp = ft.pair_logprobs(agent, b_obs[s[p]], b_chain[s[p], i[p]], b_chain[s[p], i[p] + 1], i[p], 3)
+        pg, kl, cf = ft.ppo_loss(new_lp, old_lp[idx[p]], adv[p], eps[i[p]], B)
+        (pg + (0.5 * v_loss + 0.1 * bc_loss if a == 0 else 0.0)).backward()
+        totals += torch.stack([pg.detach(), kl, cf])
     grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
-    return torch.stack([pg.detach(), v_loss.detach(), kl, cf]), grads
+    return torch.stack([totals[0], v_loss.detach(), totals[1], totals[2]]), grads
 
 
 @pytest.mark.parametrize("S,B,chunk", [(30, 120, 50), (30, 120, 1000), (60, 37, 8)])
 def test_critic_once_per_env_step_and_chunked_backward_give_the_same_loss_and_gradient(S, B, chunk):
     """The fast update of `dppo_finetune.main` (critic once per env-step, all env-steps when S <= B or the distinct ones;
     the minibatch back-propagated in pieces) against the whole-minibatch formulation on a fixed minibatch: the same
-    losses, approx KL, clip fraction and gradients of actor_ft and the critic, up to float rounding."""
+    losses, approx KL, clip fraction and gradients of actor_ft (PPO and BC terms) and the critic, up to float rounding."""
     torch.manual_seed(0)
     agent = _agent()
     with torch.no_grad():  # actor_ft away from the chains' policy, so that ratios differ from 1 and some clip

@@ -108,6 +108,8 @@ def test_finetune_smoke_update_eval_and_frozen_base(pretrained):
     assert all(x["n_episodes"] == 8 for x in h)  # Avoid: one full 100-step episode per env and iteration
     rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "eval.csv"))))
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3] and all(r["mode"] == "stochastic" for r in rows)
+    assert [x["env_steps"] for x in h] == [800, 1600, 2400]  # 8 envs x 25 chunk-steps x T_e = 4 per iteration
+    assert [int(r["env_steps"]) for r in rows] == [800, 1600, 2400, 2400]
     assert os.path.isfile(os.path.join(out["run_dir"], "trajectories.png"))
     pre = torch.load(pretrained["checkpoint"], weights_only=True)
     post = torch.load(out["checkpoint"], weights_only=True)
@@ -117,11 +119,15 @@ def test_finetune_smoke_update_eval_and_frozen_base(pretrained):
     assert changed and post["itr"] == 3  # actor_ft moved after the critic warm-up iteration
 
 
-def test_finetune_resume_matches_uninterrupted(pretrained):
+def test_finetune_resume_matches_uninterrupted(pretrained, monkeypatch):
+    import common.envs
     full = _finetune(pretrained["checkpoint"], n_train_itr=4, exp_name="full")
-    part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="part")
+    part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="part", plot=True)
+    evaluated, real_evaluate = [], common.envs.evaluate
+    monkeypatch.setattr(common.envs, "evaluate", lambda *a, **kw: evaluated.append(kw["index"]) or real_evaluate(*a, **kw))
     resumed = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=4, env_id="avoid-m2"))
     assert_resumed_run_matches(full, resumed, n_eval_rows=5)
+    assert evaluated == [4]  # the final evaluation; no Avoid "before" rollouts (of resumed weights) for the picture
 
 
 def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretrained):
@@ -138,10 +144,11 @@ def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretra
 
 def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
     from common.errors import NonFiniteError
-    saves, real_save, real_loss = [], ft.save_checkpoint, ft.ppo_loss_backward
-    monkeypatch.setattr(ft, "save_checkpoint", lambda path, payload: saves.append(payload["itr"]) or real_save(path, payload))
-    monkeypatch.setattr(ft, "ppo_loss_backward", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl,
-                                                                               cf))(*real_loss(*a)))
+    from common import runs
+    saves, real_save, real_loss = [], runs.save_checkpoint, ft.ppo_loss
+    monkeypatch.setattr(runs, "save_checkpoint", lambda path, ckpt: saves.append(ckpt["itr"]) or real_save(path, ckpt))
+    monkeypatch.setattr(ft, "ppo_loss", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl,
+                                                                      cf))(*real_loss(*a)))
     with pytest.raises(NonFiniteError, match="non-finite pg_loss.* at iteration 1"):
         _finetune(pretrained["checkpoint"], n_train_itr=3, val_freq=0, exp_name="nan")
     run_dir = max(glob.glob("runs/avoid-m2__nan__*"), key=os.path.getmtime)
@@ -417,30 +424,31 @@ def test_pair_logprobs_clamp_then_keep_the_executed_actions(pretrained):
 
 def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
     """What `main` hands to its parts in a 60-chunk-step Avoid iteration (50-step episodes truncated in the middle),
-    T_e = 2 < T_a = 4, a per-step clip range from 0.01 to 0.1, one minibatch of all pairs, 2 epochs: firsts, the
-    bootstrap observation, γ and λ, each pair's advantage, denoising discount and clip range."""
+    T_e = 2 < T_a = 4, a per-step clip range from 0.01 to 0.1, one minibatch of all 4800 pairs back-propagated in pieces
+    of 1000, 2 epochs: firsts, the bootstrap observation, γ and λ, each pair's advantage (normalised over the whole
+    minibatch, then discounted at its step), clip range and share of the minibatch's mean, the value term once."""
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(ft, monkeypatch, ckpt["normalization"])
     lps, losses = [], []
-    real_lp, real_loss = ft.pair_logprobs, ft.ppo_loss_backward
+    real_lp, real_loss = ft.pair_logprobs, ft.ppo_loss
     monkeypatch.setattr(ft, "pair_logprobs", lambda agent, obs, x_t, x_prev, i, T_e: lps.append((i, T_e))
                         or real_lp(agent, obs, x_t, x_prev, i, T_e))
-
-    def loss(*a):  # the minibatch's advantages, discounts, clip ranges and the positions i of its pieces' log-probs
-        first = len(lps)
-        out = real_loss(*a)
-        losses.append((a[3], a[4], a[5], torch.cat([i for i, _ in lps[first:]])))
-        return out
-    monkeypatch.setattr(ft, "ppo_loss_backward", loss)
+    # each piece's advantages, clip ranges, divisor and the positions i of its log-probs
+    monkeypatch.setattr(ft, "ppo_loss", lambda new_lp, old_lp, adv, eps, n: losses.append((adv, eps, n, lps[-1][0]))
+                        or real_loss(new_lp, old_lp, adv, eps, n))
     K, n_steps, N = 10, 60, 8
+    B = n_steps * N * K
     _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, n_steps=n_steps, act_steps=2, clip_coef_base=0.01,
-              clip_coef=0.1, batch_size=n_steps * N * K, update_epochs=2, bootstrap_truncated=True, n_critic_warmup_itr=0)
-    rec.check_first_iteration(n_steps, 0.99, 0.95, True, seed=0, num_envs=N)
+              clip_coef=0.1, batch_size=B, update_chunk=1000, update_epochs=2, bootstrap_truncated=True,
+              n_critic_warmup_itr=0)
+    rec.check_first_iteration(n_steps, 0.99, 0.95, True, seed=0, num_envs=N)  # the critic's gradient: once per minibatch
     assert {T_e for _, T_e in lps} == {2}
-    adv, disc, eps, i = losses[0]
-    assert len(losses) == 2
-    assert len(i) == n_steps * N * K and set(i.tolist()) == set(range(K))
-    torch.testing.assert_close(disc, 0.95 ** (K - 1 - i).float())
+    assert len(losses) == 2 * 5 and {n for _, _, n, _ in losses} == {B}  # 2 epochs of 5 pieces, each a share of B
+    adv, eps, _, i = (torch.cat([piece[k] for piece in losses[:5]]) if k != 2 else None for k in range(4))
+    assert len(i) == B and set(i.tolist()) == set(range(K))
     torch.testing.assert_close(eps, ft.clip_schedule(K, 0.01, 0.1, 3.0)[i])
-    expected = rec.gae[0]["advantages"].flatten().repeat_interleave(K)  # each env-step's advantage, once per step
-    torch.testing.assert_close(adv.sort().values, expected.sort().values)
+    gae = rec.gae[0]["advantages"].flatten()  # each env-step's advantage, K times in the minibatch
+    normalised = (gae - gae.mean()) / (gae.repeat_interleave(K).std() + 1e-8)
+    for k in range(K):  # at every step, each env-step's normalised advantage once, discounted by γ_denoise^(K-1-k)
+        got = adv[i == k] / 0.95 ** (K - 1 - k)
+        torch.testing.assert_close(got.sort().values, normalised.sort().values, rtol=1e-5, atol=1e-6)

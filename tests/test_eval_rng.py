@@ -1,4 +1,4 @@
-"""Evaluation draws from its own random stream (`common.runs.own_rng`, `stream_seed`; `common.envs.evaluate`), and a new
+"""Evaluation draws from its own random stream (`common.envs.own_rng`, `stream_seed`, `evaluate`), and a new
 run's training stream is seeded before the loop (`common.runs.start_finetuning`): every diffusion script reports the same
 first row for the same checkpoint, and training does not depend on how much evaluation drew."""
 
@@ -20,7 +20,7 @@ import idql
 import qsm
 from benchmarks.finetune_iteration import random_checkpoint
 from common.envs import evaluate
-from common.runs import EVAL_STREAM, TRAINING_STREAM, own_rng, stream_seed
+from common.envs import EVAL_STREAM, TRAINING_STREAM, own_rng, stream_seed
 from common.tasks import Task
 from common.vecenv import MultiStep, SyncChunkVecEnv
 from tests.test_common import Counter
@@ -140,7 +140,7 @@ def test_training_does_not_depend_on_what_evaluation_drew(hopper_checkpoint):
         outs[n] = dppo_finetune.main(dppo_finetune.Args(checkpoint=hopper_checkpoint, n_train_itr=3, val_freq=2, n_steps=3,
                                                         save_every=1, plot=False, exp_name=f"eval{n}",
                                                         **{**HOPPER, "eval_n_steps": n}, **TINY[dppo_finetune]))
-    trained = [{k: v for k, v in o["history"][0].items() if not k.startswith("time_")} for o in outs.values()]
+    trained = [{k: v for k, v in o["history"][0].items() if not k.startswith(("time_", "cpu_"))} for o in outs.values()]
     np.testing.assert_equal(trained[0], trained[1])  # (NaN equals NaN here: no training episode ended)
     assert [len(o["history"]) for o in outs.values()] == [1, 1] and np.isfinite(trained[0]["pg_loss"])
     a, b = (torch.load(outs[n]["checkpoint"], weights_only=True) for n in (10, 25))
@@ -152,6 +152,24 @@ def test_training_does_not_depend_on_what_evaluation_drew(hopper_checkpoint):
     ev = dppo_finetune.main(dppo_finetune.Args(checkpoint=outs[25]["checkpoint"], eval_only=True, **HOPPER))
     assert float(row2["return_mean"]) == ev["eval"]["deterministic"]["return_mean"]
     assert rows[-1]["return_mean"] != row2["return_mean"]  # the final evaluation (index 3) of the same weights
+
+
+def test_training_after_an_evaluation_iteration_starts_from_a_reset(hopper_checkpoint, monkeypatch):
+    """Hopper's envs go on across training iterations; an evaluation iteration (0 and 2 of 4) resets them for itself, so
+    the training iteration after it (3) starts from its own reset (seed + 3N), not from where the evaluation left them
+    (docs/deviations.md, "Envs are reset after an evaluation iteration")."""
+    resets, real_make = [], dppo_finetune.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(dppo_finetune, "make_vec_env", make)
+    dppo_finetune.main(dppo_finetune.Args(checkpoint=hopper_checkpoint, n_train_itr=4, val_freq=2, n_steps=3, plot=False,
+                                          exp_name="resets", **{**HOPPER, "eval_n_steps": 2}, **TINY[dppo_finetune]))
+    ev, N = HOPPER["seed"] + 1_000_000, HOPPER["num_envs"]
+    assert resets == [ev, HOPPER["seed"] + 1 * N, ev, HOPPER["seed"] + 3 * N, ev]  # evaluations 0, 2 and the final one
 
 
 def test_pretraining_does_not_depend_on_how_often_it_evaluates(tmp_path, monkeypatch):

@@ -141,9 +141,9 @@ def test_diffusion_sampling_same_seed(name):
 
 def _diffusion_update_terms(agent, b_obs, b_chain, b_adv, b_ret, old_lp_elementwise, idx, T_e, K_ft, disc, clip_eps):
     """Mirrors the PPO update of `dppo_finetune.main` for one minibatch `idx` of (env-step, denoising-step)
-    pairs: log-probs clamped to [-5, 2], restricted to the first T_e actions and averaged; `ppo_loss`
-    with the per-pair discount and clip range; value loss 0.5·mean((V - R)²). The old log-probs are the
-    reference's element-wise ones, reduced the same way as `main` reduces its own."""
+    pairs: log-probs clamped to [-5, 2], restricted to the first T_e actions and averaged; the advantages normalised
+    over the minibatch and discounted per pair; `ppo_loss` with the per-pair clip range; value loss 0.5·mean((V - R)²).
+    The old log-probs are the reference's element-wise ones, reduced the same way as `main` reduces its own."""
     S = b_obs.shape[0]
     pos = torch.arange(K_ft).repeat(S)
     sample = torch.arange(S).repeat_interleave(K_ft)
@@ -159,7 +159,8 @@ def _diffusion_update_terms(agent, b_obs, b_chain, b_adv, b_ret, old_lp_elementw
     s, i = sample[idx], pos[idx]
     new_lp_elementwise = agent.get_logprobs(b_obs[s], b_chain[s, i], b_chain[s, i + 1], i)
     new_lp = logprob(idx)
-    pg_loss, kl, clipfrac = ft.ppo_loss(new_lp, old_lp[idx], b_adv[s], disc[i], clip_eps[i])
+    adv = (b_adv[s] - b_adv[s].mean()) / (b_adv[s].std() + 1e-8) * disc[i]  # over the minibatch, then discounted
+    pg_loss, kl, clipfrac = ft.ppo_loss(new_lp, old_lp[idx], adv, clip_eps[i])
     v_loss = 0.5 * ((agent.get_value(b_obs[s]) - b_ret[s]) ** 2).mean()
     return dict(pg_loss=pg_loss, v_loss=v_loss, approx_kl=kl, clipfrac=clipfrac,
                 ratio_mean=(new_lp - old_lp[idx]).exp().mean()), new_lp_elementwise

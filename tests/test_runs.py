@@ -1,11 +1,15 @@
 """common/runs.py: the run plumbing every script shares."""
 
 import dataclasses
+import math
 import os
+import typing
+from typing import Annotated
 
 import pytest
 import torch
 
+from common import runs
 from common.errors import DatasetError, NonFiniteError, UsageError
 from common.runs import (CHECKPOINT_FORMAT, apply_defaults, check_finite, check_output_path, check_positive, check_range,
                          load_checkpoint, new_run_dir, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
@@ -23,6 +27,64 @@ class Toy:
     resume: str | None = None
     eval_only: bool = False
     dims: tuple[int, ...] = (4, 4)
+
+
+@dataclasses.dataclass
+class Limited:
+    n: Annotated[int | None, runs.POSITIVE] = None
+    lr: Annotated[float, runs.POSITIVE] = 1e-3
+    kl: Annotated[float | None, runs.POSITIVE_OR_INF] = 1.0
+    coef: Annotated[float, runs.NON_NEGATIVE] = 0.5
+    gamma: Annotated[float, runs.FRACTION] = 0.99
+    seed: Annotated[int, runs.SEED] = 1
+    rate: float = 3.0  # no Limits: any finite number
+    flag: bool = True
+    name: str = "x"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n", 0, "--n must be positive (got 0)"), ("n", -3, "--n must be positive (got -3)"),
+    ("lr", math.nan, "--lr must be positive (got nan)"), ("lr", math.inf, "--lr must be a finite number > 0 (got inf)"),
+    ("kl", -1.0, "--kl must be positive (got -1.0)"), ("coef", -0.5, "--coef must be a finite number >= 0 (got -0.5)"),
+    ("coef", math.inf, "--coef must be a finite number >= 0 (got inf)"),
+    ("gamma", math.nan, "--gamma must be in [0.0, 1.0] (got nan)"), ("gamma", 1.5, "--gamma must be in [0.0, 1.0] (got 1.5)"),
+    ("seed", -1, "--seed must be in [0, 2147483647] (got -1)"), ("seed", 2**31, "--seed must be in [0, 2147483647]"),
+    ("rate", math.inf, "--rate must be a finite number (got inf)"), ("rate", -math.inf, "--rate must be a finite number"),
+    ("rate", math.nan, "--rate must be a finite number (got nan)")])
+def test_check_args_refuses_what_the_fields_limits_refuse(field, value, message):
+    with pytest.raises(UsageError) as e:
+        runs.check_args(Limited(**{field: value}))
+    assert str(e.value).startswith(message)
+
+
+def test_check_args_allows_the_limits_edges_none_and_declared_inf():
+    runs.check_args(Limited())
+    for kw in (dict(n=None, kl=None), dict(n=1, kl=math.inf), dict(coef=0.0, gamma=0.0), dict(gamma=1.0, seed=0),
+               dict(seed=2**31 - 1, rate=-1e30, lr=1e-12)):
+        runs.check_args(Limited(**kw))
+
+
+def test_dppo_finetune_declares_its_limits():
+    """Every number of dppo_finetune.Args is checked: a flag without declared Limits may be any finite number, so the
+    ones a run needs positive, non-negative or in [0, 1] are declared (as fill_defaults' lists were)."""
+    import dppo_finetune as ft
+    hints = typing.get_type_hints(ft.Args, include_extras=True)
+    limits = {f.name: next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, runs.Limits)), None)
+              for f in dataclasses.fields(ft.Args)}
+    positive = {"n_train_itr", "num_envs", "n_steps", "n_workers", "ft_denoising_steps", "ddim_steps", "horizon_steps",
+                "act_steps", "batch_size", "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
+                "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef", "clip_coef_base", "min_logprob_denoising_std",
+                "min_sampling_denoising_std", "randn_clip_value", "clip_coef_rate", "update_chunk"}
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
+    assert {k for k, v in limits.items() if v is runs.POSITIVE_OR_INF} == {"target_kl", "max_grad_norm"}
+    assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma", "gae_lambda", "gamma_denoising"}
+    assert {k for k, v in limits.items() if v is runs.NON_NEGATIVE} == {"obs_noise_std", "action_noise_std", "val_freq",
+                                                                        "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef",
+                                                                        "bc_coef"}
+    assert limits["seed"] is runs.SEED
+    with pytest.raises(UsageError, match=r"--clip-coef must be a finite number > 0 \(got inf\)"):
+        ft.fill_defaults(ft.Args(clip_coef=math.inf))
+    ft.fill_defaults(ft.Args(target_kl=math.inf))  # inf: no limit
 
 
 def test_script_name_is_the_file_name():

@@ -11,6 +11,7 @@ import torch
 import dppo_finetune as ft
 from benchmarks import finetune_iteration, reference_compare
 from common.networks import DiffusionMLP, ObsCritic
+from common import runs
 from common.runs import enable_onednn_fp32_matmul
 
 
@@ -55,6 +56,7 @@ def test_finetune_iteration_benchmark_code_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = finetune_iteration.main(finetune_iteration.Bench(env_id="hopper", n_steps=3, num_envs=2, update_chunk=7))
     assert {"env", "sampling", "update"} <= set(out["times"]) and "old_logprobs" not in out["times"] and out["total"] > 0
+    assert set(out["cpu"]) == set(out["times"]) and out["cpu"]["update"] > 0  # Run's timer keeps the CPU time too
     assert out["env_steps"] == 3 * 2 * 4
     text = capsys.readouterr().out
     assert "hopper: 2 envs x 3 chunk-steps" in text and "update pieces of 7 pairs" in text
@@ -81,7 +83,7 @@ def test_compiled_sampling_draws_the_chains_of_eager():
     agent = ft.DiffusionPPO(DiffusionMLP(2, 4, 3, mlp_dims=(32, 32, 32)), ObsCritic(3, mlp_dims=(16, 16, 16)), 20, 10, 4,
                             2, False, 5, 0.1, 0.1, 3.0)
     cond = torch.randn(5, 1, 3)
-    compiled = ft.compile_sampling(agent.get_action, torch.device("cpu"))
+    compiled = runs.compile_sampling(agent.get_action, torch.device("cpu"))
     torch.manual_seed(1)
     x, chain = agent.get_action(cond)
     torch.manual_seed(1)
