@@ -11,6 +11,9 @@ action noise; only successful episodes are kept; a demo ends once the task has b
 `--images` also renders the pixel task's cameras (`<camera>_image`, HWC uint8, upright, as robomimic's image datasets) so
 the same file pre-trains `lift` and `lift-img` (offscreen rendering: slow on a CPU, ~0.1 s per step here).
 
+The same `--seed` writes the same file (every array and attribute; the model build is seeded too, see
+`generate_demos`).
+
 Seed 0, 100 demos: Lift 100 % of episodes succeed, 47 steps on average; Can 100 %, 142 steps;
 Square 88 %, 162 steps. (Robomimic's human demos are longer and less regular; these are for
 tests and quick pre-training, not a substitute for the MH datasets.)
@@ -225,6 +228,7 @@ def generate_demos(task: Task | str, n_demos: int, seed: int, out: str | Path,
     """Write `n_demos` successful scripted demos to `out` (robomimic hdf5 layout); returns stats. `image_size`: also
     record the pixel task's camera images at that size."""
     import h5py
+    import mujoco
 
     task = get_task(task) if isinstance(task, str) else task
     task = get_task(task.id.removesuffix("-img"))
@@ -232,12 +236,20 @@ def generate_demos(task: Task | str, n_demos: int, seed: int, out: str | Path,
         raise TaskError(f"no scripted demonstrations for {task.id!r} "
                         f"(only {', '.join(SCRIPTED_TASKS)})")
     keys = obs_keys(task)
+    # `seed` also seeds the model build: robosuite draws Lift's cube size from the global np.random there (robosuite
+    # 1.4.1 `models/objects/primitive/box.py` -> `utils/mjcf_utils.py` `get_size`), and with `hard_reset=False` every
+    # demo keeps that model; unseeded, two runs with the same seed had different cubes (and so other actions/states).
+    # The stored `model_file` is MuJoCo's `mj_saveLastXML` of the model (robosuite `utils/binding_utils.py`
+    # `MjModel.get_xml`, as robomimic's `EnvRobosuite.get_state`), which writes each mesh's `content_type` only when
+    # the mesh was read from its file, not from MuJoCo's process-wide asset cache: empty the cache so the file does not
+    # depend on what this process built before (a second call in one process gave another `model_file`)
+    mujoco.mj_clearCache(mujoco.mj_getCache())
     if image_size is not None:
         env_task = get_task(f"{task.id}-img")
-        env = RobomimicEnv(env_task, image_size=image_size)
+        env = RobomimicEnv(env_task, seed=seed, image_size=image_size)
         keys = keys + image_keys(env_task)
     else:
-        env = RobomimicEnv(task)
+        env = RobomimicEnv(task, seed=seed)
     max_attempts = max_attempts or 3 * n_demos + 10
     demos, attempts, t0 = [], 0, time.time()
     while len(demos) < n_demos and attempts < max_attempts:
