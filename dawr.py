@@ -26,165 +26,90 @@ n_batch // critic_update_ratio critic steps, each on a batch drawn with replacem
 samples; critic loss = mean((V(s) - y)²) with y fixed during the critic's steps; the actor steps only after
 `n_critic_warmup_itr` iterations. Rewards are scaled by `reward_scale` (gym 0.01) before they are stored.
 
-Per-suite defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_awr_diffusion_mlp.yaml`,
-`cfg/robomimic/finetune/{lift,can,square,transport}/ft_awr_diffusion_mlp.yaml`). The reference calls its
-`td_values` without the config's `gamma`, so its targets use the function's default γ = 0.99 on every suite
-(the robomimic configs list 0.999, never used): `--gamma` defaults to 0.99 everywhere. Avoid has no
-reference config for this method: it takes DPPO's Avoid run size (50 envs x 25 chunk-steps, 51 iterations,
-envs reset every iteration, `--bootstrap-truncated False`) and the gym config's method settings (lr,
-buffer 5000, batch 1000, replay ratio 64, reward scale 0.01, no critic warm-up); a batch of 1000 fits the
-1250 chunk-steps of one Avoid iteration. Furniture is refused (no reference config).
+Defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_awr_diffusion_mlp.yaml`,
+`cfg/robomimic/finetune/{lift,can,square,transport}/ft_awr_diffusion_mlp.yaml`), with γ = 0.99 on every suite:
+the reference's `td_values` is called without the config's `gamma`. Avoid (no reference config) takes DPPO's
+Avoid run size and the gym config's method settings; furniture is refused. Where the reference config differs
+from the paper's Table A8: batch 1000 (Table A8: 256); robomimic critic replay ratio 64/4 = 16 (Table A8: 4);
+γ of the TD targets 0.99 on robomimic (Table A8: 0.999); Transport's actor LR constant 1e-5 (Table A8: decayed
+to 1e-6) and σ^exp_min 0.1 (Table A8: 0.08). The buffer sizes agree (5000 x 40 gym, 3000 x 50 robomimic).
 
-Where the reference config (our default) differs from the paper's Table A8: batch 1000 (Table A8: 256);
-robomimic critic replay ratio 64/4 = 16 (Table A8: 4); γ of the TD targets 0.99 on robomimic (Table A8:
-0.999, see above); Transport's actor LR constant 1e-5 (Table A8: decayed to 1e-6) and σ^exp_min 0.1
-(Table A8: 0.08). The buffer sizes agree (5000 x 40 = 200000 gym, 3000 x 50 = 150000 robomimic).
-
-Deviations from the reference implementation (docs/deviations.md, "dawr.py"):
-- Critic batches are drawn over all C·N (step, env) samples of the buffer. The reference draws indices
-  over the C vector steps but applies them to the flattened (steps x envs) array, so its critic only ever
-  sees the oldest 1/N of its buffer.
-- A truncated episode bootstraps from V of its true final observation (`info["final_obs"]`, not the next
-  episode's first) and only `terminated` removes the bootstrap (`--bootstrap-truncated False` on Avoid, as
-  dppo_finetune.py); every episode end, and an env reset at the start of an iteration, cuts the
-  λ-recursion (the reference cuts it only at terminations); the newest step bootstraps from V of its next
-  observation (the reference uses V of its own observation).
-- The buffer keeps the whole sampled chunk (T_a actions); the reference stores the executed T_e, the same
-  thing in all its configs (T_a = T_e).
-- During the critic warm-up no actor loss is computed (the reference computes it and does not step).
-- One evaluation function (`common.envs.evaluate`) for training, the final row and `--eval-only`, as
-  dppo_finetune.py; Avoid is evaluated with the training noise (App. D.8).
-- Resumed runs (the buffer is in the checkpoint) reproduce uninterrupted ones for tasks that reset their
-  envs every iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("dawr.py").
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, evaluate, make_vec_env
-from common.errors import UsageError
+from common import runs
+from common.envs import make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
-                         whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
+
+HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
+METHOD = runs.script_name(__file__)  # saved in the checkpoint: a run of this script resumes only with it
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py)"""
-    checkpoint: str | None = None
-    """pre-trained (or whole-network fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch (see README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
-    n_train_itr: int | None = None
-    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
-    num_envs: int | None = None
-    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    horizon_steps: int | None = None
-    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float = 0.99
-    """discount per chunk-step of the TD(λ) targets (the reference's td_values default, on every suite)"""
-    td_lambda: float = 0.95
-    """λ of the TD(λ) targets"""
-    td_alpha: float = 0.95
-    """α: target = V + α·(λ-return - V) (reference `td_values`)"""
-    bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
-    docs/deviations.md)"""
-    min_sampling_denoising_std: float = 0.1
-    """exploration std floor while sampling"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp"""
-    actor_lr: float | None = None
-    """actor learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
-    actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: actor_lr, i.e. constant, as every reference config)"""
-    critic_lr: float = 1e-3
-    """critic learning rate (constant)"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedules (constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules (gym/robomimic 1000; Avoid n_train_itr)"""
-    reward_scale: float | None = None
-    """factor on the rewards stored in the buffer (gym/Avoid 0.01, robomimic 1)"""
-    buffer_size: int | None = None
-    """FIFO buffer length in vector steps (gym/Avoid 5000, robomimic 3000)"""
-    batch_size: int = 1000
-    """samples per gradient step (actor and critic)"""
-    replay_ratio: int = 64
-    """actor steps per iteration = int(n_steps·num_envs / batch_size · replay_ratio)"""
-    critic_update_ratio: int = 4
-    """critic steps per iteration = actor steps // critic_update_ratio"""
-    beta: float = 10.0
-    """β: weight = exp(β · normalised advantage)"""
-    max_weight: float = 100.0
-    """upper clip of the weights"""
-    n_critic_warmup_itr: int | None = None
-    """iterations before the actor starts to step (gym/Avoid 0, robomimic 2)"""
-    max_grad_norm: float | None = None
-    """actor gradient norm clip (None: off, as every reference config)"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py)
+    checkpoint: str | None = None  # pre-trained (or whole-network fine-tuned) checkpoint (None: the task's built-in one)
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a of fine-tuning (None: the checkpoint's; a UNet's may differ)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk
+    gamma: Annotated[float, Fraction] = 0.99  # γ, the discount per chunk-step of the TD(λ) targets (all suites)
+    td_lambda: Annotated[float, Fraction] = 0.95  # λ of the TD(λ) targets
+    td_alpha: Annotated[float, Fraction] = 0.95  # α: target = V + α·(λ-return - V) (reference `td_values`)
+    bootstrap_truncated: bool | None = None  # bootstrap time limits from V(final obs); False: the horizon ends the task
+    min_sampling_denoising_std: Annotated[float, Positive] = 0.1  # σ^exp_min, the sampling std floor
+    randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
+    actor_lr: Annotated[float | None, Positive] = None  # actor learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the actor's cosine schedule (None: actor_lr, constant)
+    critic_lr: Annotated[float, Positive] = 1e-3  # critic learning rate (constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
+    reward_scale: Annotated[float | None, Positive] = None  # factor on the rewards stored in the buffer
+    buffer_size: Annotated[int | None, Positive] = None  # C, the FIFO buffer's length in vector steps
+    batch_size: Annotated[int, Positive] = 1000  # samples per gradient step (actor and critic)
+    replay_ratio: Annotated[int, Positive] = 64  # actor steps per iteration = int(n_steps·N / batch_size · replay_ratio)
+    critic_update_ratio: Annotated[int, Positive] = 4  # critic steps per iteration = actor steps // critic_update_ratio
+    beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised advantage)
+    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights
+    n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None: off, as every config)
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -209,24 +134,19 @@ def fill_defaults(args: Args) -> dict:
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
-        raise UsageError(f"{task.id}: the reference has no DAWR config for {task.suite} (and Isaac Gym is not installable)")
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                   "act_steps": task.act_steps})
-    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
-                   "buffer_size", "replay_ratio", "critic_update_ratio", "save_every", "torch_threads", "eval_n_steps",
-                   "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "min_sampling_denoising_std",
-                   "randn_clip_value", "max_weight", "max_grad_norm", "reward_scale")
-    for name in ("gamma", "td_lambda", "td_alpha"):
-        check_range(args, name, 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "beta"):
-        check_range(args, name, 0, math.inf)
+        raise runs.UsageError(f"{task.id}: the reference has no DAWR config for {task.suite} (and Isaac Gym is not "
+                              "installable)")
+    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                        "act_steps": task.act_steps})
+    filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    runs.check_args(args)  # every number within the Limits of its field
     if int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio) < 1:
-        raise UsageError(f"n_steps {args.n_steps} x num_envs {args.num_envs} / batch_size {args.batch_size} x "
-                         f"replay_ratio {args.replay_ratio} gives no actor update per iteration")
+        raise runs.UsageError(f"n_steps {args.n_steps} x num_envs {args.num_envs} / batch_size {args.batch_size} x "
+                              f"replay_ratio {args.replay_ratio} gives no actor update per iteration")
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
-
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
     """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`), float64 as the
@@ -325,80 +245,70 @@ def reference_conversion() -> ModuleType:
     return convert
 
 
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=RESUME_KEYS, method=script_name(__file__))
-        args = resume_args(args, resume["args"], args.resume)
+        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
-                                     conversion=reference_conversion)
+        runs.print_defaults(task.id, filled)
+    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
-    T_e, N = args.act_steps, args.num_envs
-    if T_e > args.horizon_steps:
-        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+    T_o, T_a, T_e, N, C = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.buffer_size
+    if T_e > T_a:
+        raise runs.UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {T_a}")
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    network = build_diffusion_network(ckpt, args.horizon_steps)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    load_weights(network, whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or a fine-tuned actor
-    agent = DiffusionPolicy(network, ckpt["denoising_steps"], args.horizon_steps, task.action_dim,
-                            args.min_sampling_denoising_std, args.randn_clip_value).to(device)
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(256,) * 3).to(device)  # Mish, residual
+    network = build_diffusion_network(ckpt, T_a)
+    runs.load_weights(network, runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or an actor
+    agent = DiffusionPolicy(network, ckpt["denoising_steps"], T_a, task.action_dim, args.min_sampling_denoising_std,
+                            args.randn_clip_value).to(device)
+    critic = ObsCritic(task.obs_dim, T_o, mlp_dims=(256,) * 3).to(device)  # Mish, residual
     if "critic" in ckpt and resume is not None:
-        load_weights(critic, ckpt["critic"], ckpt_path)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+        runs.load_weights(critic, ckpt["critic"], ckpt_path)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    policy = lambda cond, deterministic: agent.get_action(cond, deterministic)  # noqa: E731 (evaluation)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
-
-    actor_opt, actor_sched = optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
-                                                     args.lr_warmup_itr)
-    critic_opt, critic_sched = optimizer_with_schedule(critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
-                                                       args.lr_warmup_itr)
-    optimizers, schedulers = {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
+        return run.eval_only(index=ckpt.get("itr", 0))
+    # AdamW without weight decay and the reference's cosine schedules (constant in every config)
+    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min,
+                                                          args.lr_cycle_itr, args.lr_warmup_itr)
+    critic_opt, critic_sched = runs.optimizer_with_schedule(critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
+                                                            args.lr_warmup_itr)
+    saved = {"method": METHOD, "buffer": {}, "buffer_ptr": 0, "buffer_count": 0}  # the checkpoint's buffer: set below
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a}, {"actor": agent.network, "critic": critic},
+              {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}, saved)
 
     # FIFO buffer of the last C vector steps, preallocated on the device; `ptr` is the next row to write
-    T_o, D_o, T_a, D_a, C = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim, args.buffer_size
-    buf = dict(obs=torch.zeros(C, N, T_o, D_o), next_obs=torch.zeros(C, N, T_o, D_o), x=torch.zeros(C, N, T_a, D_a),
-               reward=torch.zeros(C, N), cut=torch.zeros(C, N), end=torch.zeros(C, N))
+    buf = dict(obs=torch.zeros(C, N, T_o, task.obs_dim), next_obs=torch.zeros(C, N, T_o, task.obs_dim),
+               x=torch.zeros(C, N, T_a, task.action_dim), reward=torch.zeros(C, N), cut=torch.zeros(C, N),
+               end=torch.zeros(C, N))
     buf = {k: v.to(device) for k, v in buf.items()}
     ptr, count = 0, 0
     if resume is not None:
         ptr, count = resume["buffer_ptr"], resume["buffer_count"]
         for k in BUFFER_KEYS:
             buf[k][:count] = resume["buffer"][k].to(device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
-    history, last_train = [], {}
-    obs, need_reset = None, True
     n_batch = int(args.n_steps * N / args.batch_size * args.replay_ratio)  # actor steps per iteration (reference)
-    timer = PhaseTimer(device)
     as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
 
     def targets_and_values() -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,50 +325,38 @@ def main(args: Args) -> dict:
             targets = y[(torch.arange(count, device=device) - oldest) % count]  # back to buffer rows (a gather)
         return targets.flatten(), values.flatten()
 
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `run`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, 0)  # the reference steps both schedules every iteration
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `run`)
+            actor_sched.step()  # the reference steps both schedules every iteration
+            critic_sched.step()
             continue
 
         # ---- rollout into the FIFO buffer ----
-        timer.reset()
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
+        if run.need_reset or task.reset_every_iteration:
+            obs = run.reset_envs(itr)
             if count > 0:  # the buffer's newest step is not followed by the next one: cut the λ-recursion there
                 buf["end"][(ptr - 1) % C] = 1
         agent.eval()
         for step in range(args.n_steps):
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x = agent.get_action(cond)
-            timer.lap("sampling")
+            run.lap("sampling")
             action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
             obs, reward, term, trunc, info = envs.step(action)
             done = term | trunc
-            tracker.step(reward, done)
             buf["obs"][ptr], buf["x"][ptr] = cond, x
             buf["next_obs"][ptr] = normalizer.normalize_obs(as_t(info["final_obs"]))
             buf["reward"][ptr] = as_t(reward) * args.reward_scale
             buf["cut"][ptr] = as_t(term if args.bootstrap_truncated else done)
             buf["end"][ptr] = as_t(done)
             ptr, count = (ptr + 1) % C, min(count + 1, C)
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.step(reward, done)
+        run.end_rollout(itr)
 
         # ---- critic: regression on TD(λ) targets of the whole buffer (fixed during these steps) ----
         targets, _ = targets_and_values()
         b_obs, b_x = buf["obs"][:count].flatten(0, 1), buf["x"][:count].flatten(0, 1)
-        timer.lap("targets")
+        run.lap("targets")
         critic_losses, actor_losses = [], []
         for _ in range(n_batch // args.critic_update_ratio):
             idx = torch.randint(count * N, (args.batch_size,), device=device)  # over all (step, env) samples
@@ -467,12 +365,12 @@ def main(args: Args) -> dict:
             critic_loss.backward()
             critic_opt.step()
             critic_losses.append(critic_loss.detach())
-        timer.lap("critic")
+        run.lap("critic")
 
         # ---- actor: advantage-weighted ε-prediction regression (App. D.3 eq. A2) ----
         targets, values = targets_and_values()  # with the updated critic, as the reference
         adv = targets - values
-        timer.lap("targets")
+        run.lap("targets")
         if itr >= args.n_critic_warmup_itr:
             agent.train()
             for _ in range(n_batch):
@@ -484,33 +382,23 @@ def main(args: Args) -> dict:
                     nn.utils.clip_grad_norm_(agent.network.parameters(), args.max_grad_norm)
                 actor_opt.step()
                 actor_losses.append(loss.detach())
-        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, 0)  # the reference steps both schedules every iteration, warm-up included
-        timer.lap("actor")
+        lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
+        actor_sched.step()  # the reference steps both schedules every iteration, critic warm-up included
+        critic_sched.step()
+        run.lap("actor")
 
-        # ---- logging, once per iteration ----
+        # ---- logging and the checkpoint (with the buffer), once per iteration ----
         stats = {"critic_loss": torch.stack(critic_losses).mean() if critic_losses else None,
                  "actor_loss": torch.stack(actor_losses).mean() if actor_losses else None,
                  "advantage_mean": adv.mean(), "advantage_std": adv.std(), "value_mean": values.mean()}
         stats = {k: v for k, v in stats.items() if v is not None}
         logged = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
-        check_finite(f"iteration {itr}", logged, agent.network, critic)
+        runs.check_finite(f"iteration {itr}", logged, agent.network, critic)
         logged["buffer_steps"] = count
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            extra = {"method": script_name(__file__), "buffer": {k: buf[k][:count] for k in BUFFER_KEYS},
-                     "buffer_ptr": ptr, "buffer_count": count}
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"actor": agent.network, "critic": critic}, optimizers, schedulers, extra, itr + 1,
-                env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        saved.update(buffer={k: buf[k][:count] for k in BUFFER_KEYS}, buffer_ptr=ptr, buffer_count=count)
+        run.end_iteration(itr, logged, lrs)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -21,143 +21,87 @@ return-to-go: chunks that led to higher returns are imitated more (reference `RW
 
 Which chunk-steps enter the update (as the reference): only those of episodes that start and end inside
 the iteration (a `first` flag after each reset or episode end marks starts) and that last at least two
-chunk-steps (the reference keeps episodes with end - start > 1). Returns use the raw, unscaled chunk
-rewards, discounted by γ once per chunk-step and cut at the episode's end. They are standardised over all
-of the iteration's samples (population std). Each of `update_epochs` epochs shuffles them into
-max(1, S // batch_size) batches (the remainder is skipped). Every sample gets its own t ~ U{0..K-1} and
-ε ~ N(0, I); loss = mean over the batch of w · mean over (T_a, D_a) of (ε_θ(x_t, t, obs) - ε)².
+chunk-steps. Returns use the raw, unscaled chunk rewards, discounted by γ once per chunk-step and cut at the
+episode's end, standardised over all of the iteration's samples (population std). Each of `update_epochs`
+epochs shuffles them into max(1, S // batch_size) batches (the remainder is skipped). Every sample gets its
+own t ~ U{0..K-1} and ε ~ N(0, I); loss = mean over the batch of w · mean over (T_a, D_a) of (ε_θ(x_t, t, obs) - ε)².
 
-Per-suite defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_rwr_diffusion_mlp.yaml`,
-`cfg/robomimic/finetune/{lift,can,square,transport}/ft_rwr_diffusion_mlp.yaml`). Avoid has no reference
-config for this method: it takes DPPO's Avoid run size (50 envs x 25 chunk-steps, 51 iterations, γ 0.99,
-envs reset every iteration) and the gym config's lr, β, w_max, batch and epochs; one Avoid iteration
-holds 1250 chunk-steps, so a batch of 1000 fits. Furniture is refused (no reference config).
+Defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_rwr_diffusion_mlp.yaml`,
+`cfg/robomimic/finetune/{lift,can,square,transport}/ft_rwr_diffusion_mlp.yaml`); Avoid (no reference config)
+takes DPPO's Avoid run size and the gym config's method settings; furniture is refused. Where the reference
+config differs from the paper's Table A8: Transport's actor LR is constant 1e-5 (Table A8: decayed to 1e-6)
+and its σ^exp_min is 0.1 (Table A8: 0.08); robomimic uses weight decay 1e-6 (not in Table A8).
 
-Where the reference config (our default) differs from the paper's Table A8: Transport's actor LR is
-constant 1e-5 (Table A8: decayed to 1e-6) and its σ^exp_min is 0.1 (Table A8: 0.08); robomimic uses
-weight decay 1e-6 (not in Table A8).
-
-Deviations from the reference implementation (docs/deviations.md, "drwr.py"):
-- An iteration in which no episode finished makes no update (the reference reuses the previous
-  iteration's samples, or fails on the first).
-- One evaluation function (`common.envs.evaluate`) for training, the final row and `--eval-only`, as
-  dppo_finetune.py; Avoid is evaluated with the training noise (App. D.8).
-- Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every iteration
-  (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("drwr.py").
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, evaluate, make_vec_env
-from common.errors import UsageError
+from common import runs
+from common.envs import make_vec_env
 from common.networks import build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
-                         whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
+
+HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
+METHOD = runs.script_name(__file__)  # saved in the checkpoint: a run of this script resumes only with it
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py)"""
-    checkpoint: str | None = None
-    """pre-trained (or whole-network fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch (see README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
-    n_train_itr: int | None = None
-    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
-    num_envs: int | None = None
-    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    horizon_steps: int | None = None
-    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float | None = None
-    """discount per chunk-step of the return-to-go (gym/Avoid 0.99, robomimic 0.999)"""
-    min_sampling_denoising_std: float = 0.1
-    """exploration std floor while sampling"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp"""
-    actor_lr: float | None = None
-    """learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
-    actor_lr_min: float | None = None
-    """end of the cosine schedule (None: actor_lr, i.e. constant, as every reference config)"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedule (constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedule (gym/robomimic 1000; Avoid n_train_itr)"""
-    weight_decay: float | None = None
-    """AdamW weight decay (gym/Avoid 0, robomimic 1e-6)"""
-    beta: float = 10.0
-    """β: weight = exp(β · normalised return-to-go)"""
-    max_weight: float = 100.0
-    """upper clip of the weights"""
-    batch_size: int = 1000
-    """chunk-steps per gradient step"""
-    update_epochs: int = 16
-    """passes over the iteration's samples"""
-    max_grad_norm: float | None = None
-    """gradient norm clip (None: off, as every reference config)"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py)
+    checkpoint: str | None = None  # pre-trained (or whole-network fine-tuned) checkpoint (None: the task's built-in one)
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a of fine-tuning (None: the checkpoint's; a UNet's may differ)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk
+    gamma: Annotated[float | None, Fraction] = None  # γ, the discount per chunk-step of the return-to-go
+    min_sampling_denoising_std: Annotated[float, Positive] = 0.1  # σ^exp_min, the sampling std floor
+    randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
+    actor_lr: Annotated[float | None, Positive] = None  # learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the cosine schedule (None: actor_lr, constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedule, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedule (None: n_train_itr)
+    weight_decay: Annotated[float | None, NonNegative] = None  # AdamW weight decay
+    beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised return-to-go)
+    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights
+    batch_size: Annotated[int, Positive] = 1000  # chunk-steps per gradient step
+    update_epochs: Annotated[int, Positive] = 16  # passes over the iteration's samples
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None: off, as every config)
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -181,19 +125,16 @@ def fill_defaults(args: Args) -> dict:
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
-        raise UsageError(f"{task.id}: the reference has no DRWR config for {task.suite} (and Isaac Gym is not installable)")
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                   "act_steps": task.act_steps})
-    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
-                   "update_epochs", "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min",
-                   "lr_cycle_itr", "min_sampling_denoising_std", "randn_clip_value", "max_weight", "max_grad_norm")
-    check_range(args, "gamma", 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("val_freq", "lr_warmup_itr", "weight_decay", "beta"):
-        check_range(args, name, 0, math.inf)
+        raise runs.UsageError(f"{task.id}: the reference has no DRWR config for {task.suite} (and Isaac Gym is not "
+                              "installable)")
+    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                        "act_steps": task.act_steps})
+    filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    runs.check_args(args)  # every number within the Limits of its field
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
-
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
     """Cosine schedule (reference `model/diffusion/sampling.py`, `cosine_beta_schedule`), float64 as the
@@ -300,84 +241,65 @@ def reference_conversion() -> ModuleType:
     return convert
 
 
+
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=RESUME_KEYS, method=script_name(__file__))
-        args = resume_args(args, resume["args"], args.resume)
+        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
-                                     conversion=reference_conversion)
+        runs.print_defaults(task.id, filled)
+    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
-    T_e, N = args.act_steps, args.num_envs
-    if T_e > args.horizon_steps:
-        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+    T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
+    if T_e > T_a:
+        raise runs.UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {T_a}")
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    network = build_diffusion_network(ckpt, args.horizon_steps)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    load_weights(network, whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or a fine-tuned actor
-    agent = DiffusionPolicy(network, ckpt["denoising_steps"], args.horizon_steps, task.action_dim,
-                            args.min_sampling_denoising_std, args.randn_clip_value).to(device)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+    network = build_diffusion_network(ckpt, T_a)
+    runs.load_weights(network, runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or an actor
+    agent = DiffusionPolicy(network, ckpt["denoising_steps"], T_a, task.action_dim, args.min_sampling_denoising_std,
+                            args.randn_clip_value).to(device)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    policy = lambda cond, deterministic: agent.get_action(cond, deterministic)  # noqa: E731 (evaluation)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
+        return run.eval_only(index=ckpt.get("itr", 0))
+    # AdamW and the reference's cosine schedule (constant in every config)
+    opt, sched = runs.optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
+                                              args.lr_warmup_itr, args.weight_decay)
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a}, {"actor": agent.network}, {"actor": opt},
+              {"actor": sched}, {"method": METHOD})
+    obs_buf = torch.zeros(args.n_steps, N, T_o, task.obs_dim, device=device)
+    x_buf = torch.zeros(args.n_steps, N, T_a, task.action_dim, device=device)
+    done = np.zeros(N)
 
-    opt, sched = optimizer_with_schedule(agent.network, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
-                                         args.lr_warmup_itr, args.weight_decay)
-    optimizers, schedulers = {"actor": opt}, {"actor": sched}
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
-
-    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
-    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
-    x_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
-    history, last_train = [], {}
-    obs, need_reset, done = None, True, np.zeros(N)
-    timer = PhaseTimer(device)
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `run`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, 0)  # the reference steps its schedule on evaluation iterations too
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `run`)
+            sched.step()  # the reference steps its schedule on evaluation iterations too
             continue
 
         # ---- rollout ----
-        timer.reset()
-        firsts = np.zeros((args.n_steps + 1, N))
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
+        firsts = np.zeros((args.n_steps + 1, N))  # 1 where an episode starts: after a reset or an episode's end
+        if run.need_reset or task.reset_every_iteration:
+            obs = run.reset_envs(itr)
             firsts[0] = 1
         else:  # envs that continue across iterations: an episode starts here only where the last one just ended
             firsts[0] = done
@@ -387,24 +309,19 @@ def main(args: Args) -> dict:
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x = agent.get_action(cond)
             obs_buf[step], x_buf[step] = cond, x
-            timer.lap("sampling")
+            run.lap("sampling")
             action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
             obs, rewards[step], term, trunc, _ = envs.step(action)
             done = (term | trunc).astype(np.float64)
             firsts[step + 1] = done
-            tracker.step(rewards[step], done.astype(bool))
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.step(rewards[step], done)
+        run.end_rollout(itr)
 
         # ---- weights: normalised discounted return-to-go of the finished episodes (App. D.3 eq. A1) ----
         step_idx, env_idx, returns = reward_to_go(rewards, firsts, args.gamma)
         S = len(returns)
         logged = {"n_samples": S}
-        timer.lap("returns")
+        run.lap("returns")
 
         # ---- reward-weighted ε-prediction regression ----
         losses = []
@@ -425,28 +342,18 @@ def main(args: Args) -> dict:
                         nn.utils.clip_grad_norm_(agent.network.parameters(), args.max_grad_norm)
                     opt.step()
                     losses.append(loss.detach())
-        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, 0)
-        timer.lap("update")
+        lrs = {"actor": opt.param_groups[0]["lr"]}  # this update's
+        sched.step()
+        run.lap("update")
 
-        # ---- logging, once per iteration ----
+        # ---- logging and the checkpoint, once per iteration ----
         if losses:  # one host sync
             stats = torch.stack([torch.stack(losses).mean(), weights.mean(), weights.max()]).tolist()
             logged.update(zip(("loss", "weight_mean", "weight_max"), stats))
-        check_finite(f"iteration {itr}", {k: v for k, v in logged.items() if k != "n_samples"}, agent.network)
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"actor": agent.network}, optimizers, schedulers, {"method": script_name(__file__)},
-                itr + 1, env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        runs.check_finite(f"iteration {itr}", {k: v for k, v in logged.items() if k != "n_samples"}, agent.network)
+        run.end_iteration(itr, logged, lrs)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -1,8 +1,8 @@
 """Time one iteration of the diffusion RL baselines, phase by phase (env, sampling, update, ...).
 
 Runs each script's own `main` (no copy of its loop) for 2 iterations with evaluation off and reports the second one
-(the first warms up): per phase the wall time (the scripts' `PhaseTimer`) and the process CPU time (robust to other
-jobs on a shared machine). Policies have the paper's architecture with random weights (the time of an iteration does
+(the first warms up): per phase the wall time (the scripts' `PhaseTimer`, or `common.runs.Run`'s timer) and the
+process CPU time (robust to other jobs on a shared machine). Policies have the paper's architecture with random weights (the time of an iteration does
 not depend on the weights); each script runs at its own defaults for the task except the chunk-steps per env,
 `--n-steps`, which is cut on the CPU (printed with the script's default).
 
@@ -175,14 +175,17 @@ def time_script(name: str, bench: Bench) -> dict[str, Any]:
             else:
                 print(f"{name} has no field {k}: left out for it")
         CpuPhaseTimer.log = []
-        saved, module.PhaseTimer = module.PhaseTimer, CpuPhaseTimer
+        saved = getattr(module, "PhaseTimer", None)  # a script on `common.runs.Run` has none: Run keeps the CPU times
+        if saved is not None:
+            module.PhaseTimer = CpuPhaseTimer
         try:
             out = module.main(args)
         finally:
-            module.PhaseTimer = saved
+            if saved is not None:
+                module.PhaseTimer = saved
     row = out["history"][-1]
     wall = {k[5:]: v for k, v in row.items() if k.startswith("time_")}
-    cpu = CpuPhaseTimer.log[-1]
+    cpu = {k[4:]: v for k, v in row.items() if k.startswith("cpu_")} or CpuPhaseTimer.log[-1]
     default = module.Args(env_id=bench.env_id)
     module.fill_defaults(default)
     return {"wall": wall, "cpu": cpu, "args": args, "env_steps": args.n_steps * args.num_envs * args.act_steps,

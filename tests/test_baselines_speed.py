@@ -12,6 +12,7 @@ import exact_likelihood_pg as el
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
 from benchmarks import baselines_iteration as bench
+from common import runs
 from common.errors import UsageError
 from common.networks import DiffusionMLP, ObsCritic
 from common.tasks import get_task
@@ -115,8 +116,9 @@ def test_exact_likelihood_main_in_pieces_matches_whole_minibatches(tmp_path, mon
 
 @pytest.mark.parametrize("module", [gauss, gmm, drwr, dawr, el])
 def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_matmul_precision):
-    """Each script applies --float32-matmul-precision / --onednn-matmul at start (common.runs.apply_matmul_flags): the
-    refused combination stops it with a UsageError before a run folder exists, and a precision is set as asked."""
+    """Each script applies --float32-matmul-precision / --onednn-matmul at start (`common.runs.set_float32_matmul_precision`
+    and `enable_onednn_fp32_matmul`, in its speed block or through `apply_matmul_flags`): the refused combination stops it
+    with a UsageError before a run folder exists, a precision is set as asked, and oneDNN is tried on the run's device."""
     monkeypatch.chdir(tmp_path)
     build = bench.SCRIPTS[module.__name__].build_args
     args = build(module, bench.Bench(n_steps=3, num_envs=2), str(tmp_path))
@@ -131,14 +133,21 @@ def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_
     class Stop(Exception):
         pass
 
-    def record(a, device):
-        seen.append((a.float32_matmul_precision, device.type))
+    def record(value):  # a precision, or the device oneDNN is tried on
+        seen.append(value if isinstance(value, str) else value.type)
         raise Stop
 
-    monkeypatch.setattr(module, "apply_matmul_flags", record)
+    monkeypatch.setattr(runs, "set_float32_matmul_precision", record)
     with pytest.raises(Stop):
         module.main(args)
-    assert seen == [("high", "cpu")]
+    assert seen == ["high"]
+    args = build(module, bench.Bench(n_steps=3, num_envs=2), str(tmp_path))
+    args.onednn_matmul = True
+    monkeypatch.setattr(runs, "set_float32_matmul_precision", seen.append)
+    monkeypatch.setattr(runs, "enable_onednn_fp32_matmul", record)
+    with pytest.raises(Stop):
+        module.main(args)
+    assert seen == ["high", "highest", "cpu"]
 
 
 def test_pretraining_applies_the_matmul_flags(tmp_path, monkeypatch, restore_matmul_precision):
