@@ -2,9 +2,9 @@
 
 Runs each script's own `main` (no copy of its loop) for 2 iterations with evaluation off and reports the second one
 (the first warms up): per phase the wall time (the scripts' `PhaseTimer`, or `common.runs.Run`'s timer) and the
-process CPU time (robust to other jobs on a shared machine). Policies have the paper's architecture with random weights (the time of an iteration does
-not depend on the weights); each script runs at its own defaults for the task except the chunk-steps per env,
-`--n-steps`, which is cut on the CPU (printed with the script's default).
+process CPU time (robust to other jobs on a shared machine). Policies have the paper's architecture with random
+weights (the time of an iteration does not depend on the weights); each script runs at its own defaults for the task
+except the chunk-steps per env, `--n-steps`, which is cut on the CPU (printed with the script's default).
 
     python benchmarks/baselines_iteration.py                                  # every script, Hopper, n_steps 125 (paper 500)
     python benchmarks/baselines_iteration.py --scripts gaussian_ppo drwr --n-steps 50
