@@ -200,6 +200,7 @@ def test_dawr_smoke(pretrained):
     h = out["history"]
     assert len(h) == 2 and all(np.isfinite(x["actor_loss"]) and np.isfinite(x["critic_loss"]) for x in h)
     assert [x["buffer_steps"] for x in h] == [25, 40]  # FIFO: 25 vector steps, then the last 40 of 50
+    assert all(x["n_episodes"] == 4 for x in h)  # one 25-chunk-step episode per env, each counted where it ends
     assert all(x["time_critic"] > 0 and x["time_actor"] > 0 for x in h)
     assert [int(r["iteration"]) for r in _rows(out)] == [0, 1, 2]
     post, moved = _moved(out, pretrained)
@@ -416,3 +417,20 @@ def test_drwr_episodes_carried_across_iterations_start_where_they_started(pretra
     h = out["history"]
     assert resets.count(0) == 1 and 2 not in resets  # one training reset (seed 0): iteration 1 continues the episodes
     assert [x["n_samples"] for x in h] == [100, 0] and "loss" in h[0] and "loss" not in h[1]
+
+
+@pytest.mark.parametrize("module", [drwr, dawr])
+def test_lr_schedules_step_on_evaluation_iterations_too(module, tmp_path, monkeypatch):
+    """Hopper (evaluated deterministically): iteration 0 is an evaluation, iteration 1 trains. The actor's cosine
+    schedule (warm-up 0, cycle 4) stepped once at iteration 0, as the reference's, so iteration 1's update runs at
+    step 1 of it, not at step 0 (lr_min)."""
+    from benchmarks.finetune_iteration import random_checkpoint
+    monkeypatch.chdir(tmp_path)
+    random_checkpoint("hopper", str(tmp_path / "hopper.pt"))
+    extra = dict(buffer_size=40) if module is dawr else {}
+    out = module.main(module.Args(env_id="hopper", checkpoint=str(tmp_path / "hopper.pt"), n_train_itr=2, val_freq=2,
+                                  num_envs=2, n_steps=3, batch_size=6, eval_n_steps=1, env_backend="gymnasium", seed=0,
+                                  actor_lr=1e-4, actor_lr_min=1e-5, lr_warmup_itr=0, lr_cycle_itr=4, **extra))
+    (row,) = out["history"]
+    assert row["iteration"] == 1
+    assert row["lr_actor"] == pytest.approx(1e-5 + (1e-4 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2, rel=1e-9)
