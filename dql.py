@@ -22,29 +22,9 @@ so its gradient also flows through the chain, as in the reference.
 | η | `eta` | 1 |
 | replay ratio | `replay_ratio` | updates per iteration = n_steps·N / batch_size × replay_ratio |
 
-Defaults are the reference's configs (`cfg/gym/finetune/hopper-v2/ft_dql_diffusion_mlp.yaml`,
-`cfg/robomimic/finetune/*/ft_dql_diffusion_mlp.yaml`). Where they differ from the paper's Table A8:
-buffer 1e6 transitions (A8: 4e5), batch 1000 (A8: 5000), replay ratio 16 for actor and critic
-(A8: 64 and 64), Transport σ^exp_min 0.1 (A8: 0.08). Avoid has no reference config: DPPO's Avoid
-run size (50 envs × 25 chunk-steps, 51 iterations, γ 0.99, envs reset every iteration, no bootstrap
-at the time limit) with the gym config's DQL settings (batch 1000 fits the 1250 transitions of one
-iteration). The reference's Q-critic is a plain Mish MLP: its configs ask for `residual_style` but
-`CriticObsAct` reads `residual_tyle`, so `--critic-residual` is off by default.
-
-Deviations from the reference implementation (docs/deviations.md, "dql.py"):
-- With T_a > T_e the critic sees the first T_e actions of the actor's sample and the ε-MSE fits the
-  whole T_a chunk; the reference slices the sample to T_e first and so runs only with T_a = T_e,
-  where the two agree.
-- Truncated transitions keep the finished episode's final observation as s' and bootstrap from it
-  (as the reference); on Avoid the time limit is terminal (`--bootstrap-truncated False`).
-- The replay buffer is a ring of preallocated tensors on the training device, sampled uniformly
-  (the reference: deques copied to numpy once per iteration); it is saved with the checkpoint.
-- During the critic warm-up the actor loss is not computed (the reference computes and discards it).
-- The coin of q_loss is drawn by torch (the reference: numpy), so that a resumed run continues exactly.
-- The optimisers' LR schedules step every iteration, as the reference's DQL agent does (the PPO
-  scripts hold the actor's back during the critic warm-up); the configs keep both constant.
-- Resumed runs reproduce uninterrupted ones exactly for tasks that reset their envs every
-  iteration (Avoid, robomimic); gym locomotion envs restart their episodes on resume.
+Defaults: the reference's configs (`cfg/{gym,robomimic}/finetune/*/ft_dql_diffusion_mlp.yaml`); Avoid has none
+and takes DPPO's Avoid run size with the gym config's DQL settings.
+Deviations from the reference implementation (irom-princeton/dppo) and from Table A8: docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -52,128 +32,76 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, evaluate, make_vec_env
-from common.errors import UsageError
+from common import runs
+from common.envs import make_vec_env
 from common.networks import DoubleQCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
-                         whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
+HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
+METHOD = runs.script_name(__file__)  # saved in the checkpoint: a run resumes only with its own script
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
 # the actor's scheduler steps from iteration 0 (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py)"""
-    checkpoint: str | None = None
-    """pre-trained (or fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch (see README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, losses off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
-    n_train_itr: int | None = None
-    """fine-tuning iterations (gym 1000, lift 81, can 300, square/transport 201, Avoid 51)"""
-    num_envs: int | None = None
-    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    horizon_steps: int | None = None
-    """T_a in fine-tuning (UNet may differ from pre-training; None: the checkpoint's)"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float | None = None
-    """environment discount per chunk-step (gym/Avoid 0.99, robomimic 0.999)"""
-    bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from Q(final observation); False: the horizon ends the task (Avoid,
-    docs/deviations.md)"""
-    reward_scale: float | None = None
-    """rewards are multiplied by this before they enter the buffer (gym/Avoid 0.01, robomimic 1)"""
-    min_sampling_denoising_std: float = 0.1
-    """exploration std floor while sampling"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp"""
-    actor_lr: float | None = None
-    """actor learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
-    actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: constant)"""
-    critic_lr: float = 1e-3
-    """critic learning rate"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedules (constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules (None: n_train_itr)"""
-    buffer_size: int = 1_000_000
-    """replay buffer capacity in transitions (chunk-steps)"""
-    batch_size: int = 1000
-    """transitions per critic / actor update"""
-    replay_ratio: int | None = None
-    """updates per iteration = n_steps·num_envs / batch_size × replay_ratio (16)"""
-    n_critic_warmup_itr: int | None = None
-    """iterations in which only the critic learns (5)"""
-    target_ema_rate: float = 0.005
-    """τ of the EMA target critic, updated after every update"""
-    eta: float = 1.0
-    """η: weight of the normalised Q loss in the actor loss"""
-    max_grad_norm: float | None = None
-    """actor gradient norm clip (None: off)"""
-    critic_residual: bool = False
-    """residual Q-critic trunk (the reference's is a plain MLP, see the module docstring)"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py)
+    checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a of fine-tuning (None: the checkpoint's; a UNet's may differ)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk
+    gamma: Annotated[float | None, Fraction] = None  # γ_env, the discount per chunk-step
+    bootstrap_truncated: bool | None = None  # bootstrap time limits from Q(final obs); False: the horizon ends the task
+    reward_scale: Annotated[float | None, Positive] = None  # rewards are multiplied by this before they enter the buffer
+    min_sampling_denoising_std: Annotated[float, Positive] = 0.1  # σ^exp_min, the sampling std floor
+    randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
+    actor_lr: Annotated[float | None, Positive] = None  # actor learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the actor's cosine schedule (None: actor_lr, constant)
+    critic_lr: Annotated[float, Positive] = 1e-3  # critic learning rate (constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
+    buffer_size: Annotated[int, Positive] = 1_000_000  # replay buffer capacity in transitions (chunk-steps)
+    batch_size: Annotated[int, Positive] = 1000  # transitions per critic / actor update
+    replay_ratio: Annotated[int | None, Positive] = None  # updates per iteration = n_steps·N / batch_size × this
+    n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations in which only the critic learns
+    target_ema_rate: Annotated[float, Positive] = 0.005  # τ of the EMA target critic, in (0, 1]
+    eta: Annotated[float, NonNegative] = 1.0  # η, the weight of the normalised Q loss in the actor loss
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of the actor (None: off)
+    critic_residual: bool = False  # residual Q-critic trunk (the reference's runs as a plain MLP: docs/deviations.md)
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's DQL fine-tuning configs (paper App. D.3, D.9); an explicit flag always wins.
@@ -195,20 +123,30 @@ def fill_defaults(args: Args) -> dict:
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
-        raise UsageError(f"{script_name(__file__)}.py has no {task.suite} setup (the reference has no DQL config for it)")
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                   "act_steps": task.act_steps})
-    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "save_every",
-                   "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "buffer_size",
-                   "batch_size", "replay_ratio", "target_ema_rate", "min_sampling_denoising_std", "randn_clip_value",
-                   "max_grad_norm", "reward_scale")
-    check_range(args, "gamma", 0.0, 1.0)
-    check_range(args, "target_ema_rate", 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "eta"):
-        check_range(args, name, 0, math.inf)
+        raise runs.UsageError(f"{METHOD}.py has no {task.suite} setup (the reference has no DQL config for it)")
+    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                        "act_steps": task.act_steps})
+    filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    runs.check_args(args)  # every number within the Limits of its field
+    if args.target_ema_rate > 1:
+        raise runs.UsageError(f"--target-ema-rate must be in [0.0, 1.0] (got {args.target_ema_rate})")
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
+
+
+def fill_from_checkpoint(args: Args, ckpt: dict) -> int:
+    """T_a from the checkpoint unless given; the chunk and the update count checked. Returns the updates per iteration."""
+    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
+    if args.act_steps > args.horizon_steps:
+        raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
+    n_updates = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # `TrainDQLDiffusionAgent.run`
+    if not args.eval_only and n_updates < 1:
+        raise runs.UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x "
+                              f"{args.num_envs} / {args.batch_size} x {args.replay_ratio} < 1 (lower --batch-size or "
+                              "raise --replay-ratio)")
+    return n_updates
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -320,15 +258,40 @@ class DiffusionDQL(nn.Module):
         return self.diffusion.sample(self.actor, cond, deterministic)
 
 
-def new_buffer(size: int, T_o: int, D_o: int, T: int, D_a: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The replay buffer: preallocated tensors on the training device, filled as a ring."""
-    return {"obs": torch.zeros(size, T_o, D_o, device=device), "next_obs": torch.zeros(size, T_o, D_o, device=device),
-            "action": torch.zeros(size, T, D_a, device=device), "reward": torch.zeros(size, device=device),
-            "cut": torch.zeros(size, device=device)}
 
+class ReplayBuffer:
+    """Executed transitions in preallocated tensors on the training device, filled as a ring and sampled uniformly
+    (the reference: deques copied to numpy once per iteration). `buf[key]`: one field's storage, rows [0, size) filled.
+    Saved with every checkpoint (`state_dict`: the filled rows and the write pointer), so a run resumes with its data."""
 
-def buffer_mb(buf: dict[str, torch.Tensor]) -> float:
-    return sum(v.numel() * v.element_size() for v in buf.values()) / 2**20
+    def __init__(self, capacity: int, T_o: int, D_o: int, T: int, D_a: int, device: torch.device) -> None:
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.data = {"obs": torch.zeros(capacity, T_o, D_o, device=device),
+                     "next_obs": torch.zeros(capacity, T_o, D_o, device=device),
+                     "action": torch.zeros(capacity, T, D_a, device=device), "reward": torch.zeros(capacity, device=device),
+                     "cut": torch.zeros(capacity, device=device)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.data[key]
+
+    def add(self, **rows: torch.Tensor) -> None:
+        """One row per env of one chunk-step, at the write pointer."""
+        n = rows["reward"].shape[0]
+        idx = (self.ptr + torch.arange(n, device=rows["reward"].device)) % self.capacity
+        for key, value in rows.items():
+            self.data[key][idx] = value
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def megabytes(self) -> float:
+        return sum(v.numel() * v.element_size() for v in self.data.values()) / 2**20
+
+    def state_dict(self) -> dict:
+        return {**{k: v[:self.size] for k, v in self.data.items()}, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:  # the filled part, in ring order
+        self.ptr, self.size = int(state["ptr"]), int(state["reward"].shape[0])
+        for k, v in self.data.items():
+            v[:self.size] = state[k].to(v.device)
 
 
 def reference_conversion() -> ModuleType:
@@ -342,122 +305,84 @@ def reference_conversion() -> ModuleType:
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=("itr", "env_steps", "optimizers",
-                                   "schedulers", "rng", "args"), method=script_name(__file__))
-        args = resume_args(args, resume["args"], args.resume)
+        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), method=METHOD,
+                                  keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
-                                     conversion=reference_conversion)
-    args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
-    T_e, N, B = args.act_steps, args.num_envs, args.batch_size
-    if T_e > args.horizon_steps:
-        raise UsageError(f"--act-steps {T_e} exceeds the chunk T_a = {args.horizon_steps}")
-    n_updates = int(args.n_steps * N / B * args.replay_ratio)  # reference `TrainDQLDiffusionAgent.run`
-    if not args.eval_only and n_updates < 1:
-        raise UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x {N} / "
-                         f"{B} x {args.replay_ratio} < 1 (lower --batch-size or raise --replay-ratio)")
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+        runs.print_defaults(task.id, filled)
+    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    n_updates = fill_from_checkpoint(args, ckpt)
+    T_o, T_a, T_e, N, B = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.batch_size
+    D_a = task.action_dim
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    actor = build_diffusion_network(ckpt, args.horizon_steps)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    load_weights(actor, whole_network_weights(ckpt, ckpt_path), ckpt_path)
-    critic = DoubleQCritic(task.obs_dim, task.action_dim, T_e, ckpt["cond_steps"], residual=args.critic_residual)
-    diffusion = Diffusion(ckpt["denoising_steps"], args.horizon_steps, task.action_dim, args.min_sampling_denoising_std,
-                          args.randn_clip_value)
+    actor = build_diffusion_network(ckpt, T_a)
+    runs.load_weights(actor, runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)
+    critic = DoubleQCritic(task.obs_dim, D_a, T_e, T_o, residual=args.critic_residual)
+    diffusion = Diffusion(ckpt["denoising_steps"], T_a, D_a, args.min_sampling_denoising_std, args.randn_clip_value)
     agent = DiffusionDQL(actor, critic, diffusion).to(device)
     if resume is not None:
         for name in ("critic", "critic_target"):
-            load_weights(getattr(agent, name), resume[name], ckpt_path)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+            runs.load_weights(getattr(agent, name), resume[name], ckpt_path)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            return normalizer.unnormalize_action(agent.get_action(cond, deterministic)).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    run = runs.Run(args, envs, task, normalizer, agent.get_action, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
+        return run.eval_only(index=ckpt.get("itr", 0))
+    # AdamW without weight decay and the reference's cosine schedules (constant in every config)
+    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.actor, args.actor_lr, args.actor_lr_min,
+                                                          args.lr_cycle_itr, args.lr_warmup_itr)
+    critic_opt, critic_sched = runs.optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
+                                                            args.lr_cycle_itr, args.lr_warmup_itr)
+    buf = ReplayBuffer(args.buffer_size, T_o, task.obs_dim, T_e, D_a, device)  # the executed T_e actions
+    print(f"replay buffer: {args.buffer_size} transitions, {buf.megabytes():.1f} MB on {device}")
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a},
+              {"actor": agent.actor, "critic": agent.critic, "critic_target": agent.critic_target},
+              {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched},
+              {"method": METHOD, "buffer": buf})
 
-    actor_opt, actor_sched = optimizer_with_schedule(agent.actor, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
-                                                     args.lr_warmup_itr)
-    critic_opt, critic_sched = optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
-                                                       args.lr_warmup_itr)
-    optimizers, schedulers = {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
-    T_o, D_o, D_a = ckpt["cond_steps"], task.obs_dim, task.action_dim
-    buf = new_buffer(args.buffer_size, T_o, D_o, T_e, D_a, device)
-    ptr, size = 0, 0
-    if resume is not None:  # the filled part, in ring order
-        ptr, size = int(resume["buffer_ptr"]), int(resume["buffer"]["reward"].shape[0])
-        for k, v in resume["buffer"].items():
-            buf[k][:size] = v.to(device)
-    print(f"replay buffer: {args.buffer_size} transitions, {buffer_mb(buf):.1f} MB on {device}")
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
-
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
-    history, last_train = [], {}
-    obs, need_reset = None, True
-    timer = PhaseTimer(device)
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset, run deterministically, no update here (reference `TrainDQLDiffusionAgent`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, 0)  # the reference steps both schedulers every iteration
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainDQLDiffusionAgent`)
+            actor_sched.step()  # both schedules step every iteration, as the reference's DQL agent
+            critic_sched.step()
             continue
 
         # ---- rollout: executed chunks into the replay buffer ----
-        timer.reset()
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
+        if run.need_reset or task.reset_every_iteration:
+            obs = run.reset_envs(itr)
         for step in range(args.n_steps):
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x = agent.get_action(cond)
-            timer.lap("sampling")
+            run.lap("sampling")
             obs, reward, term, trunc, info = envs.step(normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy())
             done = term | trunc
-            tracker.step(reward, done)
-            idx = (ptr + torch.arange(N, device=device)) % args.buffer_size
-            buf["obs"][idx], buf["action"][idx] = cond, x[:, :T_e]
-            buf["next_obs"][idx] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
-            buf["reward"][idx] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
-            buf["cut"][idx] = torch.as_tensor(term if args.bootstrap_truncated else done, dtype=torch.float32,
-                                              device=device)
-            ptr, size = (ptr + N) % args.buffer_size, min(size + N, args.buffer_size)
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            buf.add(obs=cond, action=x[:, :T_e],  # s' = the final observation where an episode ended
+                    next_obs=normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device)),
+                    reward=torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device),
+                    cut=torch.as_tensor(term if args.bootstrap_truncated else done, dtype=torch.float32, device=device))
+            run.step(reward, done)
+        run.end_rollout(itr)
 
         # ---- updates: critic (eq. A11), then the actor through its own sample (eq. A10), same batch ----
-        stats_t = {k: [] for k in ("critic_loss", "actor_loss", "bc_loss", "q_loss")}
+        stats = {k: [] for k in ("critic_loss", "actor_loss", "bc_loss", "q_loss")}
         for _ in range(n_updates):
-            i = torch.randint(size, (B,), device=device)
+            i = torch.randint(buf.size, (B,), device=device)
             o = buf["obs"][i]
             with torch.no_grad():
                 next_action = agent.get_action(buf["next_obs"][i])[:, :T_e]
@@ -466,7 +391,7 @@ def main(args: Args) -> dict:
             critic_opt.zero_grad(set_to_none=True)
             loss_c.backward()
             critic_opt.step()
-            stats_t["critic_loss"].append(loss_c.detach())
+            stats["critic_loss"].append(loss_c.detach())
             if itr >= args.n_critic_warmup_itr:
                 loss_a, bc, ql = actor_loss(agent, o, args.eta, T_e)
                 actor_opt.zero_grad(set_to_none=True)
@@ -475,29 +400,19 @@ def main(args: Args) -> dict:
                     nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)
                 actor_opt.step()
                 for k, v in (("actor_loss", loss_a), ("bc_loss", bc), ("q_loss", ql)):
-                    stats_t[k].append(v.detach())
+                    stats[k].append(v.detach())
             ema_update(agent.critic_target, agent.critic, args.target_ema_rate)
-        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, 0)  # the reference steps both schedulers every iteration
-        timer.lap("update")
+        lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
+        actor_sched.step()  # both schedules step every iteration, as the reference's DQL agent
+        critic_sched.step()
+        run.lap("update")
 
-        # ---- logging, once per iteration ----
-        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        check_finite(f"iteration {itr}", logged, agent)
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            extra = {"method": script_name(__file__), "buffer": {k: v[:size] for k, v in buf.items()}, "buffer_ptr": ptr}
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"actor": agent.actor, "critic": agent.critic, "critic_target": agent.critic_target},
-                optimizers, schedulers, extra, itr + 1, env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        # ---- logging and the checkpoint, once per iteration ----
+        logged = {k: torch.stack(v).mean().item() for k, v in stats.items() if v}
+        runs.check_finite(f"iteration {itr}", logged, agent)  # stops before saving a broken state
+        run.end_iteration(itr, logged, lrs)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -1,8 +1,10 @@
 """dipo.py and dql.py: losses and targets by hand, reference vectors, smoke runs, wiring and resume."""
 
 import csv
+import dataclasses
 import math
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch.nn as nn
 import dipo
 import dppo_pretrain as pt
 import dql
+from common import runs
 from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic
 from common.normalizer import Normalizer
@@ -130,8 +133,7 @@ def test_dipo_action_gradient_on_a_quadratic_q(max_norm):
 
 def test_hopper_buffer_fits_in_memory():
     """1e6 Hopper transitions (obs 11, T_a = T_e = 4, D_a = 3): obs, next obs, chunk, reward, cut in float32."""
-    buf = dipo.new_buffer(1_000_000, 1, 11, 4, 3, torch.device("meta"))
-    mb = dipo.buffer_mb(buf)
+    mb = dipo.ReplayBuffer(1_000_000, 1, 11, 4, 3, torch.device("meta")).megabytes()
     assert mb == pytest.approx((11 + 11 + 12 + 2) * 4 * 1e6 / 2**20) and mb < 150
     print(f"Hopper replay buffer of 1e6 transitions: {mb:.1f} MB")
 
@@ -156,6 +158,32 @@ def test_defaults_follow_the_reference_configs():
     for module in (dipo, dql):
         with pytest.raises(UsageError, match="no furniture setup"):
             module.fill_defaults(module.Args(env_id="one-leg-low"))
+
+
+@pytest.mark.parametrize("module", [dipo, dql], ids=["dipo", "dql"])
+def test_every_number_has_its_declared_limits(module):
+    """Every number of Args is checked (runs.check_args): a flag without declared Limits may be any finite number, so
+    the ones a run needs positive, non-negative or in [0, 1] are declared (as fill_defaults' lists were); τ is in
+    (0, 1]."""
+    hints = typing.get_type_hints(module.Args, include_extras=True)
+    limits = {f.name: next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, runs.Limits)), None)
+              for f in dataclasses.fields(module.Args)}
+    positive = {"n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "save_every",
+                "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "buffer_size",
+                "batch_size", "replay_ratio", "target_ema_rate", "min_sampling_denoising_std", "randn_clip_value",
+                "reward_scale"}
+    if module is dipo:
+        positive |= {"action_lr", "action_gradient_steps", "action_grad_norm_coef"}
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
+    assert {k for k, v in limits.items() if v is runs.POSITIVE_OR_INF} == {"max_grad_norm"}
+    assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma"}
+    assert {k for k, v in limits.items() if v is runs.NON_NEGATIVE} == \
+        {"val_freq", "lr_warmup_itr", "n_critic_warmup_itr"} | ({"eta"} if module is dql else set())
+    assert limits["seed"] is runs.SEED
+    for tau, message in ((0.0, "must be positive"), (1.5, r"must be in \[0.0, 1.0\]"), (math.nan, "must be positive")):
+        with pytest.raises(UsageError, match=f"--target-ema-rate {message}"):
+            module.fill_defaults(module.Args(target_ema_rate=tau))
+    module.fill_defaults(module.Args(target_ema_rate=1.0, max_grad_norm=math.inf))  # τ = 1 copies; inf: no clip
 
 
 # ---- reference vectors (irom-princeton/dppo DIPODiffusion / DQLDiffusion; tests/reference/README.md) ----
@@ -244,7 +272,7 @@ def test_smoke_two_iterations(pretrained, module):
     assert [int(r["iteration"]) for r in _rows(out)] == [0, 1, 2]
     post, pre = _load(out), torch.load(pretrained["checkpoint"], weights_only=True)
     assert post["method"] == module.__name__ and post["itr"] == 2
-    assert post["buffer"]["reward"].shape[0] == 300 and post["buffer_ptr"] == 100  # the ring wrapped (400 > 300)
+    assert post["buffer"]["reward"].shape[0] == 300 and post["buffer"]["ptr"] == 100  # the ring wrapped (400 > 300)
     assert any(not torch.equal(post["actor"][k], v) for k, v in pre["ema"].items())  # the acting network moved
     if module is dipo:
         assert any(not torch.equal(post["actor"][k], v) for k, v in post["actor_online"].items())  # EMA lags
@@ -295,8 +323,9 @@ def test_dipo_resume_is_bit_identical(pretrained):
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="actor")
     a, b = _load(full), _load(resumed)
     for key in ("actor_online", "critic", "critic_target", "buffer"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    assert a["buffer_ptr"] == b["buffer_ptr"] and len(resumed["history"]) == 1
+        assert a[key].keys() == b[key].keys(), key
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key] if k != "ptr"), key
+    assert a["buffer"]["ptr"] == b["buffer"]["ptr"] and len(resumed["history"]) == 1
 
 
 def test_resume_refuses_another_method(pretrained):
