@@ -309,6 +309,8 @@ def main(args: Args) -> dict:
         resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), method=METHOD,
                                   keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
         args = runs.resume_args(args, resume["args"], args.resume)
+        if "buffer_ptr" in resume:  # a checkpoint written before the pointer moved into the buffer's state (2026-12-06)
+            resume["buffer"]["ptr"] = resume.pop("buffer_ptr")
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
