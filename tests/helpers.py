@@ -34,9 +34,9 @@ class WiringRecorder:
         self.fresh_grads: list[bool] = []
         self.critic = None
         rec = self
-        import common.envs
+        import common.runs
         # the evaluation: the script's own import of it, or (scripts on `common.runs.Run`) the one `Run` calls
-        eval_owner = module if hasattr(module, "evaluate") else common.envs
+        eval_owner = module if hasattr(module, "evaluate") else common.runs
         real_make, real_eval, real_scaler, real_critic = (module.make_vec_env, eval_owner.evaluate,
                                                           module.RunningRewardScaler, module.ObsCritic)
         real_gae = module.compute_gae
@@ -109,7 +109,7 @@ class WiringRecorder:
         np.testing.assert_array_equal(g["cut"].numpy(), term if bootstrap_truncated else dones)
         torch.testing.assert_close(g["next_values"], g["expected_next_values"])
         train_seeds = {s for s in self.resets if s not in self.eval_seeds}
-        assert seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
+        assert self.eval_seeds and seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
         assert self.fresh_grads and all(self.fresh_grads)  # every backward starts from zeroed critic gradients
 
 
