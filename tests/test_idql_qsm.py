@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import dppo_pretrain as pt
 import idql
 import qsm
+from common import runs
 from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic
 from common.normalizer import Normalizer
@@ -339,16 +340,16 @@ def test_smoke_two_iterations(pretrained, module):
 def test_idql_resume_is_bit_identical(pretrained, monkeypatch):
     kw = dict(TINY, n_train_itr=3, checkpoint=pretrained["checkpoint"], num_sample=3, buffer_size=60)
     full = idql.main(idql.Args(exp_name="full", **kw))
-    real = idql.save_checkpoint
+    real = runs.save_checkpoint  # what `runs.Run.end_iteration` saves with
 
     def save_then_stop(path, payload):
         real(path, payload)
         if payload["itr"] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(idql, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         idql.main(idql.Args(exp_name="part", **kw))
-    monkeypatch.setattr(idql, "save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     resumed = idql.main(idql.Args(resume=glob.glob("runs/avoid-m2__part__*")[0]))
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="actor")
     a, b = (torch.load(o["checkpoint"], weights_only=True) for o in (full, resumed))

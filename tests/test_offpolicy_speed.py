@@ -98,18 +98,18 @@ def test_idql_candidates_use_v_once_per_state(B):
 
 @pytest.mark.parametrize("module", MODULES, ids=IDS)
 def test_matmul_flags_reach_the_script(module, restore_matmul_precision, tmp_path, monkeypatch):
-    """Each script takes --float32-matmul-precision / --onednn-matmul and hands them to common.runs.apply_matmul_flags
-    before any work: the refused combination ends in a UsageError, and `medium` sets torch's CPU precision."""
+    """Each script takes --float32-matmul-precision / --onednn-matmul and applies them before training starts: the
+    refused combination ends in a UsageError, and `medium` sets torch's CPU precision."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="--onednn-matmul keeps float32 products"):
         module.main(module.Args(env_id="avoid-m2", onednn_matmul=True, float32_matmul_precision="medium"))
     seen = []
 
-    def stop(*args, **kwargs):  # the envs come after the flags: stop there and look at the precision in force
+    def stop(*args, **kwargs):  # the optimisers come after the flags: stop there and look at the precision in force
         seen.append(torch.backends.mkldnn.matmul.fp32_precision)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(module, "make_vec_env", stop)
+    monkeypatch.setattr(torch.optim, "AdamW", stop)
     with pytest.raises(RuntimeError, match="stop"):
         module.main(module.Args(env_id="avoid-m2", float32_matmul_precision="medium"))
     assert seen == ["bf16"]
