@@ -82,7 +82,7 @@ def run_one(name: str, bench: Bench, ckpt: str) -> dict:
     """`main` of one script for 2 iterations; returns the second iteration's phase times (wall and process CPU)
     and its size."""
     mod = importlib.import_module(name)
-    mod.PhaseTimer = CPUPhaseTimer  # the timer the loop creates; its laps after the last reset are iteration 2's
+    mod.PhaseTimer = CPUPhaseTimer  # (scripts not on Run) the timer the loop creates; its laps after the last reset: itr 2
     extra = {}
     if bench.float32_matmul_precision != "highest":
         extra["float32_matmul_precision"] = bench.float32_matmul_precision
@@ -95,7 +95,8 @@ def run_one(name: str, bench: Bench, ckpt: str) -> dict:
                     save_every=10**9, torch_deterministic=False, torch_threads=bench.threads, cuda=False, **extra)
     out = mod.main(args)
     times = {k[5:]: v for k, v in out["history"][-1].items() if k.startswith("time_")}
-    cpu = dict(CPUPhaseTimer.last.cpu)
+    # a script on `common.runs.Run` records its timer's process CPU times (cpu_*) in the history; the others' timer is ours
+    cpu = {k[4:]: v for k, v in out["history"][-1].items() if k.startswith("cpu_")} or dict(CPUPhaseTimer.last.cpu)
     batch = args.batch_size
     updates = int(args.n_steps * args.num_envs / batch * args.replay_ratio)
     paper = mod.Args(env_id=bench.env_id)

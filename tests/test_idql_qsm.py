@@ -271,6 +271,22 @@ def test_suite_defaults_and_refusals(module):
         module.fill_defaults(module.Args(critic_tau=1.5))
 
 
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_actor_lr_schedule_is_held_during_the_critic_warmup(module):
+    steps = []
+
+    class Sched:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self):
+            steps.append(self.name)
+    schedulers = {"actor": Sched("actor"), "critic_q": Sched("critic_q")}
+    for itr in range(4):
+        module.step_lr_schedules(schedulers, itr, 2)
+    assert steps == ["critic_q", "critic_q", "actor", "critic_q", "actor", "critic_q"]
+
+
 # ---- main: wiring, smoke, resume ----
 
 @pytest.mark.parametrize("module", [idql, qsm])
@@ -304,6 +320,7 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
         train = steps[:30]  # the training rollout (the final evaluation follows)
         trunc = np.stack([s["trunc"] for s in train])
         assert trunc[24].all() and trunc.sum() == 4  # 100 env steps = 25 chunks, mid-iteration
+        assert out["history"][0]["n_episodes"] == 4  # the truncated episodes end in the statistics too
         assert buf["size"] == 30 and buf["ptr"] == 0  # capacity: the run's 30 vector steps, all filled
         np.testing.assert_array_equal(buf["terminal"].numpy(), trunc.astype(np.float32) * (not boot))
         final = norm.normalize_obs(torch.as_tensor(np.stack([s["final_obs"] for s in train]), dtype=torch.float32))
@@ -316,9 +333,18 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
 
 
 @pytest.mark.parametrize("module", [idql, qsm])
-def test_smoke_two_iterations(pretrained, module):
+def test_smoke_two_iterations(pretrained, module, monkeypatch):
+    resets, real_make = [], module.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(module, "make_vec_env", make)
     extra = {"num_sample": 4} if module is idql else {}
     out = module.main(module.Args(**TINY, checkpoint=pretrained["checkpoint"], **extra))
+    assert resets == [0, 4, 1_000_000]  # Avoid resets every iteration (seed + itr·N); the final evaluation's own seed
     h = out["history"]
     losses = ("v_loss", "q_loss", "actor_loss") if module is idql else ("q_loss", "actor_loss")
     assert len(h) == 2 and all(np.isfinite(x[k]) for x in h for k in losses)
