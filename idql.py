@@ -14,7 +14,7 @@ are the training rollouts, also `--use-expectile-exploration False` (the weighte
 | paper | here | shape / value |
 |---|---|---|
 | K | `denoising_steps` (from the checkpoint) | 20 |
-| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | T_a = T_e (see below) |
+| T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | T_a = T_e (the actor is fit on executed chunks) |
 | ε_θ | `agent.actor` (whole network, fine-tuned) | (B, T_a, D_a) |
 | Q_1, Q_2 / targets | `agent.critic_q` / `agent.target_q` (`DoubleQCritic`, plain MLP) | (B,), (B,) |
 | V | `agent.critic_v` (`ObsCritic`, residual) | (B,) |
@@ -27,32 +27,11 @@ One iteration: N envs × `n_steps` chunk-steps go into the buffer (rewards × `s
 drawn uniformly with replacement from the buffer: V step, Q step (with the new V), target EMA, then
 the actor's ε-MSE step once `n_critic_warmup_itr` iterations have passed (reference
 `irom-princeton/dppo` `agent/finetune/train_idql_diffusion_agent.py` `TrainIDQLDiffusionAgent.run`,
-`model/diffusion/diffusion_idql.py` `IDQLDiffusion`).
+`model/diffusion/diffusion_idql.py` `IDQLDiffusion`). Defaults: the reference's configs (buffer 25 000
+vector steps × n_envs, replay ratio 128; Table A8: 2e5, 16); Avoid, which has none, takes DPPO's Avoid run size
+with the gym config's IDQL settings (one iteration's 1250 chunk-steps hold a batch of 1000: 160 updates).
 
-Chunks: the buffer holds the executed chunk (T_e actions), the critic sees it flattened (T_e·D_a) and
-the actor is fit on it, as in the reference; the network therefore predicts T_a = T_e actions (an
-MLP checkpoint must have been pre-trained with T_a = T_e; a UNet runs at T_a = T_e by default).
-
-Reference config (our default) vs the paper's Table A8: buffer 25 000 vector steps × n_envs (1M
-transitions on Hopper; Table A8: 2e5), replay ratio 128 (Table A8: 16). Avoid has no reference
-config: DPPO's Avoid run size (50 envs × 25 chunk-steps, 51 iterations, γ 0.99, envs reset every
-iteration, time limit terminal) with the gym config's IDQL settings; one iteration's 1250 chunk-steps
-hold a batch of 1000 (160 updates per iteration), so nothing is changed.
-
-Deviations from the reference implementation (docs/deviations.md, "idql.py"):
-- Truncated transitions store the finished episode's final observation as next observation (the
-  reference stores it too; terminated ones the next episode's first, masked); only `terminated` ends
-  the bootstrap, except on Avoid (`--bootstrap-truncated False`: the 100-step limit ends the task).
-- The replay buffer is preallocated on the training device with capacity min(buffer_size, vector steps
-  of the whole run) (the reference's deque copies the whole buffer to numpy every iteration).
-- The critic Q is a plain (not residual) MLP: the reference's `CriticObsAct` takes `residual_tyle`, so
-  the configs' `residual_style: True` never reaches it. Reproduced as is.
-- During the critic warm-up the actor's ε-MSE loss is logged but not back-propagated (the reference
-  computes its gradients and drops them); the actor's LR schedule is held during the warm-up (the
-  reference steps it; the configs' schedules are constant, so the numbers are the same).
-- Evaluation: one function (`common.envs.evaluate`) on one horizon, as dppo_finetune.py.
-- The candidate choice evaluates V(s) once per state (the reference: on every candidate's copy of it); the same
-  values up to float rounding (docs/deviations.md, "Speed of the Q-learning baselines").
+Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("idql.py").
 """
 
 from __future__ import annotations
@@ -60,136 +39,76 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, evaluate, make_vec_env
-from common.errors import UsageError
+from common import runs
+from common.envs import make_vec_env
 from common.networks import DoubleQCritic, ObsCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import (DIFFUSION_PRETRAIN_HINT, PhaseTimer, apply_defaults, apply_matmul_flags, check_finite, check_positive,
-                         check_range, cli, diffusion_checkpoint_path, eval_only_report, finetune_checkpoint, load_checkpoint,
-                         load_resume, load_weights, optimizer_with_schedule, policy_header, print_defaults, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
-                         whole_network_weights)
 from common.tasks import get_task, refuse_pixel_task
 
-# the schedulers step on a first evaluation iteration (as in the reference), before their optimisers have
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-
-METHOD = "idql"
+HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
+METHOD = "idql"  # saved in the checkpoint: a resumed run must be one of this script's
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py)"""
-    checkpoint: str | None = None
-    """pre-trained (or fine-tuned) checkpoint; None: the built-in one for the task, if any"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch (README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, losses off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    # algorithm (None: the task's value, printed at start; see SUITE_DEFAULTS / TASK_DEFAULTS below)
-    n_train_itr: int | None = None
-    """fine-tuning iterations (gym 1000, lift 81, can 151, square/transport 201, Avoid 51)"""
-    num_envs: int | None = None
-    """parallel environments (gym 40, robomimic 50, Avoid 50)"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration (gym 500, lift/can 300, square/transport 400, Avoid 25)"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    horizon_steps: int | None = None
-    """T_a (must equal T_e; None: the checkpoint's, a UNet's T_e)"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float | None = None
-    """environment discount per chunk-step (gym/Avoid 0.99, robomimic 0.999)"""
-    bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from the final observation; False: the horizon ends the task (Avoid,
-    docs/deviations.md)"""
-    min_sampling_denoising_std: float = 0.1
-    """exploration std floor while sampling"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp"""
-    actor_lr: float | None = None
-    """actor learning rate (gym/Avoid 1e-4, robomimic 1e-5)"""
-    actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: actor_lr, constant)"""
-    critic_lr: float = 1e-3
-    """learning rate of Q and V"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedules (constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules (None: n_train_itr)"""
-    buffer_size: int | None = None
-    """replay buffer in vector steps (x num_envs transitions; gym/Avoid 25000, robomimic 5000)"""
-    batch_size: int = 1000
-    """transitions per update"""
-    replay_ratio: int = 128
-    """updates per iteration = n_steps·num_envs/batch_size × replay_ratio"""
-    n_critic_warmup_itr: int = 5
-    """iterations before the actor starts to step"""
-    critic_tau: float = 0.001
-    """EMA rate of the target Q-networks"""
-    expectile: float = 0.8
-    """expectile τ of the V regression"""
-    num_sample: int | None = None
-    """candidate chunks per action (gym/Avoid 20, robomimic 10)"""
-    sample_weight: float = 0.7
-    """training: candidate weight where Q - V > 0 (1 - it elsewhere)"""
-    use_expectile_exploration: bool = True
-    """training picks candidates by the Q - V weights; False: argmax Q as in evaluation"""
-    scale_reward_factor: float | None = None
-    """rewards stored × this (gym/Avoid 0.01, robomimic 1)"""
-    max_grad_norm: float | None = None
-    """actor gradient norm clip (None: off)"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py)
+    checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a, must equal T_e (None: the checkpoint's, a UNet's T_e)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk (None: the task's)
+    gamma: Annotated[float | None, Fraction] = None  # γ_env, the discount per chunk-step
+    bootstrap_truncated: bool | None = None  # bootstrap time limits from V(final obs); False: the horizon ends the task
+    min_sampling_denoising_std: Annotated[float, Positive] = 0.1  # the sampling std floor (training)
+    randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
+    actor_lr: Annotated[float | None, Positive] = None  # actor learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the actor's cosine schedule (None: actor_lr, constant)
+    critic_lr: Annotated[float, Positive] = 1e-3  # learning rate of Q and V (constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
+    buffer_size: Annotated[int | None, Positive] = None  # replay buffer in vector steps (x num_envs transitions)
+    batch_size: Annotated[int, Positive] = 1000  # transitions per update
+    replay_ratio: Annotated[int, Positive] = 128  # updates per iteration = n_steps·num_envs/batch_size × replay_ratio
+    n_critic_warmup_itr: Annotated[int, NonNegative] = 5  # iterations before the actor starts to step
+    critic_tau: Annotated[float, Fraction] = 0.001  # EMA rate of the target Q-networks
+    expectile: Annotated[float, Fraction] = 0.8  # expectile τ of the V regression
+    num_sample: Annotated[int | None, Positive] = None  # candidate chunks per action
+    sample_weight: Annotated[float, Fraction] = 0.7  # training: candidate weight where Q - V > 0 (1 - it elsewhere)
+    use_expectile_exploration: bool = True  # training draws candidates by the Q - V weights; False: argmax Q
+    scale_reward_factor: Annotated[float | None, NonNegative] = None  # rewards stored × this
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None: off)
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's IDQL configs (cfg/gym/finetune/hopper-v2/ft_idql_diffusion_mlp.yaml, cfg/robomimic/finetune/*/);
@@ -214,20 +133,28 @@ def fill_defaults(args: Args) -> dict:
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
-        raise UsageError(f"{script_name(__file__)}.py has no {task.suite} settings (the reference has no IDQL config there)")
-    filled = apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                   "act_steps": task.act_steps})
-    filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "batch_size",
-                   "buffer_size", "replay_ratio", "num_sample", "save_every", "torch_threads", "eval_n_steps", "actor_lr",
-                   "actor_lr_min", "critic_lr", "lr_cycle_itr", "min_sampling_denoising_std", "randn_clip_value",
-                   "max_grad_norm")
-    for name in ("gamma", "critic_tau", "expectile", "sample_weight"):
-        check_range(args, name, 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "scale_reward_factor"):
-        check_range(args, name, 0, math.inf)
+        raise runs.UsageError(f"{runs.script_name(__file__)}.py has no {task.suite} settings "
+                              "(the reference has no IDQL config there)")
+    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
+                                        "act_steps": task.act_steps})
+    filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+    runs.check_args(args)  # every number within the Limits of its field
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
+
+
+def fill_from_checkpoint(args: Args, ckpt: dict) -> None:
+    """T_a from the checkpoint unless given (a UNet's: T_e), checked against T_e; the batch against the buffer."""
+    T_e = args.act_steps
+    args.horizon_steps = args.horizon_steps or (T_e if ckpt["backbone"] == "unet" else ckpt["horizon_steps"])
+    if args.horizon_steps != T_e:  # the actor is fit on the executed chunks the buffer holds (reference)
+        raise runs.UsageError(f"IDQL fits the actor on the executed chunks, so T_a must equal T_e: --horizon-steps "
+                              f"{args.horizon_steps} vs --act-steps {T_e} (an MLP checkpoint fixes T_a; a UNet takes any)")
+    if not args.eval_only and args.batch_size > args.buffer_size * args.num_envs:
+        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * args.num_envs} "
+                              "transitions")
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -378,6 +305,14 @@ class IDQLDiffusion(nn.Module):
         return F.mse_loss(self.actor(x_t, t, obs), noise)
 
 
+def step_lr_schedules(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> None:
+    """Once per iteration, evaluation iterations included; the actor's only once it steps, after the critic warm-up
+    (reference `agent/finetune/train_ppo_diffusion_agent.py`, `TrainPPODiffusionAgent.run`); the critics' every time."""
+    for name, sched in schedulers.items():
+        if name != "actor" or itr >= n_critic_warmup_itr:
+            sched.step()
+
+
 def reference_conversion() -> ModuleType:
     """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
     irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
@@ -389,31 +324,24 @@ def reference_conversion() -> ModuleType:
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, "diffusion", DIFFUSION_PRETRAIN_HINT.format(args.env_id),
-                             keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"), method=METHOD)
-        args = resume_args(args, resume["args"], args.resume)
+        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id),
+                                  keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"), method=METHOD)
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    args.checkpoint = diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or load_checkpoint(args.checkpoint, "diffusion", DIFFUSION_PRETRAIN_HINT.format(task.id), task,
-                                     conversion=reference_conversion)
-    T_e, N = args.act_steps, args.num_envs
-    args.horizon_steps = args.horizon_steps or (T_e if ckpt["backbone"] == "unet" else ckpt["horizon_steps"])
-    if args.horizon_steps != T_e:  # the actor is fit on the executed chunks the buffer holds (reference)
-        raise UsageError(f"IDQL fits the actor on the executed chunks, so T_a must equal T_e: --horizon-steps "
-                         f"{args.horizon_steps} vs --act-steps {T_e} (an MLP checkpoint fixes T_a; a UNet takes any)")
-    if not args.eval_only and args.batch_size > args.buffer_size * N:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * N} transitions")
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+        runs.print_defaults(task.id, filled)
+    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    fill_from_checkpoint(args, ckpt)
+    T_o, T_e, N, D_o, D_a = ckpt["cond_steps"], args.act_steps, args.num_envs, task.obs_dim, task.action_dim
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     actor = build_diffusion_network(ckpt, args.horizon_steps)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    load_weights(actor, whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or a fine-tuned actor
-    T_o, D_o, D_a = ckpt["cond_steps"], task.obs_dim, task.action_dim
+    runs.load_weights(actor, runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)  # pre-training's EMA, or fine-tuned
     # reference `CriticObsAct` (its `residual_tyle` typo keeps Q a plain MLP) and `CriticObs` (residual), [256] x 3 Mish
     critic_q = DoubleQCritic(D_o, D_a, T_e, T_o, mlp_dims=(256,) * 3, activation="mish", residual=False)
     critic_v = ObsCritic(D_o, T_o, mlp_dims=(256,) * 3, activation="mish", residual=True)
@@ -421,71 +349,52 @@ def main(args: Args) -> dict:
                           args.min_sampling_denoising_std, args.randn_clip_value).to(device)
     if resume is not None:
         for name in ("critic_q", "target_q", "critic_v"):
-            load_weights(getattr(agent, name), resume[name], ckpt_path)
+            runs.load_weights(getattr(agent, name), resume[name], ckpt_path)
     envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x = agent.get_action(cond, deterministic, args.num_sample, args.sample_weight, args.use_expectile_exploration)
-            return normalizer.unnormalize_action(x).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    def policy(cond: torch.Tensor, deterministic: bool) -> torch.Tensor:  # evaluation: the candidate choice too
+        return agent.get_action(cond, deterministic, args.num_sample, args.sample_weight, args.use_expectile_exploration)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
-
-    optimizers, schedulers = {}, {}
+        return run.eval_only(index=ckpt.get("itr", 0))
+    optimizers, schedulers = {}, {}  # AdamW without weight decay, the reference's cosine schedules (constant by default)
     for name, module, lr, lr_min in (("actor", agent.actor, args.actor_lr, args.actor_lr_min),
                                      ("critic_q", agent.critic_q, args.critic_lr, args.critic_lr),
                                      ("critic_v", agent.critic_v, args.critic_lr, args.critic_lr)):
-        optimizers[name], schedulers[name] = optimizer_with_schedule(module, lr, lr_min, args.lr_cycle_itr,
-                                                                     args.lr_warmup_itr)
+        optimizers[name], schedulers[name] = runs.optimizer_with_schedule(module, lr, lr_min, args.lr_cycle_itr,
+                                                                          args.lr_warmup_itr)
     # the whole run's vector steps when fewer than buffer_size (the FIFO never drops anything then)
     capacity = min(args.buffer_size, max(args.n_train_itr * args.n_steps, resume["buffer"]["size"] if resume else 0))
     buffer = ReplayBuffer(capacity, N,
                           dict(obs=(T_o, D_o), next_obs=(T_o, D_o), actions=(T_e, D_a), rewards=(), terminal=()), device)
-    if resume is not None:
-        buffer.load_state_dict(resume["buffer"])
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, None,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = {**policy_header(ckpt), "horizon_steps": args.horizon_steps}
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": args.horizon_steps},
+              {"actor": agent.actor, "critic_q": agent.critic_q, "target_q": agent.target_q, "critic_v": agent.critic_v},
+              optimizers, schedulers, {"method": METHOD, "buffer": buffer})  # the buffer: saved, restored on resume
     n_updates = int(args.n_steps * N / args.batch_size * args.replay_ratio)  # reference `num_batch`
 
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward)
-    history, last_train = [], {}
-    obs, need_reset = None, True
-    timer = PhaseTimer(device)
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `run`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainIDQLDiffusionAgent.run`)
+            step_lr_schedules(schedulers, itr, args.n_critic_warmup_itr)  # as the reference, here too
             continue
 
         # ---- rollout: executed chunks into the replay buffer ----
-        timer.reset()
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
+        if run.need_reset or task.reset_every_iteration:
+            obs = run.reset_envs(itr)
         agent.eval()
         for step in range(args.n_steps):
             cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
             x = agent.get_action(cond, False, args.num_sample, args.sample_weight, args.use_expectile_exploration)
-            timer.lap("sampling")
+            run.lap("sampling")
             obs, reward, term, trunc, info = envs.step(normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy())
             done = term | trunc
             terminal = term if args.bootstrap_truncated else done
@@ -493,17 +402,12 @@ def main(args: Args) -> dict:
                        next_obs=normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device)),
                        rewards=torch.as_tensor(reward * args.scale_reward_factor, dtype=torch.float32, device=device),
                        terminal=torch.as_tensor(terminal, dtype=torch.float32, device=device))
-            tracker.step(reward, done.astype(bool))
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.step(reward, done)
+        run.end_rollout(itr)
 
         # ---- updates: V (expectile), Q (TD on V), target EMA, actor ε-MSE (reference `run`) ----
         agent.train()
-        stats_t = {k: [] for k in ("v_loss", "q_loss", "actor_loss")}
+        stats = {k: [] for k in ("v_loss", "q_loss", "actor_loss")}
         for _ in range(n_updates):
             b = buffer.sample(args.batch_size)
             v_loss = agent.loss_critic_v(b["obs"], b["actions"], args.expectile)
@@ -526,28 +430,17 @@ def main(args: Args) -> dict:
                 with torch.no_grad():
                     actor_loss = agent.loss_actor(b["obs"], b["actions"])
             for k, v in (("v_loss", v_loss), ("q_loss", q_loss), ("actor_loss", actor_loss)):
-                stats_t[k].append(v.detach())
+                stats[k].append(v.detach())
         lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
-        timer.lap("update")
+        step_lr_schedules(schedulers, itr, args.n_critic_warmup_itr)
+        run.lap("update")
 
-        # ---- logging, once per iteration ----
-        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        check_finite(f"iteration {itr}", logged, agent.actor, agent.critic_q, agent.critic_v)
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"actor": agent.actor, "critic_q": agent.critic_q, "target_q": agent.target_q,
-                               "critic_v": agent.critic_v}, optimizers, schedulers,
-                {"method": METHOD, "buffer": buffer.state_dict()}, itr + 1, env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        # ---- logging and the checkpoint, once per iteration ----
+        logged = {k: torch.stack(v).mean().item() for k, v in stats.items() if v}
+        runs.check_finite(f"iteration {itr}", logged, agent.actor, agent.critic_q, agent.critic_v)
+        run.end_iteration(itr, logged, lrs)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

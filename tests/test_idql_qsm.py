@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import dppo_pretrain as pt
 import idql
 import qsm
+from common import runs
 from common.errors import UsageError
 from common.networks import DiffusionMLP, DoubleQCritic, ObsCritic
 from common.normalizer import Normalizer
@@ -270,6 +271,22 @@ def test_suite_defaults_and_refusals(module):
         module.fill_defaults(module.Args(critic_tau=1.5))
 
 
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_actor_lr_schedule_is_held_during_the_critic_warmup(module):
+    steps = []
+
+    class Sched:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self):
+            steps.append(self.name)
+    schedulers = {"actor": Sched("actor"), "critic_q": Sched("critic_q")}
+    for itr in range(4):
+        module.step_lr_schedules(schedulers, itr, 2)
+    assert steps == ["critic_q", "critic_q", "actor", "critic_q", "actor", "critic_q"]
+
+
 # ---- main: wiring, smoke, resume ----
 
 @pytest.mark.parametrize("module", [idql, qsm])
@@ -303,6 +320,7 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
         train = steps[:30]  # the training rollout (the final evaluation follows)
         trunc = np.stack([s["trunc"] for s in train])
         assert trunc[24].all() and trunc.sum() == 4  # 100 env steps = 25 chunks, mid-iteration
+        assert out["history"][0]["n_episodes"] == 4  # the truncated episodes end in the statistics too
         assert buf["size"] == 30 and buf["ptr"] == 0  # capacity: the run's 30 vector steps, all filled
         np.testing.assert_array_equal(buf["terminal"].numpy(), trunc.astype(np.float32) * (not boot))
         final = norm.normalize_obs(torch.as_tensor(np.stack([s["final_obs"] for s in train]), dtype=torch.float32))
@@ -315,9 +333,18 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
 
 
 @pytest.mark.parametrize("module", [idql, qsm])
-def test_smoke_two_iterations(pretrained, module):
+def test_smoke_two_iterations(pretrained, module, monkeypatch):
+    resets, real_make = [], module.make_vec_env
+
+    def make(*a, **kw):
+        envs = real_make(*a, **kw)
+        reset = envs.reset
+        envs.reset = lambda seed=None: resets.append(seed) or reset(seed=seed)
+        return envs
+    monkeypatch.setattr(module, "make_vec_env", make)
     extra = {"num_sample": 4} if module is idql else {}
     out = module.main(module.Args(**TINY, checkpoint=pretrained["checkpoint"], **extra))
+    assert resets == [0, 4, 1_000_000]  # Avoid resets every iteration (seed + itr·N); the final evaluation's own seed
     h = out["history"]
     losses = ("v_loss", "q_loss", "actor_loss") if module is idql else ("q_loss", "actor_loss")
     assert len(h) == 2 and all(np.isfinite(x[k]) for x in h for k in losses)
@@ -339,16 +366,16 @@ def test_smoke_two_iterations(pretrained, module):
 def test_idql_resume_is_bit_identical(pretrained, monkeypatch):
     kw = dict(TINY, n_train_itr=3, checkpoint=pretrained["checkpoint"], num_sample=3, buffer_size=60)
     full = idql.main(idql.Args(exp_name="full", **kw))
-    real = idql.save_checkpoint
+    real = runs.save_checkpoint  # what `runs.Run.end_iteration` saves with
 
     def save_then_stop(path, payload):
         real(path, payload)
         if payload["itr"] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(idql, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         idql.main(idql.Args(exp_name="part", **kw))
-    monkeypatch.setattr(idql, "save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     resumed = idql.main(idql.Args(resume=glob.glob("runs/avoid-m2__part__*")[0]))
     assert_resumed_run_matches(full, resumed, n_eval_rows=4, key="actor")
     a, b = (torch.load(o["checkpoint"], weights_only=True) for o in (full, resumed))
