@@ -109,7 +109,8 @@ class WiringRecorder:
         np.testing.assert_array_equal(g["cut"].numpy(), term if bootstrap_truncated else dones)
         torch.testing.assert_close(g["next_values"], g["expected_next_values"])
         train_seeds = {s for s in self.resets if s not in self.eval_seeds}
-        assert self.eval_seeds and seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
+        assert self.eval_seeds  # the hook saw the evaluations
+        assert seed in train_seeds and not set(self.eval_seeds) & train_seeds  # evaluation episodes are not training's
         assert self.fresh_grads and all(self.fresh_grads)  # every backward starts from zeroed critic gradients
 
 
