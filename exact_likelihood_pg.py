@@ -449,8 +449,8 @@ def main(args: Args) -> dict:
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
             as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
             cut = terminated if args.bootstrap_truncated else dones
-            advantages, returns = compute_gae(as_t(r), values, next_values, as_t(cut), as_t(dones), args.gamma,
-                                              args.gae_lambda)
+            advantages, returns = compute_gae(as_t(r), values, next_values, as_t(cut), as_t(dones),
+                                              args.gamma, args.gae_lambda)
         run.lap("advantages")
 
         # ---- old log-likelihoods: the network before this update, in chunks of one minibatch ----
