@@ -2,6 +2,7 @@
 numbers of the plain formulation, and the code path of benchmarks/baselines_iteration.py (tiny sizes; timings are
 measured by the benchmark, never asserted here)."""
 
+
 import numpy as np
 import pytest
 import torch
@@ -61,15 +62,17 @@ def exact_agent(T_a: int = 4, D_a: int = 3):
 
 @pytest.mark.parametrize("chunk", [64, 100, 300])
 def test_exact_likelihood_update_in_pieces_matches_the_whole_minibatch(chunk):
-    """`ppo_loss_backward` over pieces = `ppo_loss` of the whole minibatch and its backward: the same loss, KL and clip
-    fraction (rtol 1e-5) and gradients (rtol 1e-4), through the ODE integration and its divergence (2 Rademacher
-    probes per sample, the same for both)."""
+    """The update of `exact_likelihood_pg.main` over pieces of `chunk` env-steps (advantages normalised over the whole
+    minibatch first, each piece's `ppo_loss` share of the mean back-propagated) = `ppo_loss` of the whole minibatch and
+    its backward: the same loss, KL and clip fraction (rtol 1e-5) and gradients (rtol 1e-4), through the ODE
+    integration and its divergence (2 Rademacher probes per sample, the same for both)."""
     torch.manual_seed(0)
     agent = exact_agent()
     B = 300
     obs, act = torch.randn(B, 1, 11), torch.rand(B, 4, 3) * 1.6 - 0.8
     probes, w = agent.probes(B, torch.device("cpu"))
     adv = torch.randn(B) * 3 + 1
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # as the loop normalises the minibatch's advantages
     with torch.no_grad():
         old = agent.log_likelihood(obs, act, probes, w) + 0.02 * torch.randn(B)  # ratios on both sides of the clip
 
@@ -84,10 +87,15 @@ def test_exact_likelihood_update_in_pieces_matches_the_whole_minibatch(chunk):
     assert 0.05 < cf.item() < 0.95
 
     agent.zero_grad()
-    loglik = lambda a, b: agent.log_likelihood(obs[a:b], act[a:b], probes[2 * a:2 * b], w)  # noqa: E731
-    pg_c, kl_c, cf_c = el.ppo_loss_backward(loglik, B, old, adv, 0.01, chunk)
-    for ours, ref in ((pg_c, pg), (kl_c, kl), (cf_c, cf)):
-        assert not ours.requires_grad
+    totals = torch.zeros(3)
+    for a in range(0, B, chunk):  # as `main`: pieces of the minibatch, their gradients accumulated
+        p = slice(a, a + chunk)
+        pg_p, kl_p, cf_p = el.ppo_loss(agent.log_likelihood(obs[p], act[p], probes[2 * a:2 * (a + chunk)], w), old[p],
+                                       adv[p], 0.01, B)
+        pg_p.backward()
+        assert not kl_p.requires_grad and not cf_p.requires_grad
+        totals += torch.stack([pg_p.detach(), kl_p, cf_p])
+    for ours, ref in zip(totals, (pg, kl, cf)):
         torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-7)
     scale = max(g.abs().max().item() for g in whole)
     assert scale > 1e-6

@@ -176,14 +176,19 @@ def test_ppo_loss_by_hand():
     new = torch.tensor([-1.0, -0.9, -6.0, 2.5])
     old = torch.tensor([-1.05, -1.0, -5.5, 2.0])
     adv = torch.tensor([1.0, -1.0, 2.0, 0.0])
-    pg, kl, cf = el.ppo_loss(new, old, adv, 0.02)
+    a = (adv - adv.mean()) / (adv.std() + 1e-8)  # as the loop normalises the minibatch's advantages
+    pg, kl, cf = el.ppo_loss(new, old, a, 0.02)
     # clamped to [-5, 2]: log-ratios 0.05, 0.1, 0, 0; advantages normalised with the unbiased std sqrt(5/3)
     r = [math.exp(0.05), math.exp(0.1), 1.0, 1.0]
-    a = [(x - 0.5) / (math.sqrt(5 / 3) + 1e-8) for x in (1.0, -1.0, 2.0, 0.0)]
-    terms = [max(-ai * ri, -ai * min(max(ri, 0.98), 1.02)) for ai, ri in zip(a, r)]
+    a_hand = [(x - 0.5) / (math.sqrt(5 / 3) + 1e-8) for x in (1.0, -1.0, 2.0, 0.0)]
+    torch.testing.assert_close(a, torch.tensor(a_hand))
+    terms = [max(-ai * ri, -ai * min(max(ri, 0.98), 1.02)) for ai, ri in zip(a_hand, r)]
     assert pg.item() == pytest.approx(sum(terms) / 4, abs=1e-6)
     assert kl.item() == pytest.approx((math.exp(0.05) - 1 - 0.05 + math.exp(0.1) - 1 - 0.1) / 4, abs=1e-6)
     assert cf.item() == pytest.approx(0.5)
+    pieces = [el.ppo_loss(new[j], old[j], a[j], 0.02, n=4) for j in (slice(0, 3), slice(3, 4))]  # shares of the mean
+    for k, whole in enumerate((pg, kl, cf)):
+        assert (pieces[0][k] + pieces[1][k]).item() == pytest.approx(whole.item(), abs=1e-7)
 
 
 # ---- reference vectors: irom-princeton/dppo PPOExactDiffusion with the hopper / can configs' sde settings ----
@@ -212,7 +217,8 @@ def test_reference_vectors(tag, obs_dim, action_dim, activation):
     torch.testing.assert_close(old, g("logprobs_old"), atol=1e-5, rtol=0)
     new = agent.log_likelihood(obs, samples, g("probes_new"), 0.5)
     torch.testing.assert_close(new.detach(), g("logprobs_new"), atol=1e-5, rtol=0)
-    pg, kl, cf = el.ppo_loss(new, old, g("advantages"), 0.01)
+    adv = g("advantages")  # normalised over the minibatch, as the reference's loss and our loop do
+    pg, kl, cf = el.ppo_loss(new, old, (adv - adv.mean()) / (adv.std() + 1e-8), 0.01)
     v_loss = 0.5 * ((critic(obs) - g("returns")) ** 2).mean()
     for name, ours in (("pg_loss", pg), ("approx_kl", kl), ("clipfrac", cf), ("v_loss", v_loss),
                        ("ratio_mean", (new.clamp(-5, 2) - old.clamp(-5, 2)).exp().mean())):
@@ -293,14 +299,15 @@ def test_defaults_and_refusals():
 def test_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
     """What `main` hands to its parts in one 60-chunk-step Avoid iteration with T_e = 2 (50-step episodes truncated in
     the middle), --bootstrap-truncated, γ 0.97, λ 0.9, one minibatch of all 120 env-steps: firsts, the bootstrap
-    observation, γ and λ (tests/helpers.py, WiringRecorder); the PPO loss gets the GAE advantages with their sign and
-    the clip range, and the critic regresses each sample on its GAE return (advantage + V(s))."""
+    observation, γ and λ (tests/helpers.py, WiringRecorder); the PPO loss gets the GAE advantages with their sign,
+    normalised over the minibatch, and the clip range, and the critic regresses each sample on its GAE return
+    (advantage + V(s))."""
     ckpt = torch.load(pretrained["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(el, monkeypatch, ckpt["normalization"])
     losses, fits = [], []
-    real_loss, recorded_critic = el.ppo_loss_backward, el.ObsCritic
-    monkeypatch.setattr(el, "ppo_loss_backward", lambda loglik, n, old_lp, adv, clip, chunk:
-                        losses.append((n, adv, clip)) or real_loss(loglik, n, old_lp, adv, clip, chunk))
+    real_loss, recorded_critic = el.ppo_loss, el.ObsCritic
+    monkeypatch.setattr(el, "ppo_loss", lambda new_lp, old_lp, adv, clip, n:
+                        losses.append((n, adv, clip)) or real_loss(new_lp, old_lp, adv, clip, n))
 
     class Critic(recorded_critic):  # V(s) of the update's batch and d loss / d V(s)
         def forward(self, obs):
@@ -315,10 +322,11 @@ def test_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch):
                     n_critic_warmup_itr=0, bootstrap_truncated=True, gamma=0.97, gae_lambda=0.9, clip_coef=0.05,
                     vf_coef=0.5, exp_name="wiring"))
     rec.check_first_iteration(n_steps, 0.97, 0.9, True, seed=0, num_envs=N)
-    (n, adv, clip), = losses
+    assert {(n, clip) for n, _, clip in losses} == {(N * n_steps, 0.05)}  # every piece: its share of the minibatch
+    adv = torch.cat([a for _, a, _ in losses])  # the pieces of the one minibatch
     g = rec.gae[0]
-    assert n == N * n_steps and clip == 0.05
-    torch.testing.assert_close(adv.sort().values, g["advantages"].flatten().sort().values)
+    gae = g["advantages"].flatten()
+    torch.testing.assert_close(adv.sort().values, ((gae - gae.mean()) / (gae.std() + 1e-8)).sort().values)
     (v, dv), = fits  # v_loss = 0.5 mean (V - R)², times vf_coef: dL/dV = 0.5 (V - R) / B
     returns = (g["advantages"] + g["values"]).flatten()
-    torch.testing.assert_close((v - dv * n / 0.5).sort().values, returns.sort().values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((v - dv * N * n_steps / 0.5).sort().values, returns.sort().values, atol=1e-4, rtol=1e-4)

@@ -252,7 +252,8 @@ def test_pixel_finetune_wiring_of_gae_and_the_loss(pixel_pretrained, monkeypatch
     """One iteration of 3 chunk-steps with 8-step episodes (T_e = 4: every env truncated at chunk-step 1), γ 0.97,
     λ 0.9, one minibatch of all 30 pairs: GAE gets no termination as its cut but the truncations as dones, and as
     next values V(s_{t+1}) inside an episode and V(final observation) at the truncation and at the iteration's last
-    step; the loss gets each env-step's GAE advantage once per fine-tuned denoising step."""
+    step; the loss gets each env-step's GAE advantage once per fine-tuned denoising step, normalised over the minibatch
+    and discounted by γ_denoise^(K'-i-1)."""
     import dppo_finetune_pixel as ftp
     steps, values, gaes, advs = [], [], [], []
     real_env, real_critic, real_gae, real_loss = ftp.PixelChunkVecEnv, ftp.ViTCritic, ftp.compute_gae, ftp.ppo_loss
@@ -294,8 +295,10 @@ def test_pixel_finetune_wiring_of_gae_and_the_loss(pixel_pretrained, monkeypatch
     assert torch.equal(next_v[1], v1) and torch.equal(rgb1, torch.as_tensor(steps[1]["final_rgb"]))
     assert torch.equal(next_v[2], v2) and torch.equal(rgb2, torch.as_tensor(steps[2]["final_rgb"]))
     assert not torch.equal(next_v[1], v[2])  # the truncation bootstraps from its own episode, not the reset one
-    (a,) = advs
-    torch.testing.assert_close(a.sort().values, adv.flatten().repeat_interleave(5).sort().values)
+    (a,) = advs  # the minibatch of all 30 pairs: each env-step's advantage once per DDIM step, normalised, discounted
+    pairs = adv.flatten().repeat_interleave(5)
+    expected = (pairs - pairs.mean()) / (pairs.std() + 1e-8) * ftp.denoising_discount(5, 0.99).repeat(6)
+    torch.testing.assert_close(a.sort().values, expected.sort().values)
 
 
 @needs_robosuite
@@ -303,17 +306,18 @@ def test_gradient_accumulation_equals_one_big_batch(pixel_pretrained, monkeypatc
     """The critic's gradient at its optimiser step: 2 accumulated minibatches of 15 pairs = one of 30 (same
     permutation, so the same pairs); the value loss has no per-minibatch statistics, unlike the policy loss."""
     import dppo_finetune_pixel as ftp
-    real = ftp.ppo_optimizers
+    real = ftp.runs.optimizer_with_schedule
 
     def run(batch_size: int, grad_accumulate: int) -> list[torch.Tensor]:
         grads = []
 
-        def recording(actor, critic, args):
-            opts, scheds = real(actor, critic, args)
-            opts["critic"].register_step_pre_hook(
-                lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in critic.parameters()]).clone()))
-            return opts, scheds
-        monkeypatch.setattr(ftp, "ppo_optimizers", recording)
+        def recording(module, *a, **kw):
+            opt, sched = real(module, *a, **kw)
+            if isinstance(module, ftp.ViTCritic):
+                opt.register_step_pre_hook(
+                    lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]).clone()))
+            return opt, sched
+        monkeypatch.setattr(ftp.runs, "optimizer_with_schedule", recording)
         kw = {**TINY_FT, "batch_size": batch_size, "grad_accumulate": grad_accumulate, "update_epochs": 1}
         ftp.main(ftp.Args(checkpoint=pixel_pretrained["release"], n_train_itr=1, n_critic_warmup_itr=1, seed=0, **kw))
         return grads
