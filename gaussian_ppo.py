@@ -20,11 +20,10 @@ with one PPO sample per env-step instead of one per (env-step, denoising-step) p
 
 Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); deterministic evaluation uses σ = 1e-4.
 log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (paper App. D.6), clamped to [-5, 2] in the PPO
-ratio as the reference does. Pre-training minimises −log π(a|s) on demonstration windows (so σ is learned too), with
-the optimiser, schedule and EMA of `dppo_pretrain.py` (App. D.1); fine-tuning starts from the EMA. `--from-scratch` is
-CleanRL's PPO for MuJoCo (App. B.2): T_a = T_e = 1, 8 envs × 256 steps, minibatch 64, 10 epochs, clip 0.2 / D_a,
-lr 3e-4, max grad norm 0.5 on both networks, a 64×64 tanh MLP, σ init 0.5 in [0.01, 1], identity observation
-normalisation and actions clipped to the env's bounds; any gymnasium id with continuous actions is accepted.
+ratio as the reference does. Pre-training (`--pretrain`, loaders/chunk_pretrain.py) minimises −log π(a|s) on
+demonstration windows (so σ is learned too), with the optimiser, schedule and EMA of `dppo_pretrain.py` (App. D.1);
+fine-tuning starts from the EMA. `--from-scratch` is
+CleanRL's PPO for MuJoCo (App. B.2; SCRATCH_DEFAULTS), on any gymnasium id with continuous actions.
 
 Defaults and deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md.
 """
@@ -32,9 +31,9 @@ Defaults and deviations from the reference implementation (irom-princeton/dppo):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -44,15 +43,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from common import runs
-from common.envs import evaluate, make_vec_env
+from common.envs import make_vec_env
 from common.errors import TaskError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.normalizer import Normalizer
-from common.tasks import Task, get_task, missing_packages, refuse_pixel_task
-from loaders.datasets import WindowDataset, load_task_dataset
+from common.tasks import Task, get_task, refuse_pixel_task
 
 POLICY = "gaussian"
 HINT = f"python {POLICY}_ppo.py --pretrain --env-id {{}}"  # how to make a pre-trained checkpoint, in error messages
@@ -196,17 +193,12 @@ def resolve_task(env_id: str) -> Task:
                 1, 1, reset_every_iteration=False)
 
 
-# Which flags each mode reads: a flag the mode would not use is refused, never silently ignored.
-PRETRAIN_FLAGS = ("dataset", "output", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "warmup_epochs",
-                  "weight_decay", "ema_decay", "ema_every", "ema_start_epoch", "eval_every", "n_eval_envs",
-                  "pretrain_save_every")
-ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation", "residual", "n_emb", "n_heads", "n_layers",
-              "std_init")
-FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
-                  "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
-                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef",
-                  "vf_coef", "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps",
-                  "reward_scale_running", "bc_coef", "terminate_on_success", "from_scratch")
+# Which flags each mode reads (groups of `Args`): a flag the mode would not use is refused, never silently ignored.
+FIELDS = [f.name for f in dataclasses.fields(Args)]
+PRETRAIN_FLAGS = ("dataset", "output", *FIELDS[FIELDS.index("n_epochs"):FIELDS.index("n_train_itr")])
+ARCH_FLAGS = tuple(FIELDS[FIELDS.index("backbone"):FIELDS.index("std_min")])  # the network and its initial σ
+FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "from_scratch",
+                  *FIELDS[FIELDS.index("n_train_itr"):FIELDS.index("float32_matmul_precision")])
 
 
 def check_mode_flags(args: Args) -> None:
@@ -316,9 +308,8 @@ class GaussianPPO(nn.Module):
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
-    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
-    the episode ended there)."""
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t),
+    s'_t the observation after chunk-step t (the episode's final one where it ended)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -329,8 +320,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 
 def clamp_logprobs(lp: torch.Tensor) -> torch.Tensor:
-    """The reference clamps new and old log-probs to [-5, 2] before the ratio
-    (`irom-princeton/dppo` `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
+    """New and old log-probs clamped to [-5, 2] before the ratio (reference `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
     return lp.clamp(-5, 2)
 
 
@@ -349,8 +339,7 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
 
 @torch.no_grad()
 def old_logprobs(agent: nn.Module, obs: torch.Tensor, act: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log π(a|s) of every env-step of the iteration before the update, batched in pieces of `chunk` rows (each row's
-    value does not depend on the pieces; cache-sized pieces are faster on the CPU, docs/results.md "Speed")."""
+    """log π(a|s) of every env-step before the update, in pieces of `chunk` rows (the same values; faster on a CPU)."""
     return torch.cat([agent.get_logprobs(o, a) for o, a in zip(obs.split(chunk), act.split(chunk))])
 
 
@@ -369,10 +358,9 @@ def checkpoint_header(args: Args, task: Task, arch: dict, normalizer: Normalizer
 
 
 class RunningRewardScaler:
-    """Running reward scaling (reference `util/reward_scaling.py`, `RunningRewardScaler.__call__`), called once per
-    iteration on its (n_steps, N) rewards: all the iteration's discounted returns (per env, ret <- r + 0.99 (1 - first)
-    ret) update the running variance in one batch (`RunningMeanStd`: count 1e-4, mean 0, var 1; var = M2 / (count - 1)),
-    then every reward is divided by sqrt(var + 1e-8) and clipped to ±10. `ret` carries over to the next iteration."""
+    """Running reward scaling (reference `util/reward_scaling.py`), once per iteration on its (n_steps, N) rewards: the
+    discounted returns (per env, ret <- r + 0.99 (1 - first) ret) update the running variance in one batch (count 1e-4,
+    mean 0, var 1; var = M2 / (count - 1)), then rewards / sqrt(var + 1e-8), clipped to ±10; `ret` carries over."""
 
     def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
         self.gamma, self.clip, self.eps = gamma, clip, eps
@@ -409,100 +397,11 @@ def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: 
 
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
-    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.copy_(p) if reset else p_ema.lerp_(p, 1 - decay)
-
-
-def pretrain(args: Args, task: Task) -> dict:
-    """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
-    trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
-    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    set_matmul_flags(args, device)
-    data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
-    arch = network_arch(args, task)
-    std_limits = [args.std_min or 0.01, args.std_max or 0.2]
-    policy = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, *std_limits).to(device)
-    ema = copy.deepcopy(policy).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_then_cosine(args.learning_rate, args.min_lr,
-                                                                                     args.warmup_epochs, args.n_epochs))
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
-    if args.capture_video and not can_simulate:
-        raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
-                              "simulator)")
-    if can_simulate:
-        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
-                                 capture_video=args.capture_video)
-    run = runs.RunFolder(args, task.id, args.exp_name, args.seed, track=args.track,
-                         wandb_project=args.wandb_project_name)
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (App. D.8)
-        x = sample_actions(ema.eval(), normalizer.normalize_obs(torch.as_tensor(obs, device=device)),
-                           task.suite != "avoid", args.randn_clip_value)
-        return normalizer.unnormalize_action(x).cpu().numpy()
-
-    def run_evaluation(epoch: int) -> dict:
-        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000, index=epoch)
-        run.log_eval(epoch, 0, "deterministic" if task.suite != "avoid" else "stochastic", result)
-        return result
-
-    print(f"pre-training a {POLICY} policy on {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}")
-    losses, last_eval, step, t0 = [], {}, 0, time.time()
-    bar = tqdm(range(args.n_epochs), desc="epochs")
-    for epoch in bar:
-        policy.train()
-        epoch_loss, n_batches = torch.zeros((), device=device), 0
-        for obs, actions in data.iterate(args.pretrain_batch_size, generator):
-            mean, std = policy(obs)
-            loss = -gaussian_logprob(actions, mean, std).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.detach()
-            n_batches += 1
-            step += 1
-            if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
-                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
-        scheduler.step()
-        losses.append((epoch_loss / max(n_batches, 1)).item())  # one host sync per epoch
-        runs.check_finite(f"epoch {epoch}", {"loss": losses[-1]}, policy)
-        run.scalars({"losses/loss": losses[-1], "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                     "charts/std": policy(data.obs[:1])[1].mean().item()}, epoch)
-        postfix = {"loss": f"{losses[-1]:.4f}"}
-        if can_simulate and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.n_epochs):
-            last_eval = run_evaluation(epoch + 1)
-            postfix.update(success=f"{last_eval['success_rate']:.2f}", ret=f"{last_eval['return_mean']:.1f}")
-        bar.set_postfix(postfix)
-        if (epoch + 1) % args.pretrain_save_every == 0 or epoch + 1 == args.n_epochs:
-            runs.save_checkpoint(run.checkpoint, {**checkpoint_header(args, task, arch, normalizer, std_limits),
-                                             "model": policy.state_dict(), "ema": ema.state_dict(), "epoch": epoch + 1})
-    bar.close()
-    if args.output:  # the release form: what fine-tuning reads
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        ckpt = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-        runs.save_checkpoint(args.output, runs.release_checkpoint(ckpt))
-    if can_simulate:
-        eval_envs.close()
-    run.writer.close()
-    print(f"done in {time.time() - t0:.0f}s; checkpoint {run.checkpoint}; last evaluation "
-          f"{ {k: v for k, v in last_eval.items() if k != 'paths'} }")
-    return {"run_dir": os.path.abspath(run.dir), "checkpoint": os.path.abspath(run.checkpoint), "losses": losses,
-            "eval": last_eval}
-
-
 def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    """`loaders/convert.py`, imported only for `--checkpoint paper` or a checkpoint of irom-princeton/dppo."""
     from loaders import convert
 
     return convert
-
-
 
 
 def set_matmul_flags(args: Args, device: torch.device) -> None:
@@ -515,9 +414,16 @@ def set_matmul_flags(args: Args, device: torch.device) -> None:
 def main(args: Args) -> dict:
     check_mode_flags(args)
     if args.pretrain:
-        runs.print_defaults(resolve_task(args.env_id).id, fill_defaults(args))
+        task = resolve_task(args.env_id)
+        runs.print_defaults(task.id, fill_defaults(args))
         runs.check_output_path(args.output)  # before any work
-        return pretrain(args, resolve_task(args.env_id))
+        from loaders.chunk_pretrain import pretrain  # behaviour cloning as dppo_pretrain.py (App. D.1), on this policy
+
+        arch, std_limits = network_arch(args, task), [args.std_min or 0.01, args.std_max or 0.2]
+        return pretrain(args, task, lambda: GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init,
+                                                           *std_limits),
+                        lambda pi, obs, actions: -gaussian_logprob(actions, *pi(obs)).mean(),  # the loss: −log π(a|s)
+                        sample_actions, lambda normalizer: checkpoint_header(args, task, arch, normalizer, std_limits))
     explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
     resume = runs.load_resume(args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain") if args.resume else None
     if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused

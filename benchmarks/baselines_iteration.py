@@ -175,14 +175,17 @@ def time_script(name: str, bench: Bench) -> dict[str, Any]:
             else:
                 print(f"{name} has no field {k}: left out for it")
         CpuPhaseTimer.log = []
-        saved, module.PhaseTimer = module.PhaseTimer, CpuPhaseTimer
+        own_timer = hasattr(module, "PhaseTimer")  # scripts on `runs.Run` keep the CPU times in their history (cpu_*)
+        if own_timer:
+            saved, module.PhaseTimer = module.PhaseTimer, CpuPhaseTimer
         try:
             out = module.main(args)
         finally:
-            module.PhaseTimer = saved
+            if own_timer:
+                module.PhaseTimer = saved
     row = out["history"][-1]
     wall = {k[5:]: v for k, v in row.items() if k.startswith("time_")}
-    cpu = CpuPhaseTimer.log[-1]
+    cpu = CpuPhaseTimer.log[-1] if own_timer else {k[4:]: v for k, v in row.items() if k.startswith("cpu_")}
     default = module.Args(env_id=bench.env_id)
     module.fill_defaults(default)
     return {"wall": wall, "cpu": cpu, "args": args, "env_steps": args.n_steps * args.num_envs * args.act_steps,

@@ -115,7 +115,7 @@ def test_exact_likelihood_main_in_pieces_matches_whole_minibatches(tmp_path, mon
 
 @pytest.mark.parametrize("module", [gauss, gmm, drwr, dawr, el])
 def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_matmul_precision):
-    """Each script applies --float32-matmul-precision / --onednn-matmul at start (common.runs.apply_matmul_flags): the
+    """Each script applies --float32-matmul-precision / --onednn-matmul at start (its speed block): the
     refused combination stops it with a UsageError before a run folder exists, and a precision is set as asked."""
     monkeypatch.chdir(tmp_path)
     build = bench.SCRIPTS[module.__name__].build_args
@@ -135,7 +135,8 @@ def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_
         seen.append((a.float32_matmul_precision, device.type))
         raise Stop
 
-    monkeypatch.setattr(module, "apply_matmul_flags", record)
+    # the script's own speed block (gaussian_ppo, gmm_ppo) or common.runs.apply_matmul_flags
+    monkeypatch.setattr(module, "set_matmul_flags" if hasattr(module, "set_matmul_flags") else "apply_matmul_flags", record)
     with pytest.raises(Stop):
         module.main(args)
     assert seen == [("high", "cpu")]
