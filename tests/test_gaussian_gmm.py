@@ -331,3 +331,12 @@ def test_lr_schedule_actor_steps_only_after_critic_warmup(pretrained, name):
                     actor_lr_min=1e-4, lr_cycle_itr=3, lr_warmup_itr=1, n_critic_warmup_itr=1)
     assert [x["lr_actor"] for x in out["history"]] == pytest.approx([1e-4, 1e-4, 1e-3], rel=1e-12)
     assert [x["lr_critic"] for x in out["history"]] == [1e-3] * 3
+
+
+@pytest.mark.parametrize("module", [gauss, gmm])
+def test_running_reward_scaler_against_plain_computation(module, monkeypatch):
+    """The script's own reward scaler passes dppo_finetune's test against a plain computation (reference order,
+    `util/reward_scaling.py`: an iteration's discounted returns update the statistics in one batch, then scale)."""
+    from tests import test_dppo_math
+    monkeypatch.setattr(test_dppo_math.ft, "RunningRewardScaler", module.RunningRewardScaler)
+    test_dppo_math.test_running_reward_scaler_against_plain_computation()
