@@ -340,3 +340,16 @@ def test_running_reward_scaler_against_plain_computation(module, monkeypatch):
     from tests import test_dppo_math
     monkeypatch.setattr(test_dppo_math.ft, "RunningRewardScaler", module.RunningRewardScaler)
     test_dppo_math.test_running_reward_scaler_against_plain_computation()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm"])
+def test_every_minibatch_starts_from_zeroed_gradients(pretrained, monkeypatch, name):
+    """4 minibatches x 2 epochs: every backward pass lands on zeroed critic gradients (no accumulation across
+    minibatches)."""
+    module = gauss if name == "gaussian" else gmm
+    ckpt = torch.load(pretrained[name, "mlp"]["checkpoint"], map_location="cpu", weights_only=True)
+    rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
+    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, batch_size=50, update_epochs=2,
+              n_critic_warmup_itr=0, target_kl=None)
+    n_params = len(list(rec.critic.parameters()))
+    assert len(rec.fresh_grads) == 8 * n_params and all(rec.fresh_grads)
