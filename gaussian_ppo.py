@@ -1,15 +1,13 @@
-"""Gaussian chunk policy: behaviour-cloning pre-training and PPO fine-tuning (Ren et al., ICLR 2025,
-§5 baselines, App. B.2, D.6, eq. A14).
+"""Gaussian chunk policy: behaviour-cloning pre-training and PPO fine-tuning (Ren et al., ICLR 2025, §5 baselines,
+App. B.2, D.6, eq. A14).
 
-The parameterisation baseline of DPPO: the policy outputs the whole action chunk at once,
-a ~ N(tanh(μ_θ(s)), σ²) with a learned per-dimension σ shared across the chunk (paper App. D.6). It is
-fine-tuned with the same PPO loop as `dppo_finetune.py`, with one PPO sample per env-step instead
-of one per (env-step, denoising-step) pair. One file holds every stage:
+The parameterisation baseline of DPPO: the policy outputs the whole action chunk at once, a ~ N(tanh(μ_θ(s)), σ²) with
+a learned per-dimension σ shared across the chunk (App. D.6). It is fine-tuned with the PPO loop of `dppo_finetune.py`,
+with one PPO sample per env-step instead of one per (env-step, denoising-step) pair. One file holds every stage:
 
     python gaussian_ppo.py --pretrain --env-id avoid-m2 [--dataset FILE] [--backbone transformer]
     python gaussian_ppo.py --env-id avoid-m2 --checkpoint runs/.../checkpoint.pt [--bc-coef 0.1]
     python gaussian_ppo.py --env-id Hopper-v5 --from-scratch           # App. B.2, any gymnasium id
-    python gaussian_ppo.py --env-id hopper --checkpoint CKPT --collect-dataset 1000000 --out medium.npz
 
 | paper | here | shape / value |
 |---|---|---|
@@ -20,232 +18,126 @@ of one per (env-step, denoising-step) pair. One file holds every stage:
 | α (eq. A14) | `bc_coef` | −α·log π_BC(a_new), a_new ~ π_θ reparameterised |
 | obs, actions | `obs_buf`, `act_buf` | (n_steps, N, T_o, D_o), (n_steps, N, T_a, D_a), normalised |
 
-Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); deterministic evaluation uses
-σ = 1e-4. log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (no clamp, paper App. D.6).
-Pre-training minimises −log π(a|s) on demonstration windows (so σ is learned too), with the
-optimiser, schedule and EMA of `dppo_pretrain.py` (paper App. D.1); fine-tuning starts from the EMA.
+Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); deterministic evaluation uses σ = 1e-4.
+log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (paper App. D.6), clamped to [-5, 2] in the PPO
+ratio as the reference does. Pre-training (`--pretrain`, loaders/chunk_pretrain.py) minimises −log π(a|s) on
+demonstration windows (so σ is learned too), with the optimiser, schedule and EMA of `dppo_pretrain.py` (App. D.1);
+fine-tuning starts from the EMA. `--from-scratch` is
+CleanRL's PPO for MuJoCo (App. B.2; SCRATCH_DEFAULTS), on any gymnasium id with continuous actions.
 
-Defaults: the reference's `ft_ppo_gaussian_mlp.yaml` configs (robomimic, furniture, Avoid): PPO minibatch of
-env-steps lift/can 7500, square/transport 10000, furniture 8800 (clip 0.01), Avoid n_steps·n_envs/2 = 625.
-Where the reference has none (our choices):
-- gym: minibatch 5000 env-steps (DPPO's 50000 pairs / K').
-- Transformer backbone: 128-d, 4 heads, 2 layers (`common.networks.ChunkTransformer`).
-- `--from-scratch` uses CleanRL-style PPO defaults for MuJoCo: T_a = T_e = 1, 8 envs × 256 steps
-  (2048 env-steps per iteration), minibatch 64, 10 epochs, clip 0.2 / D_a (CleanRL's 0.2 acts on
-  the log-ratio summed over action dims, ours is averaged over them; on Hopper, seed 1, clip 0.2
-  reached ~1900 then fell back to 250-650, while 0.07 ~ 0.2 / 3 reached 3165), actor lr 3e-4
-  (constant), critic
-  lr 1e-3, γ 0.99, λ 0.95, max grad norm 0.5, actor MLP 64×64 tanh (not residual), σ init 0.5 clamped
-  to [0.01, 1], actions clipped to the bounds, 500 iterations (~1M env steps). Normalisation is the
-  identity for observations and the env's bounds for actions (App. B.2). Gymnasium ids outside the
-  task registry are accepted (e.g. `Pendulum-v1`, `InvertedPendulum-v5`; gym suite settings).
-- `--bc-coef` is off by default: the paper's furniture value of α did not survive the text
-  extraction of paper/dppo.txt.
-
-Deviations from the reference implementation:
-- Truncation bootstraps from the finished episode's final observation, as in dppo_finetune.py (docs/deviations.md).
-- Avoid's 100-step limit is the task's horizon: there a time limit ends the episode without a
-  bootstrap (`--bootstrap-truncated False`, the Avoid default; measured in docs/deviations.md).
-- One evaluation function (`common.envs.evaluate`) serves training, pre-training and `--eval-only`,
-  on one horizon: one episode, ⌈max_episode_steps / T_e⌉ chunk-steps (`--eval-n-steps` overrides it).
-- The target-KL stop is checked once per epoch, as in dppo_finetune.py.
+Defaults and deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common.envs import EpisodeTracker, RunningRewardScaler, evaluate, make_vec_env
-from common.errors import TaskError, UsageError
+from common import runs
+from common.envs import make_vec_env
+from common.errors import TaskError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, PhaseTimer, RunFolder, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, eval_only_report,
-                         explained_variance, finetune_checkpoint, load_checkpoint, load_resume, load_weights,
-                         policy_header, ppo_optimizers, print_defaults, refuse_flags, release_checkpoint, resume_args,
-                         save_checkpoint, script_name, seed_everything, start_finetuning, step_schedulers,
-                         warmup_then_cosine)
-from common.tasks import Task, get_task, missing_packages, refuse_pixel_task
-from loaders.datasets import WindowDataset, load_task_dataset
+from common.tasks import Task, get_task, refuse_pixel_task
 
 POLICY = "gaussian"
-
-
+HINT = f"python {POLICY}_ppo.py --pretrain --env-id {{}}"  # how to make a pre-trained checkpoint, in error messages
+Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
 # the critic's scheduler steps on a first evaluation iteration (as in the reference), before its optimiser has
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py), or any gymnasium id with continuous actions (for --from-scratch)"""
-    checkpoint: str | None = None
-    """pre-trained (or fine-tuned) Gaussian checkpoint to fine-tune, evaluate or collect data with"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch: 1 is fastest for the small batches of sampling and immune to
-    oversubscription (see README "Threads"); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    eval_only: bool = False
-    """only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing"""
-    plot: bool = True
-    """Avoid: write trajectories.png with evaluation rollouts before and after fine-tuning"""
-    capture_video: bool = False
-    """record a few evaluation episodes per evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display; with --eval-only: a new run folder holding only the videos)"""
-    save_every: int = 1
-    """fine-tuning iterations between checkpoints"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """gym locomotion simulator: envpool, gymnasium, or auto (envpool when installed); the one used is printed"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (~4x faster matmuls on an AMX CPU, log-probs off by ~1e-3; docs/results.md "Speed")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py), or any gymnasium id with continuous actions (--from-scratch)
+    checkpoint: str | None = None  # pre-trained (or fine-tuned) Gaussian checkpoint to fine-tune or evaluate
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    eval_only: bool = False  # only evaluate the checkpoint (deterministic and stochastic) and exit; writes nothing
+    plot: bool = True  # Avoid: trajectories.png, evaluation rollouts before and after fine-tuning
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 1  # fine-tuning iterations between checkpoints
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # gym simulator (auto: envpool when installed)
     # modes
-    pretrain: bool = False
-    """behaviour-cloning pre-training on --dataset instead of fine-tuning"""
-    dataset: str | None = None
-    """pre-training demonstrations, or `paper` for the reference's train.npz (None: the task's default)"""
-    from_scratch: bool = False
-    """PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint"""
-    output: str | None = None
-    """--pretrain: also write the release checkpoint (header, normalisation, EMA weights) here"""
-    # policy (pre-training / from scratch; fine-tuning reads them from the checkpoint)
-    backbone: Literal["mlp", "transformer"] = "mlp"
-    """`mlp` (ChunkMLP) or `transformer` (ChunkTransformer)"""
-    horizon_steps: int | None = None
-    """T_a (None: the task's)"""
-    cond_steps: int = 1
-    """T_o"""
-    mlp_dims: tuple[int, ...] | None = None
-    """hidden widths of the MLP (None: per task)"""
-    activation: str | None = None
-    """MLP activation (None: per task)"""
-    residual: bool | None = None
-    """residual MLP trunk (None: yes, except from scratch)"""
-    n_emb: int = 128
-    """Transformer width"""
-    n_heads: int = 4
-    """Transformer attention heads"""
-    n_layers: int = 2
-    """Transformer layers"""
-    std_init: float | None = None
-    """initial σ (None: 0.1; from scratch 0.5)"""
-    std_min: float | None = None
-    """σ lower clamp (None: the checkpoint's, else 0.01)"""
-    std_max: float | None = None
-    """σ upper clamp (None: the checkpoint's, else 0.2; from scratch 1.0)"""
-    randn_clip_value: float = 3.0
-    """sampling noise clamp: actions stay within μ ± 3σ"""
+    pretrain: bool = False  # behaviour-cloning pre-training on --dataset instead of fine-tuning
+    dataset: str | None = None  # pre-training demonstrations, or `paper` for the reference's train.npz (None: the task's)
+    from_scratch: bool = False  # PPO from a random policy (App. B.2): T_a = T_e = 1, no checkpoint
+    output: str | None = None  # --pretrain: also write the release checkpoint (header, normalisation, EMA) here
+    # policy (pre-training / from scratch; fine-tuning reads it from the checkpoint)
+    backbone: Literal["mlp", "transformer"] = "mlp"  # ChunkMLP or ChunkTransformer
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's)
+    cond_steps: Annotated[int, Positive] = 1  # T_o
+    mlp_dims: tuple[int, ...] | None = None  # hidden widths of the MLP (None: per task)
+    activation: str | None = None  # MLP activation (None: per task)
+    residual: bool | None = None  # residual MLP trunk (None: yes, except from scratch)
+    n_emb: Annotated[int, Positive] = 128  # Transformer width
+    n_heads: Annotated[int, Positive] = 4  # Transformer attention heads
+    n_layers: Annotated[int, Positive] = 2  # Transformer layers
+    std_init: Annotated[float | None, Positive] = None  # initial σ (None: 0.1; from scratch 0.5)
+    std_min: Annotated[float | None, Positive] = None  # σ lower clamp (None: the checkpoint's, else 0.01)
+    std_max: Annotated[float | None, Positive] = None  # σ upper clamp (None: the checkpoint's, else 0.2; from scratch 1)
+    randn_clip_value: Annotated[float, Positive] = 3.0  # sampling noise clamp: actions stay within μ ± 3σ
     # pre-training (optimiser, schedule and EMA of dppo_pretrain.py)
-    n_epochs: int | None = None
-    """passes over the dataset (None: per task)"""
-    pretrain_batch_size: int | None = None
-    """pre-training minibatch (None: gym 128, robomimic/furniture 256, Avoid 16)"""
-    learning_rate: float | None = None
-    """pre-training peak learning rate (None: per task)"""
-    min_lr: float | None = None
-    """end of the pre-training cosine schedule (None: per task)"""
-    warmup_epochs: int | None = None
-    """pre-training linear warm-up epochs"""
-    weight_decay: float = 1e-6
-    """pre-training AdamW weight decay"""
-    ema_decay: float = 0.995
-    """EMA decay"""
-    ema_every: int = 10
-    """gradient steps between EMA updates"""
-    ema_start_epoch: int = 20
-    """before this epoch the EMA is reset to the model"""
-    eval_every: int | None = None
-    """pre-training epochs between evaluation rollouts (0: never)"""
-    n_eval_envs: int = 50
-    """parallel envs in a pre-training evaluation"""
-    pretrain_save_every: int = 50
-    """pre-training epochs between checkpoints"""
-    # fine-tuning (None: the task's value, printed at start)
-    n_train_itr: int | None = None
-    """fine-tuning iterations"""
-    num_envs: int | None = None
-    """parallel environments"""
-    n_steps: int | None = None
-    """chunk-steps per env per iteration"""
-    n_workers: int | None = None
-    """env worker processes; None: one per core this process may use for robomimic, in-process for gym (which uses
-    workers when given 2 or more) and Avoid"""
-    act_steps: int | None = None
-    """T_e (None: the task's)"""
-    gamma: float | None = None
-    """environment discount per chunk-step"""
-    gae_lambda: float = 0.95
-    """GAE λ"""
-    bootstrap_truncated: bool | None = None
-    """bootstrap time-limited episodes from V(final observation); False: the horizon ends the task (Avoid,
-    docs/deviations.md)"""
-    final_action_clip: bool | None = None
-    """clamp executed actions to [-1, 1] before un-normalising"""
-    actor_lr: float | None = None
-    """actor learning rate"""
-    actor_lr_min: float | None = None
-    """end of the actor's cosine schedule (None: constant)"""
-    critic_lr: float = 1e-3
-    """critic learning rate"""
-    lr_warmup_itr: int = 10
-    """warm-up iterations of the cosine LR schedules (from actor_lr_min up to actor_lr; constant schedules ignore it)"""
-    lr_cycle_itr: int | None = None
-    """first_cycle_steps of the cosine LR schedules: warm-up, then cosine down to actor_lr_min
-    (None: n_train_itr; furniture 10000)"""
-    batch_size: int | None = None
-    """PPO minibatch of env-steps (gym 5000, lift/can 7500, square/transport 10000, furniture 8800, Avoid
-    n_steps·num_envs/2)"""
-    update_epochs: int | None = None
-    """PPO epochs per iteration"""
-    clip_coef: float | None = None
-    """PPO clip ε"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    target_kl: float | None = 1.0
-    """stop the epochs when approx KL exceeds this"""
-    max_grad_norm: float | None = None
-    """gradient norm clip (None: off)"""
-    n_critic_warmup_itr: int | None = None
-    """iterations before the actor starts to step"""
-    val_freq: int = 10
-    """iterations between evaluations (0: only the final one)"""
-    eval_n_steps: int | None = None
-    """chunk-steps of an evaluation (None: one episode, ⌈max_episode_steps / T_e⌉)"""
-    reward_scale_running: bool = True
-    """running reward scaling (reference `util/reward_scaling.py`)"""
-    bc_coef: float = 0.0
-    """α of eq. A14: adds −α·log π_BC(a_new) under the frozen pre-trained policy (0: off)"""
-    terminate_on_success: bool = False
-    """robomimic: end episodes on success (the paper does not)"""
+    n_epochs: Annotated[int | None, Positive] = None  # passes over the dataset (None: per task)
+    pretrain_batch_size: Annotated[int | None, Positive] = None  # minibatch (None: gym 128, robomimic/furniture 256)
+    learning_rate: Annotated[float | None, Positive] = None  # peak learning rate (None: per task)
+    min_lr: Annotated[float | None, Positive] = None  # end of the cosine schedule (None: per task)
+    warmup_epochs: Annotated[int | None, NonNegative] = None  # linear warm-up epochs
+    weight_decay: Annotated[float, NonNegative] = 1e-6  # AdamW weight decay
+    ema_decay: Annotated[float, Fraction] = 0.995  # EMA decay
+    ema_every: Annotated[int, Positive] = 10  # gradient steps between EMA updates
+    ema_start_epoch: Annotated[int, NonNegative] = 20  # before this epoch the EMA is reset to the model
+    eval_every: Annotated[int | None, NonNegative] = None  # epochs between evaluation rollouts (0: never)
+    n_eval_envs: Annotated[int, Positive] = 50  # parallel envs of a pre-training evaluation
+    pretrain_save_every: Annotated[int, Positive] = 50  # epochs between pre-training checkpoints
+    # fine-tuning (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    n_train_itr: Annotated[int | None, Positive] = None  # fine-tuning iterations
+    num_envs: Annotated[int | None, Positive] = None  # parallel environments N
+    n_steps: Annotated[int | None, Positive] = None  # chunk-steps per env per iteration
+    n_workers: Annotated[int | None, Positive] = None  # env processes (None: one per core for robomimic, else in-process)
+    act_steps: Annotated[int | None, Positive] = None  # T_e, the executed actions of a chunk (None: the task's)
+    gamma: Annotated[float | None, Fraction] = None  # γ_env, the discount per chunk-step
+    gae_lambda: Annotated[float, Fraction] = 0.95  # GAE λ
+    bootstrap_truncated: bool | None = None  # bootstrap time limits from V(final obs); False: the horizon ends the task
+    final_action_clip: bool | None = None  # clamp executed actions to [-1, 1] before un-normalising
+    actor_lr: Annotated[float | None, Positive] = None  # actor learning rate
+    actor_lr_min: Annotated[float | None, Positive] = None  # end of the actor's cosine schedule (None: actor_lr, constant)
+    critic_lr: Annotated[float, Positive] = 1e-3  # critic learning rate (constant)
+    lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
+    lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
+    batch_size: Annotated[int | None, Positive] = None  # PPO minibatch of env-steps (Avoid: n_steps·num_envs/2)
+    update_epochs: Annotated[int | None, Positive] = None  # PPO epochs per iteration
+    clip_coef: Annotated[float | None, Positive] = None  # PPO clip ε
+    vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None: off)
+    n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
+    val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
+    eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
+    reward_scale_running: bool = True  # running reward scaling (reference `util/reward_scaling.py`)
+    bc_coef: Annotated[float, NonNegative] = 0.0  # α of eq. A14: −α·log π_BC(a_new) under the frozen pre-trained policy
+    terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
 
 
 # The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
@@ -301,33 +193,27 @@ def resolve_task(env_id: str) -> Task:
                 1, 1, reset_every_iteration=False)
 
 
-# Which flags each mode reads: a flag the mode would not use is refused, never silently ignored.
-PRETRAIN_FLAGS = ("dataset", "output", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "warmup_epochs",
-                  "weight_decay", "ema_decay", "ema_every", "ema_start_epoch", "eval_every", "n_eval_envs",
-                  "pretrain_save_every")
-ARCH_FLAGS = ("backbone", "horizon_steps", "cond_steps", "mlp_dims", "activation", "residual", "n_emb", "n_heads", "n_layers",
-              "std_init")
-FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "n_train_itr", "num_envs", "n_steps",
-                  "n_workers", "act_steps", "gamma", "gae_lambda", "bootstrap_truncated", "final_action_clip", "actor_lr",
-                  "actor_lr_min", "critic_lr", "lr_warmup_itr", "lr_cycle_itr", "batch_size", "update_epochs", "clip_coef",
-                  "vf_coef", "target_kl", "max_grad_norm", "n_critic_warmup_itr", "val_freq", "eval_n_steps",
-                  "reward_scale_running",
-                  "bc_coef", "terminate_on_success", "from_scratch")
+# Which flags each mode reads (groups of `Args`): a flag the mode would not use is refused, never silently ignored.
+FIELDS = [f.name for f in dataclasses.fields(Args)]
+PRETRAIN_FLAGS = ("dataset", "output", *FIELDS[FIELDS.index("n_epochs"):FIELDS.index("n_train_itr")])
+ARCH_FLAGS = tuple(FIELDS[FIELDS.index("backbone"):FIELDS.index("std_min")])  # the network and its initial σ
+FINETUNE_FLAGS = ("checkpoint", "resume", "eval_only", "save_every", "env_backend", "from_scratch",
+                  *FIELDS[FIELDS.index("n_train_itr"):FIELDS.index("float32_matmul_precision")])
 
 
 def check_mode_flags(args: Args) -> None:
     """Refuse the flags of another mode (pre-training vs fine-tuning) before any default is filled in."""
     if args.pretrain:
-        refuse_flags(args, FINETUNE_FLAGS, "is a fine-tuning flag; --pretrain does not use it")
+        runs.refuse_flags(args, FINETUNE_FLAGS, "is a fine-tuning flag; --pretrain does not use it")
     else:
-        refuse_flags(args, PRETRAIN_FLAGS, "is a pre-training flag; use it with --pretrain")
+        runs.refuse_flags(args, PRETRAIN_FLAGS, "is a pre-training flag; use it with --pretrain")
         if not args.from_scratch:
-            refuse_flags(args, ARCH_FLAGS, "sets the architecture, which fine-tuning reads from the checkpoint")
+            runs.refuse_flags(args, ARCH_FLAGS, "sets the architecture, which fine-tuning reads from the checkpoint")
 
 
 def fill_defaults(args: Args) -> dict:
-    """Fill the task's defaults for the chosen mode into every flag left at None and check every number;
-    returns what was filled."""
+    """Fill the task's defaults for the chosen mode into every flag left at None and check every number; returns what
+    was filled."""
     task = resolve_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
@@ -337,24 +223,17 @@ def fill_defaults(args: Args) -> dict:
         defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps}
         if args.from_scratch:  # CleanRL's clip 0.2 acts on the summed log-ratio; ours is averaged over D_a
             defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
-    filled = apply_defaults(args, defaults)
+    filled = runs.apply_defaults(args, defaults)
     if not args.pretrain:
-        filled.update(apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
+        filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
         if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (DPPO's minibatch without the K' factor)
             args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
-    check_positive(args, "n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs",
-                   "save_every", "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr",
-                   "clip_coef", "target_kl", "max_grad_norm", "randn_clip_value", "horizon_steps", "cond_steps", "n_emb",
-                   "n_heads", "n_layers", "std_init", "std_min", "std_max", "n_epochs", "pretrain_batch_size", "learning_rate",
-                   "min_lr", "ema_every", "n_eval_envs", "pretrain_save_every")
-    for name in ("gamma", "gae_lambda", "ema_decay"):
-        check_range(args, name, 0.0, 1.0)
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef", "warmup_epochs",
-                 "weight_decay", "ema_start_epoch", "eval_every"):
-        check_range(args, name, 0, math.inf)
+    runs.check_args(args)  # every number within the Limits of its field
     if args.mlp_dims is not None and any(not d > 0 for d in args.mlp_dims):
-        raise UsageError(f"--mlp-dims takes positive widths (got {args.mlp_dims})")
+        raise runs.UsageError(f"--mlp-dims takes positive widths (got {args.mlp_dims})")
+    if args.onednn_matmul and args.float32_matmul_precision != "highest":
+        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -429,9 +308,8 @@ class GaussianPPO(nn.Module):
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N);
-    next_values = V(s'_t) where s'_t is the observation after chunk-step t (the final observation when
-    the episode ended there)."""
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t),
+    s'_t the observation after chunk-step t (the episode's final one where it ended)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -442,8 +320,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 
 def clamp_logprobs(lp: torch.Tensor) -> torch.Tensor:
-    """The reference clamps new and old log-probs to [-5, 2] before the ratio
-    (`irom-princeton/dppo` `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
+    """New and old log-probs clamped to [-5, 2] before the ratio (reference `model/rl/gaussian_ppo.py` `PPO_Gaussian.loss`)."""
     return lp.clamp(-5, 2)
 
 
@@ -462,333 +339,250 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps:
 
 @torch.no_grad()
 def old_logprobs(agent: nn.Module, obs: torch.Tensor, act: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log π(a|s) of every env-step of the iteration before the update, batched in pieces of `chunk` rows (each row's
-    value does not depend on the pieces; cache-sized pieces are faster on the CPU, docs/results.md "Speed")."""
+    """log π(a|s) of every env-step before the update, in pieces of `chunk` rows (the same values; faster on a CPU)."""
     return torch.cat([agent.get_logprobs(o, a) for o, a in zip(obs.split(chunk), act.split(chunk))])
 
 
 def policy_from_checkpoint(ckpt: dict, args: Args, weights: str, path: str = "checkpoint") -> GaussianPolicy:
     std_min, std_max = args.std_min or ckpt["std_limits"][0], args.std_max or ckpt["std_limits"][1]
     policy = GaussianPolicy(build_network(ckpt["backbone"], ckpt["arch"]), ckpt["action_dim"], 0.1, std_min, std_max)
-    load_weights(policy, ckpt[weights], path)
+    runs.load_weights(policy, ckpt[weights], path)
     return policy
 
 
 def checkpoint_header(args: Args, task: Task, arch: dict, normalizer: Normalizer, std_limits: list[float]) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "policy": POLICY, "backbone": args.backbone, "arch": arch, "task": task.id,
+    return {"format": runs.CHECKPOINT_FORMAT, "policy": POLICY, "backbone": args.backbone, "arch": arch, "task": task.id,
             "obs_dim": task.obs_dim, "action_dim": task.action_dim, "horizon_steps": arch["horizon_steps"],
             "cond_steps": arch["cond_steps"], "std_limits": std_limits, "normalization": normalizer.state_dict(),
-            "args": args_dict(args)}
+            "args": runs.args_dict(args)}
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
-    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.copy_(p) if reset else p_ema.lerp_(p, 1 - decay)
+class RunningRewardScaler:
+    """Running reward scaling (reference `util/reward_scaling.py`), once per iteration on its (n_steps, N) rewards: the
+    discounted returns (per env, ret <- r + 0.99 (1 - first) ret) update the running variance in one batch (count 1e-4,
+    mean 0, var 1; var = M2 / (count - 1)), then rewards / sqrt(var + 1e-8), clipped to ±10; `ret` carries over."""
+
+    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.ret, self.mean, self.var, self.count = np.zeros(num_envs), 0.0, 1.0, 1e-4
+
+    def __call__(self, rewards: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+        rets = np.zeros_like(rewards, dtype=np.float64)
+        ret = self.ret
+        for t in range(rewards.shape[0]):
+            ret = rets[t] = rewards[t] + self.gamma * (1.0 - firsts[t]) * ret
+        self.ret = rets[-1].copy()
+        x = rets.reshape(-1)  # the moments of the iteration's returns, merged into the running ones
+        batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
+        return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
+
+    def state_dict(self) -> dict:
+        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
+                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.ret = d["ret"].numpy().copy()
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
 
 
-def pretrain(args: Args, task: Task) -> dict:
-    """Behaviour cloning: minimise −log π(a|s) on demonstration windows (optimiser, schedule and EMA of dppo_pretrain.py)."""
-    trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
-    data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
-    arch = network_arch(args, task)
-    std_limits = [args.std_min or 0.01, args.std_max or 0.2]
-    policy = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, *std_limits).to(device)
-    ema = copy.deepcopy(policy).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
-                                                                                args.warmup_epochs, args.n_epochs))
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
-    if args.capture_video and not can_simulate:
-        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no simulator)")
-    if can_simulate:
-        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
-                                 capture_video=args.capture_video)
-    run = RunFolder.from_args(args, task.id)
+def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
+    """Once per iteration, evaluation iterations included; the actor's schedule only once the actor steps, after the
+    critic warm-up (reference `agent/finetune/train_ppo_gaussian_agent.py`, `TrainPPOGaussianAgent.run`)."""
+    if itr >= n_critic_warmup_itr:
+        actor_sched.step()
+    critic_sched.step()
 
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:  # Avoid: with the training noise (App. D.8)
-        x = sample_actions(ema.eval(), normalizer.normalize_obs(torch.as_tensor(obs, device=device)),
-                           task.suite != "avoid", args.randn_clip_value)
-        return normalizer.unnormalize_action(x).cpu().numpy()
-
-    def run_evaluation(epoch: int) -> dict:
-        result = evaluate(eval_envs, act, task, task.act_steps, seed=args.seed + 10_000, index=epoch)
-        run.log_eval(epoch, 0, "deterministic" if task.suite != "avoid" else "stochastic", result)
-        return result
-
-    print(f"pre-training a {POLICY} policy on {task.id}: {len(trajs)} trajectories, {len(data)} windows, run folder {run.dir}")
-    losses, last_eval, step, t0 = [], {}, 0, time.time()
-    bar = tqdm(range(args.n_epochs), desc="epochs")
-    for epoch in bar:
-        policy.train()
-        epoch_loss, n_batches = torch.zeros((), device=device), 0
-        for obs, actions in data.iterate(args.pretrain_batch_size, generator):
-            mean, std = policy(obs)
-            loss = -gaussian_logprob(actions, mean, std).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.detach()
-            n_batches += 1
-            step += 1
-            if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
-                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
-        scheduler.step()
-        losses.append((epoch_loss / max(n_batches, 1)).item())  # one host sync per epoch
-        check_finite(f"epoch {epoch}", {"loss": losses[-1]}, policy)
-        run.scalars({"losses/loss": losses[-1], "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                     "charts/std": policy(data.obs[:1])[1].mean().item()}, epoch)
-        postfix = {"loss": f"{losses[-1]:.4f}"}
-        if can_simulate and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.n_epochs):
-            last_eval = run_evaluation(epoch + 1)
-            postfix.update(success=f"{last_eval['success_rate']:.2f}", ret=f"{last_eval['return_mean']:.1f}")
-        bar.set_postfix(postfix)
-        if (epoch + 1) % args.pretrain_save_every == 0 or epoch + 1 == args.n_epochs:
-            save_checkpoint(run.checkpoint, {**checkpoint_header(args, task, arch, normalizer, std_limits),
-                                             "model": policy.state_dict(), "ema": ema.state_dict(), "epoch": epoch + 1})
-    bar.close()
-    if args.output:  # the release form: what fine-tuning reads
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        save_checkpoint(args.output, release_checkpoint(torch.load(run.checkpoint, map_location="cpu", weights_only=True)))
-    if can_simulate:
-        eval_envs.close()
-    run.writer.close()
-    print(f"done in {time.time() - t0:.0f}s; checkpoint {run.checkpoint}; last evaluation "
-          f"{ {k: v for k, v in last_eval.items() if k != 'paths'} }")
-    return {"run_dir": os.path.abspath(run.dir), "checkpoint": os.path.abspath(run.checkpoint), "losses": losses,
-            "eval": last_eval}
 
 
 def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
+    """`loaders/convert.py`, imported only for `--checkpoint paper` or a checkpoint of irom-princeton/dppo."""
     from loaders import convert
 
     return convert
 
 
+def set_matmul_flags(args: Args, device: torch.device) -> None:
+    """Speed, opt-in: the float32 matmul precision (process-wide: set on every run) and --onednn-matmul."""
+    runs.set_float32_matmul_precision(args.float32_matmul_precision)
+    if args.onednn_matmul:
+        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+
+
 def main(args: Args) -> dict:
     check_mode_flags(args)
     if args.pretrain:
-        print_defaults(resolve_task(args.env_id).id, fill_defaults(args))
-        check_output_path(args.output)  # before any work
-        return pretrain(args, resolve_task(args.env_id))
+        task = resolve_task(args.env_id)
+        runs.print_defaults(task.id, fill_defaults(args))
+        runs.check_output_path(args.output)  # before any work
+        from loaders.chunk_pretrain import pretrain  # behaviour cloning as dppo_pretrain.py (App. D.1), on this policy
+
+        arch, std_limits = network_arch(args, task), [args.std_min or 0.01, args.std_max or 0.2]
+        return pretrain(args, task, lambda: GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init,
+                                                           *std_limits),
+                        lambda pi, obs, actions: -gaussian_logprob(actions, *pi(obs)).mean(),  # the loss: −log π(a|s)
+                        sample_actions, lambda normalizer: checkpoint_header(args, task, arch, normalizer, std_limits))
     explicit_act_steps, explicit_clip = args.act_steps, args.final_action_clip
-    resume = None
-    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = load_resume(args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain")
-        args = resume_args(args, resume["args"], args.resume)
+    resume = runs.load_resume(args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain") if args.resume else None
+    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
+        args = runs.resume_args(args, resume["args"], args.resume)
     filled = fill_defaults(args)
     task = resolve_task(args.env_id)
     if resume is None:
-        print_defaults(task.id, filled)
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
-    lp_chunk = 4096 if device.type == "cpu" else 50_000  # rows per piece of the old log-probs (docs/results.md "Speed")
+        runs.print_defaults(task.id, filled)
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     if args.from_scratch and resume is None:  # App. B.2: random init, identity normalisation, T_a = T_e = 1
         if args.checkpoint:
-            raise UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
+            raise runs.UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
         env = gym.make(task.env_name)
         low, high = env.action_space.low, env.action_space.high
         env.close()
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise TaskError(f"{task.id}: --from-scratch needs finite action bounds")
-        normalizer = Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high)
         arch = network_arch(args, task)
         net = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, args.std_min, args.std_max)
-        ckpt = {**checkpoint_header(args, task, arch, normalizer, [args.std_min, args.std_max]), "ema": net.state_dict()}
+        ckpt = {**checkpoint_header(args, task, arch, Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high),
+                                    [args.std_min, args.std_max]), "ema": net.state_dict()}
+    elif args.checkpoint is None and resume is None:
+        raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {HINT.format(task.id)}, "
+                                "or use --from-scratch)")
     else:
-        if args.checkpoint is None and resume is None:
-            raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: python {POLICY}_ppo.py "
-                                    f"--pretrain --env-id {task.id}, or use --from-scratch)")
-        ckpt = resume or load_checkpoint(args.checkpoint, POLICY, f"python {POLICY}_ppo.py --pretrain --env-id {task.id}",
-                                         task, conversion=reference_conversion)
+        ckpt = resume or runs.load_checkpoint(args.checkpoint, POLICY, HINT.format(task.id), task,
+                                              conversion=reference_conversion)
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e (e.g. from scratch, T_a = 1)
         args.act_steps = min(args.act_steps, args.horizon_steps)
     elif args.act_steps > args.horizon_steps:
-        raise UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
+        raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
     if explicit_clip is None and ckpt.get("args", {}).get("from_scratch"):  # its normalisation is the env's bounds
         args.final_action_clip = True
-    T_e, N = args.act_steps, args.num_envs
+    T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     if not args.eval_only and args.batch_size > args.n_steps * N:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
-                         f"(n_steps {args.n_steps} x num_envs {N})")
+        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
+                              f"(n_steps {args.n_steps} x num_envs {N})")
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    # fine-tuning starts from the EMA
-    base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema", ckpt_path)
+    base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema", ckpt_path)  # starts from the EMA
     # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
-    critic = ObsCritic(task.obs_dim, ckpt["cond_steps"], mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
+    critic = ObsCritic(task.obs_dim, T_o, mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
     agent = GaussianPPO(base, critic, args.randn_clip_value).to(device)
-    if "actor_ft" in ckpt:
-        load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
-        load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=ckpt["cond_steps"], n_workers=args.n_workers,
+    if "actor_ft" in ckpt:  # a fine-tuning checkpoint: resumed, or evaluated
+        runs.load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
+        runs.load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
                         terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
                         capture_video=args.capture_video)
-    print(f"envs: {N} x {task.id} on {envs.backend}")
-    # Avoid is evaluated with the training noise (App. D.8); everything else deterministically.
-    eval_deterministic = task.suite != "avoid"
 
-    def act(deterministic: bool):
-        def f(obs: np.ndarray) -> np.ndarray:
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x = agent.get_action(cond, deterministic)
-            x = x.clamp(-1, 1) if args.final_action_clip else x
-            return normalizer.unnormalize_action(x).cpu().numpy()
-        return f
+    # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
+    set_matmul_flags(args, device)
+    lp_chunk = 4096 if device.type == "cpu" else 50_000  # rows per piece of the old log-probs
 
-    def run_eval(deterministic: bool, itr: int) -> dict:  # itr: the iteration evaluated (its own stream)
-        return evaluate(envs, act(deterministic), task, T_e, seed=args.seed + 1_000_000, index=itr, n_steps=args.eval_n_steps)
-
+    executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731
+    policy = lambda cond, deterministic: executed(agent.get_action(cond, deterministic))  # noqa: E731 (evaluation)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
+                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
+                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
+                   resume_dir=args.resume)
     if args.eval_only:
-        out = eval_only_report(run_eval, args, task.id, index=ckpt.get("itr", 0))
-        envs.close()
-        return out
-
-    optimizers, schedulers = ppo_optimizers(agent.actor_ft, agent.critic, args)
-    actor_opt, critic_opt = optimizers["actor"], optimizers["critic"]
+        return run.eval_only(index=ckpt.get("itr", 0))
+    # AdamW without weight decay and the reference's cosine schedules (constant for the critic, and by default)
+    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.actor_ft, args.actor_lr, args.actor_lr_min,
+                                                          args.lr_cycle_itr, args.lr_warmup_itr)
+    critic_opt, critic_sched = runs.optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
+                                                            args.lr_cycle_itr, args.lr_warmup_itr)
     scaler = RunningRewardScaler(N)
-    run, start_itr, env_steps = start_finetuning(args, task, resume, optimizers, schedulers, scaler,
-                                                 lambda: run_eval(eval_deterministic, 0))
-    header = policy_header(ckpt)
+    run.start(resume, runs.policy_header(ckpt), {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic},
+              {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched},
+              {"reward_scaler": scaler})
+    obs_buf = torch.zeros(args.n_steps, N, T_o, task.obs_dim, device=device)
+    next_obs_buf = torch.zeros_like(obs_buf)  # the observation after each chunk-step (an episode's final one if it ended)
+    act_buf = torch.zeros(args.n_steps, N, T_a, task.action_dim, device=device)
 
-    T_o, D_o, T_a, D_a = ckpt["cond_steps"], task.obs_dim, args.horizon_steps, task.action_dim
-    obs_buf = torch.zeros(args.n_steps, N, T_o, D_o, device=device)
-    next_obs_buf = torch.zeros_like(obs_buf)
-    act_buf = torch.zeros(args.n_steps, N, T_a, D_a, device=device)
-    tracker = EpisodeTracker(N, T_e, task.success_chunk_reward, task.success_return)
-    history, last_train = [], {}
-    obs, need_reset = None, True
-    timer = PhaseTimer(device)
-    bar = tqdm(range(start_itr, args.n_train_itr), initial=start_itr, total=args.n_train_itr, desc="iterations")
-    for itr in bar:
-        t_itr = time.time()
-        if eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            r = run_eval(True, itr)  # reset and run deterministically, no update this iteration (reference `TrainPPOAgent`)
-            run.log_evaluation_iteration(itr, env_steps, r, last_train, bar)
-            need_reset = True
-            step_schedulers(schedulers, itr, args.n_critic_warmup_itr)  # the reference steps on evaluation iterations too
+    for itr in run.iterations(args.n_train_itr):
+        if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainPPOAgent`)
+            step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)  # as the reference, here too
             continue
 
         # ---- rollout ----
-        timer.reset()
-        if need_reset or task.reset_every_iteration:
-            obs = envs.reset(seed=args.seed + itr * N)
-            tracker.reset()
-            need_reset = False
-            first = np.ones(N)
-        # else: envs that continue across iterations keep the last step's done as the first step's
-        # `first` (reference `agent/finetune/train_ppo_diffusion_agent.py` `run`, `firsts_trajs[0] = done_venv`)
+        if run.need_reset or task.reset_every_iteration:  # else `first` goes on from the last step (reference `run`)
+            obs, first = run.reset_envs(itr), np.ones(N)
         rewards, terminated, dones, firsts = (np.zeros((args.n_steps, N)) for _ in range(4))
         agent.eval()
         for step in range(args.n_steps):
             firsts[step] = first
-            cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
-            x = agent.get_action(cond)
-            obs_buf[step], act_buf[step] = cond, x
-            timer.lap("sampling")
-            x = x.clamp(-1, 1) if args.final_action_clip else x
-            action = normalizer.unnormalize_action(x[:, :T_e]).cpu().numpy()
+            obs_buf[step] = cond = normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+            act_buf[step] = x = agent.get_action(cond)
+            run.lap("sampling")
+            action = normalizer.unnormalize_action(executed(x)[:, :T_e]).cpu().numpy()
             obs, rewards[step], term, trunc, info = envs.step(action)
             next_obs_buf[step] = normalizer.normalize_obs(torch.as_tensor(info["final_obs"], device=device))
             terminated[step], dones[step] = term, term | trunc
-            tracker.step(rewards[step], dones[step].astype(bool))
             first = dones[step].astype(np.float64)
-            timer.lap("env")
-        env_steps += args.n_steps * N * T_e
-        last_train = tracker.pop()
-        history.append({"iteration": itr, "env_steps": env_steps, **last_train})
-        if not eval_deterministic and args.val_freq > 0 and itr % args.val_freq == 0:
-            run.log_eval(itr, env_steps, "stochastic", last_train)
+            run.step(rewards[step], dones[step])
+        run.end_rollout(itr)
 
         # ---- advantages: GAE over chunk-steps (truncation: docs/deviations.md) ----
-        r_scaled = rewards
-        if args.reward_scale_running:
-            r_scaled = scaler(rewards, firsts)  # once per iteration, as the reference (docs/deviations.md)
+        r = scaler(rewards, firsts) if args.reward_scale_running else rewards  # once per iteration, as the reference
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
             as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
             cut = terminated if args.bootstrap_truncated else dones
-            advantages, returns = compute_gae(as_t(r_scaled), values, next_values, as_t(cut), as_t(dones),
-                                              args.gamma, args.gae_lambda)
-        timer.lap("advantages")
+            advantages, returns = compute_gae(as_t(r), values, next_values, as_t(cut), as_t(dones), args.gamma,
+                                              args.gae_lambda)
+        run.lap("advantages")
 
-        # ---- old log-probs, batched in pieces ----
-        b_obs, b_act = obs_buf.flatten(0, 1), act_buf.flatten(0, 1)    # (S, T_o, D_o), (S, T_a, D_a); S = n_steps·N
-        b_adv, b_ret = advantages.flatten(), returns.flatten()
-        S = b_obs.shape[0]
-        old_lp = old_logprobs(agent, b_obs, b_act, lp_chunk)
-        timer.lap("old_logprobs")
+        # ---- the samples: every env-step, with its log-prob before the update ----
+        b_obs, b_act = obs_buf.flatten(0, 1), act_buf.flatten(0, 1)  # (S, T_o, D_o), (S, T_a, D_a); S = n_steps·N
+        b_adv, b_ret = advantages.flatten(), returns.flatten()  # (S,), (S,)
+        S, B = b_obs.shape[0], args.batch_size
+        old_lp = old_logprobs(agent, b_obs, b_act, lp_chunk)  # (S,)
+        run.lap("old_logprobs")
 
-        # ---- PPO update, minibatches over env-steps ----
+        # ---- the PPO update, minibatches over env-steps (reference `PPO_Gaussian.loss`) ----
         agent.train()
-        stats_t = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss")}
+        stats = []  # per minibatch: pg_loss, v_loss, approx_kl, clipfrac, bc_loss
         for epoch in range(args.update_epochs):
-            perm = torch.randperm(S, device=device)
-            kls = []
-            for start in range(0, S - args.batch_size + 1, args.batch_size):
-                idx = perm[start:start + args.batch_size]
-                new_lp = agent.get_logprobs(b_obs[idx], b_act[idx])
-                old = old_lp[idx]
+            perm, kls = torch.randperm(S, device=device), []
+            for start in range(0, S - B + 1, B):
+                mb = perm[start:start + B]
+                new_lp, old = agent.get_logprobs(b_obs[mb], b_act[mb]), old_lp[mb]
                 if not args.from_scratch:  # CleanRL (--from-scratch) does not clamp
                     new_lp, old = clamp_logprobs(new_lp), clamp_logprobs(old)
-                pg_loss, kl, clipfrac = ppo_loss(new_lp, old, b_adv[idx], args.clip_coef)
-                v_loss = 0.5 * ((agent.get_value(b_obs[idx]) - b_ret[idx]) ** 2).mean()
-                loss = pg_loss + args.vf_coef * v_loss
-                bc_loss = torch.zeros((), device=device)
-                if args.bc_coef > 0:  # eq. A14
-                    bc_loss = agent.bc_loss(b_obs[idx])
-                    loss = loss + args.bc_coef * bc_loss
+                pg_loss, approx_kl, clipfrac = ppo_loss(new_lp, old, b_adv[mb], args.clip_coef)
+                v_loss = 0.5 * ((agent.get_value(b_obs[mb]) - b_ret[mb]) ** 2).mean()
+                bc_loss = agent.bc_loss(b_obs[mb]) if args.bc_coef > 0 else torch.zeros((), device=device)  # eq. A14
+                loss = pg_loss + args.vf_coef * v_loss + args.bc_coef * bc_loss
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if itr >= args.n_critic_warmup_itr:
-                    # the reference clips only actor_ft's gradients, after the critic warm-up
-                    # (`agent/finetune/train_ppo_gaussian_agent.py` `run`)
+                if itr >= args.n_critic_warmup_itr:  # only actor_ft's gradient is clipped, once it steps (reference `run`)
                     if args.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
                 if args.from_scratch and args.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)  # CleanRL clips both nets
                 critic_opt.step()
-                kls.append(kl)
-                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", kl), ("bc_loss", bc_loss),
-                             ("clipfrac", clipfrac)):
-                    stats_t[k].append(v.detach())
+                kls.append(approx_kl)
+                stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), approx_kl, clipfrac, bc_loss.detach()]))
             if args.target_kl is not None and kls and torch.stack(kls).max().item() > args.target_kl:
-                break  # one host sync per epoch
-        lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # the LRs of this iteration's update
-        step_schedulers(schedulers, itr, args.n_critic_warmup_itr)
-        timer.lap("update")
+                break  # checked once per epoch: one host sync (docs/deviations.md)
+        lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
+        step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)
+        run.lap("update")
 
-        # ---- logging, once per iteration ----
-        logged = {k: torch.stack(v).mean().item() for k, v in stats_t.items() if v}
-        check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)
-        logged["explained_variance"] = explained_variance(values.flatten(), returns.flatten())
-        sps = args.n_steps * N * T_e / (time.time() - t_itr)
-        run.end_iteration(itr, logged, last_train, sps, lrs, history[-1], timer.times, bar, env_steps)
-        history[-1]["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()
-        run.scalars({"charts/std": history[-1]["std"]}, itr)
-        if (itr + 1) % args.save_every == 0 or itr + 1 == args.n_train_itr:
-            save_checkpoint(run.checkpoint, finetune_checkpoint(
-                header, args, {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic}, optimizers,
-                schedulers, {"reward_scaler": scaler.state_dict()}, itr + 1, env_steps))
-    bar.close()
-    final = run_eval(eval_deterministic, args.n_train_itr)  # a final evaluation row after the last update
-    out = run.finish(args.n_train_itr, env_steps, "deterministic" if eval_deterministic else "stochastic", final,
-                     {"history": history})
-    envs.close()
-    return out
+        # ---- logging and the checkpoint, once per iteration ----
+        logged = dict(zip(("pg_loss", "v_loss", "approx_kl", "clipfrac", "bc_loss"), torch.stack(stats).mean(0).tolist()))
+        runs.check_finite(f"iteration {itr}", logged, agent.actor_ft, agent.critic)  # stops before saving a broken state
+        logged["explained_variance"] = runs.explained_variance(values.flatten(), returns.flatten())
+        run.end_iteration(itr, logged, lrs)
+        run.history[-1]["std"] = agent.actor_ft(b_obs[:1])[1].mean().item()  # σ, which Run does not log
+        run.folder.scalars({"charts/std": run.history[-1]["std"]}, itr)
+    return run.finish()
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -25,7 +25,7 @@ import gmm_ppo  # noqa: E402
 from common.envs import make_vec_env  # noqa: E402
 from common.errors import DatasetError, UsageError  # noqa: E402
 from common.normalizer import Normalizer  # noqa: E402
-from common.runs import check_output_path, check_positive, check_range, cli, seed_everything  # noqa: E402
+from common.runs import check_output_path, check_positive, check_range, cli, load_checkpoint, seed_everything  # noqa: E402
 from loaders.datasets import save_train_npz  # noqa: E402
 
 SCRIPTS = {"gaussian": gaussian_ppo, "gmm": gmm_ppo}
@@ -64,8 +64,8 @@ def collect(args: Args) -> dict:
                            "this script rolls gaussian or gmm ones")
     script = SCRIPTS[policy_type]
     task = gaussian_ppo.resolve_task(args.env_id) if args.env_id else None
-    ckpt = script.load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task,
-                                  conversion=script.reference_conversion)
+    ckpt = load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task,
+                           conversion=script.reference_conversion)
     task = task or gaussian_ppo.resolve_task(ckpt["task"])
     device = seed_everything(args.seed, True, 1, cuda=False)
     if args.act_steps is not None and args.act_steps > ckpt["horizon_steps"]:

@@ -2,9 +2,12 @@
 (eq. A14), smoke runs through `main(args)` for both backbones, resume, errors, and learning from scratch."""
 
 import csv
+import dataclasses
+import math
 import os
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from torch import distributions as D
 
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
+import common.envs
+from common import runs
 from common.errors import DatasetError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from loaders.datasets import load_train_npz
@@ -278,6 +283,7 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, na
     module = gauss if name == "gaussian" else gmm
     ckpt = torch.load(pretrained[name, "mlp"]["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
+    monkeypatch.setattr(runs, "evaluate", common.envs.evaluate)  # the recorder's evaluation, where `runs.Run` calls it
     losses, real_loss = [], module.ppo_loss
     monkeypatch.setattr(module, "ppo_loss", lambda *a: losses.append(a[2]) or real_loss(*a))
     out = _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, n_steps=50, batch_size=400,
@@ -287,3 +293,63 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, na
     assert any(not torch.equal(post["actor_ft"][k], v) for k, v in post["base"].items())  # no warm-up: the actor steps
     adv, = losses
     torch.testing.assert_close(adv.sort().values, rec.gae[0]["advantages"].flatten().sort().values)
+
+
+@pytest.mark.parametrize("module", [gauss, gmm])
+def test_declares_its_limits(module):
+    """Every number of Args is checked (`runs.check_args` in fill_defaults): the ones a run needs positive, non-negative
+    or in [0, 1] are declared (as fill_defaults' check_positive / check_range lists were)."""
+    hints = typing.get_type_hints(module.Args, include_extras=True)
+    limits = {f.name: next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, runs.Limits)), None)
+              for f in dataclasses.fields(module.Args)}
+    positive = {"n_train_itr", "num_envs", "n_steps", "n_workers", "act_steps", "batch_size", "update_epochs", "save_every",
+                "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef",
+                "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads", "n_layers", "std_init", "std_min",
+                "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs",
+                "pretrain_save_every"} | ({"n_modes"} if module is gmm else set())
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
+    assert {k for k, v in limits.items() if v is runs.POSITIVE_OR_INF} == {"target_kl", "max_grad_norm"}
+    assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma", "gae_lambda", "ema_decay"}
+    assert {k for k, v in limits.items() if v is runs.NON_NEGATIVE} == {
+        "val_freq", "lr_warmup_itr", "n_critic_warmup_itr", "vf_coef", "bc_coef", "warmup_epochs", "weight_decay",
+        "ema_start_epoch", "eval_every"}
+    assert limits["seed"] is runs.SEED
+    with pytest.raises(UsageError, match=r"--clip-coef must be a finite number > 0 \(got inf\)"):
+        module.fill_defaults(module.Args(checkpoint="x.pt", clip_coef=math.inf))
+    with pytest.raises(UsageError, match=r"--ema-decay must be in \[0.0, 1.0\] \(got 1.5\)"):
+        module.fill_defaults(module.Args(pretrain=True, ema_decay=1.5))
+    module.fill_defaults(module.Args(checkpoint="x.pt", target_kl=math.inf))  # inf: no limit
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm"])
+def test_lr_schedule_actor_steps_only_after_critic_warmup(pretrained, name):
+    """Actor LR 1e-3 -> 1e-4 over a 3-iteration cycle with 1 warm-up step, critic warm-up 1 iteration: the actor's
+    scheduler does not step in iteration 0 (the script's `step_lr_schedules`, reference `run`), so iterations 0 and 1
+    run at min_lr and iteration 2 at the top of the cosine; the critic's LR is constant, bit for bit."""
+    module = gauss if name == "gaussian" else gmm
+    out = _finetune(module, pretrained[name, "mlp"]["checkpoint"], val_freq=0, update_epochs=1, actor_lr=1e-3,
+                    actor_lr_min=1e-4, lr_cycle_itr=3, lr_warmup_itr=1, n_critic_warmup_itr=1)
+    assert [x["lr_actor"] for x in out["history"]] == pytest.approx([1e-4, 1e-4, 1e-3], rel=1e-12)
+    assert [x["lr_critic"] for x in out["history"]] == [1e-3] * 3
+
+
+@pytest.mark.parametrize("module", [gauss, gmm])
+def test_running_reward_scaler_against_plain_computation(module, monkeypatch):
+    """The script's own reward scaler passes dppo_finetune's test against a plain computation (reference order,
+    `util/reward_scaling.py`: an iteration's discounted returns update the statistics in one batch, then scale)."""
+    from tests import test_dppo_math
+    monkeypatch.setattr(test_dppo_math.ft, "RunningRewardScaler", module.RunningRewardScaler)
+    test_dppo_math.test_running_reward_scaler_against_plain_computation()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm"])
+def test_every_minibatch_starts_from_zeroed_gradients(pretrained, monkeypatch, name):
+    """4 minibatches x 2 epochs: every backward pass lands on zeroed critic gradients (no accumulation across
+    minibatches)."""
+    module = gauss if name == "gaussian" else gmm
+    ckpt = torch.load(pretrained[name, "mlp"]["checkpoint"], map_location="cpu", weights_only=True)
+    rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
+    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, batch_size=50, update_epochs=2,
+              n_critic_warmup_itr=0, target_kl=None)
+    n_params = len(list(rec.critic.parameters()))
+    assert len(rec.fresh_grads) == 8 * n_params and all(rec.fresh_grads)

@@ -125,6 +125,9 @@ def test_every_script_passes_the_flag_to_its_envs(name, tmp_path, monkeypatch):
         runs = [module.Args(pretrain=True, n_epochs=1, eval_every=1, mlp_dims=(16, 16), **small),
                 module.Args(checkpoint=pre["checkpoint"], eval_only=True, num_envs=2, **small)]
     monkeypatch.setattr(module, "make_vec_env", make)
+    if name in ("gaussian_ppo", "gmm_ppo"):  # their --pretrain loop (and its evaluation envs): loaders/chunk_pretrain.py
+        from loaders import chunk_pretrain
+        monkeypatch.setattr(chunk_pretrain, "make_vec_env", make)
     for args in runs:
         with pytest.raises(_Made):
             module.main(args)
