@@ -16,7 +16,6 @@ from torch import distributions as D
 
 import gaussian_ppo as gauss
 import gmm_ppo as gmm
-import common.envs
 from common import runs
 from common.errors import DatasetError, UsageError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
@@ -283,7 +282,6 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, na
     module = gauss if name == "gaussian" else gmm
     ckpt = torch.load(pretrained[name, "mlp"]["checkpoint"], map_location="cpu", weights_only=True)
     rec = WiringRecorder(module, monkeypatch, ckpt["normalization"])
-    monkeypatch.setattr(runs, "evaluate", common.envs.evaluate)  # the recorder's evaluation, where `runs.Run` calls it
     losses, real_loss = [], module.ppo_loss
     monkeypatch.setattr(module, "ppo_loss", lambda *a: losses.append(a[2]) or real_loss(*a))
     out = _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0, n_steps=50, batch_size=400,
