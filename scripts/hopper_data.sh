@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=${PY:-.venv/bin/python}
 LOG_DIR=${LOG_DIR:-/tmp/hopper}
 CKPT_DIR=data/hopper/ckpt
-MEDIUM_ITR=${MEDIUM_ITR:-60}           # the checkpoint that plays D4RL's "medium" policy
+MEDIUM_ITR=${MEDIUM_ITR:-80}           # the checkpoint that plays D4RL's "medium" policy
 EXPERT_ITR=${EXPERT_ITR:-400}          # where the expert run stops (EXPERT_ITR=61: only what the medium data needs)
 DATASET=data/hopper/medium/train.npz
 N_COLLECT=${N_COLLECT:-150000}        # transitions in the dataset
@@ -38,10 +38,11 @@ mkdir -p "$LOG_DIR" "$CKPT_DIR"
 #    seed 1: 334.7 / 515.7 / 997.5; seed 2: 304.6 / 411.7 / 2217.5; seed 3: 358.3 / 2143.7 / 2410.2.
 #    A run on 2026-11-26 (seed 1, an older commit, stopped at ~115) gave 20: 316, 40: 378, 60: 471,
 #    80: 694, 100: 1058, and was read then as "the code learns more slowly"; the seeds above show one
-#    run cannot say that. MEDIUM_ITR is back at 60: seed 1's row there (997.5, about a third of the
-#    3165 expert of the earlier measurement, as D4RL's medium) is measured on the current code; its row
-#    at 100 is not.
-#    The rows after 60 and the expert evaluation (step 2) were not re-measured on the current code.
+#    run cannot say that.
+#    Since 2026-12-06 evaluation draws from its own random stream, so seed 1 takes yet another path. Measured then
+#    (`EXPERT_ITR=121 bash scripts/hopper_data.sh`, commit 07b2de4): deterministic rows 20: 326.5, 40: 413.5,
+#    60: 628.3, 80: 1074.0, 100: 2519.4, 120: 2349.3. MEDIUM_ITR is the row nearest a third of the 3165 expert
+#    (D4RL's "medium"): 80. The expert itself (400 iterations) was not re-run on this code.
 #    Earlier measurement (an older commit, seed 1): 12.0 min wall. Deterministic eval rows
 #    (iteration: return): 20: 311, 40: 414, 60: 2162, 80: 2223, 100: 1184, 120: 2619, 160: 2821, 200: 2848, 260: 2067, 300: 3260,
 #    320: 3318, 340: 3201, 360: 3323, 380: 3116, 400: 3166. (Measured in a run launched with
@@ -78,7 +79,9 @@ echo "expert run folder: $RUN"
 "$PY" gaussian_ppo.py --env-id hopper --checkpoint "$CKPT_DIR/expert.pt" --eval-only --num-envs 10 \
     | tee "$LOG_DIR/expert_eval.log"
 
-# 3. Medium policy = the same run at iteration $MEDIUM_ITR (60: 57 training iterations, 117k env steps).
+# 3. Medium policy = the same run at iteration $MEDIUM_ITR (80: 76 training iterations, 156k env steps).
+#    Measured 2026-12-06 (iteration 80 of the run above): deterministic 1073.3 +- 11.5 over 29 episodes,
+#    stochastic 715.3 +- 69.8 over 39; steps 4-6 below give that run's figures first.
 #    Measured with MEDIUM_ITR=100 on 2026-11-26 (the older seed-1 run above): 1058 +- 58 deterministic
 #    (its eval.csv row); steps 4-6 below quote that run. Earlier measurement, iteration 60 of the earlier run:
 #    deterministic 2157.8 +- 12.4 over 10 episodes, stochastic 846.4 +- 376.2 over 28
@@ -90,6 +93,8 @@ echo "expert run folder: $RUN"
 # 4. Medium dataset: roll the medium checkpoint's stochastic policy (as D4RL does) in 8 envs for
 #    $N_COLLECT env steps; reference train.npz (states, actions, traj_lengths, rewards); unfinished
 #    episode tails are kept, as D4RL keeps timeouts.
+#    Measured 2026-12-06 from iteration 80: 150000 transitions, 641 trajectories, mean return 715.4 +- 86.7, mean
+#    length 234.
 #    Re-measured 2026-11-26 from iteration 100: 150000 transitions, 553 trajectories, mean return 827.7.
 #    Earlier measurement (23 s): 150000 transitions, 508 trajectories (500 finished + 8 unfinished tails),
 #    mean episode return 846.2 +- 326.0 (853.8 over the 500 finished ones), mean length 295 steps,
@@ -111,6 +116,7 @@ EOF
 # 5. Diffusion pre-training (the reference's gym settings: K = 20, T_a = 4, MLP 512x3, batch 128, lr
 #    1e-3 -> 1e-4 cosine, EMA) for $PRETRAIN_EPOCHS epochs instead of 3000 (fits ~15 min here);
 #    in-training evaluation off (step 6 evaluates).
+#    Measured 2026-12-06: 2228 s wall on the 2-core machine shared with 4-7 other jobs, final epoch loss 0.2265.
 #    Re-measured 2026-11-26: 21.0 min on the shared 2-core machine (2-3 other jobs), final epoch loss 0.2308.
 #    Earlier measurement: 13.4 min (803 s) for 60 epochs of 148476 windows (1160 steps/epoch, 69.6k gradient
 #    steps), 9-19 s per epoch depending on the other jobs' load; final epoch loss 0.2535.
@@ -120,6 +126,8 @@ tail -1 "$LOG_DIR/pretrain.log"
 
 # 6. Evaluate the pre-trained diffusion policy (EMA weights; K' = 10 fine-tuned steps are the same
 #    network before fine-tuning): 40 envs x 250 chunk-steps of 4 actions = one full episode each.
+#    Measured 2026-12-06: deterministic 730.9 +- 69.6 over 154 episodes, stochastic 701.8 +- 56.5 over 159
+#    (dataset: 715).
 #    Re-measured 2026-11-26: deterministic 852.6 +- 134.5 over 124 episodes, stochastic 785.3 +- 133.1
 #    over 134 (dataset: 828). Earlier measurement:
 #    (32 s): deterministic 1023.3 +- 308.7 over 96 episodes, stochastic 826.8 +- 246.9 over
