@@ -1,7 +1,7 @@
 """Time one iteration of the diffusion RL baselines, phase by phase (env, sampling, update, ...).
 
 Runs each script's own `main` (no copy of its loop) for 2 iterations with evaluation off and reports the second one
-(the first warms up): per phase the wall time (the scripts' `PhaseTimer`, or `common.runs.Run`'s timer) and the
+(the first warms up): per phase the wall time (`common.runs.Run`'s timer) and the
 process CPU time (robust to other jobs on a shared machine). Policies have the paper's architecture with random
 weights (the time of an iteration does not depend on the weights); each script runs at its own defaults for the task
 except the chunk-steps per env, `--n-steps`, which is cut on the CPU (printed with the script's default).
@@ -25,7 +25,6 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,6 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.finetune_iteration import random_checkpoint as random_diffusion_checkpoint  # noqa: E402
-from common import runs  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.normalizer import Normalizer  # noqa: E402
 from common.tasks import get_task  # noqa: E402
@@ -57,28 +55,6 @@ class Bench:
     """runs per script (each 2 iterations); the table shows each"""
     extra: tuple[str, ...] = ()
     """NAME=VALUE Args fields for every script that has them (e.g. update_chunk=2048), parsed as Python literals"""
-
-
-class CpuPhaseTimer(runs.PhaseTimer):
-    """The scripts' PhaseTimer (wall time) that also keeps the process CPU time of each phase, per iteration."""
-
-    log: list[dict[str, float]] = []
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu: dict[str, float] = {}
-        self._cpu_last = time.process_time()
-        super().__init__(device)
-
-    def reset(self) -> None:
-        self.cpu = {}
-        CpuPhaseTimer.log.append(self.cpu)
-        super().reset()
-
-    def lap(self, phase: str) -> None:
-        super().lap(phase)
-        now = time.process_time()
-        self.cpu[phase] = self.cpu.get(phase, 0.0) + now - self._cpu_last
-        self._cpu_last = now
 
 
 def gaussian_checkpoint(module: Any, task_id: str, path: str) -> None:
@@ -174,18 +150,10 @@ def time_script(name: str, bench: Bench) -> dict[str, Any]:
                 setattr(args, k, v)
             else:
                 print(f"{name} has no field {k}: left out for it")
-        CpuPhaseTimer.log = []
-        saved = getattr(module, "PhaseTimer", None)  # a script on `common.runs.Run` has none: Run keeps the CPU times
-        if saved is not None:
-            module.PhaseTimer = CpuPhaseTimer
-        try:
-            out = module.main(args)
-        finally:
-            if saved is not None:
-                module.PhaseTimer = saved
+        out = module.main(args)
     row = out["history"][-1]
     wall = {k[5:]: v for k, v in row.items() if k.startswith("time_")}
-    cpu = {k[4:]: v for k, v in row.items() if k.startswith("cpu_")} or CpuPhaseTimer.log[-1]
+    cpu = {k[4:]: v for k, v in row.items() if k.startswith("cpu_")}  # common.runs.Run's timer
     default = module.Args(env_id=bench.env_id)
     module.fill_defaults(default)
     return {"wall": wall, "cpu": cpu, "args": args, "env_steps": args.n_steps * args.num_envs * args.act_steps,

@@ -22,7 +22,6 @@ import importlib
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +30,6 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.finetune_iteration import random_checkpoint  # noqa: E402
-from common.runs import PhaseTimer  # noqa: E402
 
 SCRIPTS = ("dql", "idql", "dipo", "qsm")
 
@@ -56,34 +54,10 @@ class Bench:
     """the scripts' --onednn-matmul (passed only when set)"""
 
 
-class CPUPhaseTimer(PhaseTimer):
-    """The scripts' PhaseTimer, also keeping the process CPU time of each phase (on a shared machine other jobs
-    stretch wall times; with one torch thread the CPU time is the one to compare)."""
-
-    last: CPUPhaseTimer | None = None
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu, self._cpu_last = {}, time.process_time()
-        super().__init__(device)
-        CPUPhaseTimer.last = self
-
-    def reset(self) -> None:
-        self.cpu.clear()
-        super().reset()
-
-    def lap(self, phase: str) -> None:
-        now = time.process_time()
-        self.cpu[phase] = self.cpu.get(phase, 0.0) + now - self._cpu_last
-        self._cpu_last = now
-        super().lap(phase)
-
-
 def run_one(name: str, bench: Bench, ckpt: str) -> dict:
     """`main` of one script for 2 iterations; returns the second iteration's phase times (wall and process CPU)
     and its size."""
     mod = importlib.import_module(name)
-    mod.PhaseTimer = CPUPhaseTimer  # scripts not on Run: the timer the loop creates; its laps after the last reset are
-    # iteration 2's (Run's own timer keeps the CPU times: history's cpu_*)
     extra = {}
     if bench.float32_matmul_precision != "highest":
         extra["float32_matmul_precision"] = bench.float32_matmul_precision
@@ -96,8 +70,7 @@ def run_one(name: str, bench: Bench, ckpt: str) -> dict:
                     save_every=10**9, torch_deterministic=False, torch_threads=bench.threads, cuda=False, **extra)
     out = mod.main(args)
     times = {k[5:]: v for k, v in out["history"][-1].items() if k.startswith("time_")}
-    cpu = ({k[4:]: v for k, v in out["history"][-1].items() if k.startswith("cpu_")}  # scripts on common.runs.Run
-           or dict(CPUPhaseTimer.last.cpu))
+    cpu = {k[4:]: v for k, v in out["history"][-1].items() if k.startswith("cpu_")}  # common.runs.Run's timer
     batch = args.batch_size
     updates = int(args.n_steps * args.num_envs / batch * args.replay_ratio)
     paper = mod.Args(env_id=bench.env_id)

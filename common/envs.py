@@ -212,44 +212,6 @@ def _gym_render_fps(task: Task) -> float:
         env.close()
 
 
-class RunningRewardScaler:
-    """Running reward scaling (`irom-princeton/dppo` `util/reward_scaling.py`, `RunningRewardScaler.__call__`),
-    called once per iteration on the whole reward array: first every discounted return of the iteration
-    (per env, step by step: ret <- r + 0.99 (1 - first) ret) updates the running mean/var in one
-    batched update (`RunningMeanStd`: initial count 1e-4, mean 0, var 1; var = M2 / (count - 1)),
-    then every reward of the iteration is divided by sqrt(var + 1e-8) and clipped to ±10. The
-    variance is pooled over envs and iterations; `ret` carries over to the next iteration."""
-
-    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
-        self.gamma, self.clip, self.eps = gamma, clip, eps
-        self.ret = np.zeros(num_envs)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, rewards: np.ndarray, firsts: np.ndarray) -> np.ndarray:
-        """rewards, firsts: (n_steps, N), one iteration; returns the scaled rewards, (n_steps, N)."""
-        rets = np.zeros_like(rewards, dtype=np.float64)
-        ret = self.ret
-        for t in range(rewards.shape[0]):
-            ret = rets[t] = rewards[t] + self.gamma * (1.0 - firsts[t]) * ret
-        self.ret = rets[-1].copy()
-        self._update(rets.reshape(-1))
-        return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
-
-    def _update(self, x: np.ndarray) -> None:
-        batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
-        delta, total = batch_mean - self.mean, self.count + n
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
-
-    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
-
-
 class EpisodeTracker:
     """Per-env running return, length and best chunk reward of the current episode, kept across
     iterations; every episode that ends is recorded, however many iterations it spanned.

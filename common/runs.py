@@ -816,12 +816,6 @@ class Run:
 
 # ---- evaluation report and small shared numbers ----
 
-def eval_only_report(run_eval: Callable[[bool, int], dict[str, Any]], args: Any = None, task_id: str = "",
-                     index: int = 0) -> dict[str, Any]:
-    """`eval_only` for the scripts that do not use `Run` yet (their `args`' exp_name and seed)."""
-    return eval_only(run_eval, task_id, args.exp_name if args else "", args.seed if args else 0, index)
-
-
 def eval_only(run_eval: Callable[[bool, int], dict[str, Any]], task_id: str, exp_name: str, seed: int,
               index: int = 0) -> dict[str, Any]:
     """`--eval-only`: the one evaluation function, deterministic and stochastic, printed, with the evaluation stream's
@@ -871,49 +865,6 @@ def optimizer_with_schedule(module: nn.Module, lr: float, lr_min: float, cycle_i
     cosine schedule (`cosine_annealing_warmup`; constant when lr_min == lr)."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_annealing_warmup(lr, lr_min, cycle_itr, warmup_itr))
-
-
-def ppo_optimizers(actor: nn.Module, critic: nn.Module, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """AdamW without weight decay for the actor and the critic, each with the reference's cosine
-    schedule (`cosine_annealing_warmup`; the critic's LR is constant), as the PPO scripts use them."""
-    actor_opt, actor_sched = optimizer_with_schedule(actor, args.actor_lr, args.actor_lr_min, args.lr_cycle_itr,
-                                                     args.lr_warmup_itr)
-    critic_opt, critic_sched = optimizer_with_schedule(critic, args.critic_lr, args.critic_lr, args.lr_cycle_itr,
-                                                       args.lr_warmup_itr)
-    return {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched}
-
-
-def start_finetuning(args: Any, task: Any, resume: dict[str, Any] | None, optimizers: dict[str, Any],
-                     schedulers: dict[str, Any], scaler: Any | None, evaluate_paths: Callable[[], dict[str, Any]]
-                     ) -> tuple[RunFolder, int, int]:
-    """Restore a resumed run's training state (optimisers, schedulers, reward scaler unless None, torch RNG), or seed
-    a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while building its networks
-    does not change the training's draws); take the Avoid "before" rollouts for the picture (an evaluation: its own
-    stream) and open the run folder. Returns (run, first iteration, env steps so far)."""
-    start_itr, env_steps = 0, 0
-    if resume is not None:
-        start_itr, env_steps = restore_training(resume, optimizers, schedulers)
-        if scaler is not None:
-            scaler.load_state_dict(resume["reward_scaler"])
-    else:
-        torch.manual_seed(stream_seed(args.seed, TRAINING_STREAM))
-    before = None
-    if task.suite == "avoid" and args.plot and start_itr == 0:
-        before = evaluate_paths()
-    run = RunFolder.from_args(args, task.id, resume_dir=args.resume, resume_itr=start_itr)
-    if before is not None:
-        run.paths_before = before["paths"]
-        run.save_videos(0, before)  # --capture-video: the policy before fine-tuning, as itr_0000
-    return run, start_itr, env_steps
-
-
-def step_schedulers(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> None:
-    """Once per iteration, evaluation iterations included; the actor's only after the critic warm-up
-    (`irom-princeton/dppo` `agent/finetune/train_ppo_diffusion_agent.py` `run`); every other
-    scheduler (critics) every iteration."""
-    for name, sched in schedulers.items():
-        if name != "actor" or itr >= n_critic_warmup_itr:
-            sched.step()
 
 
 def warmup_then_cosine(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:

@@ -1,5 +1,5 @@
 """Evaluation draws from its own random stream (`common.envs.own_rng`, `stream_seed`, `evaluate`), and a new
-run's training stream is seeded before the loop (`common.runs.start_finetuning`): every diffusion script reports the same
+run's training stream is seeded before the loop (`common.runs.Run.start`): every diffusion script reports the same
 first row for the same checkpoint, and training does not depend on how much evaluation drew."""
 
 import csv
