@@ -120,11 +120,11 @@ def test_finetune_smoke_update_eval_and_frozen_base(pretrained):
 
 
 def test_finetune_resume_matches_uninterrupted(pretrained, monkeypatch):
-    import common.envs
+    import common.runs
     full = _finetune(pretrained["checkpoint"], n_train_itr=4, exp_name="full")
     part = _finetune(pretrained["checkpoint"], n_train_itr=2, exp_name="part", plot=True)
-    evaluated, real_evaluate = [], common.envs.evaluate
-    monkeypatch.setattr(common.envs, "evaluate", lambda *a, **kw: evaluated.append(kw["index"]) or real_evaluate(*a, **kw))
+    evaluated, real_evaluate = [], common.runs.evaluate  # the evaluation `runs.Run` calls
+    monkeypatch.setattr(common.runs, "evaluate", lambda *a, **kw: evaluated.append(kw["index"]) or real_evaluate(*a, **kw))
     resumed = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=4, env_id="avoid-m2"))
     assert_resumed_run_matches(full, resumed, n_eval_rows=5)
     assert evaluated == [4]  # the final evaluation; no Avoid "before" rollouts (of resumed weights) for the picture
