@@ -135,6 +135,9 @@ def main(args: Args) -> None:
     unknown = [n for n in names if n not in ENTRIES]
     if unknown:
         raise SystemExit(f"unknown entry {unknown[0]!r}; entries: {', '.join(ENTRIES)}")
+    missing = [n for n in names if args.compare and not os.path.isfile(os.path.join(args.compare, n, "checkpoint.pt"))]
+    if missing:  # checked before minutes of runs
+        raise SystemExit(f"--compare {args.compare}: no record of {missing[0]!r} there (record it first with --out)")
     for name in names:
         t = time.time()
         run_entry(name, args.out)
