@@ -39,10 +39,10 @@ Deviations from the reference implementation (irom-princeton/dppo): docs/deviati
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import torch
@@ -143,9 +143,6 @@ def fill_defaults(args: Args) -> dict:
     if int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio) < 1:
         raise runs.UsageError(f"n_steps {args.n_steps} x num_envs {args.num_envs} / batch_size {args.batch_size} x "
                               f"replay_ratio {args.replay_ratio} gives no actor update per iteration")
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -237,14 +234,6 @@ RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "a
 BUFFER_KEYS = ("obs", "next_obs", "x", "reward", "cut", "end")
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 
 def main(args: Args) -> dict:
     resume = None
@@ -257,7 +246,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_o, T_a, T_e, N, C = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.buffer_size
@@ -278,9 +267,7 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
 
     policy = lambda cond, deterministic: agent.get_action(cond, deterministic)  # noqa: E731 (evaluation)
     run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,

@@ -29,11 +29,11 @@ Deviations from the reference implementation (irom-princeton/dppo) and from Tabl
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import torch
@@ -131,9 +131,6 @@ def fill_defaults(args: Args) -> dict:
     runs.check_args(args)  # every number within the Limits of its field
     if args.target_ema_rate > 1:
         raise runs.UsageError(f"--target-ema-rate must be in [0.0, 1.0] (got {args.target_ema_rate})")
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -295,14 +292,6 @@ class ReplayBuffer:
             v[:self.size] = state[k].to(v.device)
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -317,7 +306,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_a, T_e, N, B = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.batch_size
@@ -339,9 +328,7 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
 
     run = runs.Run(args, envs, task, normalizer, agent.get_action, act_steps=T_e, device=device, seed=args.seed,
                    exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,

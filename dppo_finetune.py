@@ -27,10 +27,10 @@ Deviations from the reference implementation (irom-princeton/dppo): docs/deviati
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -139,8 +139,8 @@ TASK_DEFAULTS = {
 FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
 
 
-def fill_defaults(args: Args) -> dict:
-    """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
+def fill_defaults(args: Args) -> tuple:
+    """Fill the task's defaults into every flag left at None and check every number; returns the task and what was filled."""
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
@@ -154,18 +154,14 @@ def fill_defaults(args: Args) -> dict:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
-    for name in ("obs_noise_std", "action_noise_std"):
-        if getattr(args, name) and task.suite != "furniture":
-            raise runs.UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
-    return filled
+    if (args.obs_noise_std or args.action_noise_std) and task.suite != "furniture":
+        raise runs.UsageError(f"observation and action noise are the Furniture-Bench sim-to-real option; {task.id} has none")
+    return task, filled
 
 
-def fill_from_checkpoint(args: Args, ckpt: dict, filled: dict) -> None:
+def fill_from_checkpoint(args: Args, task, ckpt: dict, filled: dict) -> None:
     """T_a from the checkpoint unless given, the furniture UNet's batch; the flags checked against the network."""
-    task, K, K_ft = get_task(args.env_id), ckpt["denoising_steps"], args.ft_denoising_steps
+    K, K_ft = ckpt["denoising_steps"], args.ft_denoising_steps
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
         args.batch_size = FURNITURE_UNET_BATCH[task.env_name]
@@ -183,9 +179,8 @@ def fill_from_checkpoint(args: Args, ckpt: dict, filled: dict) -> None:
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
-    """β_1..β_K of the cosine schedule in float64, as the reference computes them (`model/diffusion/sampling.py`,
-    `cosine_beta_schedule`; cast to float32 there and in `DiffusionPPO`): ᾱ(i) = cos²((i/K + s)/(1 + s)·π/2) / ᾱ(0),
-    β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
+    """β_1..β_K in float64 (reference `model/diffusion/sampling.py`; float32 after): ᾱ(i) = cos²((i/K + s)/(1 + s)·π/2)
+    / ᾱ(0), β_t = 1 - ᾱ(t+1)/ᾱ(t), clipped to [0, 0.999]."""
     i = torch.linspace(0, K + 1, K + 1, dtype=torch.float64) / (K + 1)  # = i/K, evaluated as the reference does
     alphas_cumprod = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
@@ -195,15 +190,14 @@ def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
 class DiffusionPPO(nn.Module):
     """Frozen base network + trainable copy of it for the last K' steps, and the critic."""
 
-    def __init__(self, base: nn.Module, critic: nn.Module, denoising_steps: int, ft_denoising_steps: int,
-                 horizon_steps: int, action_dim: int, use_ddim: bool, ddim_steps: int, min_sampling_std: float,
-                 min_logprob_std: float, randn_clip: float) -> None:
+    def __init__(self, base: nn.Module, critic: nn.Module, denoising_steps: int, ft_steps: int, horizon_steps: int,
+                 action_dim: int, use_ddim: bool, ddim_steps: int, min_sampling_std: float, min_logprob_std: float,
+                 randn_clip: float) -> None:
         super().__init__()
         self.actor = base.requires_grad_(False).eval()
         self.actor_ft = copy.deepcopy(base).requires_grad_(True)
         self.critic = critic
-        self.horizon_steps, self.action_dim = horizon_steps, action_dim
-        self.use_ddim, self.ft_steps = use_ddim, ft_denoising_steps
+        self.horizon_steps, self.action_dim, self.use_ddim, self.ft_steps = horizon_steps, action_dim, use_ddim, ft_steps
         self.min_sampling_std, self.min_logprob_std, self.randn_clip = min_sampling_std, min_logprob_std, randn_clip
 
         # float32 from float32 β in the reference's order, std = exp(½·log var) (`model/diffusion/diffusion.py`
@@ -233,7 +227,7 @@ class DiffusionPPO(nn.Module):
         self.register_buffer("ts", ts, persistent=False)  # the visited steps, in order; index j
         for name, value in coefs.items():
             self.register_buffer(name, value, persistent=False)
-        self.first_ft = len(ts) - ft_denoising_steps  # index j of the first fine-tuned step
+        self.first_ft = len(ts) - ft_steps  # index j of the first fine-tuned step
 
     def p_mean_std(self, net: nn.Module, x: torch.Tensor, j: torch.Tensor | int, cond: torch.Tensor,
                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,16 +248,13 @@ class DiffusionPPO(nn.Module):
         return mean, std
 
     @torch.no_grad()
-    def get_action(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample a chunk (reference `DiffusionModel.forward`). Returns x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
-        x, chain, _ = self.sample(cond, deterministic, base_only)
-        return x, chain
+    def get_action(self, cond: torch.Tensor, deterministic: bool = False, base_only: bool = False) -> tuple:
+        """Sample a chunk (reference `DiffusionModel.forward`): x_0 (B, T_a, D_a) and the chain (B, K'+1, T_a, D_a)."""
+        return self.sample(cond, deterministic, base_only)[:2]
 
     @torch.no_grad()
     def rollout_action(self, cond: torch.Tensor, act_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`get_action` and each fine-tuned step's `pair_logprobs` (B, K'), PPO's old log-probs, from the means the chain
-        was drawn with (the reference: a second pass of actor_ft over all pairs; float rounding aside the same)."""
+        """`get_action` and PPO's old log-probs (B, K') from the sampling means (the reference: a second actor_ft pass)."""
         x, chain, (means, stds) = self.sample(cond, keep_means=True)
         return x, chain, chunk_logprob(self.logprob(chain[:, 1:], torch.stack(means, 1), torch.stack(stds, 1)), act_steps)
 
@@ -297,7 +288,7 @@ class DiffusionPPO(nn.Module):
         """Element-wise log N(x_prev; μ_ft(x_t), max(σ_t, σ^prob_min)²) at fine-tuned position i (eq. 4.4)."""
         return self.logprob(x_prev, *self.p_mean_std(self.actor_ft, x_t, self.first_ft + i, cond))
 
-    def get_value(self, cond: torch.Tensor) -> torch.Tensor:
+    def get_value(self, cond: torch.Tensor) -> torch.Tensor:  # V(s) (eq. 4.8)
         return self.critic(cond)
 
     def bc_loss(self, cond: torch.Tensor) -> torch.Tensor:
@@ -317,8 +308,7 @@ def pair_logprobs(agent: DiffusionPPO, obs: torch.Tensor, x_t: torch.Tensor, x_p
 
 
 def chunk_logprob(logprob: torch.Tensor, act_steps: int) -> torch.Tensor:
-    """A pair's scalar: element-wise log-probs (..., T_a, D_a) clamped to [-5, 2], restricted to the executed T_e
-    actions and averaged (`PPODiffusion.loss`, reference)."""
+    """A pair's scalar (reference `PPODiffusion.loss`): log-probs (..., T_a, D_a) clamped to [-5, 2], mean over T_e."""
     return logprob.clamp(-5, 2)[..., :act_steps, :].mean(dim=(-2, -1))
 
 
@@ -337,10 +327,8 @@ def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
                 dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`). All inputs (n_steps, N); next_values = V(s'_t),
-    s'_t the observation after chunk-step t (the episode's final one where it ended)."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
+    """GAE over chunk-steps (§4.2; reference `TrainPPODiffusionAgent.run`); (n_steps, N) each, next_values = V(s'_t)."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
         last = delta + gamma * gae_lambda * (1 - dones[t]) * last
@@ -360,10 +348,8 @@ class RunningRewardScaler:
 
     def __call__(self, rewards: np.ndarray, firsts: np.ndarray) -> np.ndarray:
         rets = np.zeros_like(rewards, dtype=np.float64)
-        ret = self.ret
-        for t in range(rewards.shape[0]):
-            ret = rets[t] = rewards[t] + self.gamma * (1.0 - firsts[t]) * ret
-        self.ret = rets[-1].copy()
+        for t in range(rewards.shape[0]):  # `ret` carries over to the next iteration
+            self.ret = rets[t] = rewards[t] + self.gamma * (1.0 - firsts[t]) * self.ret
         x = rets.reshape(-1)  # the moments of the iteration's returns, merged into the running ones
         batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
         delta, total = batch_mean - self.mean, self.count + n
@@ -372,20 +358,17 @@ class RunningRewardScaler:
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
     def state_dict(self) -> dict:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
+        moments = {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in ("mean", "var", "count")}
+        return {"ret": torch.as_tensor(self.ret), **moments}
 
     def load_state_dict(self, d: dict) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+        self.ret, self.mean, self.var, self.count = d["ret"].numpy().copy(), *(float(d[k]) for k in ("mean", "var", "count"))
 
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor, n: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate over (env-step, denoising-step) pairs (eq. 4.6, reference `PPODiffusion.loss`), for advantages
-    already normalised over the minibatch and discounted by γ_denoise^(K'-i-1); `eps`: each pair's clip range. Returns
-    (pg_loss, approx_kl, clipfrac), each a sum over the pairs divided by `n` (default: their number, i.e. the mean; a
-    piece of a minibatch of n pairs gives its share of the minibatch's mean)."""
+    """Clipped surrogate over pairs (eq. 4.6, reference `PPODiffusion.loss`) for normalised, discounted advantages and each
+    pair's clip range `eps`: (pg_loss, approx_kl, clipfrac), sums over the pairs / `n` (default: their number)."""
     n = n or new_lp.numel()
     log_ratio = new_lp - old_lp
     ratio = log_ratio.exp()
@@ -406,34 +389,24 @@ def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) ->
 
 
 def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
-    """Once per iteration, evaluation iterations included; the actor's schedule only once the actor steps, after the
-    critic warm-up (reference `agent/finetune/train_ppo_diffusion_agent.py`, `TrainPPODiffusionAgent.run`)."""
+    """Every iteration; the actor's only after the critic warm-up (reference `TrainPPODiffusionAgent.run`)."""
     if itr >= n_critic_warmup_itr:
         actor_sched.step()
     critic_sched.step()
-
-
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
 
 
 def main(args: Args) -> dict:
     resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id)) if args.resume else None
     if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
         args = runs.resume_args(args, resume["args"], args.resume)
-    filled = fill_defaults(args)
-    task = get_task(args.env_id)
+    task, filled = fill_defaults(args)
     if resume is None:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    fill_from_checkpoint(args, ckpt, filled)
+    fill_from_checkpoint(args, task, ckpt, filled)
     K_ft, T_o, T_a, T_e, N = args.ft_denoising_steps, ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
@@ -448,15 +421,13 @@ def main(args: Args) -> dict:
     if "actor_ft" in ckpt:  # a fine-tuning checkpoint: resumed, or evaluated
         runs.load_weights(agent.actor_ft, ckpt["actor_ft"], ckpt_path)
         runs.load_weights(agent.critic, ckpt.get("critic"), ckpt_path)
-    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, n_workers=args.n_workers,
-                        terminate_on_success=args.terminate_on_success, backend=args.env_backend, normalizer=normalizer,
+    envs = make_vec_env(task, N, seed=args.seed, act_steps=T_e, cond_steps=T_o, normalizer=normalizer,
+                        n_workers=args.n_workers, backend=args.env_backend, terminate_on_success=args.terminate_on_success,
                         obs_noise_std=args.obs_noise_std, action_noise_std=args.action_noise_std,
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
     if args.compile:
         agent.get_action = runs.compile_sampling(agent.get_action, device)
         agent.rollout_action = runs.compile_sampling(agent.rollout_action, device)
@@ -464,10 +435,9 @@ def main(args: Args) -> dict:
 
     executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731
     policy = lambda cond, deterministic: executed(agent.get_action(cond, deterministic)[0])  # noqa: E731 (evaluation)
-    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,
-                   exp_name=args.exp_name, eval_n_steps=args.eval_n_steps, val_freq=args.val_freq,
-                   save_every=args.save_every, plot=args.plot, track=args.track, wandb_project=args.wandb_project_name,
-                   resume_dir=args.resume)
+    run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed, exp_name=args.exp_name,
+                   eval_n_steps=args.eval_n_steps, val_freq=args.val_freq, save_every=args.save_every, plot=args.plot,
+                   track=args.track, wandb_project=args.wandb_project_name, resume_dir=args.resume)
     if args.eval_only:
         return run.eval_only(index=ckpt.get("itr", 0))
     # AdamW without weight decay and the reference's cosine schedules (constant for the critic, and by default)
@@ -476,10 +446,9 @@ def main(args: Args) -> dict:
     critic_opt, critic_sched = runs.optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
                                                             args.lr_cycle_itr, args.lr_warmup_itr)
     scaler = RunningRewardScaler(N)
-    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a},
-              {"base": agent.actor, "actor_ft": agent.actor_ft, "critic": agent.critic},
-              {"actor": actor_opt, "critic": critic_opt}, {"actor": actor_sched, "critic": critic_sched},
-              {"reward_scaler": scaler})
+    run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": T_a}, {"base": agent.actor, "actor_ft": agent.actor_ft,
+              "critic": agent.critic}, {"actor": actor_opt, "critic": critic_opt},
+              {"actor": actor_sched, "critic": critic_sched}, {"reward_scaler": scaler})
     clip_eps = clip_schedule(K_ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate).to(device)  # (K',)
     disc = denoising_discount(K_ft, args.gamma_denoising).to(device)  # (K',)
     obs_buf = torch.zeros(args.n_steps, N, T_o, task.obs_dim, device=device)
@@ -515,10 +484,9 @@ def main(args: Args) -> dict:
         with torch.no_grad():
             values = agent.get_value(obs_buf.flatten(0, 1)).view(args.n_steps, N)
             next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(args.n_steps, N)
-            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-            cut = terminated if args.bootstrap_truncated else dones
-            advantages, returns = compute_gae(as_t(r), values, next_values, as_t(cut), as_t(dones), args.gamma,
-                                              args.gae_lambda)
+            cut = terminated if args.bootstrap_truncated else dones  # where V(s') is not bootstrapped
+            r, cut, d = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (r, cut, dones))
+            advantages, returns = compute_gae(r, values, next_values, cut, d, args.gamma, args.gae_lambda)
         run.lap("advantages")
 
         # ---- the pairs: every (env-step, denoising-step), S·K' of them ----

@@ -27,11 +27,11 @@ those of dppo_finetune.py.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -134,9 +134,6 @@ def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
     runs.check_args(args)  # every number within the Limits of its field
     if args.batch_size < 2:
         raise runs.UsageError("--batch-size must be at least 2 (advantages are normalised within each minibatch)")
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -335,14 +332,6 @@ def as_cond(obs: dict[str, np.ndarray], normalizer: Normalizer, device: torch.de
             "rgb": torch.as_tensor(obs["rgb"], device=device)}
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 def main(args: Args) -> dict:
     resume = runs.load_resume(args.resume, "diffusion", PRETRAIN_HINT.format(args.env_id)) if args.resume else None
     if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -351,7 +340,7 @@ def main(args: Args) -> dict:
         raise runs.UsageError(f"--checkpoint is required: a pixel policy pre-trained by {PRETRAIN_HINT.format(args.env_id)}")
     task = pixel_task(args.env_id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     if not str(ckpt.get("backbone", "")).startswith("vit-"):
         raise runs.DatasetError(f"checkpoint {args.checkpoint!r} holds a {ckpt.get('backbone')} policy on states, not a "
                                 "pixel policy; fine-tune it with dppo_finetune.py")
@@ -382,9 +371,7 @@ def main(args: Args) -> dict:
     print(f"images: {enc['img_h']}x{enc['img_w']}, {enc['num_img']} camera(s)")
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
 
     eval_n_steps = args.eval_n_steps or -(-(args.max_episode_steps or task.max_episode_steps) // T_e)  # one episode
     run = PixelRun(args, envs, task, normalizer, lambda cond, deterministic: agent.get_action(cond, deterministic)[0],

@@ -353,7 +353,7 @@ def main(args: Args) -> dict:
     check_output_path(args.output)
     # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+    apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
     flush_denormals(args.flush_denormal)
     rank, world, device = distributed_setup(args.batch_size, device)
     is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs
@@ -405,7 +405,8 @@ def main(args: Args) -> dict:
                                  capture_video=args.capture_video)
     run = None
     if is_main:  # keeps the rows up to the checkpoint's epoch
-        run = RunFolder.from_args(args, task.id, resume_dir=args.resume, resume_itr=start_epoch + 1)
+        run = RunFolder(args, task.id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name,
+                        resume_dir=args.resume, resume_itr=start_epoch + 1)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

@@ -327,7 +327,7 @@ def main(args: Args) -> dict:
     print_defaults(task.id, filled)
     check_output_path(args.output)
     device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args, device)
+    apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
     flush_denormals(args.flush_denormal)
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
@@ -352,7 +352,7 @@ def main(args: Args) -> dict:
                                          image_size=image_hw, n_workers=args.n_workers, capture_video=args.capture_video)
         except TaskError as e:
             raise TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
-    run = RunFolder.from_args(args, task.id)
+    run = RunFolder(args, task.id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

@@ -37,10 +37,10 @@ Deviations from the reference implementation (irom-princeton/dppo): docs/deviati
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -131,9 +131,6 @@ def fill_defaults(args: Args) -> dict:
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -233,14 +230,6 @@ def rwr_weights(returns: np.ndarray, beta: float, max_weight: float) -> torch.Te
 RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "actor", "method")
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 
 def main(args: Args) -> dict:
     resume = None
@@ -253,7 +242,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
@@ -271,9 +260,7 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
 
     policy = lambda cond, deterministic: agent.get_action(cond, deterministic)  # noqa: E731 (evaluation)
     run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,

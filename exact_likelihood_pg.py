@@ -39,11 +39,11 @@ Deviations from the reference implementation (irom-princeton/dppo): docs/deviati
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -150,9 +150,6 @@ def fill_defaults(args: Args) -> dict:
     if args.batch_size is None:  # Avoid: n_steps·num_envs/2, DPPO's Avoid rule over env-steps
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     runs.check_args(args)  # every number within the Limits of its field
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -355,14 +352,6 @@ def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: 
     critic_sched.step()
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 def main(args: Args) -> dict:
     resume = (runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
               if args.resume else None)
@@ -374,7 +363,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     fill_from_checkpoint(args, ckpt)
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
@@ -395,9 +384,7 @@ def main(args: Args) -> dict:
     print("divergence: " + ("exact" if agent.exact_divergence else f"Hutchinson, {args.sde_num_probes} Rademacher probes"))
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
     chunk = args.update_chunk or (1000 if device.type == "cpu" else args.batch_size)  # env-steps per backward piece
 
     run = runs.Run(args, envs, task, normalizer, agent.get_action, act_steps=T_e, device=device, seed=args.seed,

@@ -31,12 +31,12 @@ Defaults and deviations from the reference implementation (irom-princeton/dppo):
 from __future__ import annotations
 
 import copy
+import importlib
 import dataclasses
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -231,9 +231,6 @@ def fill_defaults(args: Args) -> dict:
     runs.check_args(args)  # every number within the Limits of its field
     if args.mlp_dims is not None and any(not d > 0 for d in args.mlp_dims):
         raise runs.UsageError(f"--mlp-dims takes positive widths (got {args.mlp_dims})")
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -397,20 +394,6 @@ def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: 
 
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, imported only for `--checkpoint paper` or a checkpoint of irom-princeton/dppo."""
-    from loaders import convert
-
-    return convert
-
-
-def set_matmul_flags(args: Args, device: torch.device) -> None:
-    """Speed, opt-in: the float32 matmul precision (process-wide: set on every run) and --onednn-matmul."""
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
-
-
 def main(args: Args) -> dict:
     check_mode_flags(args)
     if args.pretrain:
@@ -450,7 +433,7 @@ def main(args: Args) -> dict:
                                 "or use --from-scratch)")
     else:
         ckpt = resume or runs.load_checkpoint(args.checkpoint, POLICY, HINT.format(task.id), task,
-                                              conversion=reference_conversion)
+                                              conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e (e.g. from scratch, T_a = 1)
@@ -477,7 +460,7 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    set_matmul_flags(args, device)
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
     lp_chunk = 4096 if device.type == "cpu" else 50_000  # rows per piece of the old log-probs
 
     executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731

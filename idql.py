@@ -37,10 +37,10 @@ Deviations from the reference implementation (irom-princeton/dppo): docs/deviati
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Literal
 
 import torch
@@ -139,9 +139,6 @@ def fill_defaults(args: Args) -> dict:
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
-    if args.onednn_matmul and args.float32_matmul_precision != "highest":
-        raise runs.UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                              f"--float32-matmul-precision {args.float32_matmul_precision}")
     return filled
 
 
@@ -313,14 +310,6 @@ def step_lr_schedules(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> N
             sched.step()
 
 
-def reference_conversion() -> ModuleType:
-    """`loaders/convert.py`, which `load_checkpoint` uses only for `--checkpoint paper` or a checkpoint of
-    irom-princeton/dppo: imported then, so a run from this project's checkpoints never loads it."""
-    from loaders import convert
-
-    return convert
-
-
 def main(args: Args) -> dict:
     resume = None
     if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
@@ -333,7 +322,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=reference_conversion)
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     fill_from_checkpoint(args, ckpt)
     T_o, T_e, N, D_o, D_a = ckpt["cond_steps"], args.act_steps, args.num_envs, task.obs_dim, task.action_dim
@@ -355,9 +344,7 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # process-wide: set on every run
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
 
     def policy(cond: torch.Tensor, deterministic: bool) -> torch.Tensor:  # evaluation: the candidate choice too
         return agent.get_action(cond, deterministic, args.num_sample, args.sample_weight, args.use_expectile_exploration)

@@ -26,8 +26,8 @@ class SinusoidalPosEmb(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
-        args = t.float()[:, None] * freqs[None]
-        return torch.cat((args.sin(), args.cos()), dim=-1)
+        angles = t.float()[:, None] * freqs[None]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
 def MLP(dims: list[int], activation: str = "mish", out_activation: bool = False) -> nn.Sequential:

@@ -226,14 +226,14 @@ def enable_onednn_fp32_matmul(device: torch.device, tol: float = 1e-5) -> str:
     return f"on (float32 kept: relative difference {err:.1e} from the default kernels)"
 
 
-def apply_matmul_flags(args: Any, device: torch.device) -> None:
-    """A script's `--float32-matmul-precision` and `--onednn-matmul` (docs/results.md "Speed"): the precision is set
-    on every run (it is process-wide), oneDNN is tried only in float32 and its outcome printed."""
-    set_float32_matmul_precision(args.float32_matmul_precision)
-    if args.onednn_matmul:
-        if args.float32_matmul_precision != "highest":
-            raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
-                             f"--float32-matmul-precision {args.float32_matmul_precision}")
+def apply_matmul_flags(precision: str, onednn: bool, device: torch.device) -> None:
+    """A script's `--float32-matmul-precision` and `--onednn-matmul` (docs/results.md "Speed"): the combination checked,
+    the precision set on every run (it is process-wide), oneDNN tried only in float32 and its outcome printed."""
+    if onednn and precision != "highest":
+        raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
+                         f"--float32-matmul-precision {precision}")
+    set_float32_matmul_precision(precision)
+    if onednn:
         print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
 
 
@@ -467,7 +467,7 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if f.name in ("resume", "eval_only") or given == default or given == getattr(resumed, f.name):
             if f.name == "eval_only":
-                resumed.eval_only = args.eval_only  # type: ignore[attr-defined]
+                setattr(resumed, f.name, given)
             continue
         if f.name == "env_id":  # aliases of the run's task are fine
             from common.tasks import get_task
@@ -575,14 +575,6 @@ class RunFolder:
             import wandb
             wandb.init(project=wandb_project, config=args_dict(config), name=os.path.basename(self.dir),
                        sync_tensorboard=True)
-
-    @classmethod
-    def from_args(cls, args: Any, task_id: str, resume_dir: str | None = None,
-                  resume_itr: int | None = None) -> RunFolder:
-        """For the scripts that do not use `Run` yet: the folder of their `args` (exp_name, seed, track,
-        wandb_project_name)."""
-        return cls(args, task_id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name,
-                   resume_dir=resume_dir, resume_itr=resume_itr)
 
     def save_videos(self, itr: int, result: dict[str, Any]) -> None:
         """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""

@@ -11,6 +11,7 @@ episode starts. Unfinished episodes at the end are kept, as D4RL keeps its time-
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def collect(args: Args) -> dict:
     script = SCRIPTS[policy_type]
     task = gaussian_ppo.resolve_task(args.env_id) if args.env_id else None
     ckpt = load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task,
-                           conversion=script.reference_conversion)
+                           conversion=lambda: importlib.import_module("loaders.convert"))
     task = task or gaussian_ppo.resolve_task(ckpt["task"])
     device = seed_everything(args.seed, True, 1, cuda=False)
     if args.act_steps is not None and args.act_steps > ckpt["horizon_steps"]:

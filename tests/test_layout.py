@@ -46,6 +46,9 @@ def imported_names(name: str, path: Path) -> set[str]:
                 base = ".".join(parts + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{a.name}" for a in node.names)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):  # importlib.import_module("a.b"): a and a.b
+            names.update({node.args[0].value, node.args[0].value.rpartition(".")[0]} - {""})
     return names
 
 
@@ -148,3 +151,24 @@ def test_copy_recipe_runs_one_avoid_iteration_loading_at_most_2600_lines(tmp_pat
     print(f"loaded {lines} lines of non-script project code: {', '.join(code)}")
     assert lines <= MAX_LOADED_LINES, code
     assert list(tmp_path.glob("runs/*/trajectories.png")) and list(tmp_path.glob("runs/*/eval.csv"))
+
+
+def test_the_core_never_reads_a_scripts_flag_by_name():
+    """`common/` gets explicit values: no `args.<flag>` or `getattr(args, ...)` on a script's `Args` (a parameter named
+    `args` or `config`) anywhere in it; `Run` and `RunFolder` only record the whole `config`."""
+    reads = []
+    for path in sorted((ROOT / "common").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("args", "config"):
+                reads.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr")
+                    and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in ("args", "config")
+                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)):
+                reads.append(f"{path.name}:{node.lineno} {node.func.id}({node.args[0].id}, {node.args[1].value!r})")
+    assert reads == []
+
+
+def test_a_dynamic_import_is_an_import():
+    """`importlib.import_module("loaders.convert")` (how the scripts hand over the reference conversion) counts as an
+    import of loaders.convert, so the cycle check sees it."""
+    assert {"loaders", "loaders.convert"} <= imported_names("dppo_finetune", ROOT / "dppo_finetune.py")
