@@ -42,16 +42,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from common.errors import DatasetError, NonFiniteError, UsageError
+from common import runs
 from common.networks import ChunkMLP, ChunkTransformer, build_diffusion_network
 from common.normalizer import Normalizer
-from common.runs import check_output_path, check_positive, cli, load_checkpoint, load_weights, whole_network_weights
 from common.tasks import TASKS
 from hardware.robot import (AprilTagPoseSource, FakeRobot, FilePoseSource, FrankyRobot, RobotError, RobotState, UDPPoseSource,
                             axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quat, matrix_to_rot6d, quat_to_matrix,
@@ -61,68 +60,40 @@ ROBOT_OBS_DIM, POSE_DIM, ACTION_DIM = 16, 7, 10
 MAX_CLIP_PRINTS = 5
 WORKSPACE_MARGIN = 0.02  # [m] how far tracking may overshoot the box before the robot is stopped
 GRASP_MARGIN = 0.02 - 0.001  # furniture-bench's `grasp_margin` (its sim env's step), against open/close chatter
+Positive = runs.POSITIVE
 
 
 @dataclass
 class Args:
     # experiment
-    checkpoint: str | None = None
-    """a checkpoint of this project: pre-trained or fine-tuned diffusion (DDPM/DDIM), Gaussian or GMM"""
-    robot: Literal["franky", "fake"] = "franky"
-    """`franky`: a Franka (or franky-sim) through franky-control; `fake`: an in-process stand-in (rehearsal)"""
-    robot_ip: str | None = None
-    """the robot's FCI address (franky-sim: 127.0.0.1)"""
-    object_poses: str | None = None
-    """object-pose source when the policy observes objects: `file:PATH` (JSON, re-read on change),
-    `udp:HOST:PORT` (JSON datagrams), or `apriltag:CALIBRATION.json` (pupil-apriltags, camera 0)"""
-    log: str | None = None
-    """episode file (JSON lines); None: runs/deploy_franka__{task}__{time}.jsonl"""
-    seed: int = 0
-    """seed of the policy's sampling noise"""
-    torch_threads: int = 1
-    """CPU threads for the policy"""
-    dry_run: bool = False
-    """read the robot, run the policy, print every command instead of sending it"""
-    yes: bool = False
-    """skip the confirmation prompt before the first motion"""
-    # control
-    control_hz: float = 10.0
-    """control rate: one pose of the chunk per period (furniture tasks: 10 Hz, App. D.7)"""
-    act_steps: int | None = None
-    """T_e: poses of each chunk executed before the next sample (None: the checkpoint's)"""
-    max_steps: int | None = None
-    """control steps of the episode (None: the task's episode length, 700 for One-leg; else 100)"""
-    deterministic: bool = True
-    """sample without exploration noise (DDPM: σ floor 1e-3, DDIM: η = 0, Gaussian/GMM: the mean), as evaluated"""
-    use_ddim: bool | None = None
-    """pre-trained diffusion checkpoints: DDIM sampling (None: furniture tasks yes); fine-tuned ones sample as trained"""
-    ddim_steps: int | None = None
-    """pre-trained diffusion checkpoints: DDIM steps (None: 5)"""
-    velocity_feedforward: bool = True
-    """send (target - measured pose) x control_hz as the target's velocity, as the paper's controller computes its
-    desired velocity (App. D.7); off: a pure pose target"""
-    translational_stiffness: float = 1000.0
-    """impedance controller stiffness [N/m]"""
-    rotational_stiffness: float = 100.0
-    """impedance controller stiffness [Nm/rad]"""
-    # safety
-    workspace_min: tuple[float, float, float] = (0.25, -0.40, 0.02)
-    """lower corner of the end-effector box in the base frame [m]; measure it for your cell"""
-    workspace_max: tuple[float, float, float] = (0.80, 0.40, 0.60)
-    """upper corner of the end-effector box [m]"""
-    max_speed: float = 0.25
-    """end-effector speed limit [m/s]: a commanded step is at most max_speed / control_hz; a measured speed
-    above twice this stops the robot"""
-    max_step: float = 0.03
-    """largest translation between the measured position and a commanded one [m]"""
-    max_rotation_step: float = 0.3
-    """largest rotation between the measured orientation and a commanded one [rad]"""
-    gripper_force: float = 10.0
-    """grasping force [N]"""
-    max_gripper_force: float = 20.0
-    """upper bound on --gripper-force [N] (the Franka Hand holds up to 70 N continuously)"""
-    gripper_speed: float = 0.1
-    """finger speed [m/s]"""
+    checkpoint: str | None = None  # a checkpoint of this project: diffusion (pre-trained or fine-tuned), Gaussian or GMM
+    robot: Literal["franky", "fake"] = "franky"  # franky: a Franka (or franky-sim) via franky-control; fake: a stand-in
+    robot_ip: str | None = None  # the robot's FCI address (franky-sim: 127.0.0.1)
+    object_poses: str | None = None  # file:PATH, udp:HOST:PORT or apriltag:CALIBRATION.json (docs/deployment.md)
+    log: str | None = None  # episode file (JSON lines); None: runs/deploy_franka__{task}__{time}.jsonl
+    seed: Annotated[int, runs.SEED] = 0  # seed of the policy's sampling noise
+    torch_threads: Annotated[int, Positive] = 1  # CPU threads for the policy
+    dry_run: bool = False  # read the robot, run the policy, print every command instead of sending it
+    yes: bool = False  # skip the confirmation prompt before the first motion
+    # controller (docs/deployment.md "What the script does each control period")
+    control_hz: Annotated[float, Positive] = 10.0  # control rate: one pose of the chunk per period (furniture: 10 Hz)
+    act_steps: Annotated[int | None, Positive] = None  # T_e: poses of each chunk that are sent (None: the checkpoint's)
+    max_steps: Annotated[int | None, Positive] = None  # control steps of the episode (None: the task's episode, else 100)
+    deterministic: bool = True  # sample without exploration noise (DDPM σ floor 1e-3, DDIM η = 0, Gaussian/GMM mean)
+    use_ddim: bool | None = None  # pre-trained diffusion: DDIM (None: on furniture); fine-tuned ones sample as trained
+    ddim_steps: Annotated[int | None, Positive] = None  # pre-trained diffusion checkpoints: DDIM steps (None: 5)
+    velocity_feedforward: bool = True  # the target's velocity: (target - measured pose) x control_hz (App. D.7; off: none)
+    translational_stiffness: Annotated[float, Positive] = 1000.0  # impedance controller stiffness [N/m]
+    rotational_stiffness: Annotated[float, Positive] = 100.0  # impedance controller stiffness [Nm/rad]
+    # safety (docs/deployment.md "Safety")
+    workspace_min: tuple[float, float, float] = (0.25, -0.40, 0.02)  # lower corner of the end-effector box, base frame [m]
+    workspace_max: tuple[float, float, float] = (0.80, 0.40, 0.60)  # upper corner of the end-effector box [m]
+    max_speed: Annotated[float, Positive] = 0.25  # [m/s]: steps <= max_speed/control_hz; a measured speed > 2x stops the arm
+    max_step: Annotated[float, Positive] = 0.03  # largest translation between the measured position and a commanded one [m]
+    max_rotation_step: Annotated[float, Positive] = 0.3  # largest rotation between the measured and a commanded pose [rad]
+    gripper_force: Annotated[float, Positive] = 10.0  # grasping force [N]
+    max_gripper_force: Annotated[float, Positive] = 20.0  # upper bound on --gripper-force [N] (the Franka Hand holds 70 N)
+    gripper_speed: Annotated[float, Positive] = 0.1  # finger speed [m/s]
 
 
 # ---- the policy (sampling as in dppo_finetune.py / gaussian_ppo.py / gmm_ppo.py, evaluation mode) ----
@@ -217,12 +188,13 @@ class ChunkPolicy(nn.Module):
 def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The policy of `args.checkpoint`, its checkpoint and what sampling uses (T_a, T_e, DDIM, ...)."""
     path = args.checkpoint
-    ckpt = load_checkpoint(path, None, "python dppo_pretrain.py, then dppo_finetune.py")  # any kind of this project
+    ckpt = runs.load_checkpoint(path, None, "python dppo_pretrain.py, then dppo_finetune.py")  # any kind of this project
     kind = ckpt["policy"]
     if ckpt["action_dim"] != ACTION_DIM or (ckpt["obs_dim"] - ROBOT_OBS_DIM) % POSE_DIM or ckpt["obs_dim"] < ROBOT_OBS_DIM:
-        raise UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action {ckpt['action_dim']}) "
-                         f"does not act in absolute end-effector poses: deploy_franka.py needs action {ACTION_DIM} "
-                         f"(position, 6D rotation, gripper) and obs {ROBOT_OBS_DIM} + {POSE_DIM}·n_objects")
+        raise runs.UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action "
+                              f"{ckpt['action_dim']}) does not act in absolute end-effector poses: deploy_franka.py needs "
+                              f"action {ACTION_DIM} (position, 6D rotation, gripper) and obs {ROBOT_OBS_DIM} + "
+                              f"{POSE_DIM}·n_objects")
     saved = ckpt.get("args", {}) or {}
     task = TASKS.get(ckpt["task"])
     info: dict[str, Any] = {"kind": kind, "cond_steps": ckpt["cond_steps"],
@@ -230,21 +202,21 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     if kind == "diffusion":
         finetuned = "actor_ft" in ckpt
         if finetuned and (args.use_ddim is not None or args.ddim_steps is not None):
-            raise UsageError("--use-ddim/--ddim-steps: a DPPO fine-tuned checkpoint samples as it was fine-tuned")
+            raise runs.UsageError("--use-ddim/--ddim-steps: a DPPO fine-tuned checkpoint samples as it was fine-tuned")
         use_ddim = saved.get("use_ddim") if finetuned else args.use_ddim
         use_ddim = bool(use_ddim if use_ddim is not None else (task is not None and task.suite == "furniture"))
         ddim_steps = (saved.get("ddim_steps") if finetuned else args.ddim_steps) or 5
         K = ckpt["denoising_steps"]
         if use_ddim and K % ddim_steps:
-            raise UsageError(f"DDIM with {ddim_steps} steps needs K divisible by it (checkpoint K = {K})")
+            raise runs.UsageError(f"DDIM with {ddim_steps} steps needs K divisible by it (checkpoint K = {K})")
         horizon = saved.get("horizon_steps") or ckpt["horizon_steps"]
         base = build_diffusion_network(ckpt, horizon)
-        load_weights(base, ckpt["base"] if finetuned else whole_network_weights(ckpt, path), path)
+        runs.load_weights(base, ckpt["base"] if finetuned else runs.whole_network_weights(ckpt, path), path)
         ft = base
         K_ft = 0
         if finetuned:
             ft, K_ft = build_diffusion_network(ckpt, horizon), int(saved.get("ft_denoising_steps") or 0)
-            load_weights(ft, ckpt["actor_ft"], path)
+            runs.load_weights(ft, ckpt["actor_ft"], path)
         policy: nn.Module = DiffusionSampler(base.eval(), ft.eval(), K, K_ft, use_ddim, ddim_steps, horizon, ACTION_DIM,
                                              saved.get("min_sampling_denoising_std") or 0.1,
                                              saved.get("randn_clip_value") or 3.0)
@@ -253,17 +225,17 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         horizon = ckpt["horizon_steps"]
         arch = dict(ckpt["arch"])
         if ckpt["backbone"] not in ("mlp", "transformer"):
-            raise DatasetError(f"checkpoint {path!r}: unknown backbone {ckpt['backbone']!r}")
+            raise runs.DatasetError(f"checkpoint {path!r}: unknown backbone {ckpt['backbone']!r}")
         network = ChunkMLP(**arch) if ckpt["backbone"] == "mlp" else ChunkTransformer(**arch)
         policy = ChunkPolicy(network, ACTION_DIM, arch.get("n_extra", 0) if kind == "gmm" else 0,
                              ckpt.get("std_limits", [0.01, 0.2]))
-        load_weights(policy, ckpt["actor_ft"] if "actor_ft" in ckpt else ckpt["ema"], path)
+        runs.load_weights(policy, ckpt["actor_ft"] if "actor_ft" in ckpt else ckpt["ema"], path)
     info["horizon_steps"] = horizon
     info["act_steps"] = args.act_steps or saved.get("act_steps") or (task.act_steps if task else horizon)
     info["final_action_clip"] = bool(saved.get("final_action_clip"))
     info["max_steps"] = args.max_steps or (task.max_episode_steps if task else 100)
     if info["act_steps"] > horizon:
-        raise UsageError(f"--act-steps {info['act_steps']} exceeds the checkpoint's chunk T_a = {horizon}")
+        raise runs.UsageError(f"--act-steps {info['act_steps']} exceeds the checkpoint's chunk T_a = {horizon}")
     return policy.eval(), ckpt, info
 
 
@@ -317,34 +289,32 @@ class EpisodeLog:
 def make_pose_source(spec: str | None, n_objects: int) -> Any:
     if n_objects == 0:
         if spec is not None:
-            raise UsageError("--object-poses: this policy observes no objects (obs 16: the robot only)")
+            raise runs.UsageError("--object-poses: this policy observes no objects (obs 16: the robot only)")
         return None
     if spec is None:
-        raise UsageError(f"the policy observes {n_objects} object poses: give --object-poses file:PATH, udp:HOST:PORT "
-                         "or apriltag:CALIBRATION.json")
+        raise runs.UsageError(f"the policy observes {n_objects} object poses: give --object-poses file:PATH, "
+                              "udp:HOST:PORT or apriltag:CALIBRATION.json")
     kind, _, rest = spec.partition(":")
     sources = {"file": FilePoseSource, "udp": UDPPoseSource, "apriltag": AprilTagPoseSource}
     if kind not in sources or not rest:
-        raise UsageError(f"--object-poses {spec!r}: give file:PATH, udp:HOST:PORT or apriltag:CALIBRATION.json")
+        raise runs.UsageError(f"--object-poses {spec!r}: give file:PATH, udp:HOST:PORT or apriltag:CALIBRATION.json")
     return sources[kind](rest, n_objects)
 
 
 def check_args(args: Args) -> None:
     if args.checkpoint is None:
-        raise UsageError("--checkpoint is required")
-    check_positive(args, "control_hz", "act_steps", "max_steps", "max_speed", "max_step", "max_rotation_step",
-                   "gripper_speed", "gripper_force", "max_gripper_force", "translational_stiffness",
-                   "rotational_stiffness", "ddim_steps")
+        raise runs.UsageError("--checkpoint is required")
+    runs.check_args(args)  # every number within the Limits of its field
     if args.gripper_force > args.max_gripper_force:
-        raise UsageError(f"--gripper-force {args.gripper_force} exceeds --max-gripper-force {args.max_gripper_force}")
+        raise runs.UsageError(f"--gripper-force {args.gripper_force} exceeds --max-gripper-force {args.max_gripper_force}")
     if not all(lo < hi for lo, hi in zip(args.workspace_min, args.workspace_max)):
-        raise UsageError(f"--workspace-min {args.workspace_min} must be below --workspace-max {args.workspace_max} "
-                         "on every axis")
+        raise runs.UsageError(f"--workspace-min {args.workspace_min} must be below --workspace-max "
+                              f"{args.workspace_max} on every axis")
     if args.robot == "franky" and args.robot_ip is None:
-        raise UsageError("--robot-ip is required for a real robot (franky-sim: 127.0.0.1; or --robot fake)")
-    check_output_path(args.log, "--log")
+        raise runs.UsageError("--robot-ip is required for a real robot (franky-sim: 127.0.0.1; or --robot fake)")
+    runs.check_output_path(args.log, "--log")
     if args.log is not None and os.path.exists(args.log):
-        raise UsageError(f"--log {args.log} exists; episode files are never overwritten")
+        raise runs.UsageError(f"--log {args.log} exists; episode files are never overwritten")
 
 
 # ---- the loop ----
@@ -417,13 +387,13 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
                     latencies.append(time.perf_counter() - t0)
                     log.write("chunk", step=step, latency=latencies[-1], actions=chunk)
                     if not np.isfinite(chunk).all():
-                        raise NonFiniteError(f"the policy returned a non-finite action at step {step}; robot stopped")
+                        raise runs.NonFiniteError(f"the policy returned a non-finite action at step {step}; robot stopped")
                 action = chunk[k]
                 try:
                     R = rot6d_to_matrix(action[3:9])
                 except ValueError as e:
-                    raise NonFiniteError(f"the policy returned an invalid rotation at step {step} ({e}); "
-                                         "robot stopped") from None
+                    raise runs.NonFiniteError(f"the policy returned an invalid rotation at step {step} ({e}); "
+                                              "robot stopped") from None
                 pos, R, clipped = limit_pose(action[:3], R, state, args)
                 quat = matrix_to_quat(R)
                 # furniture-bench's rule: the gripper toggles only when the sign of a[9] flips with |a[9]| > margin
@@ -478,7 +448,7 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
         reason = "interrupted"
     except Terminated:
         reason = "terminated"
-    except (RobotError, NonFiniteError) as e:
+    except (RobotError, runs.NonFiniteError) as e:
         reason, error = f"{type(e).__name__}: {e}", e
     except BaseException as e:  # a bug or SystemExit: still stop, still log why, then let it through
         reason = f"{type(e).__name__}: {e}"
@@ -505,4 +475,4 @@ def main(args: Args, robot: Any = None, pose_source: Any = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

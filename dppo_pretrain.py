@@ -40,7 +40,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -50,117 +50,63 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common import runs
 from common.envs import evaluate, make_vec_env
-from common.errors import DatasetError, UsageError
 from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, RunFolder, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals,
-                         load_checkpoint, load_weights, print_defaults, refuse_flags, release_checkpoint, resume_args,
-                         save_checkpoint, script_name, seed_everything, warmup_then_cosine)
 from common.tasks import get_task, missing_packages, refuse_pixel_task
 from loaders.datasets import WindowDataset, load_task_dataset
+
+Positive, NonNegative, Fraction = runs.POSITIVE, runs.NON_NEGATIVE, runs.FRACTION
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "avoid-m2"
-    """task id (see common/tasks.py), e.g. avoid-m2, hopper, lift"""
-    dataset: str | None = None
-    """demonstrations: train.npz / D4RL hdf5 / robomimic hdf5 / D3IL Avoid npz, `minari:<id>` for a Minari dataset
-    (e.g. minari:mujoco/hopper/medium-v0), or `paper` for the reference's train.npz (downloaded; a normalization.npz beside
-    a train.npz is used as is) (None: the task's default)"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch: 1 is fastest for the small batches of sampling and immune to
-    oversubscription (2 threads on a loaded 2-core machine ran an Avoid iteration 4x slower); None: torch's default"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    output: str | None = None
-    """also write the release checkpoint (header, normalisation, EMA weights: what fine-tuning reads) here"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (faster matmuls on an AMX CPU, the loss off by ~1e-3 relative; docs/results.md "Pre-training")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    fused_adam: bool = False
-    """AdamW as one fused kernel per step (torch's `fused=True`): ~3x faster optimizer steps on a CPU, the same update up
-    to float rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
-    flush_denormal: bool = True
-    """CPU: float denormals computed as zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
-    gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
-    long run goes on (a full Hopper epoch 93.6 -> 51.2 s here, docs/results.md "Pre-training"); only values below
-    1e-38 change. --no-flush-denormal keeps IEEE denormals (docs/deviations.md)"""
-    resume: str | None = None
-    """a run folder to continue from its checkpoint.pt, with the run's own arguments"""
-    # algorithm
-    backbone: Literal["mlp", "unet"] = "mlp"
-    """`mlp` (DiffusionMLP) or `unet` (UNet1D)"""
-    denoising_steps: int | None = None
-    """K: DDPM steps (None: 20; furniture 100)"""
-    horizon_steps: int | None = None
-    """T_a (None: the task's; a UNet's transport and furniture chunk is 16)"""
-    cond_steps: int = 1
-    """T_o"""
-    mlp_dims: tuple[int, ...] | None = None
-    """hidden widths of the MLP trunk (None: per task; MLP only)"""
-    cond_mlp_dims: tuple[int, ...] | None = None
-    """optional observation MLP before the trunk, e.g. 512 64 for Square (MLP only)"""
-    activation: str | None = None
-    """relu (gym, Avoid) or mish (robomimic, furniture, every UNet); None: per task"""
-    time_dim: int | None = None
-    """width of the denoising-step embedding (None: 16; square and furniture MLPs 32)"""
-    use_layernorm: bool | None = None
-    """LayerNorm in the residual MLP blocks (None: no; furniture yes; MLP only)"""
-    residual: bool = True
-    """residual MLP trunk (MLP only)"""
-    unet_dim: int | None = None
-    """UNet1D base channels (None: 40; square, transport and furniture 64)"""
-    unet_dim_mults: tuple[int, ...] | None = None
-    """UNet1D channel multipliers (None: 1 2; furniture 1 2 4)"""
-    unet_groupnorm_eps: float | None = None
-    """UNet1D GroupNorm eps (None: 1e-5; one-leg-low and lamp-low 1e-4)"""
-    n_epochs: int | None = None
-    """passes over the dataset (None: per task)"""
-    batch_size: int | None = None
-    """global minibatch size; under torchrun each of the N processes takes batch_size / N of its rows (None: per task;
-    gym 128, robomimic 256, Avoid 16)"""
-    learning_rate: float | None = None
-    """peak learning rate (None: per task)"""
-    min_lr: float | None = None
-    """final learning rate of the cosine schedule (None: per task)"""
-    warmup_epochs: int | None = None
-    """linear warm-up epochs (None: per task)"""
-    weight_decay: float = 1e-6
-    """AdamW weight decay"""
-    ema_decay: float = 0.995
-    """EMA decay"""
-    ema_every: int = 10
-    """gradient steps between EMA updates"""
-    ema_start_epoch: int = 20
-    """before this epoch the EMA is reset to the model"""
-    eval_every: int | None = None
-    """epochs between evaluation rollouts (0: never; None: per task)"""
-    n_eval_envs: int = 50
-    """parallel envs in an evaluation"""
-    capture_video: bool = False
-    """record a few episodes of every evaluation as MP4 in the run folder's videos/ (gym, robomimic: set
-    MUJOCO_GL=egl without a display)"""
-    save_every: int = 50
-    """epochs between checkpoints"""
-    paper_recipe: bool = False
-    """Avoid: the paper's batch 16, lr 1e-4 -> 1e-5, 15000 epochs instead of the fast default"""
+    env_id: str = "avoid-m2"  # task id (common/tasks.py), e.g. avoid-m2, hopper, lift
+    dataset: str | None = None  # a demonstration file, minari:<id> or paper (None: the task's; formats: README "Tasks")
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    resume: str | None = None  # a run folder to continue from its checkpoint.pt, with the run's own arguments
+    output: str | None = None  # also write the release checkpoint (header, normalisation, EMA: what fine-tuning reads) here
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (MUJOCO_GL=egl)
+    save_every: Annotated[int, Positive] = 50  # epochs between checkpoints
+    # algorithm (None: the task's value, printed at start; SUITE_DEFAULTS / TASK_DEFAULTS below)
+    backbone: Literal["mlp", "unet"] = "mlp"  # `mlp` (DiffusionMLP) or `unet` (UNet1D)
+    denoising_steps: Annotated[int | None, Positive] = None  # K: DDPM steps (None: 20; furniture 100)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's; a UNet's transport and furniture 16)
+    cond_steps: Annotated[int, Positive] = 1  # T_o
+    mlp_dims: tuple[int, ...] | None = None  # hidden widths of the MLP trunk (None: per task; MLP only)
+    cond_mlp_dims: tuple[int, ...] | None = None  # optional observation MLP before the trunk (Square: 512 64; MLP only)
+    activation: str | None = None  # relu (gym, Avoid) or mish (robomimic, furniture, every UNet); None: per task
+    time_dim: Annotated[int | None, Positive] = None  # width of the denoising-step embedding (None: 16; square, furniture 32)
+    use_layernorm: bool | None = None  # LayerNorm in the residual MLP blocks (None: no; furniture yes; MLP only)
+    residual: bool = True  # residual MLP trunk (MLP only)
+    unet_dim: Annotated[int | None, Positive] = None  # UNet1D base channels (None: 40; square, transport and furniture 64)
+    unet_dim_mults: tuple[int, ...] | None = None  # UNet1D channel multipliers (None: 1 2; furniture 1 2 4)
+    unet_groupnorm_eps: Annotated[float | None, Positive] = None  # GroupNorm eps (None: 1e-5; one-leg-low/lamp-low 1e-4)
+    n_epochs: Annotated[int | None, Positive] = None  # passes over the dataset
+    batch_size: Annotated[int | None, Positive] = None  # global minibatch (torchrun: batch_size / N rows per process)
+    learning_rate: Annotated[float | None, Positive] = None  # peak learning rate
+    min_lr: Annotated[float | None, Positive] = None  # final learning rate of the cosine schedule
+    warmup_epochs: Annotated[int | None, NonNegative] = None  # linear warm-up epochs
+    weight_decay: Annotated[float, NonNegative] = 1e-6  # AdamW weight decay
+    ema_decay: Annotated[float, Fraction] = 0.995  # EMA decay
+    ema_every: Annotated[int, Positive] = 10  # gradient steps between EMA updates
+    ema_start_epoch: Annotated[int, NonNegative] = 20  # before this epoch the EMA is reset to the model
+    eval_every: Annotated[int | None, NonNegative] = None  # epochs between evaluation rollouts (0: never)
+    n_eval_envs: Annotated[int, Positive] = 50  # parallel envs in an evaluation
+    paper_recipe: bool = False  # Avoid: the paper's batch 16, lr 1e-4 -> 1e-5, 15000 epochs instead of the fast default
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
+    flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
 
 # Per-task defaults (paper App. D.1, D.8, D.9); an explicit flag always wins.
@@ -199,7 +145,7 @@ def fill_defaults(args: Args) -> dict:
     args.env_id = task.id
     unet = args.backbone == "unet"
     if not args.resume:  # a resumed run's arguments were checked when it started
-        refuse_flags(args, MLP_FLAGS if unet else UNET_FLAGS, f"does not apply to --backbone {args.backbone}")
+        runs.refuse_flags(args, MLP_FLAGS if unet else UNET_FLAGS, f"does not apply to --backbone {args.backbone}")
     defaults = {"denoising_steps": 20, "time_dim": 16, "use_layernorm": False, **SUITE_DEFAULTS[task.suite],
                 **TASK_DEFAULTS.get(task.id, {}), "horizon_steps": task.horizon_steps}
     if unet:
@@ -207,22 +153,16 @@ def fill_defaults(args: Args) -> dict:
         defaults.update({**UNET_DEFAULTS, **UNET_SUITE_DEFAULTS.get(task.suite, {}), **UNET_TASK_DEFAULTS.get(task.id, {})})
     if args.paper_recipe:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
-    filled = apply_defaults(args, defaults)
-    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "unet_groupnorm_eps",
-                   "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every",
-                   "torch_threads")
-    check_range(args, "seed", 0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
-    for name in ("warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
-        check_range(args, name, 0, math.inf)
-    check_range(args, "ema_decay", 0.0, 1.0)
+    filled = runs.apply_defaults(args, defaults)
+    runs.check_args(args)  # every number within the Limits of its field
     if any(not d > 0 for d in (*(args.mlp_dims or ()), *(args.cond_mlp_dims or ()), *(args.unet_dim_mults or ()))):
-        raise UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
+        raise runs.UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
     allowed = UNET_ACTIVATIONS if unet else tuple(ACTIVATIONS)
     if args.activation not in allowed:
-        raise UsageError(f"--activation {args.activation}: one of {', '.join(allowed)}")
+        raise runs.UsageError(f"--activation {args.activation}: one of {', '.join(allowed)}")
     if unet and any(args.unet_dim * m % UNET_GROUPS for m in args.unet_dim_mults):
-        raise UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of {UNET_GROUPS} "
-                         "(the GroupNorm groups)")
+        raise runs.UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of "
+                              f"{UNET_GROUPS} (the GroupNorm groups)")
     return filled
 
 
@@ -269,7 +209,8 @@ def distributed_setup(batch_size: int, device: torch.device) -> tuple[int, int, 
     if world == 1:
         return 0, 1, device
     if batch_size % world:
-        raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the {world} processes")
+        raise runs.UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the {world} "
+                              "processes")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -341,24 +282,24 @@ def main(args: Args) -> dict:
     if args.resume:  # the run's own arguments; explicit flags win visibly or are refused
         if not os.path.isdir(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: no such run folder")
-        resume_ckpt = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
+        resume_ckpt = runs.load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
         missing = [k for k in ("args", "model", "optimizer", "scheduler", "rng", "epoch", "step") if k not in resume_ckpt]
         if missing:
             fix = "; resume it with dppo_finetune.py" if "itr" in resume_ckpt else ""
-            raise DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint "
-                               f"(it lacks {', '.join(missing)}){fix}")
-        args = resume_args(args, resume_ckpt["args"], args.resume)
+            raise runs.DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint "
+                                    f"(it lacks {', '.join(missing)}){fix}")
+        args = runs.resume_args(args, resume_ckpt["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
-    check_output_path(args.output)
+    runs.check_output_path(args.output)
     # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
-    flush_denormals(args.flush_denormal)
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
+    runs.flush_denormals(args.flush_denormal)
     rank, world, device = distributed_setup(args.batch_size, device)
     is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs
     if resume_ckpt is None and is_main:
-        print_defaults(task.id, filled)
+        runs.print_defaults(task.id, filled)
 
     # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
     trajs, normalizer = load_task_dataset(task, args.dataset)  # the reference's normalization.npz when beside a train.npz
@@ -366,7 +307,7 @@ def main(args: Args) -> dict:
         normalizer = Normalizer.from_state_dict(resume_ckpt["normalization"])
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     if world > 1 and len(data) < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} is more than the {len(data)} windows of the dataset; lower it")
+        raise runs.UsageError(f"--batch-size {args.batch_size} is more than the {len(data)} windows of the dataset; lower it")
 
     arch = network_arch(args, task.obs_dim, task.action_dim)
     policy = DiffusionPolicy(build_network(args.backbone, arch), args.denoising_steps, args.horizon_steps,
@@ -377,18 +318,18 @@ def main(args: Args) -> dict:
     ema.requires_grad_(False)
     # multi-tensor AdamW (the per-tensor loop's update bit for bit, fewer kernel launches) or, opt-in, the fused kernel
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  **adam_kernel(args.fused_adam))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
-                                                                                args.warmup_epochs, args.n_epochs))
+                                  **runs.adam_kernel(args.fused_adam))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_then_cosine(args.learning_rate, args.min_lr,
+                                                                                     args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, step, last_eval = 0, 0, {}
     if resume_ckpt is not None:
         resume_path = os.path.join(args.resume, "checkpoint.pt")
-        load_weights(policy.network, resume_ckpt["model"], resume_path)
-        load_weights(ema.network, resume_ckpt["ema"], resume_path)
+        runs.load_weights(policy.network, resume_ckpt["model"], resume_path)
+        runs.load_weights(ema.network, resume_ckpt["ema"], resume_path)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         for group in optimizer.param_groups:  # the saved groups carry the kernel choice of the run that wrote them
-            group.update(adam_kernel(args.fused_adam))
+            group.update(runs.adam_kernel(args.fused_adam))
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
@@ -399,14 +340,15 @@ def main(args: Args) -> dict:
 
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
-        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no simulator)")
+        raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
+                              "simulator)")
     if can_simulate:
         eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
                                  capture_video=args.capture_video)
     run = None
     if is_main:  # keeps the rows up to the checkpoint's epoch
-        run = RunFolder(args, task.id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name,
-                        resume_dir=args.resume, resume_itr=start_epoch + 1)
+        run = runs.RunFolder(args, task.id, args.exp_name, args.seed, track=args.track,
+                             wandb_project=args.wandb_project_name, resume_dir=args.resume, resume_itr=start_epoch + 1)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()
@@ -424,10 +366,10 @@ def main(args: Args) -> dict:
 
     def checkpoint(epoch: int) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": args.backbone, "arch": arch,
+            "format": runs.CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": args.backbone, "arch": arch,
             "task": task.id, "obs_dim": task.obs_dim, "action_dim": task.action_dim,
             "horizon_steps": args.horizon_steps, "cond_steps": args.cond_steps,
-            "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(), "args": args_dict(args),
+            "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(), "args": runs.args_dict(args),
             "model": policy.network.state_dict(), "ema": ema.network.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
@@ -459,7 +401,7 @@ def main(args: Args) -> dict:
             dist.all_reduce(epoch_loss)
             epoch_loss /= world
         mean_loss = (epoch_loss / max(n_batches, 1)).item()  # one host sync per epoch
-        check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
+        runs.check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
         losses.append(mean_loss)
         if not is_main:
             continue
@@ -475,7 +417,7 @@ def main(args: Args) -> dict:
                 postfix["modes"] = " ".join(f"{m}:{f:.2f}" for m, f in last_eval["mode_fractions"].items() if f > 0)
         bar.set_postfix(postfix)
         if (epoch + 1) % args.save_every == 0 or last_epoch:
-            save_checkpoint(run.checkpoint, checkpoint(epoch + 1))
+            runs.save_checkpoint(run.checkpoint, checkpoint(epoch + 1))
     bar.close()
     if world > 1:
         # free DDP (its C++ Reducer holds the process group) while the group is still registered: dropped last by the
@@ -488,10 +430,11 @@ def main(args: Args) -> dict:
         return {"run_dir": None, "checkpoint": None, "losses": losses, "eval": {}}
 
     if not os.path.isfile(run.checkpoint):
-        save_checkpoint(run.checkpoint, checkpoint(args.n_epochs))
+        runs.save_checkpoint(run.checkpoint, checkpoint(args.n_epochs))
     if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        save_checkpoint(args.output, release_checkpoint(torch.load(run.checkpoint, map_location="cpu", weights_only=True)))
+        trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+        runs.save_checkpoint(args.output, runs.release_checkpoint(trained))
     if can_simulate:
         eval_envs.close()
     run.writer.close()
@@ -502,4 +445,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -41,113 +41,63 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import runs
 from common.envs import evaluate
-from common.errors import DatasetError, TaskError, UsageError
 from common.networks import VisionDiffusionNet
 from common.normalizer import Normalizer
-from common.runs import (CHECKPOINT_FORMAT, RunFolder, adam_kernel, apply_defaults, apply_matmul_flags, args_dict,
-                         check_finite, check_output_path, check_positive, check_range, cli, flush_denormals,
-                         print_defaults, release_checkpoint, save_checkpoint, script_name, seed_everything,
-                         warmup_then_cosine)
 from common.tasks import get_task
 from loaders.datasets import load_task_dataset
 from sims.robomimic import PixelChunkVecEnv, camera_names
+
+Positive, NonNegative, Fraction = runs.POSITIVE, runs.NON_NEGATIVE, runs.FRACTION
 
 
 @dataclass
 class Args:
     # experiment
-    env_id: str = "lift-img"
-    """pixel task id: lift-img, can-img, square-img, transport-img"""
-    dataset: str | None = None
-    """demonstrations with images: robomimic image hdf5 (`image_v141.hdf5`, or scripts/robomimic_demos.py --images),
-    or the reference's train.npz with `images` (None: the task's robomimic image dataset, downloaded)"""
-    exp_name: str = script_name(__file__)
-    """name of this experiment (part of the run folder)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets torch.use_deterministic_algorithms"""
-    cuda: bool = True
-    """use CUDA when available"""
-    torch_threads: int | None = 1
-    """CPU threads for torch (None: torch's default)"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "dppo"
-    """the wandb project"""
-    output: str | None = None
-    """also write the release checkpoint (header, normalisation, EMA weights: what fine-tuning reads) here"""
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """float32 matmuls: highest keeps float32 (the default); high: TF32; medium: bf16 products on AMX CPUs, TF32 on GPUs
-    (faster matmuls on an AMX CPU, the loss off by ~1e-3 relative; docs/results.md "Pre-training")"""
-    onednn_matmul: bool = False
-    """CPU: run float32 matmuls through oneDNN where a start-up check shows they stay float32 (faster on some CPUs, see
-    docs/results.md "Speed"; refused with a printed line where the check fails, e.g. on AMX CPUs that would use bf16)"""
-    fused_adam: bool = False
-    """AdamW as one fused kernel per step (torch's `fused=True`): faster optimizer steps, the same update up to float
-    rounding, so a run drifts from the default's (docs/results.md "Pre-training")"""
-    flush_denormal: bool = True
-    """CPU: float denormals computed as zero (`torch.set_flush_denormal`, process-wide). Adam's moments of weights whose
-    gradients vanish decay into denormals, which x86 CPUs compute 5-25x slower: the optimizer step slows down 2-3x as a
-    long run goes on (a full Hopper epoch 93.6 -> 51.2 s here, docs/results.md "Pre-training"); only values below
-    1e-38 change. --no-flush-denormal keeps IEEE denormals (docs/deviations.md)"""
-    # algorithm
-    backbone: Literal["mlp", "unet"] = "mlp"
-    """head of the ViT encoder: `mlp` (residual MLP, reference VisionDiffusionMLP) or `unet` (VisionUnet1D)"""
-    n_demos: int | None = 100
-    """use the first n demonstrations (reference `max_n_episodes` 100; None: all)"""
-    denoising_steps: int = 100
-    """K: DDPM steps (100, for DDIM fine-tuning)"""
-    horizon_steps: int | None = None
-    """T_a (None: the task's; transport UNet 16)"""
-    cond_steps: int = 1
-    """T_o (proprio and images)"""
-    mlp_dims: tuple[int, ...] | None = None
-    """residual MLP head widths (None: 512 x3 lift/can, 768 x3 square/transport)"""
-    unet_dim: int | None = None
-    """UNet base channels (None: 40; square/transport 64)"""
-    unet_dim_mults: tuple[int, ...] = (1, 2)
-    """UNet channel multipliers"""
-    time_dim: int = 32
-    """denoising-step embedding width"""
-    embed_dim: int = 128
-    """ViT width"""
-    num_heads: int = 4
-    """ViT attention heads"""
-    spatial_emb: int = 128
-    """spatial-embedding width per camera"""
-    augment: bool = True
-    """random-shift augmentation (pad 4) of the training images"""
-    n_epochs: int = 2000
-    """passes over the dataset"""
-    batch_size: int = 256
-    """minibatch size"""
-    learning_rate: float = 1e-4
-    """peak learning rate"""
-    min_lr: float = 1e-5
-    """final learning rate of the cosine schedule"""
-    warmup_epochs: int = 100
-    """linear warm-up epochs"""
-    weight_decay: float = 1e-6
-    """AdamW weight decay"""
-    ema_decay: float = 0.995
-    """EMA decay"""
-    ema_every: int = 10
-    """gradient steps between EMA updates"""
-    ema_start_epoch: int = 20
-    """before this epoch the EMA is reset to the model"""
-    eval_every: int = 0
-    """epochs between evaluation rollouts (0: never; rendering is slow on a CPU, evaluate with
-    dppo_finetune_pixel.py --eval-only instead)"""
-    n_eval_envs: int = 50
-    """parallel envs in an evaluation"""
-    capture_video: bool = False
-    """record a few episodes of every evaluation as MP4 in the run folder's videos/ (needs --eval-every)"""
-    n_workers: int = 1
-    """worker processes of the evaluation envs"""
-    save_every: int = 50
-    """epochs between checkpoints"""
+    env_id: str = "lift-img"  # pixel task id: lift-img, can-img, square-img, transport-img
+    dataset: str | None = None  # robomimic image hdf5 or the reference's image train.npz (None: the task's; README "Pixels")
+    exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
+    seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
+    torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
+    cuda: bool = True  # use CUDA when available
+    torch_threads: Annotated[int | None, Positive] = 1  # CPU threads of torch (1: fastest, README "Threads"; None: torch's)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "dppo"  # the wandb project
+    output: str | None = None  # also write the release checkpoint (header, normalisation, EMA: what fine-tuning reads) here
+    capture_video: bool = False  # record evaluation episodes as MP4 in the run folder's videos/ (needs --eval-every)
+    save_every: Annotated[int, Positive] = 50  # epochs between checkpoints
+    # algorithm (the reference's cfg/robomimic/pretrain/*/pre_diffusion_{mlp,unet}_img.yaml; None: TASK_DEFAULTS below)
+    backbone: Literal["mlp", "unet"] = "mlp"  # head of the ViT encoder: `mlp` (VisionDiffusionMLP) or `unet` (VisionUnet1D)
+    n_demos: Annotated[int | None, Positive] = 100  # use the first n demonstrations (reference `max_n_episodes`; None: all)
+    denoising_steps: Annotated[int, Positive] = 100  # K: DDPM steps (100, for DDIM fine-tuning)
+    horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's; transport UNet 16)
+    cond_steps: Annotated[int, Positive] = 1  # T_o (proprio and images)
+    mlp_dims: tuple[int, ...] | None = None  # residual MLP head widths (None: 512 x3 lift/can, 768 x3 square/transport)
+    unet_dim: Annotated[int | None, Positive] = None  # UNet base channels (None: 40; square/transport 64)
+    unet_dim_mults: tuple[int, ...] = (1, 2)  # UNet channel multipliers
+    time_dim: Annotated[int, Positive] = 32  # denoising-step embedding width
+    embed_dim: Annotated[int, Positive] = 128  # ViT width
+    num_heads: Annotated[int, Positive] = 4  # ViT attention heads
+    spatial_emb: Annotated[int, Positive] = 128  # spatial-embedding width per camera
+    augment: bool = True  # random-shift augmentation (pad 4) of the training images
+    n_epochs: Annotated[int, Positive] = 2000  # passes over the dataset
+    batch_size: Annotated[int, Positive] = 256  # minibatch size
+    learning_rate: Annotated[float, Positive] = 1e-4  # peak learning rate
+    min_lr: Annotated[float, Positive] = 1e-5  # final learning rate of the cosine schedule
+    warmup_epochs: Annotated[int, NonNegative] = 100  # linear warm-up epochs
+    weight_decay: Annotated[float, NonNegative] = 1e-6  # AdamW weight decay
+    ema_decay: Annotated[float, Fraction] = 0.995  # EMA decay
+    ema_every: Annotated[int, Positive] = 10  # gradient steps between EMA updates
+    ema_start_epoch: Annotated[int, NonNegative] = 20  # before this epoch the EMA is reset to the model
+    eval_every: Annotated[int, NonNegative] = 0  # epochs between rollouts (0: never; CPU: dppo_finetune_pixel.py --eval-only)
+    n_eval_envs: Annotated[int, Positive] = 50  # parallel envs in an evaluation
+    n_workers: Annotated[int, Positive] = 1  # worker processes of the evaluation envs
+    # speed (opt-in, same results; docs/results.md "Speed")
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
+    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
+    flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
 
 TASK_DEFAULTS = {  # reference cfg/robomimic/pretrain/*/pre_diffusion_{mlp,unet}_img.yaml
@@ -160,8 +110,8 @@ def fill_defaults(args: Args) -> dict:
     """Fill the task's defaults into every flag left at None and check every number; returns what was filled."""
     task = get_task(args.env_id)
     if task.suite != "robomimic-img":
-        raise UsageError(f"--env-id {task.id}: dppo_pretrain_pixel.py pre-trains the pixel tasks "
-                         "(lift-img, can-img, square-img, transport-img); state tasks: dppo_pretrain.py")
+        raise runs.UsageError(f"--env-id {task.id}: dppo_pretrain_pixel.py pre-trains the pixel tasks "
+                              "(lift-img, can-img, square-img, transport-img); state tasks: dppo_pretrain.py")
     args.env_id = task.id
     horizon = 16 if args.backbone == "unet" and task.id == "transport-img" else task.horizon_steps
     defaults = {**TASK_DEFAULTS[task.id], "horizon_steps": horizon}
@@ -169,21 +119,15 @@ def fill_defaults(args: Args) -> dict:
         defaults.pop("mlp_dims")
     else:
         defaults.pop("unet_dim")
-    filled = apply_defaults(args, defaults)
-    check_positive(args, "denoising_steps", "horizon_steps", "cond_steps", "time_dim", "embed_dim", "num_heads",
-                   "spatial_emb", "unet_dim", "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every",
-                   "n_eval_envs", "n_workers", "save_every", "torch_threads", "n_demos")
-    check_range(args, "seed", 0, 2**31 - 1)
-    for name in ("warmup_epochs", "weight_decay", "ema_start_epoch", "eval_every"):
-        check_range(args, name, 0, math.inf)
-    check_range(args, "ema_decay", 0.0, 1.0)
+    filled = runs.apply_defaults(args, defaults)
+    runs.check_args(args)  # every number within the Limits of its field
     if args.embed_dim % args.num_heads:
-        raise UsageError(f"--embed-dim {args.embed_dim} must be a multiple of --num-heads {args.num_heads}")
+        raise runs.UsageError(f"--embed-dim {args.embed_dim} must be a multiple of --num-heads {args.num_heads}")
     if any(not d > 0 for d in (*(args.mlp_dims or ()), *args.unet_dim_mults)):
-        raise UsageError("--mlp-dims and --unet-dim-mults take positive widths")
+        raise runs.UsageError("--mlp-dims and --unet-dim-mults take positive widths")
     if args.backbone == "unet" and any(args.unet_dim * m % 8 for m in args.unet_dim_mults):
-        raise UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of 8 "
-                         "(the GroupNorm groups)")
+        raise runs.UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of 8 "
+                              "(the GroupNorm groups)")
     return filled
 
 
@@ -270,7 +214,7 @@ class PixelWindows:
             obs_idx.append(offset + np.maximum(starts + np.arange(1 - cond_steps, 1), 0))
             offset += len(t["actions"])
         if sum(len(i) for i in act_idx) == 0:
-            raise DatasetError(f"no trajectory has {horizon_steps} actions (horizon_steps); lower horizon_steps")
+            raise runs.DatasetError(f"no trajectory has {horizon_steps} actions (horizon_steps); lower horizon_steps")
         state = normalizer.normalize_obs(np.concatenate([t["obs"] for t in trajs]).astype(np.float32))
         actions = normalizer.normalize_action(np.concatenate([t["actions"] for t in trajs]).astype(np.float32))
         self.state = torch.from_numpy(state).to(device)
@@ -303,18 +247,18 @@ def load_pixel_dataset(task, path: str | None, n_demos: int | None) -> tuple[lis
     channels = 3 * len(camera_names(task))
     shapes = {t["images"].shape[1:] for t in trajs if "images" in t}
     if any("images" not in t for t in trajs) or len(shapes) != 1:
-        raise DatasetError(f"{path or 'the dataset'}: every trajectory needs images of one size")
+        raise runs.DatasetError(f"{path or 'the dataset'}: every trajectory needs images of one size")
     shape = shapes.pop()
     if shape[0] != channels or min(shape[1:]) < 16:
-        raise DatasetError(f"{path or 'the dataset'}: images {tuple(shape)}, expected ({channels}, H, W) with H, W >= 16 "
-                           f"for {task.id}'s {len(camera_names(task))} camera(s)")
+        raise runs.DatasetError(f"{path or 'the dataset'}: images {tuple(shape)}, expected ({channels}, H, W) with "
+                                f"H, W >= 16 for {task.id}'s {len(camera_names(task))} camera(s)")
     for t in trajs:  # uint8 in [0, 255]; a float store of whole numbers in that range is converted
         img = t["images"]
         if img.dtype != np.uint8:
             if not (np.isfinite(img).all() and img.min() >= 0 and img.max() <= 255 and (img == np.round(img)).all()
                     and img.max() > 1):
-                raise DatasetError(f"{path or 'the dataset'}: images must be uint8 (or whole numbers) in [0, 255], found "
-                                   f"{img.dtype} in [{img.min():.3g}, {img.max():.3g}]")
+                raise runs.DatasetError(f"{path or 'the dataset'}: images must be uint8 (or whole numbers) in [0, 255], "
+                                        f"found {img.dtype} in [{img.min():.3g}, {img.max():.3g}]")
             t["images"] = img.astype(np.uint8)
     if n_demos is not None and len(trajs) < n_demos:
         print(f"dataset has {len(trajs)} demonstrations (fewer than --n-demos {n_demos}); using all")
@@ -324,11 +268,11 @@ def load_pixel_dataset(task, path: str | None, n_demos: int | None) -> tuple[lis
 def main(args: Args) -> dict:
     filled = fill_defaults(args)
     task = get_task(args.env_id)
-    print_defaults(task.id, filled)
-    check_output_path(args.output)
-    device = seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
-    flush_denormals(args.flush_denormal)
+    runs.print_defaults(task.id, filled)
+    runs.check_output_path(args.output)
+    device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
+    runs.flush_denormals(args.flush_denormal)
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])
@@ -339,20 +283,20 @@ def main(args: Args) -> dict:
     ema.load_state_dict(policy.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  **adam_kernel(args.fused_adam))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.learning_rate, args.min_lr,
-                                                                                args.warmup_epochs, args.n_epochs))
+                                  **runs.adam_kernel(args.fused_adam))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_then_cosine(args.learning_rate, args.min_lr,
+                                                                                     args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_envs = None
     if args.capture_video and not args.eval_every:
-        raise UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0)")
+        raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0)")
     if args.eval_every:
         try:
             eval_envs = PixelChunkVecEnv(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
                                          image_size=image_hw, n_workers=args.n_workers, capture_video=args.capture_video)
-        except TaskError as e:
-            raise TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
-    run = RunFolder(args, task.id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name)
+        except runs.TaskError as e:
+            raise runs.TaskError(f"{e} (or pre-train without rollouts: --eval-every 0)") from None
+    run = runs.RunFolder(args, task.id, args.exp_name, args.seed, track=args.track, wandb_project=args.wandb_project_name)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()
@@ -367,11 +311,12 @@ def main(args: Args) -> dict:
         return result
 
     def checkpoint(epoch: int, step: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": f"vit-{args.backbone}", "arch": arch,
+        return {"format": runs.CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": f"vit-{args.backbone}", "arch": arch,
                 "task": task.id, "obs_dim": task.obs_dim, "action_dim": task.action_dim,
                 "horizon_steps": args.horizon_steps, "cond_steps": args.cond_steps,
-                "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(), "args": args_dict(args),
-                "model": policy.network.state_dict(), "ema": ema.network.state_dict(), "epoch": epoch, "step": step}
+                "denoising_steps": args.denoising_steps, "normalization": normalizer.state_dict(),
+                "args": runs.args_dict(args), "model": policy.network.state_dict(), "ema": ema.network.state_dict(),
+                "epoch": epoch, "step": step}
 
     print(f"pre-training {task.id}: {len(trajs)} trajectories, {len(data)} windows, images {image_hw}, "
           f"run folder {run.dir}")
@@ -392,7 +337,7 @@ def main(args: Args) -> dict:
                 ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         mean_loss = (epoch_loss / max(n_batches, 1)).item()
-        check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
+        runs.check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
         losses.append(mean_loss)
         run.scalars({"losses/loss": mean_loss, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, epoch)
         postfix = {"loss": f"{mean_loss:.4f}"}
@@ -402,11 +347,12 @@ def main(args: Args) -> dict:
             postfix["success"] = f"{last_eval['success_rate']:.2f}"
         bar.set_postfix(postfix)
         if (epoch + 1) % args.save_every == 0 or last_epoch:
-            save_checkpoint(run.checkpoint, checkpoint(epoch + 1, step))
+            runs.save_checkpoint(run.checkpoint, checkpoint(epoch + 1, step))
     bar.close()
     if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        save_checkpoint(args.output, release_checkpoint(torch.load(run.checkpoint, map_location="cpu", weights_only=True)))
+        trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+        runs.save_checkpoint(args.output, runs.release_checkpoint(trained))
     if eval_envs is not None:
         eval_envs.close()
     run.writer.close()
@@ -416,4 +362,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, Args)
+    runs.cli(main, Args)

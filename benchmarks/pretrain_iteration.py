@@ -40,6 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_pretrain  # noqa: E402
+from common import runs  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 HOPPER_TRANSITIONS, HOPPER_EPISODES = 1_000_000, 2186  # D4RL hopper-medium-v2
@@ -127,9 +128,10 @@ class PhaseClock:
 @contextlib.contextmanager
 def patched(clock: PhaseClock):
     """Wrap what dppo_pretrain's loop calls (undone on exit)."""
+    plumbing = dppo_pretrain if hasattr(dppo_pretrain, "save_checkpoint") else runs  # older commits imported the names
     saved = [(dppo_pretrain.WindowDataset, "iterate"), (dppo_pretrain.DiffusionPolicy, "loss"), (torch.Tensor, "backward"),
              (torch.optim.Optimizer, "zero_grad"), (dppo_pretrain, "ema_update"), (dppo_pretrain, "evaluate"),
-             (dppo_pretrain, "save_checkpoint"), (dppo_pretrain, "check_finite"), (dppo_pretrain.RunFolder, "scalars")]
+             (plumbing, "save_checkpoint"), (plumbing, "check_finite"), (runs.RunFolder, "scalars")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in saved]
     pre: list[float] = []
     hooks = [register_optimizer_step_pre_hook(lambda *_: pre.append(time.process_time())),

@@ -83,21 +83,6 @@ def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
         sys.exit(2)
 
 
-def check_positive(args: Any, *names: str) -> None:
-    """UsageError for the first of `names` whose value is set and not > 0."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
-
-
-def check_range(args: Any, name: str, low: float, high: float) -> None:
-    """UsageError when the field is set and not within [low, high] (NaN included)."""
-    value = getattr(args, name)
-    if value is not None and not low <= value <= high:
-        raise UsageError(f"--{name.replace('_', '-')} must be in [{low}, {high}] (got {value})")
-
-
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """The numbers a flag may take, declared with its `Args` field (tyro ignores it) and checked by `check_args`:

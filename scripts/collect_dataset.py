@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -23,54 +24,47 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gaussian_ppo  # noqa: E402
 import gmm_ppo  # noqa: E402
+from common import runs  # noqa: E402
 from common.envs import make_vec_env  # noqa: E402
-from common.errors import DatasetError, UsageError  # noqa: E402
 from common.normalizer import Normalizer  # noqa: E402
-from common.runs import check_output_path, check_positive, check_range, cli, load_checkpoint, seed_everything  # noqa: E402
 from loaders.datasets import save_train_npz  # noqa: E402
 
 SCRIPTS = {"gaussian": gaussian_ppo, "gmm": gmm_ppo}
+Positive, NUMPY_SEED = runs.POSITIVE, runs.Limits(0, 2**32 - 1)  # numpy's seed range
 
 
 @dataclass
 class Args:
-    checkpoint: str
-    """a Gaussian or GMM checkpoint (pre-trained, fine-tuned or from scratch)"""
-    out: str
-    """the train.npz to write"""
-    env_id: str | None = None
-    """task id (None: the checkpoint's task)"""
-    n_env_steps: int = 1_000_000
-    """env steps to collect (rounded up to a multiple of num_envs)"""
-    num_envs: int = 40
-    """parallel environments"""
-    act_steps: int | None = None
-    """T_e: actions executed per chunk (None: the task's, at most the checkpoint's T_a)"""
-    seed: int = 1
-    """seed of the envs and of the policy's noise"""
-    n_workers: int | None = None
-    """worker processes for slow simulators (robomimic)"""
+    # experiment
+    checkpoint: str  # a Gaussian or GMM checkpoint (pre-trained, fine-tuned or from scratch)
+    out: str  # the train.npz to write
+    env_id: str | None = None  # task id (None: the checkpoint's task)
+    # collection
+    n_env_steps: Annotated[int, Positive] = 1_000_000  # env steps to collect (rounded up to a multiple of num_envs)
+    num_envs: Annotated[int, Positive] = 40  # parallel environments
+    act_steps: Annotated[int | None, Positive] = None  # T_e: actions executed per chunk (None: the task's, at most T_a)
+    seed: Annotated[int, NUMPY_SEED] = 1  # seed of the envs and of the policy's noise
+    n_workers: Annotated[int | None, Positive] = None  # worker processes for slow simulators (robomimic)
 
 
 def collect(args: Args) -> dict:
-    check_positive(args, "n_env_steps", "num_envs", "act_steps", "n_workers")
-    check_range(args, "seed", 0, 2**32 - 1)  # numpy's seed range
-    check_output_path(args.out, "--out")  # a folder, or a path under a file, is refused before any work
+    runs.check_args(args)  # every number within the Limits of its field
+    runs.check_output_path(args.out, "--out")  # a folder, or a path under a file, is refused before any work
     try:
         policy_type = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("policy") or "gaussian"
-    except Exception:  # noqa: BLE001 - load_checkpoint below gives the one-line answer
+    except Exception:  # noqa: BLE001 - runs.load_checkpoint below gives the one-line answer
         policy_type = "gaussian"
     if policy_type not in SCRIPTS:
-        raise DatasetError(f"checkpoint {args.checkpoint!r} holds a {policy_type} policy; "
-                           "this script rolls gaussian or gmm ones")
+        raise runs.DatasetError(f"checkpoint {args.checkpoint!r} holds a {policy_type} policy; "
+                                "this script rolls gaussian or gmm ones")
     script = SCRIPTS[policy_type]
     task = gaussian_ppo.resolve_task(args.env_id) if args.env_id else None
-    ckpt = load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task,
-                           conversion=lambda: importlib.import_module("loaders.convert"))
+    ckpt = runs.load_checkpoint(args.checkpoint, policy_type, f"python {policy_type}_ppo.py --pretrain", task,
+                                conversion=lambda: importlib.import_module("loaders.convert"))
     task = task or gaussian_ppo.resolve_task(ckpt["task"])
-    device = seed_everything(args.seed, True, 1, cuda=False)
+    device = runs.seed_everything(args.seed, True, 1, cuda=False)
     if args.act_steps is not None and args.act_steps > ckpt["horizon_steps"]:
-        raise UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {ckpt['horizon_steps']}")
+        raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {ckpt['horizon_steps']}")
     policy = script.policy_from_checkpoint(ckpt, script.Args(), "actor_ft" if "actor_ft" in ckpt else "ema",
                                            args.checkpoint).to(device)
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
@@ -110,4 +104,4 @@ def collect(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    cli(collect, Args)
+    runs.cli(collect, Args)

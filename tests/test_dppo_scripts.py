@@ -12,6 +12,7 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
+from common import runs
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import build_diffusion_network
 from loaders.datasets import save_train_npz
@@ -81,16 +82,16 @@ def test_pretrain_resume_matches_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     kw = dict(env_id="avoid-m2", n_epochs=3, eval_every=0, seed=0, save_every=1, **SMALL)
     full = pt.main(pt.Args(exp_name="full", **kw))
-    real = pt.save_checkpoint
+    real = runs.save_checkpoint
 
     def save_then_stop(path, payload):
         real(path, payload)
         if payload["epoch"] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pt, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         pt.main(pt.Args(exp_name="part", **kw))
-    monkeypatch.setattr(pt, "save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     resumed = pt.main(pt.Args(resume=glob.glob("runs/avoid-m2__part__*")[0]))
     a, b = (torch.load(o["checkpoint"], map_location="cpu", weights_only=True) for o in (full, resumed))
     assert b["epoch"] == 3 and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
@@ -144,7 +145,6 @@ def test_resume_eval_only_writes_nothing_and_resume_keeps_the_runs_budget(pretra
 
 def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
     from common.errors import NonFiniteError
-    from common import runs
     saves, real_save, real_loss = [], runs.save_checkpoint, ft.ppo_loss
     monkeypatch.setattr(runs, "save_checkpoint", lambda path, ckpt: saves.append(ckpt["itr"]) or real_save(path, ckpt))
     monkeypatch.setattr(ft, "ppo_loss", lambda *a: (lambda pg, kl, cf: (pg * (float("nan") if saves else 1.0), kl,

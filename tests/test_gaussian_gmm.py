@@ -296,7 +296,7 @@ def test_finetune_wiring_of_rewards_gae_and_the_loss(pretrained, monkeypatch, na
 @pytest.mark.parametrize("module", [gauss, gmm])
 def test_declares_its_limits(module):
     """Every number of Args is checked (`runs.check_args` in fill_defaults): the ones a run needs positive, non-negative
-    or in [0, 1] are declared (as fill_defaults' check_positive / check_range lists were)."""
+    or in [0, 1] are declared (as the lists of numbers fill_defaults checked were)."""
     hints = typing.get_type_hints(module.Args, include_extras=True)
     limits = {f.name: next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, runs.Limits)), None)
               for f in dataclasses.fields(module.Args)}

@@ -11,9 +11,8 @@ import torch
 
 from common import runs
 from common.errors import DatasetError, NonFiniteError, UsageError
-from common.runs import (CHECKPOINT_FORMAT, apply_defaults, check_finite, check_output_path, check_positive, check_range,
-                         load_checkpoint, new_run_dir, refuse_flags, release_checkpoint, resume_args, save_checkpoint,
-                         script_name)
+from common.runs import (CHECKPOINT_FORMAT, apply_defaults, check_finite, check_output_path, load_checkpoint, new_run_dir,
+                         refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name)
 
 
 @dataclasses.dataclass
@@ -27,6 +26,12 @@ class Toy:
     resume: str | None = None
     eval_only: bool = False
     dims: tuple[int, ...] = (4, 4)
+
+
+@dataclasses.dataclass
+class Named:
+    n_train_itr: Annotated[int | None, runs.POSITIVE] = None
+    gae_lambda: Annotated[float, runs.FRACTION] = 0.95
 
 
 @dataclasses.dataclass
@@ -141,10 +146,60 @@ def test_release_checkpoint_keeps_what_fine_tuning_reads():
 
 def test_numeric_checks_name_the_flag():
     with pytest.raises(UsageError, match="--n-train-itr must be positive"):
-        check_positive(Toy(n_train_itr=0), "n_train_itr")
-    with pytest.raises(UsageError, match="--gamma must be in"):
-        check_range(Toy(gamma=float("nan")), "gamma", 0.0, 1.0)
-    check_positive(Toy(), "n_train_itr")  # None: not set, filled later
+        runs.check_args(Named(n_train_itr=0))
+    with pytest.raises(UsageError, match="--gae-lambda must be in"):
+        runs.check_args(Named(gae_lambda=float("nan")))
+    runs.check_args(Named())  # None: not set, filled later
+
+
+def declared_limits(args_type: type) -> dict:
+    hints = typing.get_type_hints(args_type, include_extras=True)
+    return {f.name: next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, runs.Limits)), None)
+            for f in dataclasses.fields(args_type)}
+
+
+POSITIVE_BEFORE = {  # the check_positive lists these scripts had before their Limits were declared on the fields
+    "dppo_pretrain": {"denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "unet_groupnorm_eps",
+                      "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every",
+                      "torch_threads"},
+    "dppo_pretrain_pixel": {"denoising_steps", "horizon_steps", "cond_steps", "time_dim", "embed_dim", "num_heads",
+                            "spatial_emb", "unet_dim", "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every",
+                            "n_eval_envs", "n_workers", "save_every", "torch_threads", "n_demos"},
+}
+
+
+@pytest.mark.parametrize("module", list(POSITIVE_BEFORE))
+def test_pretrain_scripts_declare_their_limits(module):
+    """Every number of the pre-training scripts' Args is checked (`runs.check_args` in fill_defaults) with the limits
+    their check_positive / check_range lists had: positive, [0, inf), EMA decay in [0, 1], the seed's range."""
+    import importlib
+    mod = importlib.import_module(module)
+    limits = declared_limits(mod.Args)
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == POSITIVE_BEFORE[module]
+    assert {k for k, v in limits.items() if v is runs.NON_NEGATIVE} == {"warmup_epochs", "weight_decay", "ema_start_epoch",
+                                                                        "eval_every"}
+    assert {k for k, v in limits.items() if v is runs.FRACTION} == {"ema_decay"}
+    assert limits["seed"] is runs.SEED and not {v for v in limits.values()} - {None, runs.POSITIVE, runs.NON_NEGATIVE,
+                                                                              runs.FRACTION, runs.SEED}
+    env = {"dppo_pretrain_pixel": dict(env_id="lift-img")}.get(module, {})
+    with pytest.raises(UsageError, match=r"--learning-rate must be a finite number > 0 \(got inf\)"):
+        mod.fill_defaults(mod.Args(learning_rate=math.inf, **env))
+    with pytest.raises(UsageError, match=r"--weight-decay must be a finite number >= 0 \(got -1.0\)"):
+        mod.fill_defaults(mod.Args(weight_decay=-1.0, **env))
+
+
+def test_deploy_and_collect_declare_their_limits():
+    import deploy_franka
+    from scripts import collect_dataset
+    limits = declared_limits(deploy_franka.Args)
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == {
+        "control_hz", "act_steps", "max_steps", "max_speed", "max_step", "max_rotation_step", "gripper_speed",
+        "gripper_force", "max_gripper_force", "translational_stiffness", "rotational_stiffness", "ddim_steps",
+        "torch_threads"}
+    assert limits["seed"] is runs.SEED
+    limits = declared_limits(collect_dataset.Args)
+    assert {k for k, v in limits.items() if v is runs.POSITIVE} == {"n_env_steps", "num_envs", "act_steps", "n_workers"}
+    assert limits["seed"] == runs.Limits(0, 2**32 - 1)  # numpy's seed range
 
 
 def test_apply_defaults_fills_only_unset_flags():
