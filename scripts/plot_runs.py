@@ -172,6 +172,7 @@ def plot(groups: dict[str, dict[str, list[RunCurve]]], out: str, band: str = "mi
                             "env_steps": float(x[-1]), "last_mean": float(mean[-1])})
         what = "success rate" if metric == "success_rate" else "return"
         ax.set(title=task, xlabel="env steps", ylabel=f"{what} ({task_mode} evaluation)")
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v else "0")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     note = "mean over seeds; band: " + ("min–max over seeds" if band == "minmax" else "± one std over seeds")
