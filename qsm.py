@@ -143,8 +143,9 @@ def fill_defaults(args: Args) -> dict:
     return filled
 
 
-def fill_from_checkpoint(args: Args, ckpt: dict) -> None:
-    """T_a from the checkpoint unless given (a UNet's: T_e), checked against T_e; the batch against the buffer."""
+def fill_from_checkpoint(args: Args, ckpt: dict) -> int:
+    """T_a from the checkpoint unless given (a UNet's: T_e), checked against T_e; the batch against the buffer and the
+    update count. Returns the updates per iteration."""
     T_e = args.act_steps
     args.horizon_steps = args.horizon_steps or (T_e if ckpt["backbone"] == "unet" else ckpt["horizon_steps"])
     if args.horizon_steps != T_e:  # the actor is fit on the executed chunks the buffer holds (reference)
@@ -153,6 +154,12 @@ def fill_from_checkpoint(args: Args, ckpt: dict) -> None:
     if not args.eval_only and args.batch_size > args.buffer_size * args.num_envs:
         raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * args.num_envs} "
                               "transitions")
+    n_updates = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # reference `num_batch`
+    if not args.eval_only and n_updates < 1:
+        raise runs.UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x "
+                              f"{args.num_envs} / {args.batch_size} x {args.replay_ratio} < 1 (lower --batch-size or "
+                              "raise --replay-ratio)")
+    return n_updates
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -310,7 +317,7 @@ def main(args: Args) -> dict:
     ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
                                           conversion=lambda: importlib.import_module("loaders.convert"))
     ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
-    fill_from_checkpoint(args, ckpt)
+    n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_e, N, D_o, D_a = ckpt["cond_steps"], args.act_steps, args.num_envs, task.obs_dim, task.action_dim
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
@@ -349,7 +356,6 @@ def main(args: Args) -> dict:
     run.start(resume, {**runs.policy_header(ckpt), "horizon_steps": args.horizon_steps},
               {"actor": agent.actor, "critic_q": agent.critic_q, "target_q": agent.target_q},
               optimizers, schedulers, {"method": METHOD, "buffer": buffer})  # the buffer: saved, restored on resume
-    n_updates = int(args.n_steps * N / args.batch_size * args.replay_ratio)  # reference `num_batch`
 
     for itr in run.iterations(args.n_train_itr):
         if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainQSMDiffusionAgent.run`)

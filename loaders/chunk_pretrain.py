@@ -37,9 +37,7 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     Returns the run folder, the checkpoint, the per-epoch losses and the last evaluation."""
     trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    runs.set_float32_matmul_precision(args.float32_matmul_precision)  # speed, opt-in (docs/results.md "Speed")
-    if args.onednn_matmul:
-        print(f"--onednn-matmul: {runs.enable_onednn_fp32_matmul(device)}")
+    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # speed, opt-in: results.md "Speed"
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     policy = make_policy().to(device)
     ema = copy.deepcopy(policy).requires_grad_(False)

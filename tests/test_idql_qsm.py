@@ -394,6 +394,20 @@ def test_executed_chunk_must_be_the_whole_chunk(pretrained, module):
         module.main(module.Args(**{**TINY, "act_steps": 2}, checkpoint=pretrained["checkpoint"]))
 
 
+@pytest.mark.parametrize("module", [idql, qsm])
+def test_a_setup_without_a_gradient_step_is_refused(pretrained, module, tmp_path, monkeypatch):
+    """n_steps·num_envs / batch_size × replay_ratio < 1 would train nothing and exit 0 with the policy unchanged: refused
+    in one line before a run folder exists, as dipo.py and dql.py do; the same set-up with enough samples runs."""
+    monkeypatch.chdir(tmp_path)
+    few = {**TINY, "n_steps": 2, "num_envs": 4, "batch_size": 20, "replay_ratio": 2}  # 4·2/20·2 = 0.8 updates
+    with pytest.raises(UsageError, match=r"no update per iteration: .* = 2 x 4 / 20 x 2 < 1"):
+        module.main(module.Args(**few, checkpoint=pretrained["checkpoint"]))
+    assert not (tmp_path / "runs").exists()
+    args = module.Args(**{**few, "n_steps": 3}, checkpoint=pretrained["checkpoint"])  # 1.2: one update
+    module.fill_defaults(args)
+    assert module.fill_from_checkpoint(args, torch.load(pretrained["checkpoint"], weights_only=True)) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["idql.py", "qsm.py"])
 def test_default_command_runs(script, tmp_path):
