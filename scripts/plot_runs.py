@@ -184,7 +184,23 @@ def plot(groups: dict[str, dict[str, list[RunCurve]]], out: str, band: str = "mi
     return summary
 
 
+def check_out(out: str) -> None:
+    """PlotError unless `out` names a file in a format matplotlib writes (its extension says which): checked before any
+    run is read, so a typo costs nothing and the name printed is the file written."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    if ext not in formats:
+        got = f"the format .{ext}" if ext else "no extension"
+        raise PlotError(f"--out {out!r} has {got}; give a file name ending in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    if os.path.isdir(out):
+        raise PlotError(f"--out {out!r} is a folder; give a file name, e.g. {os.path.join(out, 'curves.png')}")
+
+
 def main(args: Args) -> list[dict]:
+    check_out(args.out)
     labels = {}
     for item in args.label:
         if "=" not in item:

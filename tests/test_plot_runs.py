@@ -114,3 +114,24 @@ def test_a_broken_eval_csv_names_its_line(tmp_path):
 def test_eval_csv_columns_are_the_ones_the_scripts_write():
     """The columns plot_runs reads are in EvalLog.FIELDS (a renamed column would silently break the plots)."""
     assert {"env_steps", "mode", "return_mean", "success_rate"} <= set(EvalLog.FIELDS)
+
+
+@pytest.mark.parametrize("out, why", [("curves", "has no extension"), ("curves.pgn", "has the format .pgn"),
+                                      (".", "has no extension")])
+def test_a_bad_out_is_refused_before_any_run_is_read(out, why, tmp_path, monkeypatch):
+    """--out without a format extension (matplotlib would write curves.png while the script printed `curves`), or with
+    one matplotlib does not write, is one line before the run folders are read; a good name goes on to read them."""
+    read = []
+    monkeypatch.setattr(plot_runs, "read_run", lambda path: read.append(path))
+    with pytest.raises(plot_runs.PlotError, match=why + ".*give a file name ending in one of .*[.]png"):
+        plot_runs.main(plot_runs.Args(paths=[str(tmp_path / "run")], out=str(tmp_path / out) if out != "." else out))
+    assert read == [] and os.listdir(tmp_path) == []
+    with pytest.raises(plot_runs.PlotError, match="none of the run folders"):
+        plot_runs.main(plot_runs.Args(paths=[str(tmp_path / "run")], out=str(tmp_path / "curves.svg")))
+    assert read == [str(tmp_path / "run")]
+
+
+def test_an_out_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "figs.png").mkdir()
+    with pytest.raises(plot_runs.PlotError, match="is a folder"):
+        plot_runs.main(plot_runs.Args(paths=["runs/x"], out=str(tmp_path / "figs.png")))
