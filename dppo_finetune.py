@@ -41,7 +41,7 @@ from common import runs
 from common.envs import make_vec_env
 from common.networks import ObsCritic, build_diffusion_network
 from common.normalizer import Normalizer
-from common.tasks import get_task, refuse_pixel_task
+from common.tasks import Task, get_task, refuse_pixel_task
 
 HINT = runs.DIFFUSION_PRETRAIN_HINT  # how to make a pre-trained checkpoint, in error messages
 Positive, PositiveOrInf, NonNegative, Fraction = runs.POSITIVE, runs.POSITIVE_OR_INF, runs.NON_NEGATIVE, runs.FRACTION
@@ -139,7 +139,7 @@ TASK_DEFAULTS = {
 FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
 
 
-def fill_defaults(args: Args) -> tuple:
+def fill_defaults(args: Args) -> tuple[Task, dict]:
     """Fill the task's defaults into every flag left at None and check every number; returns the task and what was filled."""
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
@@ -154,12 +154,13 @@ def fill_defaults(args: Args) -> tuple:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
-    if (args.obs_noise_std or args.action_noise_std) and task.suite != "furniture":
-        raise runs.UsageError(f"observation and action noise are the Furniture-Bench sim-to-real option; {task.id} has none")
+    for name in ("obs_noise_std", "action_noise_std"):
+        if getattr(args, name) and task.suite != "furniture":
+            raise runs.UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
     return task, filled
 
 
-def fill_from_checkpoint(args: Args, task, ckpt: dict, filled: dict) -> None:
+def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> None:
     """T_a from the checkpoint unless given, the furniture UNet's batch; the flags checked against the network."""
     K, K_ft = ckpt["denoising_steps"], args.ft_denoising_steps
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
@@ -358,11 +359,12 @@ class RunningRewardScaler:
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
     def state_dict(self) -> dict:
-        moments = {k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in ("mean", "var", "count")}
-        return {"ret": torch.as_tensor(self.ret), **moments}
+        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
+                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
 
     def load_state_dict(self, d: dict) -> None:
-        self.ret, self.mean, self.var, self.count = d["ret"].numpy().copy(), *(float(d[k]) for k in ("mean", "var", "count"))
+        self.ret = d["ret"].numpy().copy()
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
 
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor, n: int | None = None
