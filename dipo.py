@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -293,21 +292,18 @@ class ReplayBuffer:
 
 
 def main(args: Args) -> dict:
-    resume = None
-    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), method=METHOD,
-                                  keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
-        args = runs.resume_args(args, resume["args"], args.resume)
-        if "buffer_ptr" in resume:  # a checkpoint written before the pointer moved into the buffer's state (2026-12-06)
-            resume["buffer"]["ptr"] = resume.pop("buffer_ptr")
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id), method=METHOD,
+                                    keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"))
+    if resume is not None and "buffer_ptr" in resume:  # written before the pointer moved into the buffer (2026-12-06)
+        resume["buffer"]["ptr"] = resume.pop("buffer_ptr")
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_a, T_e, N, B = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.batch_size
     D_a = task.action_dim

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -119,8 +118,7 @@ SUITE_DEFAULTS = {
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, gamma_denoising=0.99,
                       actor_lr=1e-4, batch_size=7500, update_epochs=10, clip_coef=0.01, clip_coef_base=0.001,
                       n_critic_warmup_itr=2, min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-    # furniture: the reference's wrapper ends every episode at the time limit as terminal (no bootstrap), and
-    # n_steps = round(max_episode_steps / T_e) = 88 (One-leg) or 125 (Lamp, Round-table)
+    # furniture: every episode ends at the time limit as terminal (the reference's wrapper); n_steps = max steps / T_e
     "furniture": dict(bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125, gamma=0.999,
                       gamma_denoising=0.9, actor_lr=1e-5, actor_lr_min=1e-6, lr_cycle_itr=10000, batch_size=8800,
                       update_epochs=5, clip_coef=0.001, clip_coef_base=0.001, n_critic_warmup_itr=1,
@@ -135,8 +133,7 @@ TASK_DEFAULTS = {
     "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
     "one-leg-low": dict(n_steps=88, batch_size=17600), "one-leg-med": dict(n_steps=88),
 }
-# cfg/furniture/finetune/*/ft_ppo_diffusion_unet.yaml: the UNet's batch (used when --batch-size is not given)
-FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}
+FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}  # cfg/furniture/finetune/*_unet.yaml
 
 
 def fill_defaults(args: Args) -> tuple[Task, dict]:
@@ -146,17 +143,14 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     args.env_id = task.id
     filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
                                         "act_steps": task.act_steps})
-    if args.use_ddim and args.ft_denoising_steps is not None and args.ft_denoising_steps > args.ddim_steps:
-        raise runs.UsageError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds the {args.ddim_steps} DDIM steps "
-                              "(DDIM fine-tunes the last K' <= ddim_steps steps)")
     filled.update(runs.apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
                                              "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
-    for name in ("obs_noise_std", "action_noise_std"):
-        if getattr(args, name) and task.suite != "furniture":
-            raise runs.UsageError(f"--{name.replace('_', '-')} is the Furniture-Bench sim-to-real option; {task.id} has none")
+    if task.suite != "furniture":
+        runs.refuse_flags(args, ("obs_noise_std", "action_noise_std"),
+                          f"is a Furniture-Bench sim-to-real option; {task.id} has none")
     return task, filled
 
 
@@ -169,8 +163,9 @@ def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> No
         print(f"{task.id} UNet default: batch_size={args.batch_size}")
     if args.use_ddim and K % args.ddim_steps:
         raise runs.UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {K})")
-    if not args.use_ddim and K_ft > K:
-        raise runs.UsageError(f"--ft-denoising-steps {K_ft} exceeds the checkpoint's K = {K}")
+    if K_ft > (args.ddim_steps if args.use_ddim else K):  # DDIM fine-tunes the last K' of its ddim_steps
+        raise runs.UsageError(f"--ft-denoising-steps {K_ft} exceeds the " + (
+            f"{args.ddim_steps} DDIM steps" if args.use_ddim else f"checkpoint's K = {K}"))
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
     pairs = args.n_steps * args.num_envs * K_ft
@@ -225,8 +220,7 @@ class DiffusionPPO(nn.Module):
                          c1=(betas * torch.sqrt(ac_prev) / (1.0 - ac))[ts],
                          c2=((1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac))[ts],
                          std=torch.exp(0.5 * logvar)[ts])
-        self.register_buffer("ts", ts, persistent=False)  # the visited steps, in order; index j
-        for name, value in coefs.items():
+        for name, value in {"ts": ts, **coefs}.items():  # ts: the visited steps, in order; index j
             self.register_buffer(name, value, persistent=False)
         self.first_ft = len(ts) - ft_steps  # index j of the first fine-tuned step
 
@@ -358,14 +352,6 @@ class RunningRewardScaler:
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
-    def state_dict(self) -> dict:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
-
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor, n: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -390,34 +376,21 @@ def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) ->
     return critic(b_obs[s]).view(-1)
 
 
-def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
-    """Every iteration; the actor's only after the critic warm-up (reference `TrainPPODiffusionAgent.run`)."""
-    if itr >= n_critic_warmup_itr:
-        actor_sched.step()
-    critic_sched.step()
-
-
 def main(args: Args) -> dict:
-    resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id)) if args.resume else None
-    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
-        args = runs.resume_args(args, resume["args"], args.resume)
+    resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id))  # the run's own arguments
     task, filled = fill_defaults(args)
-    if resume is None:
-        runs.print_defaults(task.id, filled)
+    runs.print_defaults(task.id, filled)  # a resumed run's own arguments are complete: nothing
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     fill_from_checkpoint(args, task, ckpt, filled)
     K_ft, T_o, T_a, T_e, N = args.ft_denoising_steps, ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
-    base = build_diffusion_network(ckpt, T_a)
-    # fine-tuning starts from the EMA of pre-training (or a whole-network fine-tuned `actor`, e.g. drwr.py's)
+    base = build_diffusion_network(ckpt, T_a)  # from pre-training's EMA (or a whole fine-tuned `actor`, e.g. drwr.py's)
     runs.load_weights(base, ckpt["base"] if "base" in ckpt else runs.whole_network_weights(ckpt, ckpt_path), ckpt_path)
-    # the reference's furniture critic is [512] x 3 (cfg/furniture/finetune/*/ft_ppo_*.yaml), elsewhere ours is [256] x 3
-    critic = ObsCritic(task.obs_dim, T_o, mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)
+    critic = ObsCritic(task.obs_dim, T_o, mlp_dims=(512,) * 3 if task.suite == "furniture" else (256,) * 3)  # as the reference
     agent = DiffusionPPO(base, critic, ckpt["denoising_steps"], K_ft, T_a, task.action_dim, args.use_ddim, args.ddim_steps,
                          args.min_sampling_denoising_std, args.min_logprob_denoising_std, args.randn_clip_value).to(device)
     if "actor_ft" in ckpt:  # a fine-tuning checkpoint: resumed, or evaluated
@@ -442,8 +415,7 @@ def main(args: Args) -> dict:
                    track=args.track, wandb_project=args.wandb_project_name, resume_dir=args.resume)
     if args.eval_only:
         return run.eval_only(index=ckpt.get("itr", 0))
-    # AdamW without weight decay and the reference's cosine schedules (constant for the critic, and by default)
-    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.actor_ft, args.actor_lr, args.actor_lr_min,
+    actor_opt, actor_sched = runs.optimizer_with_schedule(agent.actor_ft, args.actor_lr, args.actor_lr_min,  # AdamW, cosine
                                                           args.lr_cycle_itr, args.lr_warmup_itr)
     critic_opt, critic_sched = runs.optimizer_with_schedule(agent.critic, args.critic_lr, args.critic_lr,
                                                             args.lr_cycle_itr, args.lr_warmup_itr)
@@ -460,7 +432,9 @@ def main(args: Args) -> dict:
 
     for itr in run.iterations(args.n_train_itr):
         if run.evaluation_iteration(itr):  # a deterministic evaluation, no update (reference `TrainPPODiffusionAgent.run`)
-            step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)  # as the reference, here too
+            if itr >= args.n_critic_warmup_itr:  # the LR schedules step here too, as the reference's
+                actor_sched.step()
+            critic_sched.step()
             continue
 
         # ---- rollout ----
@@ -529,7 +503,9 @@ def main(args: Args) -> dict:
             if args.target_kl is not None and torch.stack(kls).max().item() > args.target_kl:
                 break  # checked once per epoch: one host sync (docs/deviations.md)
         lrs = {"actor": actor_opt.param_groups[0]["lr"], "critic": critic_opt.param_groups[0]["lr"]}  # this update's
-        step_lr_schedules(actor_sched, critic_sched, itr, args.n_critic_warmup_itr)
+        if itr >= args.n_critic_warmup_itr:  # the actor's schedule starts after the critic warm-up (reference `run`)
+            actor_sched.step()
+        critic_sched.step()
         run.lap("update")
 
         # ---- logging and the checkpoint, once per iteration ----

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -276,14 +275,6 @@ class RunningRewardScaler:
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
-    def state_dict(self) -> dict:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
-
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -333,21 +324,19 @@ def as_cond(obs: dict[str, np.ndarray], normalizer: Normalizer, device: torch.de
 
 
 def main(args: Args) -> dict:
-    resume = runs.load_resume(args.resume, "diffusion", PRETRAIN_HINT.format(args.env_id)) if args.resume else None
-    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
-        args = runs.resume_args(args, resume["args"], args.resume)
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, "diffusion", PRETRAIN_HINT.format(args.env_id))
     if args.checkpoint is None and resume is None:
         raise runs.UsageError(f"--checkpoint is required: a pixel policy pre-trained by {PRETRAIN_HINT.format(args.env_id)}")
     task = pixel_task(args.env_id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", PRETRAIN_HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     if not str(ckpt.get("backbone", "")).startswith("vit-"):
         raise runs.DatasetError(f"checkpoint {args.checkpoint!r} holds a {ckpt.get('backbone')} policy on states, not a "
                                 "pixel policy; fine-tune it with dppo_finetune.py")
     filled = fill_defaults(args, ckpt["backbone"])
     if resume is None:
         runs.print_defaults(task.id, filled)
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
     fill_from_checkpoint(args, ckpt)
     K_ft, T_o, T_a, T_e, N = args.ddim_steps, ckpt["cond_steps"], ckpt["horizon_steps"], args.act_steps, args.num_envs
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)

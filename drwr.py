@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -232,18 +231,15 @@ RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "args", "a
 
 
 def main(args: Args) -> dict:
-    resume = None
-    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
-        args = runs.resume_args(args, resume["args"], args.resume)
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     if T_e > T_a:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -321,14 +320,6 @@ class RunningRewardScaler:
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
-    def state_dict(self) -> dict:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
-
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, clip: float, n: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,18 +344,15 @@ def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: 
 
 
 def main(args: Args) -> dict:
-    resume = (runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
-              if args.resume else None)
-    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
-        args = runs.resume_args(args, resume["args"], args.resume)
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id), keys=RESUME_KEYS, method=METHOD)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     fill_from_checkpoint(args, ckpt)
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)

@@ -42,7 +42,6 @@ import copy
 import importlib
 import dataclasses
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -368,14 +367,6 @@ class RunningRewardScaler:
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / (total - 1), total
         return np.clip(rewards / np.sqrt(self.var + self.eps), -self.clip, self.clip)
 
-    def state_dict(self) -> dict:
-        return {"ret": torch.as_tensor(self.ret), "mean": torch.tensor(self.mean, dtype=torch.float64),
-                "var": torch.tensor(self.var, dtype=torch.float64), "count": torch.tensor(self.count, dtype=torch.float64)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.ret = d["ret"].numpy().copy()
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
-
 
 def step_lr_schedules(actor_sched, critic_sched, itr: int, n_critic_warmup_itr: int) -> None:
     """Once per iteration, evaluation iterations included; the actor's schedule only once the actor steps, after the
@@ -400,9 +391,8 @@ def main(args: Args) -> dict:
                         lambda pi, obs, actions: -gmm_logprob(actions, *pi(obs)).mean(),  # the loss: −log π(a|s)
                         sample_actions, lambda normalizer: checkpoint_header(args, task, arch, normalizer, std_limits))
     explicit_act_steps = args.act_steps
-    resume = runs.load_resume(args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain") if args.resume else None
-    if resume is not None:  # the run's own task and arguments; explicit flags win visibly or are refused
-        args = runs.resume_args(args, resume["args"], args.resume)
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, POLICY, f"python {POLICY}_ppo.py --pretrain")
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
@@ -410,9 +400,8 @@ def main(args: Args) -> dict:
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     if args.checkpoint is None and resume is None:
         raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {HINT.format(task.id)})")
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, POLICY, HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, POLICY, HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     args.horizon_steps = ckpt["horizon_steps"]
     if explicit_act_steps is None:  # a checkpoint with a shorter chunk than the task's T_e
         args.act_steps = min(args.act_steps, args.horizon_steps)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -304,19 +303,16 @@ def step_lr_schedules(schedulers: dict, itr: int, n_critic_warmup_itr: int) -> N
 
 
 def main(args: Args) -> dict:
-    resume = None
-    if args.resume:  # the run's own task and arguments; explicit flags win visibly or are refused
-        resume = runs.load_resume(args.resume, "diffusion", HINT.format(args.env_id),
-                                  keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"), method=METHOD)
-        args = runs.resume_args(args, resume["args"], args.resume)
+    # the run's own arguments with --resume; explicit flags win visibly or are refused
+    resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id),
+                                    keys=("itr", "env_steps", "optimizers", "schedulers", "rng", "args"), method=METHOD)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt = resume or runs.load_checkpoint(args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                          conversion=lambda: importlib.import_module("loaders.convert"))
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt") if resume is not None else args.checkpoint
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))
     n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_e, N, D_o, D_a = ckpt["cond_steps"], args.act_steps, args.num_envs, task.obs_dim, task.action_dim
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)

@@ -490,6 +490,24 @@ def load_resume(run_dir: str, policy: str, pretrain_command: str, keys: tuple[st
     return ckpt
 
 
+
+def open_resume(args: ArgsT, run_dir: str | None, policy: str, pretrain_command: str,
+                **load_kw: Any) -> tuple[dict[str, Any] | None, ArgsT]:
+    """`--resume DIR`: the run's checkpoint (`load_resume`) and the run's own arguments, explicit flags winning visibly
+    or refused (`resume_args`); (None, args) for a new run."""
+    if not run_dir:
+        return None, args
+    ckpt = load_resume(run_dir, policy, pretrain_command, **load_kw)
+    return ckpt, resume_args(args, ckpt["args"], run_dir)
+
+
+def open_start(resume: dict[str, Any] | None, run_dir: str | None, path: str, policy: str, pretrain_command: str,
+               task: Any, conversion: Callable[[], Any] | None = None) -> tuple[dict[str, Any], str]:
+    """What a fine-tuning run starts from, and its file: the resumed run's checkpoint, else the one at `path`."""
+    if resume is not None:
+        return resume, os.path.join(str(run_dir), "checkpoint.pt")
+    return load_checkpoint(path, policy, pretrain_command, task, conversion=conversion), path
+
 # ---- the run folder ----
 
 def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> str:
@@ -629,6 +647,25 @@ class RunFolder:
                 "eval_rows": list(rows), "final_eval": final, **extra}
 
 
+def object_state(obj: Any) -> Any:
+    """Checkpoint data of an `extra` object: its `state_dict()`, else (e.g. a script's reward scaler) its attributes, numbers
+    and arrays as float64/int64 tensors (loadable with weights_only=True); plain values (a string, a number) as they are."""
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if not hasattr(obj, "__dict__"):
+        return obj
+    return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else
+            torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None) for k, v in vars(obj).items()}
+
+
+def load_object_state(obj: Any, state: Any) -> None:
+    """Restore what `object_state` saved (attributes back to the arrays and Python numbers they were)."""
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    elif hasattr(obj, "__dict__"):
+        for k, v in state.items():
+            setattr(obj, k, v.numpy().copy() if isinstance(getattr(obj, k, None), np.ndarray) else v.item())
+
 # ---- the loop of a fine-tuning script ----
 
 class Run:
@@ -695,18 +732,17 @@ class Run:
 
     def start(self, resume: dict[str, Any] | None, header: dict[str, Any], modules: dict[str, nn.Module],
               optimizers: dict[str, Any], schedulers: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Restore a resumed run's training state (optimisers, schedulers, each `extra` object's `load_state_dict`, the
+        """Restore a resumed run's training state (optimisers, schedulers, each `extra` object (`load_object_state`), the
         torch RNG), or seed a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while
         building its networks does not change training's draws); take the Avoid "before" rollouts for the picture (an
         evaluation: its own stream) and open the run folder. The checkpoints hold `header`, the config, the `modules`'
-        weights, optimisers, schedulers and `extra` (objects by their `state_dict()`, plain values as they are)."""
+        weights, optimisers, schedulers and `extra` (`object_state`)."""
         self.header, self.modules, self.optimizers, self.schedulers = header, modules, optimizers, schedulers
         self.extra = extra or {}
         if resume is not None:
             self.start_itr, self.env_steps = restore_training(resume, optimizers, schedulers)
             for key, obj in self.extra.items():
-                if hasattr(obj, "load_state_dict"):
-                    obj.load_state_dict(resume[key])
+                load_object_state(obj, resume[key])
         else:
             torch.manual_seed(stream_seed(self.seed, TRAINING_STREAM))
         before = None
@@ -777,7 +813,7 @@ class Run:
                                   self.env_steps)
         self.history[-1].update({f"cpu_{k}": v for k, v in self.timer.cpu_times.items()})
         if (itr + 1) % self.save_every == 0 or itr + 1 == self.n_train_itr:
-            extra = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.extra.items()}
+            extra = {k: object_state(v) for k, v in self.extra.items()}
             save_checkpoint(self.folder.checkpoint, finetune_checkpoint(
                 self.header, self.config, self.modules, self.optimizers, self.schedulers, extra, itr + 1, self.env_steps))
 

@@ -1,6 +1,7 @@
 """The math of dppo_pretrain.py / dppo_finetune.py against independent computations (eqs. 4.4-4.7 and the reference's
 `PPODiffusion`)."""
 
+import io
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
+from common import runs
 from common.envs import EpisodeTracker
 from common.networks import DiffusionMLP, ObsCritic
 
@@ -217,8 +219,12 @@ def test_running_reward_scaler_against_plain_computation():
         assert out.shape == (20, 3)
         np.testing.assert_allclose(out, expected, rtol=1e-12)  # every step scaled with the variance after the update
     assert sc.var == pytest.approx(var, rel=1e-12) and sc.count == pytest.approx(count)
+    buf = io.BytesIO()  # through a checkpoint: the run saves it by its attributes (`runs.object_state`)
+    torch.save(runs.object_state(sc), buf)
+    buf.seek(0)
     sc2 = ft.RunningRewardScaler(3)
-    sc2.load_state_dict(sc.state_dict())
+    runs.load_object_state(sc2, torch.load(buf, weights_only=True))
+    assert isinstance(sc2.ret, np.ndarray) and isinstance(sc2.var, float)
     np.testing.assert_allclose(sc2(rewards[0], firsts[0]), sc(rewards[0], firsts[0]))
     assert sc2.var == sc.var
 
