@@ -357,9 +357,9 @@ class RunningRewardScaler:
     """Running reward scaling (reference `util/reward_scaling.py`), once per iteration on its (n_steps, N) rewards: the
     discounted returns (per env, ret <- r + 0.99 (1 - first) ret) update the running variance in one batch (count 1e-4,
     mean 0, var 1; var = M2 / (count - 1)), then rewards / sqrt(var + 1e-8), clipped to ±10; `ret` carries over."""
+    gamma, clip, eps = 0.99, 10.0, 1e-8  # the reference's (constants: the checkpoint holds the attributes below)
 
-    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
-        self.gamma, self.clip, self.eps = gamma, clip, eps
+    def __init__(self, num_envs: int) -> None:
         self.ret, self.mean, self.var, self.count = np.zeros(num_envs), 0.0, 1.0, 1e-4
 
     def __call__(self, rewards: np.ndarray, firsts: np.ndarray) -> np.ndarray:
