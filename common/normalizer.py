@@ -15,7 +15,8 @@ ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 class Normalizer:
     """Per-dimension min-max to [-1, 1] (paper App. D.4): 2·(x−min)/(max−min+1e-6) − 1; back with (x+1)/2·(max−min) + min,
-    as the reference's env wrappers map actions back (the inverse within 1e-6·(x+1)/2)."""
+    as the reference's env wrappers map actions back (the inverse within 1e-6·(x+1)/2). A constant dimension (min == max)
+    maps to -1 and back to itself; min > max (mirrored) is refused by every checkpoint load (`runs.check_policy_numbers`)."""
 
     KEYS = ("obs_min", "obs_max", "action_min", "action_max")
 

@@ -322,11 +322,40 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
     if bad:
         raise DatasetError(f"checkpoint {path!r} has non-finite values in {bad[0]}"
                            f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}; it cannot be used")
+    check_policy_numbers(ckpt, f"checkpoint {path!r}")
     if task is not None and (ckpt["task"] != task.id or ckpt["obs_dim"] != task.obs_dim
                              or ckpt["action_dim"] != task.action_dim):
         raise DatasetError(f"checkpoint {path!r} is for task {ckpt['task']!r} (obs {ckpt['obs_dim']}, action "
                            f"{ckpt['action_dim']}), not {task.id!r} (obs {task.obs_dim}, action {task.action_dim})")
     return ckpt
+
+
+def check_policy_numbers(header: dict[str, Any], where: str) -> None:
+    """DatasetError naming `where` unless the header's numbers can run a policy: K (`denoising_steps`, when given) an
+    integer >= 1; the normalisation statistics (when given) finite, with min <= max in every dimension. A constant
+    dimension (min == max) is allowed: the normaliser divides by max - min + 1e-6 (common/normalizer.py, as the
+    reference's wrappers), so it maps to -1 and back to itself. The one check of `load_checkpoint` and loaders/convert.py."""
+    K, stats = header.get("denoising_steps"), header.get("normalization", {})
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
+        raise DatasetError(f"{where} has denoising_steps {K!r}; a diffusion policy takes at least 1 denoising step")
+    if isinstance(stats, dict) and not stats:
+        return
+    for g in ("obs", "action"):
+        try:
+            lo, hi = (torch.as_tensor(stats[f"{g}_{m}"], dtype=torch.float64).flatten() for m in ("min", "max"))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            raise DatasetError(f"{where}: its normalisation statistics have no {g}_min and {g}_max arrays") from None
+        for key, v in ((f"{g}_min", lo), (f"{g}_max", hi)):
+            if not v.isfinite().all():
+                i = int((~v.isfinite()).nonzero()[0])
+                raise DatasetError(f"{where}: normalisation statistic {key} is {v[i].item()} in dimension {i}; the "
+                                   "statistics must be finite")
+        if lo.shape != hi.shape:
+            raise DatasetError(f"{where}: normalisation statistics {g}_min and {g}_max have {len(lo)} and {len(hi)} values")
+        if (lo > hi).any():
+            i = int((lo > hi).nonzero()[0])
+            raise DatasetError(f"{where}: normalisation statistic {g}_min > {g}_max in dimension {i} ({lo[i].item():g} > "
+                               f"{hi[i].item():g}): min and max swapped? (min == max, a constant dimension, is allowed)")
 
 
 def is_reference_checkpoint(obj: Any) -> bool:

@@ -30,14 +30,15 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from common.errors import DatasetError, TaskError
 from common.networks import ChunkMLP, DiffusionMLP, UNet1D
 from common.normalizer import Normalizer
-from common.runs import CHECKPOINT_FORMAT, check_output_path, is_reference_checkpoint, save_checkpoint
+from common.runs import (CHECKPOINT_FORMAT, POSITIVE, check_output_path, check_policy_numbers, is_reference_checkpoint,
+                         save_checkpoint)
 from common.tasks import Task, get_task
 from loaders.files import REPO_ROOT, download, read_normalization
 
@@ -388,6 +389,7 @@ def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, 
     if "std_limits" in header:  # the Gaussian's std range: its logvar_min/max tensors
         from_weights["std_limits"] = header["std_limits"]
     from_config = {k: v for k, v in cfg.items() if k in arch or k in ("denoising_steps", "horizon_steps", "fixed_std")}
+    check_policy_numbers(header, f"the checkpoint converted from {path!r}")  # what every load of it checks
     log(f"imported {REFERENCE} {kind.replace('_', ' ')} policy from {path} ({weights_key} weights, epoch "
         f"{ref.get('epoch', '?')}): read from the weights {_fmt(from_weights)}; from the reference config "
         f"{config_path(task, kind)} {_fmt(from_config)}")
@@ -495,6 +497,7 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
     detect_kind(ref["model"])  # a policy that cannot be imported is refused before its statistics are looked for
     norm_path = normalization or find_normalization(path, task)
     normalizer = read_normalization(norm_path)
+    check_policy_numbers({"normalization": normalizer.state_dict()}, norm_path)  # finite, min <= max
     if normalizer.obs_min.numel() != task.obs_dim or normalizer.action_min.numel() != task.action_dim:
         raise ConversionError(f"{norm_path} normalises {normalizer.obs_min.numel()} observation and "
                               f"{normalizer.action_min.numel()} action dimensions, {task.id} has {task.obs_dim} and "
@@ -503,8 +506,16 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
     return convert(ref, path, task, normalizer, overrides)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals (a missing argument, a bad number) are one line and exit code 2, as the scripts'."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loaders.convert", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m loaders.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a reference pre-training checkpoint (state_<epoch>.pt), or 'paper' for the task's "
                                       "published one (downloaded)")
     p.add_argument("--env-id", required=True, help="the task it was trained on (e.g. square, hopper, avoid-m2)")
@@ -512,12 +523,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="with 'paper': which published policy")
     p.add_argument("--normalization", help="the task's normalization.npz (furniture: normalization.pth) (default: beside "
                                            "the checkpoint, else the paper's, downloaded)")
-    p.add_argument("--output", help="where to write the converted checkpoint (default: <checkpoint>.dppo.pt)")
+    p.add_argument("--output", help="where to write the converted checkpoint, its folder made if missing (default: "
+                                     "<checkpoint>.dppo.pt)")
     p.add_argument("--denoising-steps", type=int, help="K, when not the reference config's")
     p.add_argument("--activation", choices=["relu", "mish", "tanh", "elu", "gelu"], help="when not the reference config's")
     p.add_argument("--weights", choices=["ema", "model"], help="which weights of the file (default: what the reference "
                                                                 "fine-tunes: ema for diffusion, model for Gaussian)")
     a = p.parse_args(argv)
+    why = POSITIVE.refusal(a.denoising_steps) if a.denoising_steps is not None else None  # dppo_pretrain.py's rule
+    if why:
+        p.error(f"--denoising-steps {why} (got {a.denoising_steps})")
     try:
         task = get_task(a.env_id)
         path = paper_checkpoint(task, a.kind) if a.checkpoint == "paper" else a.checkpoint
@@ -526,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = read_reference(path)
         converted = load_reference(path, ckpt, task, a.normalization,
                                    dict(denoising_steps=a.denoising_steps, activation=a.activation, weights=a.weights))
-        save_checkpoint(out, converted)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as check_output_path allows
+        try:
+            save_checkpoint(out, converted)
+        except OSError as e:  # named by the path given, not save_checkpoint's temp file
+            raise DatasetError(f"cannot write {out} ({e.strerror or type(e).__name__})") from None
     except (DatasetError, TaskError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
