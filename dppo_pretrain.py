@@ -35,12 +35,13 @@ Deviations from the reference implementation:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Iterator, Literal
 
 import numpy as np
 import torch
@@ -218,6 +219,34 @@ def distributed_setup(batch_size: int, device: torch.device) -> tuple[int, int, 
     return dist.get_rank(), world, device
 
 
+USER_ERRORS = (runs.UsageError, runs.TaskError, runs.DatasetError, runs.NonFiniteError, OSError)  # one line (runs.cli)
+
+
+@contextlib.contextmanager
+def all_ranks_fail_together(world: int) -> Iterator[None]:
+    """Under torchrun, an error raised in the block on one rank (what rank 0 alone sets up: its evaluation envs and the
+    run folder) is raised on every rank, as the same one line (`runs.cli`), after the process group is left: no rank
+    goes on into a collective that waits for a rank that has gone (gloo's "Connection closed by peer" traceback)."""
+    failure = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every error is shared, then raised again
+        failure = e
+    if world > 1:
+        kind = next((k for k in USER_ERRORS if isinstance(failure, k)), None)
+        sent: list = [None] * world
+        dist.all_gather_object(sent, None if failure is None else (kind and kind.__name__, str(failure)))
+        first = next(((rank, s) for rank, s in enumerate(sent) if s is not None), None)
+        if first is not None:
+            dist.destroy_process_group()
+            if failure is None:  # another rank's: the same type and line here
+                rank, (name, text) = first
+                kinds = {k.__name__: k for k in USER_ERRORS}
+                failure = kinds[name](text) if name else RuntimeError(f"rank {rank} stopped: {text}")
+    if failure is not None:
+        raise failure
+
+
 class DiffusionPolicy(nn.Module):
     """ε-network + DDPM schedule; `loss` for pre-training, `sample` for evaluation rollouts."""
 
@@ -334,21 +363,22 @@ def main(args: Args) -> dict:
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
-    if world > 1:  # averages the gradients over the ranks during backward; each rank keeps its rows of the global batch
-        ddp_network = DistributedDataParallel(policy.network, device_ids=[device.index] if device.type == "cuda" else None)
-        rows = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
         raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
                               "simulator)")
-    if can_simulate:
-        eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
-                                 capture_video=args.capture_video)
     run = None
-    if is_main:  # keeps the rows up to the checkpoint's epoch
-        run = runs.RunFolder(args, task.id, args.exp_name, args.seed, track=args.track,
-                             wandb_project=args.wandb_project_name, resume_dir=args.resume, resume_itr=start_epoch + 1)
+    with all_ranks_fail_together(world):  # e.g. an unwritable run folder ends every rank with rank 0's line
+        if can_simulate:
+            eval_envs = make_vec_env(task, args.n_eval_envs, seed=args.seed + 10_000, cond_steps=args.cond_steps,
+                                     capture_video=args.capture_video)
+        if is_main:  # keeps the rows up to the checkpoint's epoch
+            run = runs.RunFolder(args, task.id, args.exp_name, args.seed, track=args.track,
+                                 wandb_project=args.wandb_project_name, resume_dir=args.resume, resume_itr=start_epoch + 1)
+
+    if world > 1:  # averages the gradients over the ranks during backward; each rank keeps its rows of the global batch
+        ddp_network = DistributedDataParallel(policy.network, device_ids=[device.index] if device.type == "cuda" else None)
+        rows = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
 
     def run_evaluation(epoch: int) -> dict:
         ema.eval()

@@ -7,6 +7,7 @@ one evaluation function of every script. Every env follows the chunked vector-en
 from __future__ import annotations
 
 import importlib.util
+import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -93,11 +94,27 @@ class EnvpoolChunkVecEnv:
         self.env.close()
 
 
+# what MuJoCo's `import mujoco` (and robosuite's import) accepts in MUJOCO_GL on Linux; anything else is a RuntimeError
+# there (mujoco/rendering/classic/gl_context.py) or, in robosuite, silently replaced by egl
+MUJOCO_GL_VALUES = ("egl", "osmesa", "glfw", "glx", "", "enable", "enabled", "on", "true", "1",
+                    "disable", "disabled", "off", "false", "0")
+
+
+def check_mujoco_gl(task: Task) -> None:
+    """TaskError naming the allowed values when MUJOCO_GL holds one MuJoCo does not know (a typo such as `eggl`) and the
+    task is simulated with MuJoCo (gym locomotion, robomimic): one line before any env is made."""
+    gl = os.environ.get("MUJOCO_GL")
+    if task.suite in ("gym", "robomimic", "robomimic-img") and gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
+        raise TaskError(f"MUJOCO_GL={gl!r} is not a MuJoCo rendering backend: set MUJOCO_GL=egl (no display), osmesa "
+                        "(software rendering) or glfw (a display), or unset it")
+
+
 def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = False,
              max_episode_steps: int | None = None, render: bool = False) -> gym.Env:
     """One raw (un-chunked) gymnasium env of the task; `render`: `env.render()` returns RGB frames
     (VIDEO_SIZE square) for evaluation videos."""
     require_simulator(task)
+    check_mujoco_gl(task)
     steps = max_episode_steps or task.max_episode_steps
     if task.suite == "gym" and render:
         from sims.video import VIDEO_SIZE, plain_lighting
@@ -151,6 +168,7 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
         return make_furniture_vec_env(task, num_envs, act_steps or task.act_steps, cond_steps, max_episode_steps,
                                       normalizer, obs_noise_std, action_noise_std, seed)
     require_simulator(task)
+    check_mujoco_gl(task)
     if backend not in ENV_BACKENDS:
         raise TaskError(f"env backend {backend!r}: choose one of {', '.join(ENV_BACKENDS)}")
     has_envpool = importlib.util.find_spec("envpool") is not None

@@ -455,9 +455,14 @@ def paper_dataset(task: Task) -> str:
     and format-checked by `loaders.datasets.download`."""
     folder_id = _paper_entry(task)[0]
     dest = os.path.join(paper_dir(task), "train.npz")
-    if os.path.exists(dest):
-        return dest
     url = DRIVE_FOLDER.format(folder_id)
+    if os.path.exists(dest):  # its data is normalised: without the statistics it would be trained on as if raw
+        stats = os.path.join(paper_dir(task), normalization_name(task))
+        if not os.path.exists(stats):
+            raise DatasetError(f"{dest} holds the reference's normalised data, which needs its statistics {stats} "
+                               f"beside it: download {normalization_name(task)} from {url} and put it there (or delete "
+                               f"{dest} to fetch both again)")
+        return dest
     hint = f"download train.npz and {normalization_name(task)} from {url} by hand and put them in {paper_dir(task)}"
     try:
         import gdown

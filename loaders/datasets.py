@@ -8,7 +8,9 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
 - D3IL Avoid: real demos (`des_c_pos` npz, via `sims.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
-`load_task_dataset` also returns the `common.normalizer.Normalizer` to train with (paper App. D.4); `WindowDataset`:
+`load_task_dataset` also returns the `common.normalizer.Normalizer` to train with (paper App. D.4): the reference's
+statistics beside its normalised `train.npz`, else the data's min/max; a paper dataset without its statistics, or data
+that is normalised already (`looks_normalised`) with none beside it, is refused, never normalised twice. `WindowDataset`:
 the pre-training windows (paper App. D.1). Opening, format checks and downloads: `loaders/files.py`.
 """
 
@@ -183,6 +185,26 @@ def _minari_download(minari: Any, dataset_id: str) -> None:
         raise _minari_missing(dataset_id, f"its download failed ({one_line(e)})") from e
 
 
+# the Minari datasets of the gym tasks: the medium datasets of Minari's `mujoco` namespace (D4RL's successors,
+# https://minari.farama.org/datasets/mujoco/), by the env name of the task
+MINARI_DATASETS = {"Hopper": "mujoco/hopper/medium-v0", "Walker2d": "mujoco/walker2d/medium-v0",
+                   "HalfCheetah": "mujoco/halfcheetah/medium-v0"}
+
+
+def minari_fix(env_name: str | None) -> str:
+    """What to use instead of a Minari dataset that does not fit the task simulating `env_name`: the task's Minari
+    dataset where Minari has one (gym locomotion), else the task's own demonstrations."""
+    base = (env_name or "").split("-v")[0]
+    if base in MINARI_DATASETS:
+        return f"use the dataset of this task (e.g. {MINARI_PREFIX}{MINARI_DATASETS[base]})"
+    if base == "avoid":
+        return ("Minari has no D3IL Avoid dataset: leave --dataset out for the built-in demos (builtin-data/, written "
+                "by python scripts/generate_avoid_demos.py) or pass the real D3IL demos")
+    if env_name is None:
+        return "use the dataset of this task"
+    return f"Minari has no dataset of {env_name}: leave --dataset out for the task's own (README \"Tasks\")"
+
+
 def _space(space: Any) -> str:
     """`Box(11,)`-like text of a gymnasium space for messages."""
     shape = getattr(space, "shape", None)
@@ -217,21 +239,19 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
                            "pip install 'minari[arrow]' for arrow datasets") from e
     except Exception as e:  # noqa: BLE001 - any unreadable dataset gets the same one-line answer
         raise DatasetError(f"{name}: not a readable Minari dataset ({one_line(e)}); download it again") from e
-    hint = ""
+    fix = minari_fix(env_name)
     if env_name is not None:
         import gymnasium
 
         _, env, version = gymnasium.envs.registration.parse_env_id(env_name)
-        hint = f" (e.g. {MINARI_PREFIX}mujoco/{env.lower()}/medium-v0)"
     wanted = (obs_dim,), (action_dim,)
     found = getattr(obs_space, "shape", None), getattr(act_space, "shape", None)
     if found != wanted or type(obs_space).__name__ != "Box" or type(act_space).__name__ != "Box":
         raise DatasetError(f"{name} has observations {_space(obs_space)} and actions {_space(act_space)}, the task needs "
-                           f"Box{wanted[0]} and Box{wanted[1]}; use the dataset of this task{hint}")
+                           f"Box{wanted[0]} and Box{wanted[1]}; {fix}")
     if spec is not None and env_name is not None:
         if spec.name != env:
-            raise DatasetError(f"{name} was recorded in {spec.id}, not in the task's {env_name}; use the dataset of "
-                               f"this task{hint}")
+            raise DatasetError(f"{name} was recorded in {spec.id}, not in the task's {env_name}; {fix}")
         if spec.version != version:
             print(f"note: {name} was recorded in {spec.id}; the task simulates {env_name}")
     trajs = []
@@ -340,7 +360,9 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
     found = [os.path.join(folder, n) for n in ("normalization.npz", "normalization.pth")
              if os.path.exists(os.path.join(folder, n))]
     if os.path.basename(path) != "train.npz" or not found:
-        return trajs, Normalizer.from_trajectories(trajs)
+        normalizer = Normalizer.from_trajectories(trajs)
+        _refuse_normalised(path, task, normalizer)
+        return trajs, normalizer
     # The reference's layout (script/dataset/process_robomimic_dataset.py, get_d4rl_dataset.py, process_d3il_dataset.py):
     # train.npz holds states and actions already normalised, 2·(x − min)/(max − min + 1e-6) − 1, with normalization.npz;
     # furniture's with a LinearNormalizer normalization.pth, 2·(x − min)/(max − min) − 1
@@ -364,6 +386,36 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
             t[key] = ((t[key].astype(np.float64) + 1) / 2 * scale + stats[lo]).astype(np.float32)
     print(f"dataset in the reference's normalised layout; statistics: {beside}")
     return trajs, normalizer
+
+
+NORMALISED_TOL = 1e-3
+
+
+def looks_normalised(normalizer: Normalizer, tol: float = NORMALISED_TOL) -> bool:
+    """Whether data with these per-dimension min/max was min-max normalised already (the reference's `train.npz`,
+    2·(x − min)/(max − min + 1e-6) − 1): every observation and every action dimension has its minimum within `tol` of
+    −1, and its maximum within `tol` of +1 or, for a dimension that was constant, of −1 too. (The 1e-6 puts a
+    normalised maximum 2e-6/(max − min) below 1: within 1e-3 for any dimension that spans more than 0.002.) Raw
+    observations do not (every position, velocity and quaternion dimension spanning exactly [−1, 1] at once), raw
+    actions often do (clipped to ±1: robomimic, D4RL), so both must."""
+    spans = []
+    for lo, hi in ((normalizer.obs_min, normalizer.obs_max), (normalizer.action_min, normalizer.action_max)):
+        lo, hi = lo.double(), hi.double()
+        spans.append((hi - 1).abs() <= tol)
+        if not bool((((lo + 1).abs() <= tol) & (spans[-1] | ((hi + 1).abs() <= tol))).all()):
+            return False
+    return bool(spans[0].any())  # (not when every observation is constant)
+
+
+def _refuse_normalised(path: str, task: Any, normalizer: Normalizer) -> None:
+    """DatasetError when the data to be normalised with its own min/max looks normalised already (`looks_normalised`):
+    it would be trained on as if raw, and the policy would then read raw observations as normalised ones."""
+    if looks_normalised(normalizer):
+        name = "normalization.pth" if task.suite == "furniture" else "normalization.npz"
+        raise DatasetError(f"{path}: every observation and action dimension spans exactly [-1, 1], so it holds data "
+                           "normalised already (the reference's layout) and would be normalised twice; put the "
+                           f"{name} it was normalised with beside it (the pair named train.npz and {name}; "
+                           "--dataset paper fetches both)")
 
 
 def _load_checked(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:

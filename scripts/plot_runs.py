@@ -13,13 +13,16 @@ success is measured with the training noise, paper App. D.8). Each seed's curve 
 the union of the seeds' env steps inside the range every seed covers; the line is the mean over
 seeds and the band is min–max over seeds (`--band std`: mean ± one standard deviation).
 
-A run folder without `eval.csv` rows is skipped with a warning; a path that is not a run folder
-(no `args.json`, not named like one) stops the command with one line.
+A run folder without `eval.csv` rows (no file yet, an empty one, or its header only) is skipped with a warning
+naming the file, or, when no folder has any, stops the command with one line naming it; a path that is not a run
+folder (no `args.json`, not named like one), or an `eval.csv` that is not one (a binary file, env steps that are
+not a whole number >= 0, a column missing) stops the command with one line naming the file (and its line).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -63,8 +66,8 @@ class RunCurve:
     rows: list[dict[str, str]]
 
 
-def read_run(path: str) -> RunCurve | None:
-    """The run folder's identity and eval.csv rows; None (with a warning) when it has no rows yet."""
+def read_run(path: str) -> RunCurve:
+    """The run folder's identity and eval.csv rows; NoEvaluations when it has none yet."""
     name = os.path.basename(os.path.normpath(path))
     args_path = os.path.join(path, "args.json")
     if not os.path.isdir(path) or not (os.path.isfile(args_path) or RUN_NAME.match(name)):
@@ -79,23 +82,55 @@ def read_run(path: str) -> RunCurve | None:
     else:
         m = RUN_NAME.match(name)
         env_id, method, seed = m["env_id"], m["exp_name"], int(m["seed"])
-    csv_path = os.path.join(path, "eval.csv")
-    rows = []
-    if os.path.isfile(csv_path):
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"env_steps", "mode", "return_mean", "success_rate"} - set(rows[0] if rows else {})
-        if rows and missing:
-            raise PlotError(f"{csv_path}: not an eval.csv of these scripts (no {', '.join(sorted(missing))} column)")
-        for n, r in enumerate(rows, start=2):
-            try:
-                float(r["env_steps"]), float(r["return_mean"]), float(r["success_rate"])
-            except (TypeError, ValueError):
-                raise PlotError(f"{csv_path} line {n}: env_steps, return_mean and success_rate must be numbers") from None
-    if not rows:
-        print(f"warning: {path}: no evaluations in eval.csv yet; skipped", file=sys.stderr)
-        return None
+    rows = read_eval_csv(os.path.join(path, "eval.csv"))
     return RunCurve(path, env_id, method, seed, rows)
+
+
+class NoEvaluations(PlotError):
+    """A run folder without evaluation rows yet: skipped with a warning, unless no folder has any."""
+
+
+def read_eval_csv(csv_path: str) -> list[dict[str, str]]:
+    """The rows of a run's eval.csv, checked: a text file with the columns read here, env steps a finite whole number
+    >= 0, return_mean and success_rate numbers (NaN: no episode, or no success rule), mode one the scripts write."""
+    if not os.path.exists(csv_path):
+        raise NoEvaluations(f"{csv_path} does not exist (no evaluation written yet)")
+    if not os.path.isfile(csv_path):
+        raise PlotError(f"{csv_path} is a folder, not a run's eval.csv; move it away")
+    try:
+        with open(csv_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PlotError(f"cannot read {csv_path} ({e.strerror}); check its permissions") from None
+    if not raw:
+        raise NoEvaluations(f"{csv_path} is empty (0 bytes, not even its header)")
+    try:
+        text = raw.decode("utf-8")
+        if "\0" in text:
+            raise UnicodeError
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (UnicodeError, csv.Error):
+        raise PlotError(f"{csv_path}: not a text file of comma-separated rows, so not an eval.csv of these scripts; "
+                        "move it away or give the run folder it belongs to") from None
+    missing = {"env_steps", "mode", "return_mean", "success_rate"} - set(rows[0] if rows else {})
+    if rows and missing:
+        raise PlotError(f"{csv_path}: not an eval.csv of these scripts (no {', '.join(sorted(missing))} column)")
+    for n, r in enumerate(rows, start=2):
+        try:
+            steps, values = float(r["env_steps"]), (float(r["return_mean"]), float(r["success_rate"]))
+        except (TypeError, ValueError):
+            raise PlotError(f"{csv_path} line {n}: env_steps, return_mean and success_rate must be numbers") from None
+        if not (math.isfinite(steps) and steps >= 0 and steps == int(steps)):
+            raise PlotError(f"{csv_path} line {n}: env_steps is {r['env_steps']!r}, not a whole number >= 0; the scripts "
+                            "write the env steps taken: repair or remove the line")
+        if any(math.isinf(v) for v in values):
+            raise PlotError(f"{csv_path} line {n}: return_mean and success_rate must be finite (or nan), not "
+                            f"{r['return_mean']!r} and {r['success_rate']!r}; repair or remove the line")
+        if r["mode"] not in ("deterministic", "stochastic"):
+            raise PlotError(f"{csv_path} line {n}: mode is {r['mode']!r}, not deterministic or stochastic")
+    if not rows:
+        raise NoEvaluations(f"{csv_path} has its header but no evaluation rows yet")
+    return rows
 
 
 def group_runs(runs: list[RunCurve]) -> dict[str, dict[str, list[RunCurve]]]:
@@ -209,9 +244,18 @@ def main(args: Args) -> list[dict]:
         labels[key] = value
     if not args.paths:
         raise PlotError("give run folders, e.g. runs/*")
-    runs = [run for run in (read_run(p) for p in args.paths) if run is not None]
+    runs, skipped = [], []
+    for path in args.paths:
+        try:
+            runs.append(read_run(path))
+        except NoEvaluations as e:
+            skipped.append(str(e))
+    runs = [run for run in runs if run is not None]
     if not runs:
-        raise PlotError("none of the run folders has evaluations in its eval.csv")
+        more = f" (and {len(skipped) - 1} more folders without evaluations)" if len(skipped) > 1 else ""
+        raise PlotError("none of the run folders has evaluations" + (f": {skipped[0]}{more}" if skipped else ""))
+    for why in skipped:
+        print(f"warning: {why}; skipped", file=sys.stderr)
     summary = plot(group_runs(runs), args.out, args.band, args.mode, labels, args.title)
     for s in summary:
         print(f"{s['task']:>14} {labels.get(s['method'], s['method']):>20}: {len(s['seeds'])} seed(s), "
