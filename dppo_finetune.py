@@ -107,7 +107,7 @@ class Args:
     update_chunk: Annotated[int | None, Positive] = None  # pairs per backward piece (None: 4096 on a CPU, all on a GPU)
     compile: bool = False  # torch.compile the sampling chain (CUDA graphs on a GPU): the same noise, ~1-2 min to compile
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -402,7 +402,8 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # process-wide
+                                                 runs.linear_shapes((N, args.batch_size), agent))  # on/off, in args.json
     if args.compile:
         agent.get_action = runs.compile_sampling(agent.get_action, device)
         agent.rollout_action = runs.compile_sampling(agent.rollout_action, device)

@@ -102,7 +102,7 @@ class Args:
     max_episode_steps: Annotated[int | None, Positive] = None  # episode length in env steps (None: the task's)
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
 
 
 # The reference's configs (cfg/robomimic/finetune/*/ft_ppo_diffusion_{mlp,unet}_img.yaml); an explicit flag wins.
@@ -360,7 +360,8 @@ def main(args: Args) -> dict:
     print(f"images: {enc['img_h']}x{enc['img_w']}, {enc['num_img']} camera(s)")
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # process-wide
+                                                 runs.linear_shapes((N, args.batch_size), agent))  # on/off, in args.json
 
     eval_n_steps = args.eval_n_steps or -(-(args.max_episode_steps or task.max_episode_steps) // T_e)  # one episode
     run = PixelRun(args, envs, task, normalizer, lambda cond, deterministic: agent.get_action(cond, deterministic)[0],

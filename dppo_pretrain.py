@@ -105,7 +105,7 @@ class Args:
     paper_recipe: bool = False  # Avoid: the paper's batch 16, lr 1e-4 -> 1e-5, 15000 epochs instead of the fast default
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
     fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
     flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
@@ -323,7 +323,8 @@ def main(args: Args) -> dict:
     runs.check_output_path(args.output)
     # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,
+                                                 runs.mlp_shapes(args.batch_size, args.mlp_dims))
     runs.flush_denormals(args.flush_denormal)
     rank, world, device = distributed_setup(args.batch_size, device)
     is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs

@@ -95,7 +95,7 @@ class Args:
     n_workers: Annotated[int, Positive] = 1  # worker processes of the evaluation envs
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
     fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
     flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
@@ -271,7 +271,8 @@ def main(args: Args) -> dict:
     runs.print_defaults(task.id, filled)
     runs.check_output_path(args.output)
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,
+                                                 runs.mlp_shapes(args.batch_size, args.mlp_dims))
     runs.flush_denormals(args.flush_denormal)
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)

@@ -100,7 +100,7 @@ class Args:
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
@@ -256,7 +256,8 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # process-wide
+                                                 runs.linear_shapes((N, args.batch_size), agent))  # on/off, in args.json
 
     policy = lambda cond, deterministic: agent.get_action(cond, deterministic)  # noqa: E731 (evaluation)
     run = runs.Run(args, envs, task, normalizer, policy, act_steps=T_e, device=device, seed=args.seed,

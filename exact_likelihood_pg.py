@@ -119,7 +119,7 @@ class Args:
     # speed (opt-in, same results; docs/results.md "Speed")
     update_chunk: Annotated[int | None, Positive] = None  # env-steps per backward piece (None: 1000 on a CPU, all on a GPU)
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
 
 
 # The reference's configs (gym: hopper-v2/halfcheetah-v2; robomimic: can); an explicit flag always wins.
@@ -372,7 +372,8 @@ def main(args: Args) -> dict:
     print("divergence: " + ("exact" if agent.exact_divergence else f"Hutchinson, {args.sde_num_probes} Rademacher probes"))
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # process-wide
+                                                 runs.linear_shapes((N, args.batch_size), agent))  # on/off, in args.json
     chunk = args.update_chunk or (1000 if device.type == "cpu" else args.batch_size)  # env-steps per backward piece
 
     run = runs.Run(args, envs, task, normalizer, agent.get_action, act_steps=T_e, device=device, seed=args.seed,

@@ -136,7 +136,7 @@ class Args:
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: bool = False  # CPU: float32 matmuls through oneDNN, if a start-up check shows they stay float32
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
 
 
 # The reference's configs (batch over env-steps: DPPO's minibatch / K'); an explicit flag always wins.
@@ -449,7 +449,8 @@ def main(args: Args) -> dict:
                         capture_video=args.capture_video)
 
     # ---- speed: opt-in, the same numbers (docs/results.md "Speed"; --float32-matmul-precision below highest aside) ----
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # process-wide, every run
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # process-wide
+                                                 runs.linear_shapes((N, args.batch_size), agent))  # on/off, in args.json
     lp_chunk = 4096 if device.type == "cpu" else 50_000  # rows per piece of the old log-probs
 
     executed = (lambda x: x.clamp(-1, 1)) if args.final_action_clip else (lambda x: x)  # noqa: E731

@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -47,8 +48,8 @@ class Bench:
     """torch CPU threads (None: torch's default)"""
     update_chunk: int | None = None
     """dppo_finetune --update-chunk (None: its default)"""
-    onednn_matmul: bool = False
-    """dppo_finetune --onednn-matmul"""
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"
+    """dppo_finetune --onednn-matmul (its default: auto)"""
     compile: bool = False
     """dppo_finetune --compile (sampling compiled; CUDA graphs on a GPU)"""
 

@@ -50,8 +50,8 @@ class Bench:
     """torch CPU threads (None: torch's default)"""
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
     """the scripts' --float32-matmul-precision (passed only when not highest)"""
-    onednn_matmul: bool = False
-    """the scripts' --onednn-matmul (passed only when set)"""
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"
+    """the scripts' --onednn-matmul (their default: auto)"""
 
 
 def run_one(name: str, bench: Bench, ckpt: str) -> dict:
@@ -61,8 +61,7 @@ def run_one(name: str, bench: Bench, ckpt: str) -> dict:
     extra = {}
     if bench.float32_matmul_precision != "highest":
         extra["float32_matmul_precision"] = bench.float32_matmul_precision
-    if bench.onednn_matmul:
-        extra["onednn_matmul"] = True
+    extra["onednn_matmul"] = bench.onednn_matmul
     if bench.batch_size is not None:
         extra["batch_size"] = bench.batch_size
     args = mod.Args(env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0, eval_n_steps=1, plot=False,

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -36,7 +37,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune as ft  # noqa: E402
 from common.networks import DiffusionMLP, ObsCritic  # noqa: E402
-from common.runs import enable_onednn_fp32_matmul, keep_freed_memory, set_float32_matmul_precision  # noqa: E402
+from common.runs import apply_matmul_flags, keep_freed_memory, linear_shapes, set_float32_matmul_precision  # noqa: E402
 
 OBS, ACT, T_A, K, K_FT = 11, 3, 4, 20, 10  # Hopper
 
@@ -60,8 +61,9 @@ class Bench:
     """PPO minibatch of pairs"""
     update_epochs: int = 5
     """PPO epochs"""
-    onednn_matmul: bool = False
-    """dppo_finetune --onednn-matmul (applies to every variant)"""
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"
+    """dppo_finetune --onednn-matmul, decided once on ours' layer shapes (its default: auto); applies to every variant
+    without @precision, the reference included"""
     keep_freed_memory: bool = True
     """glibc keeps freed memory as every script of ours sets it (`common.runs.keep_freed_memory`); process-wide, so it
     applies to every variant, the reference included"""
@@ -230,8 +232,14 @@ def main(b: Bench) -> dict:
     variants = [v for v in b.variants if v != "reference" or b.reference]
     if "reference" in b.variants and not b.reference:
         print("reference not timed: give --reference /path/to/a/checkout/of/irom-princeton/dppo")
-    if b.onednn_matmul:
-        print(f"--onednn-matmul: {enable_onednn_fp32_matmul(torch.device('cpu'))}")
+    with torch.random.fork_rng(devices=[]):  # the layer shapes of ours, without drawing from the seeded RNG
+        shapes = linear_shapes((b.num_envs, b.batch_size), build_ours()[0])
+    onednn = apply_matmul_flags("highest", b.onednn_matmul, torch.device("cpu"), shapes) == "on"
+
+    def kernels(precision: str) -> None:  # a variant's precision; float32 (the default) with oneDNN as decided
+        set_float32_matmul_precision(precision or "highest")
+        if onednn and not precision:
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's float32 path, checked float32 above
     S = b.num_envs * b.n_steps
     data = {"obs": torch.randn(b.n_steps, b.num_envs, 1, OBS), "adv": torch.randn(S), "ret": torch.randn(S)}
     models = {"reference": build_reference(b.reference)} if "reference" in variants else {}
@@ -243,9 +251,9 @@ def main(b: Bench) -> dict:
             else:
                 name, _, precision = v.partition("@")
                 chunk = None if name == "before" else int(name.split(":")[1]) if ":" in name else 4096
-                set_float32_matmul_precision(precision or "highest")
+                kernels(precision)
                 runs[v].append(ours_iteration(b, *build_ours(), data, chunk))
-                set_float32_matmul_precision("highest")
+                kernels("")
     col = 0 if b.threads == 1 else 1
     what = "process CPU s" if col == 0 else "wall s"
     print(f"\nHopper model compute per iteration: {b.num_envs} envs x {b.n_steps} chunk-steps, K'={K_FT}, minibatch "

@@ -187,39 +187,97 @@ def set_float32_matmul_precision(precision: str) -> None:
     torch.backends.cuda.matmul.fp32_precision = gpu
 
 
-def enable_onednn_fp32_matmul(device: torch.device, tol: float = 1e-5) -> str:
-    """Send CPU float32 matmuls to oneDNN, kept only if they still compute in float32; returns what was done.
+ONEDNN_TOL = 1e-5  # the largest relative deviation from the default kernels that still counts as float32 (bf16: ~1e-3)
+ONEDNN_GAIN = 0.9  # `auto` takes oneDNN only where it needs at most this fraction of the default kernels' time
+ONEDNN_SHAPES = ((1000, 523, 512),)  # (rows, in, out) checked when a script gives none
+ONEDNN_ROWS = 1024  # row counts above this are checked at this many rows (a product's time per row is flat there)
 
-    PyTorch routes float32 matmuls to oneDNN only under its reduced-precision setting
-    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`); oneDNN then rounds the inputs to bf16 where the CPU
-    has AMX and stays float32 elsewhere. So the switch is tried on random matrices of the networks' shapes (x Wᵀ,
-    g W, gᵀ x) and undone unless every product is within `tol` (relative to its largest entry) of the default
-    kernel's; bf16 inputs are off by ~1e-3."""
-    if device.type != "cpu":
-        return "off (the device is not a CPU)"
+
+def linear_shapes(rows: tuple[int, ...], *modules: nn.Module) -> tuple[tuple[int, int, int], ...]:
+    """(rows, in, out) for each row count and each distinct `nn.Linear` of `modules`: the products of the run's own
+    layers that `--onednn-matmul` checks (e.g. rows = (envs sampled at once, minibatch))."""
+    dims = dict.fromkeys((m.in_features, m.out_features) for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
+    return tuple((r, i, o) for r in dict.fromkeys(rows) for i, o in dims)
+
+
+def mlp_shapes(rows: int, widths: tuple[int, ...] | None) -> tuple[tuple[int, int, int], ...]:
+    """(rows, in, out) of an MLP's hidden layers of `widths` (none: `ONEDNN_SHAPES`): representative products for a
+    script whose network is not built yet when it sets its kernels."""
+    if not widths:
+        return ONEDNN_SHAPES
+    return tuple((rows, i, o) for i, o in dict.fromkeys(zip(widths, widths[1:] or widths)))
+
+
+def measure_onednn(shapes: tuple[tuple[int, int, int], ...], timed: bool) -> tuple[float, float, float]:
+    """oneDNN's float32 products against the default kernels' on random matrices of `shapes` (x Wᵀ + b, g W and gᵀ x of
+    each (rows, in, out), rows capped at `ONEDNN_ROWS`): the largest deviation relative to the product's largest entry,
+    and with `timed` the seconds of all products with each (best of 3 interleaved rounds; else NaN). PyTorch routes
+    float32 matmuls to oneDNN only under its reduced-precision setting (`torch.backends.mkldnn.matmul.fp32_precision =
+    "bf16"`), where oneDNN rounds the inputs to bf16 on CPUs with AMX and stays float32 elsewhere; the setting is
+    restored before returning, and the global RNG is not drawn from."""
     mm = torch.backends.mkldnn.matmul
     before = mm.fp32_precision
     gen = torch.Generator().manual_seed(0)
-    x, w, g = (torch.randn(*shape, generator=gen) for shape in ((1000, 523), (512, 523), (1000, 512)))
-    products = lambda: (x @ w.T, g @ w, g.T @ x)  # noqa: E731
-    default = products()
-    mm.fp32_precision = "bf16"
-    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(products(), default))
-    if err > tol:
-        mm.fp32_precision = before
-        return f"refused: oneDNN would not compute in float32 on this CPU (relative error {err:.1e}); default kernels kept"
-    return f"on (float32 kept: relative difference {err:.1e} from the default kernels)"
+    mats = [tuple(torch.randn(*s, generator=gen) for s in ((r, i), (o, i), (o,), (r, o)))
+            for r, i, o in dict.fromkeys((min(r, ONEDNN_ROWS), i, o) for r, i, o in shapes)]
+
+    def products(setting: str) -> list[torch.Tensor]:
+        mm.fp32_precision = setting
+        try:
+            return [p for x, w, b, g in mats for p in (torch.nn.functional.linear(x, w, b), g @ w, g.T @ x)]
+        finally:
+            mm.fp32_precision = before
+
+    default = products(before)
+    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(products("bf16"), default))
+    best = {before: math.inf, "bf16": math.inf}
+    for _ in range(3 if timed else 0):
+        for setting in best:
+            t0 = time.perf_counter()
+            products(setting)
+            best[setting] = min(best[setting], time.perf_counter() - t0)
+    return err, *((best[before], best["bf16"]) if timed else (math.nan, math.nan))
 
 
-def apply_matmul_flags(precision: str, onednn: bool, device: torch.device) -> None:
-    """A script's `--float32-matmul-precision` and `--onednn-matmul` (docs/results.md "Speed"): the combination checked,
-    the precision set on every run (it is process-wide), oneDNN tried only in float32 and its outcome printed."""
-    if onednn and precision != "highest":
+def apply_matmul_flags(precision: str, onednn: str | bool, device: torch.device,
+                       shapes: tuple[tuple[int, int, int], ...] = ONEDNN_SHAPES) -> str:
+    """A script's `--float32-matmul-precision` and `--onednn-matmul auto|on|off` (docs/results.md "Speed"), process-wide:
+    the precision set; oneDNN's float32 matmuls checked on the run's layer `shapes` (`measure_onednn`) and used, with
+    `auto`, only where they stay within `ONEDNN_TOL` of the default kernels and are faster (at most `ONEDNN_GAIN` of
+    their time), with `on` wherever they stay float32 (else refused in one line), with `off` never. Prints the decision
+    and why in one line and returns it, "on" or "off", for the run's `args.json`. (`onednn` True / False: a run saved
+    before `auto`, as "on" / "off".)"""
+    mode = ("on" if onednn else "off") if isinstance(onednn, bool) else onednn
+    if mode not in ("auto", "on", "off"):
+        raise UsageError(f"--onednn-matmul takes auto, on or off (got {mode!r})")
+    if mode == "on" and precision != "highest":
         raise UsageError("--onednn-matmul keeps float32 products; it does not combine with "
                          f"--float32-matmul-precision {precision}")
     set_float32_matmul_precision(precision)
-    if onednn:
-        print(f"--onednn-matmul: {enable_onednn_fp32_matmul(device)}")
+    use, why = False, "as asked"
+    if mode == "on" and device.type != "cpu":
+        raise UsageError(f"--onednn-matmul on is for CPU runs and this one runs on {device.type}; use --onednn-matmul off")
+    if mode == "auto" and device.type != "cpu":
+        why = f"the device is {device.type}, not a CPU"
+    elif mode == "auto" and precision != "highest":
+        why = f"--float32-matmul-precision {precision} sets the CPU's matmul kernels"
+    elif mode != "off":
+        err, t_default, t_onednn = measure_onednn(tuple(shapes) or ONEDNN_SHAPES, timed=mode == "auto")
+        if not err <= ONEDNN_TOL:
+            if mode == "on":
+                raise UsageError(f"--onednn-matmul on: oneDNN would not compute in float32 on this CPU (relative deviation "
+                                 f"{err:.1e} from the default kernels, over {ONEDNN_TOL:g}); use --onednn-matmul off")
+            why = f"oneDNN would not compute in float32 on this CPU: relative deviation {err:.1e} > {ONEDNN_TOL:g}"
+        else:
+            speed = "" if mode == "on" else f"; {1e3 * t_onednn:.1f} ms vs {1e3 * t_default:.1f} ms on the run's layers"
+            use = mode == "on" or t_onednn <= ONEDNN_GAIN * t_default
+            why = f"float32 kept: relative deviation {err:.1e} <= {ONEDNN_TOL:g}{speed}" + (
+                "" if use else f", not {1 / ONEDNN_GAIN:.2g}x faster")
+    if use:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's path for float32 inputs; float32 here, as checked
+    decided = "on" if use else "off"
+    print(f"--onednn-matmul {mode}: {decided} ({'oneDNN' if use else 'default'} kernels; {why})")
+    return decided
 
 
 def compile_sampling(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
@@ -469,7 +527,7 @@ def restore_training(ckpt: dict[str, Any], optimizers: dict[str, torch.optim.Opt
 
 # flags that may differ on resume (they do not change what the run computes, or extend it)
 RESUME_OVERRIDABLE = ("n_train_itr", "n_epochs", "save_every", "track", "torch_threads", "cuda", "n_workers", "plot",
-                      "wandb_project_name", "capture_video")
+                      "wandb_project_name", "capture_video", "onednn_matmul")
 
 
 def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:

@@ -37,7 +37,8 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     Returns the run folder, the checkpoint, the per-epoch losses and the last evaluation."""
     trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
-    runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device)  # speed, opt-in: results.md "Speed"
+    args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # results.md
+                                                 runs.mlp_shapes(args.pretrain_batch_size, args.mlp_dims))  # "Speed"
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     policy = make_policy().to(device)
     ema = copy.deepcopy(policy).requires_grad_(False)

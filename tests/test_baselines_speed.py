@@ -125,12 +125,12 @@ def test_exact_likelihood_main_in_pieces_matches_whole_minibatches(tmp_path, mon
 @pytest.mark.parametrize("module", [gauss, gmm, drwr, dawr, el])
 def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_matmul_precision):
     """Each script applies --float32-matmul-precision / --onednn-matmul at start (`common.runs.set_float32_matmul_precision`
-    and `enable_onednn_fp32_matmul`, in its speed block or through `apply_matmul_flags`): the refused combination stops it
+    and `measure_onednn`, in its speed block or through `apply_matmul_flags`): the refused combination stops it
     with a UsageError before a run folder exists, a precision is set as asked, and oneDNN is tried on the run's device."""
     monkeypatch.chdir(tmp_path)
     build = bench.SCRIPTS[module.__name__].build_args
     args = build(module, bench.Bench(n_steps=3, num_envs=2), str(tmp_path))
-    args.float32_matmul_precision, args.onednn_matmul = "medium", True
+    args.float32_matmul_precision, args.onednn_matmul = "medium", "on"
     with pytest.raises(UsageError, match="onednn-matmul"):
         module.main(args)
     assert not (tmp_path / "runs").exists()
@@ -150,12 +150,12 @@ def test_matmul_flags_reach_every_script(module, tmp_path, monkeypatch, restore_
         module.main(args)
     assert seen == ["high"]
     args = build(module, bench.Bench(n_steps=3, num_envs=2), str(tmp_path))
-    args.onednn_matmul = True
+    args.onednn_matmul = "on"
     monkeypatch.setattr(runs, "set_float32_matmul_precision", seen.append)
-    monkeypatch.setattr(runs, "enable_onednn_fp32_matmul", record)
+    monkeypatch.setattr(runs, "measure_onednn", lambda shapes, timed: record(f"measured {len(shapes) > 0}"))
     with pytest.raises(Stop):
         module.main(args)
-    assert seen == ["high", "highest", "cpu"]
+    assert seen == ["high", "highest", "measured True"]
 
 
 def test_pretraining_applies_the_matmul_flags(tmp_path, monkeypatch, restore_matmul_precision):
@@ -163,7 +163,7 @@ def test_pretraining_applies_the_matmul_flags(tmp_path, monkeypatch, restore_mat
     for module in (gauss, gmm):
         with pytest.raises(UsageError, match="onednn-matmul"):
             module.main(module.Args(pretrain=True, env_id="avoid-m2", n_epochs=1, float32_matmul_precision="medium",
-                                    onednn_matmul=True))
+                                    onednn_matmul="on"))
     assert not (tmp_path / "runs").exists()
 
 

@@ -103,7 +103,7 @@ def test_matmul_flags_reach_the_script(module, restore_matmul_precision, tmp_pat
     envs): the refused combination ends in a UsageError, and `medium` sets torch's CPU precision."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="--onednn-matmul keeps float32 products"):
-        module.main(module.Args(env_id="avoid-m2", onednn_matmul=True, float32_matmul_precision="medium"))
+        module.main(module.Args(env_id="avoid-m2", onednn_matmul="on", float32_matmul_precision="medium"))
     seen = []
 
     def stop(*args, **kwargs):  # what comes after the flags: stop there and look at the precision in force

@@ -119,7 +119,7 @@ def test_ema_update_one_op_equals_per_tensor():
 
 def test_onednn_with_reduced_precision_is_refused_in_one_line(tmp_path, monkeypatch, restore_matmul_precision):
     """The bad combination, in each pre-training script and dppo_finetune_pixel.py: one line, exit 2, nothing written."""
-    bad = ["--onednn-matmul", "--float32-matmul-precision", "medium"]
+    bad = ["--onednn-matmul", "on", "--float32-matmul-precision", "medium"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "dppo_pretrain.py"), *bad], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -136,13 +136,13 @@ def test_onednn_with_reduced_precision_is_refused_in_one_line(tmp_path, monkeypa
     tiny = dict(dataset=str(tmp_path / "train.npz"), n_epochs=1, batch_size=4, mlp_dims=(16, 16, 16), embed_dim=16,
                 spatial_emb=8, denoising_steps=10, seed=0)
     with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision high"):
-        ptp.main(ptp.Args(onednn_matmul=True, float32_matmul_precision="high", **tiny))
+        ptp.main(ptp.Args(onednn_matmul="on", float32_matmul_precision="high", **tiny))
     assert not (tmp_path / "runs").exists()
     out = ptp.main(ptp.Args(output=str(tmp_path / "pre.pt"), fused_adam=True, **tiny))  # the pixel script still trains
     assert np.isfinite(out["losses"]).all()
     runs = sorted(os.listdir(tmp_path / "runs"))
     with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision medium"):
-        ftp.main(ftp.Args(checkpoint=str(tmp_path / "pre.pt"), onednn_matmul=True, float32_matmul_precision="medium"))
+        ftp.main(ftp.Args(checkpoint=str(tmp_path / "pre.pt"), onednn_matmul="on", float32_matmul_precision="medium"))
     assert sorted(os.listdir(tmp_path / "runs")) == runs
 
 

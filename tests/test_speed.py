@@ -12,7 +12,6 @@ import dppo_finetune as ft
 from benchmarks import finetune_iteration, reference_compare
 from common.networks import DiffusionMLP, ObsCritic
 from common import runs
-from common.runs import enable_onednn_fp32_matmul
 
 
 @pytest.fixture
@@ -24,17 +23,14 @@ def restore_matmul_precision():
 
 def test_onednn_matmul_is_kept_only_where_it_stays_float32(restore_matmul_precision):
     """Whatever this CPU does with oneDNN's reduced-precision switch (bf16 inputs on AMX CPUs, float32 elsewhere),
-    after the guarded switch a float32 matmul is float32-accurate; a refusal leaves the default kernels."""
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    msg = enable_onednn_fp32_matmul(torch.device("cpu"))
-    assert msg.startswith(("on ", "refused: "))
-    if msg.startswith("refused"):
-        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    after `--onednn-matmul auto` a float32 matmul is float32-accurate; `off` leaves the default kernels."""
+    if runs.apply_matmul_flags("highest", "auto", torch.device("cpu")) == "off":
+        assert torch.backends.mkldnn.matmul.fp32_precision == "none"
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(777, 300, generator=gen), torch.randn(300, 400, generator=gen)
     exact = x.double() @ w.double()
     assert ((x @ w).double() - exact).abs().max() / exact.abs().max() < 1e-5  # bf16 inputs: ~1e-3
-    assert enable_onednn_fp32_matmul(torch.device("meta")).startswith("off")
+    assert runs.apply_matmul_flags("highest", "auto", torch.device("meta")) == "off"
 
 
 def test_matmul_precision_flag_round_trip(restore_matmul_precision):
@@ -95,7 +91,7 @@ def test_onednn_matmul_refuses_reduced_precision(tmp_path, monkeypatch, restore_
     from common.errors import UsageError
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision medium"):
-        ft.main(ft.Args(onednn_matmul=True, float32_matmul_precision="medium", n_train_itr=1))
+        ft.main(ft.Args(onednn_matmul="on", float32_matmul_precision="medium", n_train_itr=1))
     assert not (tmp_path / "runs").exists()
 
 
