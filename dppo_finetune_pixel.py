@@ -2,7 +2,7 @@
 
 The algorithm of `dppo_finetune.py` (the denoising chain as an inner MDP, eqs. 4.4-4.8) on the robomimic `-img`
 tasks, with what pixels change: the policy and a separate critic each see the proprioception and the camera
-images through their own ViT encoder (`common/networks.py`, `VisionEncoder`); the policy was pre-trained with
+images through their own ViT encoder (`common/vision.py`, `VisionEncoder`); the policy was pre-trained with
 K = 100 DDPM steps (`dppo_pretrain_pixel.py`) and is fine-tuned with DDIM, 5 steps, all of them fine-tuned
 (`actor_ft` is a copy of the whole network, ViT included); images are stored as uint8 in the rollout buffer and
 randomly shifted (pad 4) once per iteration, before the values and old log-probs are computed, so every epoch
@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from common import runs
 from common.envs import evaluate
-from common.networks import ViTCritic, VisionDiffusionNet, random_shift
+from common.vision import ViTCritic, VisionDiffusionNet, random_shift
 from common.normalizer import Normalizer
 from common.tasks import Task, get_task
 from common.vecenv import default_n_workers

@@ -1,7 +1,7 @@
 """Pre-training of a pixel diffusion policy by behaviour cloning (DPPO paper §5.3, App. D.1, D.5).
 
 The pixel counterpart of `dppo_pretrain.py` for the robomimic `-img` tasks: the ε-network sees the
-proprioception and camera images through a ViT encoder (`common/networks.py`, `VisionEncoder`: conv patch
+proprioception and camera images through a ViT encoder (`common/vision.py`, `VisionEncoder`: conv patch
 stem, one pre-LN transformer layer, spatial embedding per camera, proprio appended) and a residual-MLP or
 UNet head; images are randomly shifted (pad 4, replicate padding) in every training batch. K = 100 DDPM
 steps, so that fine-tuning (`dppo_finetune_pixel.py`) can run DDIM with 5 steps.
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from common import runs
 from common.envs import evaluate
-from common.networks import VisionDiffusionNet
+from common.vision import VisionDiffusionNet
 from common.normalizer import Normalizer
 from common.tasks import get_task
 from loaders.datasets import load_task_dataset

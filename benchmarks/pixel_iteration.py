@@ -25,7 +25,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune_pixel  # noqa: E402
 import dppo_pretrain_pixel  # noqa: E402
-from common.networks import VisionDiffusionNet  # noqa: E402
+from common.vision import VisionDiffusionNet  # noqa: E402
 from common.normalizer import Normalizer  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from sims.robomimic import RobomimicEnv  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.networks import (ViTCritic, ViTEncoder, VisionDiffusionNet, VisionEncoder, random_shift,
+from common.vision import (ViTCritic, ViTEncoder, VisionDiffusionNet, VisionEncoder, random_shift,
                              vit_num_patches)
 from tests.helpers import float64_forward
 
