@@ -334,6 +334,8 @@ def main(args: Args) -> dict:
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        runs.check_resume_budget(args.resume, start_epoch, args.n_epochs, "--n-epochs", "epochs",  # nothing written yet
+                                 left=f"--output {args.output}" if args.output and not os.path.isfile(args.output) else None)
     if world > 1:  # averages the gradients over the ranks during backward; each rank keeps its rows of the global batch
         ddp_network = DistributedDataParallel(policy.network, device_ids=[device.index] if device.type == "cuda" else None)
         rows = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
