@@ -364,6 +364,8 @@ def main(args: Args) -> dict:
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        runs.check_resume_budget(args.resume, start_epoch, args.n_epochs, "--n-epochs", "epochs",  # nothing written yet
+                                 left=f"--output {args.output}" if args.output and not os.path.isfile(args.output) else None)
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
     if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
         raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -321,20 +322,34 @@ def args_from_dict(args_type: type[ArgsT], saved: dict[str, Any]) -> ArgsT:
 # ---- checkpoints ----
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically (a temp file unique to this writer, then a rename), so a run killed at any
-    moment leaves the previous checkpoint intact and two writers never share a temp file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    """Write atomically (a temp file `{name}.{random}.tmp` unique to this writer, then a rename; a resumed run removes one a
+    killed save left: `stale_temp_files`). torch writes through a Python file, so a full disk is an OSError, not torch's
+    RuntimeError; any OSError ends in one line naming `path`, never the temp file (removed), the previous one intact."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = None
     try:
-        torch.save(payload, tmp)
+        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is as readable as any file
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous checkpoint there is intact" if os.path.isfile(path) else "nothing was written"
+        error = OSError(f"cannot save the checkpoint {path} ({e.strerror or type(e).__name__}); {kept}: free disk space "
+                        "or make the folder writable, then run again")
+        error.errno = e.errno
+        raise error from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def stale_temp_files(path: str) -> list[str]:
+    """The temp files of `save_checkpoint(path, ...)` (`{name}.{mkstemp's [a-z0-9_]}.tmp`) that a killed save left."""
+    d, name = os.path.split(os.path.abspath(path))
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if re.fullmatch(rf"{re.escape(name)}\.[a-z0-9_]+\.tmp", f))
 
 
 def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: Any = None,
@@ -554,6 +569,18 @@ def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
     return resumed
 
 
+def check_resume_budget(run_dir: str, done: int, budget: int, flag: str, unit: str, left: str | None = None) -> None:
+    """`--resume` never rewrites history: a budget (`flag`) below the `done` `unit`s of the run's checkpoint is refused,
+    and so is one equal to it unless `left` names what the run still has to do at its end (its final evaluation, its
+    --output), all the resume then does. Called before anything is written: a refusal leaves the folder as it was."""
+    if budget < done or (budget == done and not left):
+        raise UsageError(f"{flag} {budget}: the run {run_dir} has already done {done} {unit}" + ("; nothing is left to do"
+                         if budget == done else ", and a resume never rewrites them") + f" (nothing was changed): give "
+                         f"{flag} above {done} to train further, or start a new run")
+    if budget == done:
+        print(f"resume: the run has done its {done} {unit}; only {left} is left")
+
+
 # what `finetune_checkpoint` writes and a resumed fine-tuning run reads
 RESUME_KEYS = ("itr", "env_steps", "optimizers", "schedulers", "rng", "reward_scaler", "args", "base", "actor_ft", "critic")
 
@@ -619,34 +646,60 @@ def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> s
     raise UsageError(f"could not create a new run folder next to {base}")
 
 
+def read_eval_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of an `eval.csv` (none without the file); one not of these scripts ends in one line."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        [int(r["iteration"]) for r in rows]
+    except (ValueError, KeyError, TypeError, csv.Error) as e:
+        raise DatasetError(f"{path} is not a run's eval.csv ({type(e).__name__}); move it aside to resume") from None
+    return rows
+
+
 class EvalLog:
-    """`eval.csv`: one row per evaluation. On resume, rows from iterations the checkpoint had not
-    reached are dropped, so a resumed run writes the same file as an uninterrupted one."""
+    """`eval.csv`: one row per evaluation, appended. On resume, the rows of iterations the checkpoint had not reached
+    (iteration >= `resume_itr`: an interrupted iteration's, or the final evaluation of a budget now extended), which the
+    resumed run redoes, move to `eval_superseded.csv` (appended to) and eval.csv is replaced (atomically) by the rows
+    before, so a resumed run writes the same eval.csv as an uninterrupted one; without such rows it is left as it is."""
 
     FIELDS = ["iteration", "env_steps", "mode", "return_mean", "return_std", "success_rate", "n_episodes"]
 
     def __init__(self, run_dir: str, resume_itr: int | None = None) -> None:
         self.path = os.path.join(run_dir, "eval.csv")
-        self.rows: list[dict[str, Any]] = []
-        if resume_itr is not None and os.path.isfile(self.path):
-            with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < resume_itr]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
-            w.writeheader()
-            w.writerows(self.rows)
+        rows, cut = (read_eval_rows(self.path), resume_itr) if resume_itr is not None else ([], 0)
+        self.rows: list[dict[str, Any]] = [r for r in rows if int(r["iteration"]) < cut]
+        superseded = [r for r in rows if int(r["iteration"]) >= cut]
+        if superseded:
+            self.append(os.path.join(run_dir, "eval_superseded.csv"), superseded)
+            print(f"resume: eval.csv rows of iterations >= {resume_itr} (redone now) moved to eval_superseded.csv")
+        if superseded or not os.path.isfile(self.path):
+            self.append(self.path + ".tmp", self.rows, "w")
+            os.replace(self.path + ".tmp", self.path)
+
+    def append(self, path: str, rows: list[dict[str, Any]], mode: str = "a") -> None:
+        header = mode == "w" or not os.path.isfile(path)
+        with open(path, mode, newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
+            if header:
+                w.writeheader()
+            w.writerows(rows)
 
     def write(self, itr: int, env_steps: int, mode: str, result: dict[str, Any]) -> None:
         row = dict(iteration=itr, env_steps=env_steps, mode=mode, **{k: result[k] for k in self.FIELDS[3:]})
         self.rows.append(row)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
+        self.append(self.path, [row])
 
 
 class RunFolder:
     """An open run folder: TensorBoard writer, `args.json`, the hyperparameter table, optional wandb
     and `eval.csv`. Opened only after every input has been checked, so a refused command leaves
-    nothing behind; `--resume` reopens the run's own folder. `config`: the script's `Args`, recorded as data."""
+    nothing behind; `config`: the script's `Args`, recorded as data. `--resume` reopens the run's own folder and only
+    adds to it: `eval.csv` as `EvalLog` says; `args.json` (the arguments the run started with) is never rewritten, each
+    resume appends to `resumes.jsonl` its time and the arguments that differ from it (the run's current ones: args.json
+    updated by the last line); a new TensorBoard events file; the temp files of a killed save are removed."""
 
     def __init__(self, config: Any, task_id: str, exp_name: str, seed: int, *, track: bool = False,
                  wandb_project: str = "dppo", resume_dir: str | None = None, resume_itr: int | None = None) -> None:
@@ -656,15 +709,28 @@ class RunFolder:
         self.paths_before: list | None = None  # Avoid: evaluation paths before training, for the picture
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
         self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
-        with open(os.path.join(self.dir, "args.json"), "w") as f:
-            json.dump(args_dict(config), f, indent=1)
+        args_path, values = os.path.join(self.dir, "args.json"), args_dict(config)
+        if resume_dir and os.path.isfile(args_path):
+            try:
+                with open(args_path) as f:
+                    started = dict(json.load(f))
+            except (ValueError, TypeError):  # not a run's args.json (left as it is): every argument is recorded
+                started = {}
+            with open(os.path.join(self.dir, "resumes.jsonl"), "a") as f:
+                changed = {k: v for k, v in values.items() if k not in started or started[k] != v}
+                f.write(json.dumps({"time": int(time.time()), "changed": changed}) + "\n")
+        else:
+            with open(args_path, "w") as f:
+                json.dump(values, f, indent=1)
+        for tmp in stale_temp_files(self.checkpoint) if resume_dir else []:
+            os.remove(tmp)
+            print(f"resume: removed {os.path.basename(tmp)} (left by a checkpoint save that was killed)")
         self.writer = SummaryWriter(self.dir)
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(config).items())
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         if track:
             import wandb
-            wandb.init(project=wandb_project, config=args_dict(config), name=os.path.basename(self.dir),
-                       sync_tensorboard=True)
+            wandb.init(project=wandb_project, config=values, name=os.path.basename(self.dir), sync_tensorboard=True)
 
     def save_videos(self, itr: int, result: dict[str, Any]) -> None:
         """Move an evaluation's recorded episodes (`--capture-video`) into `videos/` as itr_{itr:04d}_*.mp4."""
@@ -822,8 +888,8 @@ class Run:
         """Restore a resumed run's training state (optimisers, schedulers, each `extra` object (`load_object_state`), the
         torch RNG), or seed a new run's training stream (`stream_seed(seed, TRAINING_STREAM)`: what the script drew while
         building its networks does not change training's draws); take the Avoid "before" rollouts for the picture (an
-        evaluation: its own stream) and open the run folder. The checkpoints hold `header`, the config, the `modules`'
-        weights, optimisers, schedulers and `extra` (`object_state`)."""
+        evaluation: its own stream). The run folder opens with the first iteration (`iterations`). The checkpoints hold
+        `header`, the config, the `modules`' weights, optimisers, schedulers and `extra` (`object_state`)."""
         self.header, self.modules, self.optimizers, self.schedulers = header, modules, optimizers, schedulers
         self.extra = extra or {}
         if resume is not None:
@@ -832,19 +898,26 @@ class Run:
                 load_object_state(obj, resume[key])
         else:
             torch.manual_seed(stream_seed(self.seed, TRAINING_STREAM))
-        before = None
+        self.resumed = resume is not None
+        self.before = None
         if self.task.suite == "avoid" and self.plot and self.start_itr == 0:
-            before = self.evaluate(self.eval_deterministic, 0)
-        self.folder = RunFolder(self.config, self.task.id, self.exp_name, self.seed, track=self.track,
-                                wandb_project=self.wandb_project, resume_dir=self.resume_dir, resume_itr=self.start_itr)
-        if before is not None:
-            self.folder.paths_before = before["paths"]
-            self.folder.save_videos(0, before)  # --capture-video: the policy before fine-tuning, as itr_0000
+            self.before = self.evaluate(self.eval_deterministic, 0)
 
     def iterations(self, n_train_itr: int) -> Iterator[int]:
-        """The iterations left, under a progress bar; each starts the iteration's clock (SPS) and phase timer."""
+        """The iterations left, under a progress bar; each starts the iteration's clock (SPS) and phase timer. First the
+        run folder opens (`RunFolder`), on resume once the budget is checked (`check_resume_budget`)."""
         from tqdm import tqdm
 
+        if self.resumed:
+            final_written = any(int(r["iteration"]) >= self.start_itr
+                                for r in read_eval_rows(os.path.join(str(self.resume_dir), "eval.csv")))
+            check_resume_budget(str(self.resume_dir), self.start_itr, n_train_itr, "--n-train-itr", "iterations",
+                                left=None if final_written else "its final evaluation")
+        self.folder = RunFolder(self.config, self.task.id, self.exp_name, self.seed, track=self.track,
+                                wandb_project=self.wandb_project, resume_dir=self.resume_dir, resume_itr=self.start_itr)
+        if self.before is not None:
+            self.folder.paths_before = self.before["paths"]
+            self.folder.save_videos(0, self.before)  # --capture-video: the policy before fine-tuning, as itr_0000
         self.n_train_itr = n_train_itr
         self.bar = tqdm(range(self.start_itr, n_train_itr), initial=self.start_itr, total=n_train_itr, desc="iterations")
         for itr in self.bar:
