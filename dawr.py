@@ -100,9 +100,9 @@ class Args:
     replay_ratio: Annotated[int, Positive] = 64  # actor steps per iteration = int(n_steps·N / batch_size · replay_ratio)
     critic_update_ratio: Annotated[int, Positive] = 4  # critic steps per iteration = actor steps // critic_update_ratio
     beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised advantage)
-    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights
+    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights (inf: no limit)
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None: off, as every config)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None or inf: no limit)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
@@ -139,9 +139,13 @@ def fill_defaults(args: Args) -> dict:
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
-    if int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio) < 1:
-        raise runs.UsageError(f"n_steps {args.n_steps} x num_envs {args.num_envs} / batch_size {args.batch_size} x "
-                              f"replay_ratio {args.replay_ratio} gives no actor update per iteration")
+    n_batch = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # actor steps per iteration
+    if not args.eval_only:
+        runs.check_gradient_steps(n_batch, args.n_steps, args.num_envs, args.batch_size, args.replay_ratio)
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
+        if n_batch // args.critic_update_ratio < 1:
+            raise runs.UsageError(f"no critic step per iteration: {n_batch} actor steps / --critic-update-ratio "
+                                  f"{args.critic_update_ratio} < 1; lower --critic-update-ratio")
     return filled
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:

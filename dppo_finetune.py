@@ -93,8 +93,8 @@ class Args:
     clip_coef_base: Annotated[float | None, Positive] = None  # clip ε of the noisiest fine-tuned step
     clip_coef_rate: Annotated[float, Positive] = 3.0  # exponential rate of the per-step clip schedule
     vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
-    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor_ft (None: off)
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this (inf: no limit)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor_ft (None or inf: no limit)
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -148,6 +148,8 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
+    if not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     if task.suite != "furniture":
         runs.refuse_flags(args, ("obs_noise_std", "action_noise_std"),
                           f"is a Furniture-Bench sim-to-real option; {task.id} has none")
@@ -168,10 +170,8 @@ def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> No
             f"{args.ddim_steps} DDIM steps" if args.use_ddim else f"checkpoint's K = {K}"))
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
-    pairs = args.n_steps * args.num_envs * K_ft
-    if not args.eval_only and args.batch_size > pairs:
-        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {pairs} (env-step, denoising-step) pairs of one "
-                              f"iteration (n_steps {args.n_steps} x num_envs {args.num_envs} x K' {K_ft})")
+    if not args.eval_only:  # a sample is an (env-step, denoising-step) pair
+        runs.check_minibatch(args.batch_size, args.n_steps, args.num_envs, K_ft)
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:

@@ -92,8 +92,8 @@ class Args:
     clip_coef_base: Annotated[float, Positive] = 0.001  # clip ε of the noisiest fine-tuned step
     clip_coef_rate: Annotated[float, Positive] = 3.0  # exponential rate of the per-step clip schedule
     vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
-    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this (after warm-up)
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor_ft (None: off)
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this (inf: no limit)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor_ft (None or inf: no limit)
     n_critic_warmup_itr: Annotated[int, NonNegative] = 2  # iterations before the actor starts to step
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -131,6 +131,8 @@ def fill_defaults(args: Args, backbone: str = "vit-mlp") -> dict:
         defaults["actor_lr"] = 2e-5
     filled = runs.apply_defaults(args, defaults)
     runs.check_args(args)  # every number within the Limits of its field
+    if not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     if args.batch_size < 2:
         raise runs.UsageError("--batch-size must be at least 2 (advantages are normalised within each minibatch)")
     return filled
@@ -143,10 +145,8 @@ def fill_from_checkpoint(args: Args, ckpt: dict) -> None:
         raise runs.UsageError(f"DDIM with {K_ft} steps needs K divisible by it (checkpoint K = {K})")
     if args.act_steps > T_a:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {T_a}")
-    pairs = args.n_steps * args.num_envs * K_ft
-    if not args.eval_only and args.batch_size > pairs:
-        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {pairs} (env-step, denoising-step) pairs of one "
-                              f"iteration (n_steps {args.n_steps} x num_envs {args.num_envs} x K' {K_ft})")
+    if not args.eval_only:  # a sample is an (env-step, denoising-step) pair
+        runs.check_minibatch(args.batch_size, args.n_steps, args.num_envs, K_ft)
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:

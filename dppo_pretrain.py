@@ -82,14 +82,14 @@ class Args:
     denoising_steps: Annotated[int | None, Positive] = None  # K: DDPM steps (None: 20; furniture 100)
     horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's; a UNet's transport and furniture 16)
     cond_steps: Annotated[int, Positive] = 1  # T_o
-    mlp_dims: tuple[int, ...] | None = None  # hidden widths of the MLP trunk (None: per task; MLP only)
-    cond_mlp_dims: tuple[int, ...] | None = None  # optional observation MLP before the trunk (Square: 512 64; MLP only)
+    mlp_dims: Annotated[tuple[int, ...] | None, Positive] = None  # hidden widths of the MLP trunk (None: per task; MLP only)
+    cond_mlp_dims: Annotated[tuple[int, ...] | None, Positive] = None  # observation MLP before the trunk (Square: 512 64; MLP)
     activation: str | None = None  # relu (gym, Avoid) or mish (robomimic, furniture, every UNet); None: per task
     time_dim: Annotated[int | None, Positive] = None  # width of the denoising-step embedding (None: 16; square, furniture 32)
     use_layernorm: bool | None = None  # LayerNorm in the residual MLP blocks (None: no; furniture yes; MLP only)
     residual: bool = True  # residual MLP trunk (MLP only)
     unet_dim: Annotated[int | None, Positive] = None  # UNet1D base channels (None: 40; square, transport and furniture 64)
-    unet_dim_mults: tuple[int, ...] | None = None  # UNet1D channel multipliers (None: 1 2; furniture 1 2 4)
+    unet_dim_mults: Annotated[tuple[int, ...] | None, Positive] = None  # UNet channel multipliers (None: 1 2; furniture 1 2 4)
     unet_groupnorm_eps: Annotated[float | None, Positive] = None  # GroupNorm eps (None: 1e-5; one-leg-low/lamp-low 1e-4)
     n_epochs: Annotated[int | None, Positive] = None  # passes over the dataset
     batch_size: Annotated[int | None, Positive] = None  # global minibatch (torchrun: batch_size / N rows per process)
@@ -156,8 +156,6 @@ def fill_defaults(args: Args) -> dict:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
     filled = runs.apply_defaults(args, defaults)
     runs.check_args(args)  # every number within the Limits of its field
-    if any(not d > 0 for d in (*(args.mlp_dims or ()), *(args.cond_mlp_dims or ()), *(args.unet_dim_mults or ()))):
-        raise runs.UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
     allowed = UNET_ACTIVATIONS if unet else tuple(ACTIVATIONS)
     if args.activation not in allowed:
         raise runs.UsageError(f"--activation {args.activation}: one of {', '.join(allowed)}")

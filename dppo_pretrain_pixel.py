@@ -73,9 +73,9 @@ class Args:
     denoising_steps: Annotated[int, Positive] = 100  # K: DDPM steps (100, for DDIM fine-tuning)
     horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's; transport UNet 16)
     cond_steps: Annotated[int, Positive] = 1  # T_o (proprio and images)
-    mlp_dims: tuple[int, ...] | None = None  # residual MLP head widths (None: 512 x3 lift/can, 768 x3 square/transport)
+    mlp_dims: Annotated[tuple[int, ...] | None, Positive] = None  # MLP head widths (None: 512 x3; square/transport 768 x3)
     unet_dim: Annotated[int | None, Positive] = None  # UNet base channels (None: 40; square/transport 64)
-    unet_dim_mults: tuple[int, ...] = (1, 2)  # UNet channel multipliers
+    unet_dim_mults: Annotated[tuple[int, ...], Positive] = (1, 2)  # UNet channel multipliers
     time_dim: Annotated[int, Positive] = 32  # denoising-step embedding width
     embed_dim: Annotated[int, Positive] = 128  # ViT width
     num_heads: Annotated[int, Positive] = 4  # ViT attention heads
@@ -123,8 +123,6 @@ def fill_defaults(args: Args) -> dict:
     runs.check_args(args)  # every number within the Limits of its field
     if args.embed_dim % args.num_heads:
         raise runs.UsageError(f"--embed-dim {args.embed_dim} must be a multiple of --num-heads {args.num_heads}")
-    if any(not d > 0 for d in (*(args.mlp_dims or ()), *args.unet_dim_mults)):
-        raise runs.UsageError("--mlp-dims and --unet-dim-mults take positive widths")
     if args.backbone == "unet" and any(args.unet_dim * m % 8 for m in args.unet_dim_mults):
         raise runs.UsageError(f"--unet-dim {args.unet_dim} times each of --unet-dim-mults must be a multiple of 8 "
                               "(the GroupNorm groups)")

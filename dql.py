@@ -91,9 +91,9 @@ class Args:
     batch_size: Annotated[int, Positive] = 1000  # transitions per critic / actor update
     replay_ratio: Annotated[int | None, Positive] = None  # updates per iteration = n_steps·N / batch_size × this
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations in which only the critic learns
-    target_ema_rate: Annotated[float, Positive] = 0.005  # τ of the EMA target critic, in (0, 1]
+    target_ema_rate: Annotated[float, runs.RATE] = 0.005  # τ of the EMA target critic, in (0, 1]
     eta: Annotated[float, NonNegative] = 1.0  # η, the weight of the normalised Q loss in the actor loss
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of the actor (None: off)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of the actor (None or inf: no limit)
     critic_residual: bool = False  # residual Q-critic trunk (the reference's runs as a plain MLP: docs/deviations.md)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -127,8 +127,8 @@ def fill_defaults(args: Args) -> dict:
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
-    if args.target_ema_rate > 1:
-        raise runs.UsageError(f"--target-ema-rate must be in [0.0, 1.0] (got {args.target_ema_rate})")
+    if not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     return filled
 
 
@@ -138,10 +138,8 @@ def fill_from_checkpoint(args: Args, ckpt: dict) -> int:
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
     n_updates = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # `TrainDQLDiffusionAgent.run`
-    if not args.eval_only and n_updates < 1:
-        raise runs.UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x "
-                              f"{args.num_envs} / {args.batch_size} x {args.replay_ratio} < 1 (lower --batch-size or "
-                              "raise --replay-ratio)")
+    if not args.eval_only:
+        runs.check_gradient_steps(n_updates, args.n_steps, args.num_envs, args.batch_size, args.replay_ratio)
     return n_updates
 
 

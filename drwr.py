@@ -91,10 +91,10 @@ class Args:
     lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedule (None: n_train_itr)
     weight_decay: Annotated[float | None, NonNegative] = None  # AdamW weight decay
     beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised return-to-go)
-    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights
+    max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights (inf: no limit)
     batch_size: Annotated[int, Positive] = 1000  # chunk-steps per gradient step
     update_epochs: Annotated[int, Positive] = 16  # passes over the iteration's samples
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None: off, as every config)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None or inf: no limit; as every config)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)

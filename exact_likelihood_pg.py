@@ -109,8 +109,8 @@ class Args:
     update_epochs: Annotated[int | None, Positive] = None  # PPO epochs per iteration
     clip_coef: Annotated[float, Positive] = 0.01  # PPO clip ε
     vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
-    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None: off)
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this (inf: no limit)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None or inf: no limit)
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -149,6 +149,8 @@ def fill_defaults(args: Args) -> dict:
     if args.batch_size is None:  # Avoid: n_steps·num_envs/2, DPPO's Avoid rule over env-steps
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     runs.check_args(args)  # every number within the Limits of its field
+    if not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     return filled
 
 
@@ -157,9 +159,8 @@ def fill_from_checkpoint(args: Args, ckpt: dict) -> None:
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
-    if not args.eval_only and args.batch_size > args.n_steps * args.num_envs:
-        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * args.num_envs} env-steps of "
-                              f"one iteration (n_steps {args.n_steps} x num_envs {args.num_envs})")
+    if not args.eval_only:
+        runs.check_minibatch(args.batch_size, args.n_steps, args.num_envs)
     ode_grid(ckpt["denoising_steps"], args.sde_eps, args.sde_step_size)  # a grid past step K-1 is refused here
 
 

@@ -84,7 +84,7 @@ class Args:
     backbone: Literal["mlp", "transformer"] = "mlp"  # ChunkMLP or ChunkTransformer
     horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's)
     cond_steps: Annotated[int, Positive] = 1  # T_o
-    mlp_dims: tuple[int, ...] | None = None  # hidden widths of the MLP (None: per task)
+    mlp_dims: Annotated[tuple[int, ...] | None, Positive] = None  # hidden widths of the MLP (None: per task)
     activation: str | None = None  # MLP activation (None: per task)
     residual: bool | None = None  # residual MLP trunk (None: yes, except from scratch)
     n_emb: Annotated[int, Positive] = 128  # Transformer width
@@ -126,8 +126,8 @@ class Args:
     update_epochs: Annotated[int | None, Positive] = None  # PPO epochs per iteration
     clip_coef: Annotated[float | None, Positive] = None  # PPO clip ε
     vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
-    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None: off)
+    target_kl: Annotated[float | None, PositiveOrInf] = 1.0  # stop the epochs when approx KL exceeds this (inf: no limit)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None or inf: no limit)
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -228,8 +228,8 @@ def fill_defaults(args: Args) -> dict:
         if args.batch_size is None:  # Avoid: n_steps·n_envs/2 (DPPO's minibatch without the K' factor)
             args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs // 2
     runs.check_args(args)  # every number within the Limits of its field
-    if args.mlp_dims is not None and any(not d > 0 for d in args.mlp_dims):
-        raise runs.UsageError(f"--mlp-dims takes positive widths (got {args.mlp_dims})")
+    if not args.pretrain and not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     return filled
 
 
@@ -432,9 +432,8 @@ def main(args: Args) -> dict:
     if explicit_clip is None and ckpt.get("args", {}).get("from_scratch"):  # its normalisation is the env's bounds
         args.final_action_clip = True
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
-    if not args.eval_only and args.batch_size > args.n_steps * N:
-        raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * N} env-steps of one iteration "
-                              f"(n_steps {args.n_steps} x num_envs {N})")
+    if not args.eval_only:
+        runs.check_minibatch(args.batch_size, args.n_steps, N)
 
     normalizer = Normalizer.from_state_dict(ckpt["normalization"]).to(device)
     base = policy_from_checkpoint(ckpt, args, "base" if "base" in ckpt else "ema", ckpt_path)  # starts from the EMA

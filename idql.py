@@ -95,13 +95,13 @@ class Args:
     batch_size: Annotated[int, Positive] = 1000  # transitions per update
     replay_ratio: Annotated[int, Positive] = 128  # updates per iteration = n_steps·num_envs/batch_size × replay_ratio
     n_critic_warmup_itr: Annotated[int, NonNegative] = 5  # iterations before the actor starts to step
-    critic_tau: Annotated[float, Fraction] = 0.001  # EMA rate of the target Q-networks
+    critic_tau: Annotated[float, runs.RATE] = 0.001  # EMA rate of the target Q-networks
     expectile: Annotated[float, Fraction] = 0.8  # expectile τ of the V regression
     num_sample: Annotated[int | None, Positive] = None  # candidate chunks per action
     sample_weight: Annotated[float, Fraction] = 0.7  # training: candidate weight where Q - V > 0 (1 - it elsewhere)
     use_expectile_exploration: bool = True  # training draws candidates by the Q - V weights; False: argmax Q
     scale_reward_factor: Annotated[float | None, NonNegative] = None  # rewards stored × this
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None: off)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None or inf: no limit)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
@@ -138,6 +138,8 @@ def fill_defaults(args: Args) -> dict:
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
+    if not args.eval_only:
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     return filled
 
 
@@ -153,10 +155,8 @@ def fill_from_checkpoint(args: Args, ckpt: dict) -> int:
         raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the buffer's {args.buffer_size * args.num_envs} "
                               "transitions")
     n_updates = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # reference `num_batch`
-    if not args.eval_only and n_updates < 1:
-        raise runs.UsageError(f"no update per iteration: n_steps·num_envs / batch_size × replay_ratio = {args.n_steps} x "
-                              f"{args.num_envs} / {args.batch_size} x {args.replay_ratio} < 1 (lower --batch-size or "
-                              "raise --replay-ratio)")
+    if not args.eval_only:
+        runs.check_gradient_steps(n_updates, args.n_steps, args.num_envs, args.batch_size, args.replay_ratio)
     return n_updates
 
 

@@ -85,6 +85,8 @@ def finetune_args(checkpoint: Callable[[Any, str, str], None]) -> Callable[[Any,
         args = module.Args(env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0, plot=False,
                            n_steps=bench.n_steps, num_envs=bench.num_envs, exp_name="bench", save_every=10**9,
                            torch_deterministic=False, torch_threads=bench.threads, eval_n_steps=1)
+        if hasattr(args, "n_critic_warmup_itr"):  # the actor steps in the timed iteration (a 2-iteration budget)
+            args.n_critic_warmup_itr = 0
         filled = copy.deepcopy(args)
         try:
             module.fill_defaults(filled)  # the script's own defaults at these sizes

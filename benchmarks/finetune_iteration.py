@@ -95,7 +95,7 @@ def main(bench: Bench) -> dict:
         ckpt = os.path.join(tmp, "random.pt")
         random_checkpoint(bench.env_id, ckpt)
         args = dppo_finetune.Args(batch_size=batch, env_id=bench.env_id, checkpoint=ckpt, n_train_itr=2, val_freq=0,
-                                  plot=False,
+                                  plot=False, n_critic_warmup_itr=0,
                                   n_steps=bench.n_steps, num_envs=bench.num_envs, cuda=bench.device == "cuda",
                                   exp_name="bench", save_every=10**9, torch_deterministic=False,
                                   torch_threads=bench.threads, update_chunk=bench.update_chunk,

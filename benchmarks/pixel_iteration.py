@@ -94,7 +94,8 @@ def main(bench: Bench) -> dict:
         cwd = os.getcwd()
         os.chdir(tmp)  # the run folder goes to the temporary directory
         try:
-            args = dppo_finetune_pixel.Args(env_id=task.id, checkpoint=ckpt, n_train_itr=2, val_freq=0, n_steps=n_steps,
+            args = dppo_finetune_pixel.Args(env_id=task.id, checkpoint=ckpt, n_train_itr=2, n_critic_warmup_itr=0, val_freq=0,
+                                            n_steps=n_steps,
                                             num_envs=bench.num_envs, n_workers=bench.n_workers, batch_size=batch,
                                             cuda=bench.device == "cuda", exp_name="bench", save_every=10**9,
                                             torch_deterministic=False, torch_threads=bench.threads, eval_n_steps=1)

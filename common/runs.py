@@ -99,7 +99,7 @@ class Limits:
         if above and value <= self.high and (self.inf_ok or math.isfinite(value)):
             return None
         if math.isfinite(self.low) and math.isfinite(self.high):
-            return f"must be in [{self.low}, {self.high}]"
+            return f"must be in {'(' if self.strict else '['}{self.low}, {self.high}]"
         if self.strict and self.low == 0 and not (above and math.isinf(value)):
             return "must be positive"
         return "must be a finite number" + ("" if self.low == -math.inf else f" {'>' if self.strict else '>='} {self.low}")
@@ -110,21 +110,58 @@ POSITIVE = Limits(0, strict=True)
 POSITIVE_OR_INF = Limits(0, strict=True, inf_ok=True)  # inf: no limit
 NON_NEGATIVE = Limits(0)
 FRACTION = Limits(0.0, 1.0)
+RATE = Limits(0.0, 1.0, strict=True)  # a step or EMA rate: 0 would never move
 SEED = Limits(0, 2**31 - 1)  # numpy seeds stay below 2**32 with the per-env offsets
 
 
 def check_args(args: Any) -> None:
     """UsageError naming the first number of the dataclass `args` that its field's `Limits` refuse (a field without one:
-    NaN and ±inf); None (a default not filled yet), booleans and other types pass."""
+    NaN and ±inf), each entry of a tuple or list field checked alike; None (a default not filled yet), booleans and other
+    types pass."""
     hints = typing.get_type_hints(type(args), include_extras=True)
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
         limits = next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Limits)), FINITE)
-        why = limits.refusal(value)
-        if why:
-            raise UsageError(f"--{f.name.replace('_', '-')} {why} (got {value})")
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            why = None if isinstance(x, bool) or not isinstance(x, (int, float)) else limits.refusal(x)
+            if why:
+                raise UsageError(f"--{f.name.replace('_', '-')} {why} (got {value})")
+
+
+def check_number(flag: str, value: float, limits: Limits) -> None:
+    """UsageError unless `limits` allow `value`: a tool's number outside an `Args` dataclass (an argparse flag)."""
+    why = limits.refusal(value)
+    if why:
+        raise UsageError(f"{flag} {why} (got {value})")
+
+
+# The rules between flags that decide whether a run can do its work at all, one message each in every script
+# that has the flags (checked before anything is written; `--eval-only` trains nothing and skips them).
+
+def check_gradient_steps(n_updates: int, n_steps: int, num_envs: int, batch_size: int, replay_ratio: float) -> None:
+    """UsageError unless a training iteration takes a gradient step: `n_updates` is the script's own count,
+    int(n_steps·num_envs / batch_size · replay_ratio) (reference `num_batch`)."""
+    if n_updates < 1:
+        raise UsageError(f"no gradient step per iteration: --n-steps {n_steps} x --num-envs {num_envs} / --batch-size "
+                         f"{batch_size} x --replay-ratio {replay_ratio} < 1; lower --batch-size or raise --replay-ratio, "
+                         "--n-steps or --num-envs")
+
+
+def check_minibatch(batch_size: int, n_steps: int, num_envs: int, denoising_steps: int | None = None) -> None:
+    """UsageError unless one PPO minibatch fits in the samples of an iteration: n_steps·num_envs env-steps, times the
+    K' fine-tuned denoising steps where each (env-step, denoising-step) pair is a sample (DPPO)."""
+    samples = n_steps * num_envs * (denoising_steps or 1)
+    if batch_size > samples:
+        k = "" if denoising_steps is None else f" x K' {denoising_steps}"
+        raise UsageError(f"--batch-size {batch_size} exceeds the {samples} samples of one iteration (--n-steps {n_steps} "
+                         f"x --num-envs {num_envs}{k}); lower --batch-size or raise --n-steps or --num-envs")
+
+
+def check_warmup(n_critic_warmup_itr: int, n_train_itr: int) -> None:
+    """UsageError unless the actor steps at least once: it does from iteration `n_critic_warmup_itr` on (0-based)."""
+    if n_critic_warmup_itr >= n_train_itr:
+        raise UsageError(f"--n-critic-warmup-itr {n_critic_warmup_itr} leaves no iteration of --n-train-itr {n_train_itr} "
+                         "in which the actor steps; lower --n-critic-warmup-itr or raise --n-train-itr")
 
 
 def refuse_flags(args: Any, names: tuple[str, ...], why: str) -> None:

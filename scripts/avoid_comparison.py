@@ -16,14 +16,14 @@ import csv
 import os
 import sys
 from dataclasses import dataclass, field
-
-import tyro
+from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_finetune  # noqa: E402
 import dppo_pretrain  # noqa: E402
 import gaussian_ppo  # noqa: E402
 import gmm_ppo  # noqa: E402
+from common import runs  # noqa: E402
 
 
 @dataclass
@@ -34,9 +34,9 @@ class Args:
     """Avoid data subsets"""
     methods: list[str] = field(default_factory=lambda: ["dppo", "gaussian", "gmm"])
     """policies to compare"""
-    n_train_itr: int = 51
+    n_train_itr: Annotated[int, runs.POSITIVE] = 51
     """fine-tuning iterations (paper App. D.9 and the reference's configs: 51)"""
-    seed: int = 1
+    seed: Annotated[int, runs.SEED] = 1
     """seed of every run"""
 
 
@@ -58,6 +58,7 @@ def finetune(method: str, env_id: str, ckpt: str, args: Args) -> list[dict]:
 
 
 def main(args: Args) -> list[dict]:
+    runs.check_args(args)  # every number within the Limits of its field
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
     for subset in args.subsets:
@@ -101,4 +102,4 @@ def write_table_and_plot(rows: list[dict], args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    runs.cli(main, Args)

@@ -59,12 +59,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common.errors import UsageError  # noqa: E402
+from common import runs  # noqa: E402
 from common.runs import cli  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
@@ -101,15 +102,15 @@ class Args:
     budget: Literal["cpu", "paper"] = "cpu"
     """cpu: Hopper iterations of one episode (250 chunk-steps), schedule kept in env steps; paper: the reference's
     sizes unchanged"""
-    n_train_itr: int | None = None
+    n_train_itr: Annotated[int | None, runs.POSITIVE] = None
     """iterations of every run (None: the budget's)"""
-    n_steps: int | None = None
+    n_steps: Annotated[int | None, runs.POSITIVE] = None
     """chunk-steps per env per iteration of every run (None: the budget's)"""
-    min_actor_updates: int = 200
+    min_actor_updates: Annotated[int, runs.POSITIVE] = 200
     """refuse a run whose actor takes fewer updates than this after its critic warm-up"""
-    seed: int = 1
+    seed: Annotated[int, runs.SEED] = 1
     """seed of every run"""
-    jobs: int = 2
+    jobs: Annotated[int, runs.POSITIVE] = 2
     """runs at once (each uses one torch thread)"""
     dry_run: bool = False
     """print each run's plan (flags, env steps, warm-up, actor updates, estimated CPU time) and stop"""
@@ -215,8 +216,8 @@ def derive(task: str, method: str, n_steps: int, n_train_itr: int | None) -> tup
                           "this harness does not rescale; run it with --budget paper")
     if n_train_itr is not None and n_train_itr != ref.n_train_itr:
         flags["n_train_itr"] = n_train_itr
-    args = module.Args(env_id=task, **flags)
-    module.fill_defaults(args)
+    args = module.Args(env_id=task, **flags, eval_only=True)  # the defaults filled without the rules of a training run
+    module.fill_defaults(args)  # (whether it can train is `plans`' refusal, which names the budget that suffices)
     return flags, args
 
 
@@ -462,12 +463,7 @@ def write_report(args: Args) -> str:
 
 
 def check_args(args: Args) -> None:
-    for name in ("n_train_itr", "n_steps", "jobs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    if args.min_actor_updates < 1:
-        raise UsageError(f"--min-actor-updates must be at least 1 (got {args.min_actor_updates})")
+    runs.check_args(args)  # every number within the Limits of its field
     for kind, given, valid in (("method", args.methods, list(MODULES)), ("task", args.tasks, list(TASKS))):
         bad = [x for x in given if x not in valid]
         if bad or not given:

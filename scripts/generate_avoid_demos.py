@@ -23,6 +23,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import runs  # noqa: E402
+from common.errors import UsageError  # noqa: E402
 from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
 from sims.avoid import (ACTION_HIGH, ACTION_LOW, START, SUBSETS, _to_demo, collided, replay, row_modes,  # noqa: E402
                         subset_mode)
@@ -89,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(AVOID_DEMO_DIR),
                    help="folder of the files avoid-m1.npz, ... (default: the shipped ones)")
     args = p.parse_args(argv)
+    try:
+        runs.check_number("--n-demos", args.n_demos, runs.POSITIVE)
+        runs.check_number("--seed", args.seed, runs.SEED)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for subset in args.subsets:
         path = os.path.join(args.out_dir, avoid_demo_file(subset))
         demos = write_avoid_demos(subset, path, args.n_demos, args.seed)

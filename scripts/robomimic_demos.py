@@ -32,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.errors import TaskError  # noqa: E402
+from common import runs  # noqa: E402
+from common.errors import TaskError, UsageError  # noqa: E402
 from common.tasks import Task, get_task  # noqa: E402
 from sims.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
 
@@ -302,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=96, help="image height and width with --images")
     args = p.parse_args(argv)
     try:
+        for flag, value, limits in (("--n-demos", args.n_demos, runs.POSITIVE), ("--seed", args.seed, runs.SEED),
+                                    ("--hold-steps", args.hold_steps, runs.POSITIVE),
+                                    ("--image-size", args.image_size, runs.POSITIVE)):
+            runs.check_number(flag, value, limits)
         task = get_task(args.task)
         out = args.out or f"data/{task.id}/scripted.hdf5"
         r = generate_demos(task, args.n_demos, args.seed, out, hold_steps=args.hold_steps,
                            image_size=args.image_size if args.images else None)
-    except (TaskError, RuntimeError) as e:
+    except (UsageError, TaskError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{task.id}: scripted success rate {r['success_rate']:.2f} ({r['n_demos']}/{r['attempts']}), "

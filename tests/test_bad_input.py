@@ -49,7 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = math.nan
 PT = dict(env_id="avoid-m2", n_epochs=1, eval_every=0, seed=0, mlp_dims=(64, 64, 64), batch_size=128)
 BC = dict(pretrain=True, env_id="avoid-m2", n_epochs=1, eval_every=0, seed=0, mlp_dims=(64, 64, 64), pretrain_batch_size=128)
-FT = dict(env_id="avoid-m2", n_train_itr=1, num_envs=2, n_steps=5, val_freq=0, plot=False, seed=0)
+# a budget past every default critic warm-up (at most 5 iterations), so that each case meets the refusal it is about
+FT = dict(env_id="avoid-m2", n_train_itr=6, num_envs=2, n_steps=5, val_freq=0, plot=False, seed=0)
 BL = dict(FT, batch_size=10)  # the baselines: a minibatch that one iteration of 2 envs x 5 chunk-steps fills
 SCRIPTS = {"pt": (pt, pt.main, "dppo_pretrain.py"), "ft": (ft, ft.main, "dppo_finetune.py"),
            "gauss": (gauss, gauss.main, "gaussian_ppo.py"), "gmm": (gmm, gmm.main, "gmm_ppo.py"),
@@ -107,7 +108,7 @@ def w(tmp_path_factory) -> World:
         d = pt.main(pt.Args(**PT, exp_name="pre"))
         g = gauss.main(gauss.Args(**BC, exp_name="gauss"))
         m = gmm.main(gmm.Args(**BC, exp_name="gmm"))
-        f = ft.main(ft.Args(checkpoint=d["checkpoint"], exp_name="ft", **FT))
+        f = ft.main(ft.Args(checkpoint=d["checkpoint"], exp_name="ft", **{**FT, "n_train_itr": 1, "n_critic_warmup_itr": 0}))
     finally:
         os.chdir(cwd)
     world = World(root, d["checkpoint"], d["run_dir"], g["checkpoint"], g["run_dir"], m["checkpoint"], m["run_dir"],

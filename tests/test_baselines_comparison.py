@@ -154,7 +154,7 @@ def test_refused_in_one_line_with_a_non_zero_exit():
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "dppo", "sac"], "error: unknown method 'sac'; valid: dppo, drwr, dawr, exact, dipo, idql, dql, qsm"),
     (["--tasks", "walker2d"], "error: unknown task 'walker2d'; valid: avoid-m2, hopper"),
-    (["--n-train-itr", "0"], "error: --n-train-itr must be at least 1 (got 0)"),
+    (["--n-train-itr", "0"], "error: --n-train-itr must be positive (got 0)"),
 ])
 def test_bad_input_ends_in_one_line(argv, message):
     r = harness(*argv, "--dry-run")

@@ -170,8 +170,7 @@ def test_every_number_has_its_declared_limits(module):
               for f in dataclasses.fields(module.Args)}
     positive = {"n_train_itr", "num_envs", "n_steps", "n_workers", "horizon_steps", "act_steps", "save_every",
                 "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "buffer_size",
-                "batch_size", "replay_ratio", "target_ema_rate", "min_sampling_denoising_std", "randn_clip_value",
-                "reward_scale"}
+                "batch_size", "replay_ratio", "min_sampling_denoising_std", "randn_clip_value", "reward_scale"}
     if module is dipo:
         positive |= {"action_lr", "action_gradient_steps", "action_grad_norm_coef"}
     assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
@@ -179,9 +178,9 @@ def test_every_number_has_its_declared_limits(module):
     assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma"}
     assert {k for k, v in limits.items() if v is runs.NON_NEGATIVE} == \
         {"val_freq", "lr_warmup_itr", "n_critic_warmup_itr"} | ({"eta"} if module is dql else set())
-    assert limits["seed"] is runs.SEED
-    for tau, message in ((0.0, "must be positive"), (1.5, r"must be in \[0.0, 1.0\]"), (math.nan, "must be positive")):
-        with pytest.raises(UsageError, match=f"--target-ema-rate {message}"):
+    assert limits["seed"] is runs.SEED and limits["target_ema_rate"] is runs.RATE
+    for tau in (0.0, 1.5, math.nan):
+        with pytest.raises(UsageError, match=rf"--target-ema-rate must be in \(0.0, 1.0\] \(got {tau}\)"):
             module.fill_defaults(module.Args(target_ema_rate=tau))
     module.fill_defaults(module.Args(target_ema_rate=1.0, max_grad_norm=math.inf))  # τ = 1 copies; inf: no clip
 
@@ -329,7 +328,7 @@ def test_dipo_resume_is_bit_identical(pretrained):
 
 
 def test_resume_refuses_another_method(pretrained):
-    part = _run(dql, pretrained["checkpoint"], n_train_itr=1, buffer_size=300, exp_name="other")
+    part = _run(dql, pretrained["checkpoint"], n_train_itr=1, n_critic_warmup_itr=0, buffer_size=300, exp_name="other")
     with pytest.raises(UsageError, match="is a run of dql.py, not of dipo.py; resume it with dql.py"):
         dipo.main(dipo.Args(resume=part["run_dir"]))
 
@@ -348,7 +347,8 @@ def test_td_action_is_the_acting_policys_sample_at_the_next_observation(pretrain
         return x
     monkeypatch.setattr(cls, "get_action", get_action)
     monkeypatch.setattr(module, "critic_loss", lambda *a: calls.append((a, samples[-1])) or real_loss(*a))
-    _run(module, pretrained["checkpoint"], n_train_itr=1, act_steps=2, val_freq=0, buffer_size=1000, exp_name="td")
+    _run(module, pretrained["checkpoint"], n_train_itr=1, n_critic_warmup_itr=0, act_steps=2, val_freq=0, buffer_size=1000,
+         exp_name="td")
     assert len(calls) == int(25 * 8 / 50 * 2)
     for (critic, target, obs, action, reward, next_obs, next_action, cut, gamma), (cond, x) in calls:
         assert action.shape[1:] == (2, 2) and next_action.shape[1:] == (2, 2) and gamma == 0.99

@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_the_run_before_saving(pretrained, monkeypatch):
 def test_ddim_k_prime_is_never_silently_replaced(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pre = pt.main(pt.Args(env_id="avoid-m2", n_epochs=1, eval_every=0, denoising_steps=100, **SMALL))
-    out = _finetune(pre["checkpoint"], use_ddim=True, ft_denoising_steps=3, n_train_itr=1, val_freq=0)
+    out = _finetune(pre["checkpoint"], use_ddim=True, ft_denoising_steps=3, n_train_itr=1, n_critic_warmup_itr=0, val_freq=0)
     post = torch.load(out["checkpoint"], weights_only=True)
     assert post["args"]["ft_denoising_steps"] == 3  # the last 3 of the 5 DDIM steps
     with pytest.raises(UsageError, match="exceeds the 5 DDIM steps"):
@@ -346,7 +346,8 @@ def test_bc_term_as_the_reference(pretrained, monkeypatch):
     sizes = []
     real = ft.DiffusionPPO.bc_loss
     monkeypatch.setattr(ft.DiffusionPPO, "bc_loss", lambda self, c: sizes.append(c.shape[0]) or real(self, c))
-    _finetune(pretrained["checkpoint"], n_train_itr=1, val_freq=0, bc_coef=0.1, batch_size=500, update_epochs=1)
+    _finetune(pretrained["checkpoint"], n_train_itr=1, n_critic_warmup_itr=0, val_freq=0, bc_coef=0.1, batch_size=500,
+              update_epochs=1)
     assert sizes == [500] * 4  # one observation per (env-step, denoising-step) pair of the minibatch
 
 

@@ -28,15 +28,18 @@ from tests.test_common import Counter
 SCRIPTS = (dppo_finetune, drwr, dawr, exact_likelihood_pg, dipo, idql, dql, qsm)
 # per script: what keeps a tiny run valid (batch within one iteration, a small buffer); IDQL: one candidate, so no
 # selection by its untrained critic (evaluation: argmax; training on Avoid: a multinomial draw, off with exploration)
+# (the off-policy scripts' critic warm-up, 5 iterations by default, off: a 1-iteration run must be one the actor may step in)
+NO_WARMUP = dict(n_critic_warmup_itr=0)
 TINY = {dppo_finetune: dict(batch_size=6), drwr: dict(batch_size=6), dawr: dict(batch_size=6, buffer_size=40),
-        exact_likelihood_pg: dict(batch_size=6), dipo: dict(batch_size=6, buffer_size=40),
-        idql: dict(batch_size=6, buffer_size=40, num_sample=1, use_expectile_exploration=False),
-        dql: dict(batch_size=6, buffer_size=40), qsm: dict(batch_size=6, buffer_size=40)}
+        exact_likelihood_pg: dict(batch_size=6), dipo: dict(batch_size=6, buffer_size=40, **NO_WARMUP),
+        idql: dict(batch_size=6, buffer_size=40, num_sample=1, use_expectile_exploration=False, **NO_WARMUP),
+        dql: dict(batch_size=6, buffer_size=40, **NO_WARMUP), qsm: dict(batch_size=6, buffer_size=40, **NO_WARMUP)}
 # Avoid: one iteration of 4 envs x 25 chunk-steps, and few updates after it
-AVOID = {dppo_finetune: dict(batch_size=100), drwr: {}, dawr: dict(buffer_size=40),
-         exact_likelihood_pg: {}, dipo: dict(batch_size=50, replay_ratio=1),
-         idql: dict(buffer_size=40, batch_size=20, replay_ratio=1, num_sample=1, use_expectile_exploration=False),
-         dql: dict(batch_size=50, replay_ratio=1), qsm: dict(buffer_size=40, batch_size=20, replay_ratio=1)}
+AVOID = {dppo_finetune: dict(batch_size=100, **NO_WARMUP), drwr: {}, dawr: dict(buffer_size=40),
+         exact_likelihood_pg: {}, dipo: dict(batch_size=50, replay_ratio=1, **NO_WARMUP),
+         idql: dict(buffer_size=40, batch_size=20, replay_ratio=1, num_sample=1, use_expectile_exploration=False, **NO_WARMUP),
+         dql: dict(batch_size=50, replay_ratio=1, **NO_WARMUP),
+         qsm: dict(buffer_size=40, batch_size=20, replay_ratio=1, **NO_WARMUP)}
 HOPPER = dict(env_id="hopper", num_envs=2, eval_n_steps=25, env_backend="gymnasium", seed=0)  # 25 chunks: episodes end
 
 

@@ -268,7 +268,7 @@ def test_ratio_is_one_before_the_actor_steps(pretrained, exact_max, fixed, noisy
     """During the critic warm-up the actor does not move, so each minibatch's new log-likelihoods equal the old ones
     of the same samples: no clipping with the exact divergence or with fixed probes; fresh Hutchinson probes (the
     reference's way) already clip by estimator noise alone."""
-    out = el.main(el.Args(env_id="avoid-m2", checkpoint=pretrained["checkpoint"], n_train_itr=1, num_envs=4,
+    out = el.main(el.Args(env_id="avoid-m2", checkpoint=pretrained["checkpoint"], n_train_itr=2, num_envs=4,
                           n_steps=25, seed=0, plot=False, n_critic_warmup_itr=1, update_epochs=1,
                           exact_divergence_max_dim=exact_max, fixed_probes=fixed, exp_name=f"ratio{exact_max}{fixed}"))
     h = out["history"][0]

@@ -473,8 +473,8 @@ def test_unet_checkpoint_takes_the_reference_unet_batch(furniture_data, tmp_path
                                                    denoising_steps=100, batch_size=64, seed=0, exp_name="unet"))
     monkeypatch.chdir(tmp_path)
     fake_furniture(monkeypatch, ft)
-    small = dict(env_id="one-leg-low", checkpoint=ckpt, n_train_itr=1, num_envs=4, n_steps=3, val_freq=0, eval_n_steps=1,
-                 cuda=False)
+    small = dict(env_id="one-leg-low", checkpoint=ckpt, n_train_itr=1, n_critic_warmup_itr=0, num_envs=4, n_steps=3,
+                 val_freq=0, eval_n_steps=1, cuda=False)
     with pytest.raises(UsageError, match="--batch-size 30000 exceeds"):
         ft.main(ft.Args(**small))
     out = ft.main(ft.Args(**small, batch_size=20))

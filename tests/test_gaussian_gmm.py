@@ -163,7 +163,7 @@ def test_pretrain_and_finetune_smoke(pretrained, name, backbone):
     post = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
     assert all(torch.equal(post["base"][k], v) for k, v in ckpt["ema"].items())  # the frozen BC policy
     assert any(not torch.equal(post["actor_ft"][k], v) for k, v in ckpt["ema"].items()) and post["itr"] == 3
-    again = _finetune(module, out["checkpoint"], n_train_itr=1, val_freq=0)  # a fine-tuned checkpoint reloads
+    again = _finetune(module, out["checkpoint"], n_train_itr=1, n_critic_warmup_itr=0, val_freq=0)  # a fine-tuned one reloads
     assert len(again["history"]) == 1
 
 
@@ -223,7 +223,7 @@ def test_ppo_loss_sees_logprobs_clamped_as_the_reference(pretrained, monkeypatch
     monkeypatch.setattr(module, "ppo_loss", lambda new, old, *a: seen.append((new.max().item(), old.max().item()))
                         or real_loss(new, old, *a))
     monkeypatch.setattr(module, "clamp_logprobs", lambda lp: raw.append(lp.max().item()) or real_lp(lp))
-    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, val_freq=0)
+    _finetune(module, pretrained[name, "mlp"]["checkpoint"], n_train_itr=1, n_critic_warmup_itr=0, val_freq=0)
     assert seen and len(raw) == 2 * len(seen) and all(n <= 2 and o <= 2 for n, o in seen)
     if name == "gmm":
         assert max(raw) > 2  # the clamp changes the numbers here
@@ -304,7 +304,7 @@ def test_declares_its_limits(module):
                 "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef",
                 "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads", "n_layers", "std_init", "std_min",
                 "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs",
-                "pretrain_save_every"} | ({"n_modes"} if module is gmm else set())
+                "pretrain_save_every", "mlp_dims"} | ({"n_modes"} if module is gmm else set())
     assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
     assert {k for k, v in limits.items() if v is runs.POSITIVE_OR_INF} == {"target_kl", "max_grad_norm"}
     assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma", "gae_lambda", "ema_decay"}

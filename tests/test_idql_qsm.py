@@ -313,8 +313,8 @@ def test_buffer_wiring_truncation_and_rewards(pretrained, monkeypatch, module):
     for boot in (False, True):
         steps.clear()
         extra = {"num_sample": 3} if module is idql else {}
-        out = module.main(module.Args(**{**TINY, "n_train_itr": 1, "n_steps": 30, "val_freq": 0, **extra,
-                                         "bootstrap_truncated": boot, "scale_reward_factor": 0.5},
+        out = module.main(module.Args(**{**TINY, "n_train_itr": 1, "n_critic_warmup_itr": 0, "n_steps": 30, "val_freq": 0,
+                                         **extra, "bootstrap_truncated": boot, "scale_reward_factor": 0.5},
                                       checkpoint=pretrained["checkpoint"], exp_name=f"wiring{boot}"))
         buf = torch.load(out["checkpoint"], weights_only=True)["buffer"]
         train = steps[:30]  # the training rollout (the final evaluation follows)
@@ -400,7 +400,8 @@ def test_a_setup_without_a_gradient_step_is_refused(pretrained, module, tmp_path
     in one line before a run folder exists, as dipo.py and dql.py do; the same set-up with enough samples runs."""
     monkeypatch.chdir(tmp_path)
     few = {**TINY, "n_steps": 2, "num_envs": 4, "batch_size": 20, "replay_ratio": 2}  # 4·2/20·2 = 0.8 updates
-    with pytest.raises(UsageError, match=r"no update per iteration: .* = 2 x 4 / 20 x 2 < 1"):
+    with pytest.raises(UsageError, match=r"no gradient step per iteration: --n-steps 2 x --num-envs 4 / --batch-size 20 x "
+                                         r"--replay-ratio 2 < 1"):
         module.main(module.Args(**few, checkpoint=pretrained["checkpoint"]))
     assert not (tmp_path / "runs").exists()
     args = module.Args(**{**few, "n_steps": 3}, checkpoint=pretrained["checkpoint"])  # 1.2: one update
@@ -411,9 +412,11 @@ def test_a_setup_without_a_gradient_step_is_refused(pretrained, module, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["idql.py", "qsm.py"])
 def test_default_command_runs(script, tmp_path):
-    """`python <script> --n-train-itr 2` from the repo root: Avoid M2 from the shipped checkpoint, no other flag."""
+    """`python <script> --n-train-itr 2 --n-critic-warmup-itr 1` from the repo root: Avoid M2 from the shipped checkpoint,
+    no other flag (the default warm-up, 5 iterations, needs a budget of at least 6)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--n-train-itr", "2"], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--n-train-itr", "2", "--n-critic-warmup-itr", "1"],
+                       cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "success" in r.stdout and glob.glob(str(tmp_path / "runs" / "avoid-m2__*" / "checkpoint.pt"))

@@ -138,7 +138,8 @@ def test_copy_recipe_runs_one_avoid_iteration_loading_at_most_2600_lines(tmp_pat
             shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dest)
-    flags = ["--n-train-itr", "1", "--num-envs", "4", "--n-steps", "5", "--batch-size", "50", "--torch-threads", "1"]
+    flags = ["--n-train-itr", "1", "--n-critic-warmup-itr", "0",
+             "--num-envs", "4", "--n-steps", "5", "--batch-size", "50", "--torch-threads", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(flags)], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "PYTHONPATH": str(tmp_path)}, timeout=300)

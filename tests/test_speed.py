@@ -91,7 +91,7 @@ def test_onednn_matmul_refuses_reduced_precision(tmp_path, monkeypatch, restore_
     from common.errors import UsageError
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="does not combine with --float32-matmul-precision medium"):
-        ft.main(ft.Args(onednn_matmul="on", float32_matmul_precision="medium", n_train_itr=1))
+        ft.main(ft.Args(onednn_matmul="on", float32_matmul_precision="medium", n_train_itr=2))
     assert not (tmp_path / "runs").exists()
 
 

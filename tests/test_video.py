@@ -68,7 +68,8 @@ def test_avoid_recording_keeps_the_numbers_and_names_each_episode(tmp_path):
 
 def test_finetune_with_and_without_videos_writes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = dict(env_id="avoid-m2", checkpoint=SHIPPED, n_train_itr=1, num_envs=4, n_steps=25, val_freq=1, seed=0)
+    base = dict(env_id="avoid-m2", checkpoint=SHIPPED, n_train_itr=1, n_critic_warmup_itr=0, num_envs=4, n_steps=25,
+                val_freq=1, seed=0)
     outs = {c: ft.main(ft.Args(exp_name=f"cap{int(c)}", capture_video=c, **base)) for c in (False, True)}
 
     def rows(out):
@@ -239,7 +240,8 @@ def test_robomimic_frames_from_worker_processes_keep_the_numbers(tmp_path):
 
 def test_resume_may_switch_recording_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    part = ft.main(ft.Args(env_id="avoid-m2", checkpoint=SHIPPED, n_train_itr=1, num_envs=3, n_steps=25, seed=0))
+    part = ft.main(ft.Args(env_id="avoid-m2", checkpoint=SHIPPED, n_train_itr=1, n_critic_warmup_itr=0, num_envs=3, n_steps=25,
+                           seed=0))
     out = ft.main(ft.Args(resume=part["run_dir"], n_train_itr=2, capture_video=True))
     names = sorted(os.listdir(os.path.join(out["run_dir"], "videos")))
     assert out["run_dir"] == part["run_dir"] and [n[:12] for n in names] == ["itr_0002_ep0", "itr_0002_ep1", "itr_0002_ep2"]
