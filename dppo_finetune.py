@@ -107,7 +107,7 @@ class Args:
     update_chunk: Annotated[int | None, Positive] = None  # pairs per backward piece (None: 4096 on a CPU, all on a GPU)
     compile: bool = False  # torch.compile the sampling chain (CUDA graphs on a GPU): the same noise, ~1-2 min to compile
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.

@@ -102,7 +102,7 @@ class Args:
     max_episode_steps: Annotated[int | None, Positive] = None  # episode length in env steps (None: the task's)
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
 
 # The reference's configs (cfg/robomimic/finetune/*/ft_ppo_diffusion_{mlp,unet}_img.yaml); an explicit flag wins.

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import runs
+from common import pretraining, runs
 from common.envs import evaluate, make_vec_env
 from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
 from common.normalizer import Normalizer
@@ -105,7 +105,7 @@ class Args:
     paper_recipe: bool = False  # Avoid: the paper's batch 16, lr 1e-4 -> 1e-5, 15000 epochs instead of the fast default
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
     fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
     flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
@@ -322,8 +322,8 @@ def main(args: Args) -> dict:
     # every rank is seeded alike on purpose: each draws the same global batch, t and ε and keeps its rows
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,
-                                                 runs.mlp_shapes(args.batch_size, args.mlp_dims))
-    runs.flush_denormals(args.flush_denormal)
+                                                 pretraining.mlp_shapes(args.batch_size, args.mlp_dims))
+    pretraining.flush_denormals(args.flush_denormal)
     rank, world, device = distributed_setup(args.batch_size, device)
     is_main = rank == 0  # only rank 0 prints, evaluates and writes the run folder, checkpoints and logs
     if resume_ckpt is None and is_main:
@@ -346,8 +346,8 @@ def main(args: Args) -> dict:
     ema.requires_grad_(False)
     # multi-tensor AdamW (the per-tensor loop's update bit for bit, fewer kernel launches) or, opt-in, the fused kernel
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  **runs.adam_kernel(args.fused_adam))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_then_cosine(args.learning_rate, args.min_lr,
+                                  **pretraining.adam_kernel(args.fused_adam))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, pretraining.warmup_then_cosine(args.learning_rate, args.min_lr,
                                                                                      args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, step, last_eval = 0, 0, {}
@@ -357,7 +357,7 @@ def main(args: Args) -> dict:
         runs.load_weights(ema.network, resume_ckpt["ema"], resume_path)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         for group in optimizer.param_groups:  # the saved groups carry the kernel choice of the run that wrote them
-            group.update(runs.adam_kernel(args.fused_adam))
+            group.update(pretraining.adam_kernel(args.fused_adam))
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         generator.set_state(resume_ckpt["rng"]["generator"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
@@ -465,7 +465,7 @@ def main(args: Args) -> dict:
     if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-        runs.save_checkpoint(args.output, runs.release_checkpoint(trained))
+        runs.save_checkpoint(args.output, pretraining.release_checkpoint(trained))
     if can_simulate:
         eval_envs.close()
     run.writer.close()

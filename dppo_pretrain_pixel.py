@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import runs
+from common import pretraining, runs
 from common.envs import evaluate
 from common.vision import VisionDiffusionNet
 from common.normalizer import Normalizer
@@ -95,7 +95,7 @@ class Args:
     n_workers: Annotated[int, Positive] = 1  # worker processes of the evaluation envs
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
     fused_adam: bool = False  # fused AdamW: faster steps, the same update up to rounding (docs/results.md "Pre-training")
     flush_denormal: bool = True  # CPU: denormals (< 1e-38) as zero, faster Adam steps (docs/results.md "Pre-training")
 
@@ -270,8 +270,8 @@ def main(args: Args) -> dict:
     runs.check_output_path(args.output)
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,
-                                                 runs.mlp_shapes(args.batch_size, args.mlp_dims))
-    runs.flush_denormals(args.flush_denormal)
+                                                 pretraining.mlp_shapes(args.batch_size, args.mlp_dims))
+    pretraining.flush_denormals(args.flush_denormal)
 
     trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])
@@ -282,8 +282,8 @@ def main(args: Args) -> dict:
     ema.load_state_dict(policy.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  **runs.adam_kernel(args.fused_adam))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_then_cosine(args.learning_rate, args.min_lr,
+                                  **pretraining.adam_kernel(args.fused_adam))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, pretraining.warmup_then_cosine(args.learning_rate, args.min_lr,
                                                                                      args.warmup_epochs, args.n_epochs))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_envs = None
@@ -351,7 +351,7 @@ def main(args: Args) -> dict:
     if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-        runs.save_checkpoint(args.output, runs.release_checkpoint(trained))
+        runs.save_checkpoint(args.output, pretraining.release_checkpoint(trained))
     if eval_envs is not None:
         eval_envs.close()
     run.writer.close()

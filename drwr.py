@@ -100,7 +100,7 @@ class Args:
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
     # speed (opt-in, same results; docs/results.md "Speed")
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
 
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.

@@ -119,7 +119,7 @@ class Args:
     # speed (opt-in, same results; docs/results.md "Speed")
     update_chunk: Annotated[int | None, Positive] = None  # env-steps per backward piece (None: 1000 on a CPU, all on a GPU)
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
-    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: oneDNN matmuls where checked float32 and faster (CPU)
+    onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
 
 # The reference's configs (gym: hopper-v2/halfcheetah-v2; robomimic: can); an explicit flag always wins.

@@ -226,7 +226,6 @@ def set_float32_matmul_precision(precision: str) -> None:
 
 
 ONEDNN_TOL = 1e-5  # the largest relative deviation from the default kernels that still counts as float32 (bf16: ~1e-3)
-ONEDNN_GAIN = 0.9  # `auto` takes oneDNN only where it needs at most this fraction of the default kernels' time
 ONEDNN_SHAPES = ((1000, 523, 512),)  # (rows, in, out) checked when a script gives none
 ONEDNN_ROWS = 1024  # row counts above this are checked at this many rows (a product's time per row is flat there)
 
@@ -236,14 +235,6 @@ def linear_shapes(rows: tuple[int, ...], *modules: nn.Module) -> tuple[tuple[int
     layers that `--onednn-matmul` checks (e.g. rows = (envs sampled at once, minibatch))."""
     dims = dict.fromkeys((m.in_features, m.out_features) for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
     return tuple((r, i, o) for r in dict.fromkeys(rows) for i, o in dims)
-
-
-def mlp_shapes(rows: int, widths: tuple[int, ...] | None) -> tuple[tuple[int, int, int], ...]:
-    """(rows, in, out) of an MLP's hidden layers of `widths` (none: `ONEDNN_SHAPES`): representative products for a
-    script whose network is not built yet when it sets its kernels."""
-    if not widths:
-        return ONEDNN_SHAPES
-    return tuple((rows, i, o) for i, o in dict.fromkeys(zip(widths, widths[1:] or widths)))
 
 
 def measure_onednn(shapes: tuple[tuple[int, int, int], ...], timed: bool) -> tuple[float, float, float]:
@@ -280,11 +271,11 @@ def measure_onednn(shapes: tuple[tuple[int, int, int], ...], timed: bool) -> tup
 def apply_matmul_flags(precision: str, onednn: str | bool, device: torch.device,
                        shapes: tuple[tuple[int, int, int], ...] = ONEDNN_SHAPES) -> str:
     """A script's `--float32-matmul-precision` and `--onednn-matmul auto|on|off` (docs/results.md "Speed"), process-wide:
-    the precision set; oneDNN's float32 matmuls checked on the run's layer `shapes` (`measure_onednn`) and used, with
-    `auto`, only where they stay within `ONEDNN_TOL` of the default kernels and are faster (at most `ONEDNN_GAIN` of
-    their time), with `on` wherever they stay float32 (else refused in one line), with `off` never. Prints the decision
-    and why in one line and returns it, "on" or "off", for the run's `args.json`. (`onednn` True / False: a run saved
-    before `auto`, as "on" / "off".)"""
+    the precision set; oneDNN's float32 matmuls checked on the run's layer `shapes` (`measure_onednn`) and used wherever
+    they stay within `ONEDNN_TOL` of the default kernels (`auto`: else the default kernels; `on`: else refused in one
+    line), with `off` never. The check is deterministic on a CPU (no timing: where oneDNN keeps float32 it is the faster
+    path, docs/results.md "Speed"). Prints the decision and why in one line and returns it, "on" or "off", for the run's
+    `args.json`. (`onednn` True / False: a run saved before `auto`, as "on" / "off".)"""
     mode = ("on" if onednn else "off") if isinstance(onednn, bool) else onednn
     if mode not in ("auto", "on", "off"):
         raise UsageError(f"--onednn-matmul takes auto, on or off (got {mode!r})")
@@ -300,17 +291,14 @@ def apply_matmul_flags(precision: str, onednn: str | bool, device: torch.device,
     elif mode == "auto" and precision != "highest":
         why = f"--float32-matmul-precision {precision} sets the CPU's matmul kernels"
     elif mode != "off":
-        err, t_default, t_onednn = measure_onednn(tuple(shapes) or ONEDNN_SHAPES, timed=mode == "auto")
+        err = measure_onednn(tuple(shapes) or ONEDNN_SHAPES, timed=False)[0]
         if not err <= ONEDNN_TOL:
             if mode == "on":
                 raise UsageError(f"--onednn-matmul on: oneDNN would not compute in float32 on this CPU (relative deviation "
                                  f"{err:.1e} from the default kernels, over {ONEDNN_TOL:g}); use --onednn-matmul off")
             why = f"oneDNN would not compute in float32 on this CPU: relative deviation {err:.1e} > {ONEDNN_TOL:g}"
         else:
-            speed = "" if mode == "on" else f"; {1e3 * t_onednn:.1f} ms vs {1e3 * t_default:.1f} ms on the run's layers"
-            use = mode == "on" or t_onednn <= ONEDNN_GAIN * t_default
-            why = f"float32 kept: relative deviation {err:.1e} <= {ONEDNN_TOL:g}{speed}" + (
-                "" if use else f", not {1 / ONEDNN_GAIN:.2g}x faster")
+            use, why = True, f"float32 kept: relative deviation {err:.1e} <= {ONEDNN_TOL:g} on the run's layers"
     if use:
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's path for float32 inputs; float32 here, as checked
     decided = "on" if use else "off"
@@ -325,21 +313,6 @@ def compile_sampling(fn: Callable[..., Any], device: torch.device) -> Callable[.
     import torch._inductor.config as inductor_config
     inductor_config.fallback_random = True
     return torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def adam_kernel(fused: bool) -> dict[str, bool | None]:
-    """Pre-training's AdamW implementation (keyword arguments of `torch.optim.AdamW`): the multi-tensor one (default; the
-    per-tensor loop's update bit for bit) or, with `--fused-adam`, the fused kernel (the same update up to rounding)."""
-    return dict(foreach=None, fused=True) if fused else dict(foreach=True, fused=None)
-
-
-def flush_denormals(enabled: bool) -> None:
-    """Pre-training's `--flush-denormal` (on by default): float denormals (magnitudes below 1.2e-38) computed as zero on
-    the CPU, process-wide (`torch.set_flush_denormal`; set either way, so one run does not leak into the next in the
-    same process). Adam's moments of weights whose gradients vanish decay into denormals, which x86 CPUs compute 5-25x
-    slower (docs/results.md "Pre-training"); no other value changes."""
-    if not torch.set_flush_denormal(enabled) and enabled:
-        print("--flush-denormal: this CPU cannot flush denormals (no SSE3); left as is")
 
 
 def args_dict(args: Any) -> dict[str, Any]:
@@ -543,12 +516,6 @@ def check_output_path(path: str | None, flag: str = "--output") -> None:
 def policy_header(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The part of a checkpoint that describes the policy (everything but weights and training state)."""
     return {k: ckpt[k] for k in (*HEADER_KEYS, *OPTIONAL_HEADER_KEYS) if k in ckpt}
-
-
-def release_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What fine-tuning reads from a pre-training checkpoint: header, normalisation, arguments and
-    the EMA weights (no optimiser, no training weights); about a quarter of the full file."""
-    return {**policy_header(ckpt), "args": ckpt.get("args", {}), "ema": ckpt["ema"]}
 
 
 def finetune_checkpoint(header: dict[str, Any], args: Any, modules: dict[str, nn.Module],
@@ -1075,17 +1042,6 @@ def optimizer_with_schedule(module: nn.Module, lr: float, lr_min: float, cycle_i
     cosine schedule (`cosine_annealing_warmup`; constant when lr_min == lr)."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_annealing_warmup(lr, lr_min, cycle_itr, warmup_itr))
-
-
-def warmup_then_cosine(lr: float, lr_min: float, warmup: int, total: int) -> Callable[[int], float]:
-    """Pre-training LambdaLR factor per epoch: linear warm-up over `warmup` epochs, then cosine from
-    `lr` to `lr_min` over the remaining `total - warmup` epochs."""
-    def f(epoch: int) -> float:
-        if epoch < warmup:
-            return (epoch + 1) / warmup
-        progress = (epoch - warmup) / max(1, total - warmup)
-        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
-    return f
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import runs
+from common import pretraining, runs
 from common.envs import evaluate, make_vec_env
 from common.tasks import Task, missing_packages
 from loaders.datasets import WindowDataset, load_task_dataset
@@ -38,12 +38,12 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # results.md
-                                                 runs.mlp_shapes(args.pretrain_batch_size, args.mlp_dims))  # "Speed"
+                                                 pretraining.mlp_shapes(args.pretrain_batch_size, args.mlp_dims))  # "Speed"
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)
     policy = make_policy().to(device)
     ema = copy.deepcopy(policy).requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = runs.warmup_then_cosine(args.learning_rate, args.min_lr, args.warmup_epochs, args.n_epochs)
+    schedule = pretraining.warmup_then_cosine(args.learning_rate, args.min_lr, args.warmup_epochs, args.n_epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
@@ -95,7 +95,7 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     bar.close()
     if args.output:  # the release form: what fine-tuning reads
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        runs.save_checkpoint(args.output, runs.release_checkpoint(torch.load(run.checkpoint, map_location="cpu",
+        runs.save_checkpoint(args.output, pretraining.release_checkpoint(torch.load(run.checkpoint, map_location="cpu",
                                                                              weights_only=True)))
     if can_simulate:
         eval_envs.close()

@@ -1,5 +1,5 @@
 """`--onednn-matmul auto|on|off` (`common.runs.apply_matmul_flags`): oneDNN's float32 matmuls taken by default only
-where a start-up check on the run's own layer shapes finds them float32 and faster. The check's measurements
+where a start-up check on the run's own layer shapes finds them float32. The check's measurements
 (`runs.measure_onednn`) are replaced here by fixed values, so no test depends on the CPU that runs it."""
 
 import json
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import dppo_finetune as ft
-from common import runs
+from common import pretraining, runs
 from common.errors import UsageError
 
 CPU = torch.device("cpu")
-FT = dict(env_id="avoid-m2", n_train_itr=1, num_envs=2, n_steps=5, val_freq=0, plot=False, seed=0)
+FT = dict(env_id="avoid-m2", n_train_itr=1, n_critic_warmup_itr=0, num_envs=2, n_steps=5, val_freq=0, plot=False, seed=0)
 
 
 @pytest.fixture
@@ -35,24 +35,24 @@ def measured(monkeypatch, err: float, t_default: float = 1.0, t_onednn: float = 
     return calls
 
 
-def test_auto_takes_onednn_where_it_stays_float32_and_is_faster(monkeypatch, capsys, restore_matmul_precision):
-    calls = measured(monkeypatch, 1.2e-6, 1.0, 0.5)
+def test_auto_takes_onednn_where_it_stays_float32(monkeypatch, capsys, restore_matmul_precision):
+    """Whatever its speed (a timing would make the choice differ between two runs on one machine): not timed."""
+    calls = measured(monkeypatch, 1.2e-6, 1.0, 2.0)
     assert runs.apply_matmul_flags("highest", "auto", CPU, ((40, 512, 512),)) == "on"
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # torch's switch that routes float32 to oneDNN
-    assert calls == [(((40, 512, 512),), True)]
+    assert calls == [(((40, 512, 512),), False)]
     line = capsys.readouterr().out.strip()
-    assert line.startswith("--onednn-matmul auto: on (oneDNN kernels; float32 kept: relative deviation 1.2e-06")
-    assert "500.0 ms vs 1000.0 ms" in line and "\n" not in line
+    assert line == ("--onednn-matmul auto: on (oneDNN kernels; float32 kept: relative deviation 1.2e-06 <= 1e-05 on the "
+                    "run's layers)")
 
 
-@pytest.mark.parametrize("err, t_onednn, why", [(3.1e-3, 0.5, "oneDNN would not compute in float32 on this CPU: "
-                                                                "relative deviation 3.1e-03 > 1e-05"),
-                                                 (float("nan"), 0.5, "would not compute in float32"),
-                                                 (1.2e-6, 0.95, "not 1.1x faster")])
-def test_auto_keeps_the_default_kernels_otherwise(err, t_onednn, why, monkeypatch, capsys, restore_matmul_precision):
-    """Not float32 (bf16 inputs on AMX CPUs; a NaN deviation counts as not float32), or float32 but not faster: off,
-    the default kernels untouched, and the line says why."""
-    measured(monkeypatch, err, 1.0, t_onednn)
+@pytest.mark.parametrize("err, why", [(3.1e-3, "oneDNN would not compute in float32 on this CPU: relative deviation "
+                                                "3.1e-03 > 1e-05"),
+                                      (float("nan"), "would not compute in float32")])
+def test_auto_keeps_the_default_kernels_otherwise(err, why, monkeypatch, capsys, restore_matmul_precision):
+    """Not float32 (bf16 inputs on AMX CPUs; a NaN deviation counts as not float32): off, the default kernels
+    untouched, and the line says why."""
+    measured(monkeypatch, err)
     assert runs.apply_matmul_flags("highest", "auto", CPU) == "off"
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"
     line = capsys.readouterr().out.strip()
@@ -106,9 +106,9 @@ def test_the_run_layer_shapes():
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     assert runs.linear_shapes((40, 500, 40), net, torch.nn.Linear(3, 8)) == (
         (40, 3, 8), (40, 8, 8), (500, 3, 8), (500, 8, 8))
-    assert runs.mlp_shapes(128, (64, 64, 32)) == ((128, 64, 64), (128, 64, 32))
-    assert runs.mlp_shapes(128, (64,)) == ((128, 64, 64),)
-    assert runs.mlp_shapes(128, None) == runs.ONEDNN_SHAPES
+    assert pretraining.mlp_shapes(128, (64, 64, 32)) == ((128, 64, 64), (128, 64, 32))
+    assert pretraining.mlp_shapes(128, (64,)) == ((128, 64, 64),)
+    assert pretraining.mlp_shapes(128, None) == runs.ONEDNN_SHAPES
 
 
 def test_the_decision_is_recorded_and_off_changes_no_number(tmp_path, monkeypatch, restore_matmul_precision):
@@ -145,8 +145,9 @@ def test_a_resumed_run_keeps_its_decision_unless_told(tmp_path, monkeypatch, cap
     capsys.readouterr()
     resumed = ft.main(ft.Args(resume=first["run_dir"], n_train_itr=2, onednn_matmul="off"))
     assert "resume: --onednn-matmul off (the run had on)" in capsys.readouterr().out
-    with open(os.path.join(resumed["run_dir"], "args.json")) as f:
-        assert json.load(f)["onednn_matmul"] == "off"
+    with open(os.path.join(resumed["run_dir"], "resumes.jsonl")) as f:  # args.json keeps how the run started
+        assert json.loads(f.read().splitlines()[-1])["changed"]["onednn_matmul"] == "off"
+    assert torch.load(resumed["checkpoint"], weights_only=True)["args"]["onednn_matmul"] == "off"
 
 
 def test_onednn_check_benchmark_code_path(capsys, restore_matmul_precision):

@@ -11,7 +11,8 @@ import torch
 
 import dppo_pretrain as pt
 from common.errors import UsageError
-from common.runs import seed_everything, warmup_then_cosine
+from common.pretraining import warmup_then_cosine
+from common.runs import seed_everything
 from common.tasks import get_task
 from loaders.datasets import WindowDataset, load_task_dataset, save_train_npz
 

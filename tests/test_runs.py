@@ -11,8 +11,9 @@ import torch
 
 from common import runs
 from common.errors import DatasetError, NonFiniteError, UsageError
+from common.pretraining import release_checkpoint
 from common.runs import (CHECKPOINT_FORMAT, apply_defaults, check_finite, check_output_path, load_checkpoint, new_run_dir,
-                         refuse_flags, release_checkpoint, resume_args, save_checkpoint, script_name)
+                         refuse_flags, resume_args, save_checkpoint, script_name)
 
 
 @dataclasses.dataclass
