@@ -155,6 +155,9 @@ def fill_defaults(args: Args) -> dict:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
     filled = runs.apply_defaults(args, defaults)
     runs.check_args(args)  # every number within the Limits of its field
+    if task.suite == "furniture" and args.eval_every:  # Isaac Gym's envs are made by the fine-tuning scripts only
+        raise runs.UsageError(f"--eval-every {args.eval_every}: furniture pre-training runs no evaluation rollouts; drop "
+                              "it and evaluate the checkpoint with python -m sims.furniture dppo_finetune.py --eval-only")
     if any(not d > 0 for d in (*(args.mlp_dims or ()), *(args.cond_mlp_dims or ()), *(args.unet_dim_mults or ()))):
         raise runs.UsageError("--mlp-dims, --cond-mlp-dims and --unet-dim-mults take positive widths")
     allowed = UNET_ACTIVATIONS if unet else tuple(ACTIVATIONS)
@@ -339,6 +342,8 @@ def main(args: Args) -> dict:
         rows = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
 
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if is_main and args.eval_every and missing_packages(task):  # said once; pre-training goes on without them
+        print(f"no evaluation rollouts: {task.id} needs {' and '.join(missing_packages(task))}, which is not installed")
     if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
         raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
                               "simulator)")
