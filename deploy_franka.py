@@ -60,7 +60,7 @@ ROBOT_OBS_DIM, POSE_DIM, ACTION_DIM = 16, 7, 10
 MAX_CLIP_PRINTS = 5
 WORKSPACE_MARGIN = 0.02  # [m] how far tracking may overshoot the box before the robot is stopped
 GRASP_MARGIN = 0.02 - 0.001  # furniture-bench's `grasp_margin` (its sim env's step), against open/close chatter
-Positive = runs.POSITIVE
+Positive, Angle = runs.POSITIVE, runs.Limits(0, math.pi, strict=True)  # an angle in (0, π]
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Args:
     dry_run: bool = False  # read the robot, run the policy, print every command instead of sending it
     yes: bool = False  # skip the confirmation prompt before the first motion
     # controller (docs/deployment.md "What the script does each control period")
-    control_hz: Annotated[float, Positive] = 10.0  # control rate: one pose of the chunk per period (furniture: 10 Hz)
+    control_hz: Annotated[float, runs.Limits(0.1, 1000.0)] = 10.0  # one pose per period (furniture: 10 Hz; torque loop: 1 kHz)
     act_steps: Annotated[int | None, Positive] = None  # T_e: poses of each chunk that are sent (None: the checkpoint's)
     max_steps: Annotated[int | None, Positive] = None  # control steps of the episode (None: the task's episode, else 100)
     deterministic: bool = True  # sample without exploration noise (DDPM σ floor 1e-3, DDIM η = 0, Gaussian/GMM mean)
@@ -90,9 +90,9 @@ class Args:
     workspace_max: tuple[float, float, float] = (0.80, 0.40, 0.60)  # upper corner of the end-effector box [m]
     max_speed: Annotated[float, Positive] = 0.25  # [m/s]: steps <= max_speed/control_hz; a measured speed > 2x stops the arm
     max_step: Annotated[float, Positive] = 0.03  # largest translation between the measured position and a commanded one [m]
-    max_rotation_step: Annotated[float, Positive] = 0.3  # largest rotation between the measured and a commanded pose [rad]
+    max_rotation_step: Annotated[float, Angle] = 0.3  # largest rotation between the measured and a commanded pose [rad]
     gripper_force: Annotated[float, Positive] = 10.0  # grasping force [N]
-    max_gripper_force: Annotated[float, Positive] = 20.0  # upper bound on --gripper-force [N] (the Franka Hand holds 70 N)
+    max_gripper_force: Annotated[float, runs.Limits(0, 70.0, strict=True)] = 20.0  # bound on --gripper-force [N] (Hand: 70)
     gripper_speed: Annotated[float, Positive] = 0.1  # finger speed [m/s]
 
 
@@ -307,6 +307,9 @@ def check_args(args: Args) -> None:
     runs.check_args(args)  # every number within the Limits of its field
     if args.gripper_force > args.max_gripper_force:
         raise runs.UsageError(f"--gripper-force {args.gripper_force} exceeds --max-gripper-force {args.max_gripper_force}")
+    if not np.isfinite([*args.workspace_min, *args.workspace_max]).all():  # an infinite corner would be no box at all
+        raise runs.UsageError(f"--workspace-min {args.workspace_min} and --workspace-max {args.workspace_max} take finite "
+                              "corners [m]")
     if not all(lo < hi for lo, hi in zip(args.workspace_min, args.workspace_max)):
         raise runs.UsageError(f"--workspace-min {args.workspace_min} must be below --workspace-max "
                               f"{args.workspace_max} on every axis")

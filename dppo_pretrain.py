@@ -156,6 +156,9 @@ def fill_defaults(args: Args) -> dict:
         defaults.update(PAPER_RECIPES.get(task.suite, {}))
     filled = runs.apply_defaults(args, defaults)
     runs.check_args(args)  # every number within the Limits of its field
+    if task.suite == "furniture" and args.eval_every:  # Isaac Gym's envs are made by the fine-tuning scripts only
+        raise runs.UsageError(f"--eval-every {args.eval_every}: furniture pre-training runs no evaluation rollouts; drop "
+                              "it and evaluate the checkpoint with python -m sims.furniture dppo_finetune.py --eval-only")
     allowed = UNET_ACTIVATIONS if unet else tuple(ACTIVATIONS)
     if args.activation not in allowed:
         raise runs.UsageError(f"--activation {args.activation}: one of {', '.join(allowed)}")
@@ -365,6 +368,8 @@ def main(args: Args) -> dict:
         runs.check_resume_budget(args.resume, start_epoch, args.n_epochs, "--n-epochs", "epochs",  # nothing written yet
                                  left=f"--output {args.output}" if args.output and not os.path.isfile(args.output) else None)
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if is_main and args.eval_every and missing_packages(task):  # said once; pre-training goes on without them
+        print(f"no evaluation rollouts: {task.id} needs {' and '.join(missing_packages(task))}, which is not installed")
     if args.capture_video and not (not missing_packages(task) and task.suite != "furniture" and args.eval_every):
         raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
                               "simulator)")

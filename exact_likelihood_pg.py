@@ -94,7 +94,7 @@ class Args:
     min_sampling_denoising_std: Annotated[float, Positive] = 0.1  # σ^exp_min, the sampling std floor
     randn_clip_value: Annotated[float, Positive] = 3.0  # the sampling noise is clamped to ± this
     sde_eps: Annotated[float, runs.Limits(1e-12, 0.5)] = 1e-4  # start time ε of the probability-flow ODE
-    sde_step_size: Annotated[float, Positive] = 0.05  # Euler step of the ODE on t in [ε, 1]
+    sde_step_size: Annotated[float, runs.Limits(1e-6, 1.0)] = 0.05  # Euler step of the ODE on t in [ε, 1] (at least ~1/K)
     sde_min_beta: Annotated[float, Positive] = 1e-10  # lower clamp of the SDE's β
     sde_beta_scale: Annotated[float, Positive] = 1.0  # β(t) = scale·β_round(t·K) (1: the reference; K: all the DDPM's noise)
     sde_num_probes: Annotated[int, Positive] = 2  # Rademacher probes of Hutchinson's divergence estimator

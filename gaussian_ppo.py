@@ -409,6 +409,9 @@ def main(args: Args) -> dict:
     if args.from_scratch and resume is None:  # App. B.2: random init, identity normalisation, T_a = T_e = 1
         if args.checkpoint:
             raise runs.UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
+        if task.suite != "gym":  # App. B.2 is MuJoCo locomotion; the other suites start from a pre-trained policy
+            raise runs.UsageError(f"--from-scratch runs gymnasium ids (e.g. Hopper-v5), not the {task.suite} task "
+                                  f"{task.id}: pre-train it ({HINT.format(task.id)}) and fine-tune with --checkpoint")
         env = gym.make(task.env_name)
         low, high = env.action_space.low, env.action_space.high
         env.close()
@@ -418,6 +421,7 @@ def main(args: Args) -> dict:
         net = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, args.std_min, args.std_max)
         ckpt = {**checkpoint_header(args, task, arch, Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high),
                                     [args.std_min, args.std_max]), "ema": net.state_dict()}
+        ckpt_path = "--from-scratch"  # where the weights come from, as load errors name it
     elif args.checkpoint is None and resume is None:
         raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {HINT.format(task.id)}, "
                                 "or use --from-scratch)")

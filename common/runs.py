@@ -371,8 +371,10 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
     are converted in memory by the module `conversion()` returns (`loaders.convert`): the script hands it over, so that
     the run plumbing never loads the conversion and a run from this project's checkpoints never does either."""
     if path in PAPER_CHECKPOINTS:  # the reference's published pre-trained policy of the task, downloaded once
-        if task is None:
-            raise UsageError(f"--checkpoint {path} needs the task (--env-id)")
+        if task is None:  # a script without --env-id (deploy_franka.py) takes the converted file
+            kind = "" if path == "paper" else " --kind diffusion_unet"
+            raise UsageError(f"--checkpoint {path}: this script takes a checkpoint file; convert the reference's first, "
+                             f"e.g. python -m loaders.convert paper --env-id one-leg-low{kind}, and give the file it writes")
         if policy in ("gmm", None) or (policy != "diffusion" and path != "paper"):
             raise UsageError(f"--checkpoint {path}: the reference publishes no {policy} policy this project's network can "
                              f"load; pre-train one: {pretrain_command}")
@@ -387,9 +389,8 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
         raise DatasetError(f"checkpoint {path!r} is not a readable DPPO checkpoint ({type(e).__name__})") from None
     if is_reference_checkpoint(ckpt):  # a checkpoint of irom-princeton/dppo: converted in memory
         if task is None or conversion is None:
-            raise DatasetError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)" if task is None
-                               else f"{path!r} is a reference checkpoint; convert it first: python -m loaders.convert "
-                               f"{path} --env-id {task.id}")
+            raise DatasetError(f"{path!r} is a reference checkpoint; convert it first: python -m loaders.convert "
+                               f"{path} --env-id {task.id if task else 'TASK'}")
         ckpt = conversion().load_reference(path, ckpt, task)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DatasetError(f"checkpoint {path!r} is not a DPPO checkpoint (no format {CHECKPOINT_FORMAT!r})")

@@ -35,6 +35,9 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     """`make_policy()`: the policy, built after seeding; `nll(policy, obs, actions)`: the minibatch's loss;
     `sample(policy, cond, deterministic, randn_clip)`: evaluation actions; `header(normalizer)`: the checkpoint header.
     Returns the run folder, the checkpoint, the per-epoch losses and the last evaluation."""
+    if task.suite == "furniture" and args.eval_every:  # Isaac Gym's envs are made by the fine-tuning scripts only
+        raise runs.UsageError(f"--eval-every {args.eval_every}: furniture pre-training runs no evaluation rollouts; drop "
+                              "it and evaluate the checkpoint with the fine-tuning script's --eval-only")
     trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # results.md
@@ -47,6 +50,8 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     can_simulate = not missing_packages(task) and task.suite != "furniture" and args.eval_every
+    if args.eval_every and missing_packages(task):  # said once; pre-training goes on without them
+        print(f"no evaluation rollouts: {task.id} needs {' and '.join(missing_packages(task))}, which is not installed")
     if args.capture_video and not can_simulate:
         raise runs.UsageError("--capture-video records evaluation rollouts, and this run has none (--eval-every 0 or no "
                               "simulator)")

@@ -186,7 +186,7 @@ def test_the_run_plumbing_converts_only_through_the_conversion_it_is_handed(tmp_
     """`common.runs` never imports `loaders`: without `conversion` a reference checkpoint is refused in one line naming
     the fix (the task, or the converter command), and `--checkpoint paper` too."""
     path = str(write_reference(tmp_path, "hopper_mlp"))
-    with pytest.raises(DatasetError, match=r"is a reference checkpoint: converting it needs the task \(--env-id\)"):
+    with pytest.raises(DatasetError, match=f"convert it first: python -m loaders.convert {path} --env-id TASK"):
         runs.load_checkpoint(path, None, "")  # deploy_franka.py and resumed runs pass no task
     with pytest.raises(DatasetError, match=f"convert it first: python -m loaders.convert {path} --env-id hopper"):
         runs.load_checkpoint(path, "diffusion", "", get_task("hopper"))

@@ -195,10 +195,12 @@ def test_deploy_and_collect_declare_their_limits():
     from scripts import collect_dataset
     limits = declared_limits(deploy_franka.Args)
     assert {k for k, v in limits.items() if v is runs.POSITIVE} == {
-        "control_hz", "act_steps", "max_steps", "max_speed", "max_step", "max_rotation_step", "gripper_speed",
-        "gripper_force", "max_gripper_force", "translational_stiffness", "rotational_stiffness", "ddim_steps",
-        "torch_threads"}
+        "act_steps", "max_steps", "max_speed", "max_step", "gripper_speed", "gripper_force", "translational_stiffness",
+        "rotational_stiffness", "ddim_steps", "torch_threads"}
     assert limits["seed"] is runs.SEED
+    assert limits["control_hz"] == runs.Limits(0.1, 1000.0)  # franky's torque loop runs at 1 kHz
+    assert limits["max_rotation_step"] == runs.Limits(0, math.pi, strict=True)
+    assert limits["max_gripper_force"] == runs.Limits(0, 70.0, strict=True)  # what the Franka Hand holds
     limits = declared_limits(collect_dataset.Args)
     assert {k for k, v in limits.items() if v is runs.POSITIVE} == {"n_env_steps", "num_envs", "act_steps", "n_workers"}
     assert limits["seed"] == runs.Limits(0, 2**32 - 1)  # numpy's seed range
