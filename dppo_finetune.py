@@ -148,8 +148,6 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
-    if not args.eval_only:
-        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     if task.suite != "furniture":
         runs.refuse_flags(args, ("obs_noise_std", "action_noise_std"),
                           f"is a Furniture-Bench sim-to-real option; {task.id} has none")
@@ -170,8 +168,9 @@ def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> No
             f"{args.ddim_steps} DDIM steps" if args.use_ddim else f"checkpoint's K = {K}"))
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
-    if not args.eval_only:  # a sample is an (env-step, denoising-step) pair
+    if not args.eval_only:  # the run can do its work; a sample is an (env-step, denoising-step) pair
         runs.check_minibatch(args.batch_size, args.n_steps, args.num_envs, K_ft)
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
