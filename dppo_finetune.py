@@ -148,6 +148,8 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
         args.batch_size = filled["batch_size"] = args.n_steps * args.num_envs * args.ft_denoising_steps // 2
     runs.check_args(args)  # every number within the Limits of its field
+    if not args.eval_only:  # the actor steps at least once
+        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
     if task.suite != "furniture":
         runs.refuse_flags(args, ("obs_noise_std", "action_noise_std"),
                           f"is a Furniture-Bench sim-to-real option; {task.id} has none")
@@ -158,9 +160,8 @@ def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> No
     """T_a from the checkpoint unless given, the furniture UNet's batch; the flags checked against the network."""
     K, K_ft = ckpt["denoising_steps"], args.ft_denoising_steps
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
-    if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:
-        args.batch_size = FURNITURE_UNET_BATCH[task.env_name]
-        print(f"{task.id} UNet default: batch_size={args.batch_size}")
+    if task.suite == "furniture" and ckpt["backbone"] == "unet" and "batch_size" in filled:  # printed with the defaults
+        args.batch_size = filled["batch_size"] = FURNITURE_UNET_BATCH[task.env_name]
     if args.use_ddim and K % args.ddim_steps:
         raise runs.UsageError(f"DDIM with {args.ddim_steps} steps needs K divisible by it (checkpoint K = {K})")
     if K_ft > (args.ddim_steps if args.use_ddim else K):  # DDIM fine-tunes the last K' of its ddim_steps
@@ -168,9 +169,8 @@ def fill_from_checkpoint(args: Args, task: Task, ckpt: dict, filled: dict) -> No
             f"{args.ddim_steps} DDIM steps" if args.use_ddim else f"checkpoint's K = {K}"))
     if args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {args.horizon_steps}")
-    if not args.eval_only:  # the run can do its work; a sample is an (env-step, denoising-step) pair
+    if not args.eval_only:  # a sample is an (env-step, denoising-step) pair
         runs.check_minibatch(args.batch_size, args.n_steps, args.num_envs, K_ft)
-        runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
 
 
 def cosine_beta_schedule(K: int, s: float = 0.008) -> torch.Tensor:
@@ -378,11 +378,11 @@ def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) ->
 def main(args: Args) -> dict:
     resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id))  # the run's own arguments
     task, filled = fill_defaults(args)
-    runs.print_defaults(task.id, filled)  # a resumed run's own arguments are complete: nothing
     args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
     ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
                                       conversion=lambda: importlib.import_module("loaders.convert"))
     fill_from_checkpoint(args, task, ckpt, filled)
+    runs.print_defaults(task.id, filled)  # a resumed run's own arguments are complete: nothing
     K_ft, T_o, T_a, T_e, N = args.ft_denoising_steps, ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
 

@@ -126,6 +126,8 @@ def check_args(args: Any) -> None:
             why = None if isinstance(x, bool) or not isinstance(x, (int, float)) else limits.refusal(x)
             if why:
                 raise UsageError(f"--{f.name.replace('_', '-')} {why} (got {value})")
+            if limits.inf_ok and x == math.inf:
+                print(f"--{f.name.replace('_', '-')} inf: no limit")
 
 
 def check_number(flag: str, value: float, limits: Limits) -> None:
@@ -913,6 +915,11 @@ class Run:
         run folder opens (`RunFolder`), on resume once the budget is checked (`check_resume_budget`)."""
         from tqdm import tqdm
 
+        left = range(self.start_itr, n_train_itr)  # an evaluation iteration takes no update: one must be left
+        if left and self.eval_deterministic and self.val_freq > 0 and all(itr % self.val_freq == 0 for itr in left):
+            raise UsageError(f"--n-train-itr {n_train_itr} with --val-freq {self.val_freq}: every iteration left is an "
+                             f"evaluation without an update on {self.task.id}, so the policy would never train; raise "
+                             "--n-train-itr, or --val-freq (0: evaluate only after the last iteration)")
         if self.resumed:
             final_written = any(int(r["iteration"]) >= self.start_itr
                                 for r in read_eval_rows(os.path.join(str(self.resume_dir), "eval.csv")))

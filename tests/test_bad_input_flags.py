@@ -151,12 +151,15 @@ def help_of_each_flag(module_name: str, capsys, monkeypatch) -> dict[str, str]:
 def test_inf_is_accepted_only_where_help_says_no_limit(module_name, capsys, monkeypatch):
     helps = help_of_each_flag(module_name, capsys, monkeypatch)
     for name, is_int, is_tuple in numeric_fields(module_name):
+        capsys.readouterr()
         try:
             runs.check_args(with_value(module_name, name, math.inf, is_tuple))
             takes_inf = True
         except UsageError:
             takes_inf = False
         assert takes_inf == ("inf: no limit" in helps[name]), (name, helps[name])
+        if takes_inf:  # and a run says so when it starts
+            assert f"--{name.replace('_', '-')} inf: no limit" in capsys.readouterr().out
 
 
 # ---- every script and tool checks its numbers before any work

@@ -21,6 +21,7 @@ import qsm
 from benchmarks.finetune_iteration import random_checkpoint
 from common.envs import evaluate
 from common.envs import EVAL_STREAM, TRAINING_STREAM, own_rng, stream_seed
+from common.errors import UsageError
 from common.tasks import Task
 from common.vecenv import MultiStep, SyncChunkVecEnv
 from tests.test_common import Counter
@@ -103,21 +104,33 @@ def test_evaluate_draws_from_its_own_stream_of_each_index():
 # ---- the scripts ----
 
 def test_first_rows_agree_across_the_diffusion_scripts_and_eval_only(hopper_checkpoint):
-    """Iteration 0 evaluates (val_freq 1, no update in the run); the row is the same in all eight scripts, whatever
+    """Iteration 0 evaluates (val_freq 2, before any update); the row is the same in all eight scripts, whatever
     critics each built before it, and each script's --eval-only of the checkpoint gives it again. The final row
-    evaluates the same weights with index 1: other noise, another return."""
+    (after iteration 1's update) evaluates with index 2: other noise, another return."""
     first = {}
     for m in SCRIPTS:
-        out = m.main(m.Args(checkpoint=hopper_checkpoint, n_train_itr=1, val_freq=1, n_steps=3, plot=False,
+        out = m.main(m.Args(checkpoint=hopper_checkpoint, n_train_itr=2, val_freq=2, n_steps=3, plot=False,
                             exp_name=m.__name__, **HOPPER, **TINY[m]))
-        rows = _rows(out)
-        assert [(r["iteration"], r["mode"]) for r in rows] == [("0", "deterministic"), ("1", "deterministic")]
+        rows = [r for r in _rows(out) if r["mode"] == "deterministic"]
+        assert [r["iteration"] for r in rows] == ["0", "2"]
         assert int(rows[0]["n_episodes"]) > 0 and rows[1]["return_mean"] != rows[0]["return_mean"]
         first[m.__name__] = rows[0]
         ev = m.main(m.Args(checkpoint=hopper_checkpoint, eval_only=True, **HOPPER,
                            **({"num_sample": 1} if m is idql else {})))["eval"]["deterministic"]
         assert float(rows[0]["return_mean"]) == ev["return_mean"] and int(rows[0]["n_episodes"]) == ev["n_episodes"]
     assert all(r == first["dppo_finetune"] for r in first.values()), first
+
+
+def test_a_run_that_would_only_evaluate_is_refused_before_writing(hopper_checkpoint, tmp_path, monkeypatch, capsys):
+    """On a task evaluated deterministically an evaluation iteration takes no update: a budget whose every iteration is
+    one (iteration 0 with val_freq 10, every iteration with val_freq 1) would end with the policy unchanged."""
+    monkeypatch.chdir(tmp_path)
+    for n_train_itr, val_freq in ((1, 10), (3, 1)):
+        with pytest.raises(UsageError, match=f"--n-train-itr {n_train_itr} with --val-freq {val_freq}: every iteration "
+                                             "left is an evaluation without an update on hopper"):
+            dppo_finetune.main(dppo_finetune.Args(checkpoint=hopper_checkpoint, n_train_itr=n_train_itr, val_freq=val_freq,
+                                                  n_steps=3, plot=False, **HOPPER, **TINY[dppo_finetune]))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_avoid_iteration_0_rows_agree_across_the_diffusion_scripts(tmp_path, monkeypatch):
