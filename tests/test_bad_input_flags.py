@@ -36,15 +36,15 @@ MODULES = ("dppo_pretrain", "dppo_pretrain_pixel", "dppo_finetune", "dppo_finetu
 POSITIVE = {  # > 0 and finite; no upper bound (a huge count only costs time, a huge rate diverges and is stopped by
     # runs.check_finite); the bounds set by another flag (act_steps <= horizon_steps, ...) are the scripts' own checks
     "act_steps", "action_grad_norm_coef", "action_gradient_steps", "action_lr", "actor_lr", "actor_lr_min", "batch_size",
-    "buffer_size", "clip_coef", "clip_coef_base", "clip_coef_rate", "cond_mlp_dims", "cond_steps", "control_hz",
+    "buffer_size", "clip_coef", "clip_coef_base", "clip_coef_rate", "cond_mlp_dims", "cond_steps",
     "critic_lr", "critic_update_ratio", "ddim_steps", "denoising_steps", "ema_every", "embed_dim", "eval_n_steps",
     "ft_denoising_steps", "grad_accumulate", "gripper_force", "gripper_speed", "horizon_steps", "jobs", "learning_rate",
-    "logprob_batch_size", "lr_cycle_itr", "max_episode_steps", "max_gripper_force", "max_rotation_step", "max_speed",
+    "logprob_batch_size", "lr_cycle_itr", "max_episode_steps", "max_speed",
     "max_step", "max_steps", "min_actor_updates", "min_logprob_denoising_std", "min_lr", "min_sampling_denoising_std",
     "mlp_dims", "n_demos", "n_emb", "n_env_steps", "n_epochs", "n_eval_envs", "n_heads", "n_layers", "n_modes", "n_steps",
     "n_train_itr", "n_workers", "num_envs", "num_heads", "num_sample", "pretrain_batch_size", "pretrain_save_every",
     "q_grad_coeff", "randn_clip_value", "replay_ratio", "reward_scale", "rotational_stiffness", "save_every",
-    "sde_beta_scale", "sde_min_beta", "sde_num_probes", "sde_step_size", "spatial_emb", "std_init", "std_max", "std_min",
+    "sde_beta_scale", "sde_min_beta", "sde_num_probes", "spatial_emb", "std_init", "std_max", "std_min",
     "time_dim", "torch_threads", "translational_stiffness", "unet_dim", "unet_dim_mults", "unet_groupnorm_eps",
     "update_chunk", "update_epochs"}
 NO_LIMIT = {"max_grad_norm", "max_weight", "target_kl"}  # > 0; inf: no limit (said in --help)
@@ -54,7 +54,10 @@ NON_NEGATIVE = {"action_noise_std", "bc_coef", "beta", "ema_start_epoch", "eta",
 FRACTION = {"critic_tau", "ema_decay", "expectile", "gae_lambda", "gamma", "gamma_denoising", "sample_weight",
             "target_ema_rate", "td_alpha", "td_lambda"}  # in [0, 1] (the EMA rates of a target network in (0, 1])
 RATES = {"critic_tau", "target_ema_rate"}  # 0 would leave the target network where it started
-BOUNDED = {"seed": (0, 2**31 - 1), "sde_eps": (1e-12, 0.5)}  # seed 0 is valid; collect_dataset's seed goes to 2**32 - 1
+BOUNDED = {"seed": (0, 2**31 - 1), "sde_eps": (1e-12, 0.5),  # seed 0 is valid; collect_dataset's seed goes to 2**32 - 1
+           "sde_step_size": (1e-6, 1.0), "control_hz": (0.1, 1000.0),  # a step of the ODE's [0, 1]; the arm's loop rate
+           "max_rotation_step": (0, math.pi), "max_gripper_force": (0, 70.0)}  # (0, high]: 0 would never move or grip
+OPEN_AT_ZERO = {"max_rotation_step", "max_gripper_force"}
 ANY_FINITE = {"workspace_min", "workspace_max"}  # coordinates [m], negative ones included; min < max is deploy's check
 PROBES = ("nan", "inf", "-inf", "zero", "negative", "too-large")
 REQUIRED = {"deploy_franka": dict(checkpoint="x.pt", robot="fake"), "scripts.collect_dataset": dict(checkpoint="x.pt",
@@ -77,7 +80,7 @@ def accepted(name: str) -> set[str]:
     if name in FRACTION:
         return set() if name in RATES else {"zero"}
     if name in BOUNDED:
-        return {"zero"} if BOUNDED[name][0] == 0 else set()
+        return {"zero"} if BOUNDED[name][0] == 0 and name not in OPEN_AT_ZERO else set()
     if name in ANY_FINITE:
         return {"zero", "negative", "too-large"}
     raise AssertionError(f"--{name.replace('_', '-')}: a numeric flag without a range in this test's specification")

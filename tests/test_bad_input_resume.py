@@ -24,7 +24,7 @@ from common import runs
 from common.errors import DatasetError
 
 PT = dict(env_id="avoid-m2", eval_every=0, seed=0, mlp_dims=(64, 64, 64), batch_size=128)
-FT = dict(env_id="avoid-m2", num_envs=2, n_steps=5, val_freq=1, plot=False, seed=0)
+FT = dict(env_id="avoid-m2", num_envs=2, n_steps=5, val_freq=1, n_critic_warmup_itr=0, plot=False, seed=0)
 STALE = "checkpoint.pt.k3j_x9a1.tmp"  # what a save killed mid-write leaves (save_checkpoint's mkstemp pattern)
 NOT_STALE = ("checkpoint.pt.tmp", "notes.tmp", "other.pt.abcd1234.tmp", "checkpoint.pt.abcd1234.tmp.bak")
 

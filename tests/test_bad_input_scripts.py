@@ -117,9 +117,9 @@ def test_deploy_reference_checkpoint_file_names_the_converter(monkeypatch, capsy
     ("max_rotation_step", 4.0, r"--max-rotation-step must be in \(0, 3.14"),
     ("max_rotation_step", 0.0, r"--max-rotation-step must be in \(0, 3.14"),
     ("max_gripper_force", 100.0, r"--max-gripper-force must be in \(0, 70.0\]"),
-    ("workspace_min", (-INF, -INF, -INF), "take finite corners"),
-    ("workspace_max", (INF, 0.4, 0.6), "take finite corners"),
-    ("workspace_min", (NAN, -0.4, 0.02), "take finite corners"),
+    ("workspace_min", (-INF, -INF, -INF), "--workspace-min must be a finite number"),
+    ("workspace_max", (INF, 0.4, 0.6), "--workspace-max must be a finite number"),
+    ("workspace_min", (NAN, -0.4, 0.02), "--workspace-min must be a finite number"),
 ])
 def test_deploy_numbers_out_of_range_are_refused_before_the_arm_moves(field, value, match, tmp_path):
     """An infinite corner used to disable the workspace box, and --control-hz 1e9 to command huge velocities."""
