@@ -66,6 +66,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py), e.g. avoid-m2, hopper, lift
     dataset: str | None = None  # a demonstration file, minari:<id> or paper (None: the task's; formats: README "Tasks")
+    max_n_episodes: Annotated[int | None, Positive] = None  # pre-train on the dataset's first N episodes (App. B.2; None: all)
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -333,7 +334,7 @@ def main(args: Args) -> dict:
         runs.print_defaults(task.id, filled)
 
     # Data: windows inside trajectories, min-max normalised to [-1, 1] (checked before anything is written).
-    trajs, normalizer = load_task_dataset(task, args.dataset)  # the reference's normalization.npz when beside a train.npz
+    trajs, normalizer = load_task_dataset(task, args.dataset, max_n_episodes=args.max_n_episodes)  # the reference's statistics
     if resume_ckpt is not None:
         normalizer = Normalizer.from_state_dict(resume_ckpt["normalization"])
     data = WindowDataset(trajs, normalizer, args.horizon_steps, args.cond_steps, device=device)

@@ -46,7 +46,7 @@ from common.envs import evaluate
 from common.vision import VisionDiffusionNet
 from common.normalizer import Normalizer
 from common.tasks import get_task
-from loaders.datasets import load_task_dataset
+from loaders.datasets import first_episodes, load_task_dataset
 from sims.robomimic import PixelChunkVecEnv, camera_names
 
 Positive, NonNegative, Fraction = runs.POSITIVE, runs.NON_NEGATIVE, runs.FRACTION
@@ -69,7 +69,8 @@ class Args:
     save_every: Annotated[int, Positive] = 50  # epochs between checkpoints
     # algorithm (the reference's cfg/robomimic/pretrain/*/pre_diffusion_{mlp,unet}_img.yaml; None: TASK_DEFAULTS below)
     backbone: Literal["mlp", "unet"] = "mlp"  # head of the ViT encoder: `mlp` (VisionDiffusionMLP) or `unet` (VisionUnet1D)
-    n_demos: Annotated[int | None, Positive] = 100  # use the first n demonstrations (reference `max_n_episodes`; None: all)
+    n_demos: Annotated[int | None, Positive] = 100  # the data: the file's first n demos (reference `--n 100`; None: all)
+    max_n_episodes: Annotated[int | None, Positive] = None  # pre-train on the data's first N episodes (App. B.2; None: all)
     denoising_steps: Annotated[int, Positive] = 100  # K: DDPM steps (100, for DDIM fine-tuning)
     horizon_steps: Annotated[int | None, Positive] = None  # T_a (None: the task's; transport UNet 16)
     cond_steps: Annotated[int, Positive] = 1  # T_o (proprio and images)
@@ -234,8 +235,12 @@ class PixelWindows:
             yield {"state": self.state[o], "rgb": self.images[o]}, self.actions[self.act_idx[idx]]
 
 
-def load_pixel_dataset(task, path: str | None, n_demos: int | None) -> tuple[list[dict], Normalizer]:
-    """The task's demonstrations with images, checked: uint8 (N, 3·cameras, H, W), one frame per action."""
+def load_pixel_dataset(task, path: str | None, n_demos: int | None,
+                       max_n_episodes: int | None = None) -> tuple[list[dict], Normalizer]:
+    """The task's demonstrations with images, checked: uint8 (N, 3·cameras, H, W), one frame per action. The data is
+    the file's first `n_demos`, normalised with their min/max (the reference made its image data from robomimic's
+    first 100 demos, `dataset_states_to_obs.py --n 100`, and computed its normalization.npz on them); `max_n_episodes`
+    then trains on the first N of those with that normalisation (the reference's `max_n_episodes`)."""
     trajs, normalizer = load_task_dataset(task, path)
     reference_stats = path is not None and os.path.basename(path) == "train.npz" and os.path.exists(
         os.path.join(os.path.dirname(os.path.abspath(path)), "normalization.npz"))
@@ -260,7 +265,8 @@ def load_pixel_dataset(task, path: str | None, n_demos: int | None) -> tuple[lis
             t["images"] = img.astype(np.uint8)
     if n_demos is not None and len(trajs) < n_demos:
         print(f"dataset has {len(trajs)} demonstrations (fewer than --n-demos {n_demos}); using all")
-    return trajs, normalizer
+    cut = f" (--n-demos {n_demos})" if n_demos is not None and len(trajs) == n_demos else ""
+    return first_episodes(trajs, max_n_episodes, f"{path or 'the dataset'}{cut}"), normalizer
 
 
 def main(args: Args) -> dict:
@@ -273,7 +279,7 @@ def main(args: Args) -> dict:
                                                  pretraining.mlp_shapes(args.batch_size, args.mlp_dims))
     pretraining.flush_denormals(args.flush_denormal)
 
-    trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos)
+    trajs, normalizer = load_pixel_dataset(task, args.dataset, args.n_demos, args.max_n_episodes)
     image_hw = tuple(int(s) for s in trajs[0]["images"].shape[2:])
     data = PixelWindows(trajs, normalizer, args.horizon_steps, args.cond_steps, device)
     arch = network_arch(args, task, image_hw)

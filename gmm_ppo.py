@@ -103,6 +103,7 @@ class Args:
     randn_clip_value: Annotated[float, Positive] = 3.0  # sampling noise clamp: actions stay within μ ± 3σ
     # pre-training (optimiser, schedule and EMA of dppo_pretrain.py)
     n_epochs: Annotated[int | None, Positive] = None  # passes over the dataset (None: per task)
+    max_n_episodes: Annotated[int | None, Positive] = None  # pre-train on the dataset's first N episodes (App. B.2; None: all)
     pretrain_batch_size: Annotated[int | None, Positive] = None  # minibatch (None: gym 128, robomimic/furniture 256)
     learning_rate: Annotated[float | None, Positive] = None  # peak learning rate (None: per task)
     min_lr: Annotated[float | None, Positive] = None  # end of the cosine schedule (None: per task)

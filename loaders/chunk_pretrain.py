@@ -38,7 +38,7 @@ def pretrain(args: Any, task: Task, make_policy: Callable[[], nn.Module],
     if task.suite == "furniture" and args.eval_every:  # Isaac Gym's envs are made by the fine-tuning scripts only
         raise runs.UsageError(f"--eval-every {args.eval_every}: furniture pre-training runs no evaluation rollouts; drop "
                               "it and evaluate the checkpoint with the fine-tuning script's --eval-only")
-    trajs, normalizer = load_task_dataset(task, args.dataset)  # checked before anything is written
+    trajs, normalizer = load_task_dataset(task, args.dataset, max_n_episodes=args.max_n_episodes)  # checked before writing
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)
     args.onednn_matmul = runs.apply_matmul_flags(args.float32_matmul_precision, args.onednn_matmul, device,  # results.md
                                                  pretraining.mlp_shapes(args.pretrain_batch_size, args.mlp_dims))  # "Speed"

@@ -10,7 +10,8 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
 `load_task_dataset` also returns the `common.normalizer.Normalizer` to train with (paper App. D.4): the reference's
 statistics beside its normalised `train.npz`, else the data's min/max; a paper dataset without its statistics, or data
-that is normalised already (`looks_normalised`) with none beside it, is refused, never normalised twice. `WindowDataset`:
+that is normalised already (`looks_normalised`) with none beside it, is refused, never normalised twice; with
+`max_n_episodes` it keeps the first N trajectories only (`first_episodes`: the reference's cut). `WindowDataset`:
 the pre-training windows (paper App. D.1). Opening, format checks and downloads: `loaders/files.py`.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import DatasetError
+from common.errors import DatasetError, UsageError
 from common.normalizer import Normalizer
 from loaders.files import REPO_ROOT, download, npz_array, one_line, open_hdf5, open_npz, read_normalization, require_key
 
@@ -351,10 +352,12 @@ def load_task_trajectories(task: Any, path: str | None = None, n_demos: int | No
     return _load_checked(task, path, n_demos)[1]
 
 
-def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = None) -> tuple[list[Traj], Normalizer]:
+def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = None,
+                      max_n_episodes: int | None = None) -> tuple[list[Traj], Normalizer]:
     """`load_task_trajectories` and the normalisation to pre-train with: the reference's `normalization.npz` when it
     sits beside a `train.npz` (the statistics the reference normalises that dataset with, so a policy trained here sees
-    the observations a reference policy saw), else the min/max of the trajectories."""
+    the observations a reference policy saw), else the min/max of the trajectories. `max_n_episodes`: only the first
+    N trajectories are returned (`first_episodes`), normalised with the statistics of the whole dataset."""
     path, trajs = _load_checked(task, path, n_demos)
     folder = os.path.dirname(os.path.abspath(path))
     found = [os.path.join(folder, n) for n in ("normalization.npz", "normalization.pth")
@@ -362,7 +365,7 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
     if os.path.basename(path) != "train.npz" or not found:
         normalizer = Normalizer.from_trajectories(trajs)
         _refuse_normalised(path, task, normalizer)
-        return trajs, normalizer
+        return first_episodes(trajs, max_n_episodes, path), normalizer
     # The reference's layout (script/dataset/process_robomimic_dataset.py, get_d4rl_dataset.py, process_d3il_dataset.py):
     # train.npz holds states and actions already normalised, 2·(x − min)/(max − min + 1e-6) − 1, with normalization.npz;
     # furniture's with a LinearNormalizer normalization.pth, 2·(x − min)/(max − min) − 1
@@ -385,7 +388,28 @@ def load_task_dataset(task: Any, path: str | None = None, n_demos: int | None = 
             scale = stats[hi] - stats[lo] + eps
             t[key] = ((t[key].astype(np.float64) + 1) / 2 * scale + stats[lo]).astype(np.float32)
     print(f"dataset in the reference's normalised layout; statistics: {beside}")
-    return trajs, normalizer
+    return first_episodes(trajs, max_n_episodes, path), normalizer
+
+
+def first_episodes(trajs: list[Traj], n: int | None, source: str) -> list[Traj]:
+    """The first `n` trajectories as loaded, in the file's order (after the loaders' own filters: D4RL and Minari keep
+    the positive-return episodes), None: all of them. The reference's `max_n_episodes`
+    (irom-princeton/dppo, agent/dataset/sequence.py, `StitchedSequenceDataset`: `traj_lengths[:n]` and the rows they
+    span, not a random sample), the paper's expert-data ablation (App. B.2, Fig. A5). The normalisation is left to the
+    caller, which computes it on the whole dataset before this cut: the reference normalises with the
+    `normalization.npz` its pre-processing scripts computed over the whole file, so every N of an ablation sees the
+    same observation scale. More than `source` holds is refused, where the reference silently takes all: a run
+    recorded as N episodes must have trained on N."""
+    if n is None:
+        return trajs
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # trajs[:-2] would silently drop the last two
+        raise UsageError(f"--max-n-episodes must be a whole number > 0 (got {n!r})")
+    if n > len(trajs):
+        raise UsageError(f"--max-n-episodes {n}: {source} has {len(trajs)} episodes; pass at most {len(trajs)} "
+                         "(or leave --max-n-episodes out for all of them)")
+    if n < len(trajs):
+        print(f"pre-training on the first {n} of the {len(trajs)} episodes of {source} (normalised as all {len(trajs)})")
+    return trajs[:n]
 
 
 NORMALISED_TOL = 1e-3

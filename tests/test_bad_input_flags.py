@@ -41,6 +41,7 @@ POSITIVE = {  # > 0 and finite; no upper bound (a huge count only costs time, a 
     "ft_denoising_steps", "grad_accumulate", "gripper_force", "gripper_speed", "horizon_steps", "jobs", "learning_rate",
     "logprob_batch_size", "lr_cycle_itr", "max_episode_steps", "max_speed",
     "max_step", "max_steps", "min_actor_updates", "min_logprob_denoising_std", "min_lr", "min_sampling_denoising_std",
+    "max_n_episodes",
     "mlp_dims", "n_demos", "n_emb", "n_env_steps", "n_epochs", "n_eval_envs", "n_heads", "n_layers", "n_modes", "n_steps",
     "n_train_itr", "n_workers", "num_envs", "num_heads", "num_sample", "pretrain_batch_size", "pretrain_save_every",
     "q_grad_coeff", "randn_clip_value", "replay_ratio", "reward_scale", "rotational_stiffness", "save_every",

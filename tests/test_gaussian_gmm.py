@@ -304,7 +304,7 @@ def test_declares_its_limits(module):
                 "torch_threads", "eval_n_steps", "actor_lr", "actor_lr_min", "critic_lr", "lr_cycle_itr", "clip_coef",
                 "randn_clip_value", "horizon_steps", "cond_steps", "n_emb", "n_heads", "n_layers", "std_init", "std_min",
                 "std_max", "n_epochs", "pretrain_batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs",
-                "pretrain_save_every", "mlp_dims"} | ({"n_modes"} if module is gmm else set())
+                "pretrain_save_every", "mlp_dims", "max_n_episodes"} | ({"n_modes"} if module is gmm else set())
     assert {k for k, v in limits.items() if v is runs.POSITIVE} == positive
     assert {k for k, v in limits.items() if v is runs.POSITIVE_OR_INF} == {"target_kl", "max_grad_norm"}
     assert {k for k, v in limits.items() if v is runs.FRACTION} == {"gamma", "gae_lambda", "ema_decay"}

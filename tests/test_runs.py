@@ -162,11 +162,11 @@ def declared_limits(args_type: type) -> dict:
 POSITIVE_BEFORE = {  # the check_positive lists these scripts had before their Limits were declared on the fields
     "dppo_pretrain": {"denoising_steps", "horizon_steps", "cond_steps", "time_dim", "unet_dim", "unet_groupnorm_eps",
                       "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every", "n_eval_envs", "save_every",
-                      "torch_threads", "mlp_dims", "cond_mlp_dims", "unet_dim_mults"},  # widths: each entry
+                      "torch_threads", "mlp_dims", "cond_mlp_dims", "unet_dim_mults", "max_n_episodes"},  # widths: each entry
     "dppo_pretrain_pixel": {"denoising_steps", "horizon_steps", "cond_steps", "time_dim", "embed_dim", "num_heads",
                             "spatial_emb", "unet_dim", "n_epochs", "batch_size", "learning_rate", "min_lr", "ema_every",
                             "n_eval_envs", "n_workers", "save_every", "torch_threads", "n_demos", "mlp_dims",
-                            "unet_dim_mults"},
+                            "unet_dim_mults", "max_n_episodes"},
 }
 
 
