@@ -421,8 +421,8 @@ def test_killed_finetuning_leaves_a_loadable_checkpoint(w: World, tmp_path):
     assert len(leftovers) <= 1 and all(re.fullmatch(r"checkpoint\.pt\..+\.tmp", os.path.basename(t)) for t in leftovers)
 
 
-@pytest.mark.parametrize("module", ["dppo_pretrain", "dppo_finetune", "gaussian_ppo", "gmm_ppo", "drwr", "dawr",
-                                    "exact_likelihood_pg", "dipo", "dql", "idql", "qsm"])
+@pytest.mark.parametrize("module", ["dppo_pretrain", "dppo_finetune", "dppo_critic_ablation", "gaussian_ppo", "gmm_ppo",
+                                    "drwr", "dawr", "exact_likelihood_pg", "dipo", "dql", "idql", "qsm"])
 def test_state_scripts_refuse_pixel_tasks_in_one_line(module):
     """A pixel task (camera observations) given to a script of state observations names the pixel scripts."""
     import importlib

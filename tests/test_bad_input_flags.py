@@ -28,8 +28,8 @@ from common.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "checkpoints", "avoid-m2_diffusion.pt")  # Avoid M2, MLP, T_a = 4, K = 20
-MODULES = ("dppo_pretrain", "dppo_pretrain_pixel", "dppo_finetune", "dppo_finetune_pixel", "gaussian_ppo", "gmm_ppo",
-           "drwr", "dawr", "dipo", "idql", "dql", "qsm", "exact_likelihood_pg", "deploy_franka",
+MODULES = ("dppo_pretrain", "dppo_pretrain_pixel", "dppo_finetune", "dppo_critic_ablation", "dppo_finetune_pixel",
+           "gaussian_ppo", "gmm_ppo", "drwr", "dawr", "dipo", "idql", "dql", "qsm", "exact_likelihood_pg", "deploy_franka",
            "scripts.collect_dataset", "scripts.baselines_comparison", "scripts.avoid_comparison")
 
 # ---- the specification: what each flag accepts (by name; the same name means the same range in every script)
@@ -225,10 +225,11 @@ def test_warmup_rule():
         runs.check_warmup(5, 5)
 
 
-WARMUP = ("dppo_finetune", "dppo_finetune_pixel", "gaussian_ppo", "gmm_ppo", "exact_likelihood_pg", "dawr", "dipo",
-          "dql", "idql", "qsm")  # every script with a critic warm-up (in iterations in all of them)
+WARMUP = ("dppo_finetune", "dppo_critic_ablation", "dppo_finetune_pixel", "gaussian_ppo", "gmm_ppo", "exact_likelihood_pg",
+          "dawr", "dipo", "dql", "idql", "qsm")  # every script with a critic warm-up (in iterations in all of them)
 GRADIENT_STEPS = ("dawr", "dipo", "dql", "idql", "qsm")  # int(n_steps·num_envs / batch_size · replay_ratio) updates
-MINIBATCH = ("dppo_finetune", "gaussian_ppo", "gmm_ppo", "exact_likelihood_pg")  # PPO minibatches (pixel: below)
+MINIBATCH = ("dppo_finetune", "dppo_critic_ablation", "gaussian_ppo", "gmm_ppo",
+             "exact_likelihood_pg")  # PPO minibatches (pixel: below)
 GRADIENT_STEPS_LINE = "^no gradient step per iteration: --n-steps 1 x --num-envs 2 / --batch-size 1000 x --replay-ratio 1"
 
 
@@ -291,7 +292,7 @@ def test_a_minibatch_larger_than_the_iteration_is_refused(module_name, tmp_path,
     """2 envs x 1 step = 2 samples (DPPO: x K' 10 = 20 pairs) and a minibatch of one more: the same line everywhere."""
     ckpt = request.getfixturevalue("gaussian_checkpoints")[module_name] if module_name in ("gaussian_ppo", "gmm_ppo") \
         else SHIPPED
-    pairs = 20 if module_name == "dppo_finetune" else 2
+    pairs = 20 if module_name in ("dppo_finetune", "dppo_critic_ablation") else 2
     _refused_before_a_run_folder(module_name, rf"^--batch-size {pairs + 1} exceeds the {pairs} samples of one iteration "
                                  r"\(--n-steps 1 x --num-envs 2" + (r" x K' 10\)" if pairs == 20 else r"\)"),
                                  tmp_path, monkeypatch, env_id="avoid-m2", checkpoint=ckpt, num_envs=2, n_steps=1,

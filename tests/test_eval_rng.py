@@ -11,6 +11,7 @@ import torch
 
 import dawr
 import dipo
+import dppo_critic_ablation
 import dppo_finetune
 import dppo_pretrain as pt
 import dql
@@ -26,17 +27,19 @@ from common.tasks import Task
 from common.vecenv import MultiStep, SyncChunkVecEnv
 from tests.test_common import Counter
 
-SCRIPTS = (dppo_finetune, drwr, dawr, exact_likelihood_pg, dipo, idql, dql, qsm)
+SCRIPTS = (dppo_finetune, dppo_critic_ablation, drwr, dawr, exact_likelihood_pg, dipo, idql, dql, qsm)
 # per script: what keeps a tiny run valid (batch within one iteration, a small buffer); IDQL: one candidate, so no
 # selection by its untrained critic (evaluation: argmax; training on Avoid: a multinomial draw, off with exploration)
 # (the off-policy scripts' critic warm-up, 5 iterations by default, off: a 1-iteration run must be one the actor may step in)
 NO_WARMUP = dict(n_critic_warmup_itr=0)
-TINY = {dppo_finetune: dict(batch_size=6), drwr: dict(batch_size=6), dawr: dict(batch_size=6, buffer_size=40),
+TINY = {dppo_finetune: dict(batch_size=6), dppo_critic_ablation: dict(batch_size=6, critic="q"), drwr: dict(batch_size=6),
+        dawr: dict(batch_size=6, buffer_size=40),
         exact_likelihood_pg: dict(batch_size=6), dipo: dict(batch_size=6, buffer_size=40, **NO_WARMUP),
         idql: dict(batch_size=6, buffer_size=40, num_sample=1, use_expectile_exploration=False, **NO_WARMUP),
         dql: dict(batch_size=6, buffer_size=40, **NO_WARMUP), qsm: dict(batch_size=6, buffer_size=40, **NO_WARMUP)}
 # Avoid: one iteration of 4 envs x 25 chunk-steps, and few updates after it
-AVOID = {dppo_finetune: dict(batch_size=100, **NO_WARMUP), drwr: {}, dawr: dict(buffer_size=40),
+AVOID = {dppo_finetune: dict(batch_size=100, **NO_WARMUP), dppo_critic_ablation: dict(batch_size=100, critic="q", **NO_WARMUP),
+         drwr: {}, dawr: dict(buffer_size=40),
          exact_likelihood_pg: {}, dipo: dict(batch_size=50, replay_ratio=1, **NO_WARMUP),
          idql: dict(buffer_size=40, batch_size=20, replay_ratio=1, num_sample=1, use_expectile_exploration=False, **NO_WARMUP),
          dql: dict(batch_size=50, replay_ratio=1, **NO_WARMUP),
@@ -104,7 +107,7 @@ def test_evaluate_draws_from_its_own_stream_of_each_index():
 # ---- the scripts ----
 
 def test_first_rows_agree_across_the_diffusion_scripts_and_eval_only(hopper_checkpoint):
-    """Iteration 0 evaluates (val_freq 2, before any update); the row is the same in all eight scripts, whatever
+    """Iteration 0 evaluates (val_freq 2, before any update); the row is the same in all nine scripts, whatever
     critics each built before it, and each script's --eval-only of the checkpoint gives it again. The final row
     (after iteration 1's update) evaluates with index 2: other noise, another return."""
     first = {}
@@ -134,7 +137,7 @@ def test_a_run_that_would_only_evaluate_is_refused_before_writing(hopper_checkpo
 
 
 def test_avoid_iteration_0_rows_agree_across_the_diffusion_scripts(tmp_path, monkeypatch):
-    """On Avoid the rows are the training rollouts' (App. D.8): iteration 0's are the same in all eight scripts,
+    """On Avoid the rows are the training rollouts' (App. D.8): iteration 0's are the same in all nine scripts,
     since each seeds its training stream from `stream_seed(seed, TRAINING_STREAM)` after building its networks."""
     monkeypatch.chdir(tmp_path)
     pre = pt.main(pt.Args(env_id="avoid-m2", n_epochs=3, eval_every=0, seed=0, mlp_dims=(64, 64, 64), batch_size=128,

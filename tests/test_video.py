@@ -99,7 +99,7 @@ def test_eval_only_videos_go_to_a_new_run_folder(tmp_path, monkeypatch):
     assert len(glob.glob("runs/*")) == 1  # without --capture-video eval-only still writes nothing
 
 
-SCRIPTS = ["dppo_finetune", "drwr", "dawr", "exact_likelihood_pg", "dipo", "idql", "dql", "qsm"]
+SCRIPTS = ["dppo_finetune", "dppo_critic_ablation", "drwr", "dawr", "exact_likelihood_pg", "dipo", "idql", "dql", "qsm"]
 
 
 class _Made(Exception):
