@@ -10,7 +10,7 @@ with the current critic, regresses V on them, recomputes the targets with the up
 
 | paper | here | shape / value |
 |---|---|---|
-| K | `denoising_steps` (from the checkpoint) | 20 |
+| K | `denoising_steps` (from the checkpoint) | 20 (10 from scratch) |
 | T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
 | γ, λ | `gamma`, `td_lambda` | 0.99, 0.95 |
 | α (step of the target towards the λ-return) | `td_alpha` | 0.95 |
@@ -33,6 +33,7 @@ Avoid run size and the gym config's method settings; furniture is refused. Where
 from the paper's Table A8: batch 1000 (Table A8: 256); robomimic critic replay ratio 64/4 = 16 (Table A8: 4);
 γ of the TD targets 0.99 on robomimic (Table A8: 0.999); Transport's actor LR constant 1e-5 (Table A8: decayed
 to 1e-6) and σ^exp_min 0.1 (Table A8: 0.08). The buffer sizes agree (5000 x 40 gym, 3000 x 50 robomimic).
+`--from-scratch` (App. B.2) starts from a random network with `cfg/gym/scratch/hopper-v2/awr_diffusion_mlp.yaml`.
 
 Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("dawr.py").
 """
@@ -63,6 +64,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py)
     checkpoint: str | None = None  # pre-trained (or whole-network fine-tuned) checkpoint (None: the task's built-in one)
+    from_scratch: bool = False  # a random ε-network instead, K = 10 (App. B.2; SCRATCH_DEFAULTS): no checkpoint
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -96,8 +98,8 @@ class Args:
     lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
     reward_scale: Annotated[float | None, Positive] = None  # factor on the rewards stored in the buffer
     buffer_size: Annotated[int | None, Positive] = None  # C, the FIFO buffer's length in vector steps
-    batch_size: Annotated[int, Positive] = 1000  # samples per gradient step (actor and critic)
-    replay_ratio: Annotated[int, Positive] = 64  # actor steps per iteration = int(n_steps·N / batch_size · replay_ratio)
+    batch_size: Annotated[int | None, Positive] = None  # samples per gradient step (actor and critic)
+    replay_ratio: Annotated[int | None, Positive] = None  # actor steps per iteration = int(n_steps·N / batch_size · this)
     critic_update_ratio: Annotated[int, Positive] = 4  # critic steps per iteration = actor steps // critic_update_ratio
     beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised advantage)
     max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights (inf: no limit)
@@ -114,17 +116,21 @@ class Args:
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, actor_lr=1e-4, lr_cycle_itr=1000,
-                reward_scale=0.01, buffer_size=5000, n_critic_warmup_itr=0),
+                reward_scale=0.01, buffer_size=5000, n_critic_warmup_itr=0, batch_size=1000, replay_ratio=64),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, actor_lr=1e-5,
-                      lr_cycle_itr=1000, reward_scale=1.0, buffer_size=3000, n_critic_warmup_itr=2),
+                      lr_cycle_itr=1000, reward_scale=1.0, buffer_size=3000, n_critic_warmup_itr=2, batch_size=1000,
+                      replay_ratio=64),
     # no reference config: DPPO's Avoid run size, the gym config's method settings
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, actor_lr=1e-4, reward_scale=0.01,
-                  buffer_size=5000, n_critic_warmup_itr=0),
+                  buffer_size=5000, n_critic_warmup_itr=0, batch_size=1000, replay_ratio=64),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
     "square": dict(n_steps=400, n_train_itr=201), "transport": dict(n_steps=400, n_train_itr=201),
 }
+# From scratch (App. B.2): the reference's cfg/gym/scratch/hopper-v2/awr_diffusion_mlp.yaml (K = 10)
+SCRATCH_DEFAULTS = {"hopper": dict(SUITE_DEFAULTS["gym"], num_envs=10, n_steps=1000, buffer_size=100000, batch_size=256,
+                                   replay_ratio=128, horizon_steps=1, act_steps=1)}
 
 
 def fill_defaults(args: Args) -> dict:
@@ -135,8 +141,9 @@ def fill_defaults(args: Args) -> dict:
     if task.suite not in SUITE_DEFAULTS:
         raise runs.UsageError(f"{task.id}: the reference has no DAWR config for {task.suite} (and Isaac Gym is not "
                               "installable)")
-    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                        "act_steps": task.act_steps})
+    defaults = (runs.scratch_defaults(SCRATCH_DEFAULTS, task.id, args.checkpoint, HINT.format(task.id)) if args.from_scratch
+                else {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {})})
+    filled = runs.apply_defaults(args, {"act_steps": task.act_steps, **defaults})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
     n_batch = int(args.n_steps * args.num_envs / args.batch_size * args.replay_ratio)  # actor steps per iteration
@@ -245,9 +252,12 @@ def main(args: Args) -> dict:
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
-    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                      conversion=lambda: importlib.import_module("loaders.convert"))
+    if args.from_scratch:  # App. B.2: a random ε-network, K = 10 (or the resumed run's)
+        ckpt, ckpt_path = runs.open_scratch(resume, args.resume, task, args.horizon_steps, 10, args.seed)
+    else:
+        args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+        ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_o, T_a, T_e, N, C = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.buffer_size
     if T_e > T_a:

@@ -11,7 +11,7 @@ TD next actions and evaluation all come from the EMA target actor (reference `DI
 
 | paper | here | shape / value |
 |---|---|---|
-| K | `denoising_steps` (from the checkpoint) | 20; all K steps run the one trainable network |
+| K | `denoising_steps` (from the checkpoint) | 20 (10 from scratch); all K steps run the one trainable network |
 | T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
 | a (buffer) | `buf["action"]` | (buffer_size, T_a, D_a), normalised; the first T_e were executed |
 | s, s' | `buf["obs"]`, `buf["next_obs"]` | (buffer_size, T_o, D_o), normalised; s' = final obs at an end |
@@ -22,7 +22,8 @@ TD next actions and evaluation all come from the EMA target actor (reference `DI
 | replay ratio | `replay_ratio` | updates per iteration = n_steps·N / batch_size × replay_ratio |
 
 Defaults: the reference's configs (`cfg/{gym,robomimic}/finetune/*/ft_dipo_diffusion_mlp.yaml`); Avoid has none
-and takes DPPO's Avoid run size with the gym config's DIPO settings.
+and takes DPPO's Avoid run size with the gym config's DIPO settings. `--from-scratch` (App. B.2) starts from a random
+network with `cfg/gym/scratch/hopper-v2/dipo_diffusion_mlp.yaml` (SCRATCH_DEFAULTS).
 Deviations from the reference implementation (irom-princeton/dppo) and from Table A8: docs/deviations.md.
 """
 
@@ -56,6 +57,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py)
     checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    from_scratch: bool = False  # a random ε-network instead, K = 10 (App. B.2; SCRATCH_DEFAULTS): no checkpoint
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -87,7 +89,7 @@ class Args:
     lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
     lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
     buffer_size: Annotated[int, Positive] = 1_000_000  # replay buffer capacity in transitions (chunk-steps)
-    batch_size: Annotated[int, Positive] = 1000  # transitions per critic / actor update
+    batch_size: Annotated[int | None, Positive] = None  # transitions per critic / actor update
     replay_ratio: Annotated[int | None, Positive] = None  # updates per iteration = n_steps·N / batch_size × this
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations in which only the critic learns
     target_ema_rate: Annotated[float, runs.RATE] = 0.005  # τ of the EMA target critic and actor, in (0, 1]
@@ -107,14 +109,17 @@ class Args:
 # The reference's DIPO fine-tuning configs (paper App. D.3, D.9); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
-                replay_ratio=64, n_critic_warmup_itr=5, reward_scale=0.01),
+                replay_ratio=64, n_critic_warmup_itr=5, reward_scale=0.01, batch_size=1000),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=300, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-5,
-                      replay_ratio=16, n_critic_warmup_itr=2, reward_scale=1.0),
+                      replay_ratio=16, n_critic_warmup_itr=2, reward_scale=1.0, batch_size=1000),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-4,
-                  replay_ratio=64, n_critic_warmup_itr=5, reward_scale=0.01),
+                  replay_ratio=64, n_critic_warmup_itr=5, reward_scale=0.01, batch_size=1000),
 }
 TASK_DEFAULTS = {"lift": dict(n_critic_warmup_itr=5), "square": dict(n_steps=400),
                  "transport": dict(n_steps=400, n_train_itr=201)}
+# From scratch (App. B.2): the reference's cfg/gym/scratch/hopper-v2/dipo_diffusion_mlp.yaml (K = 10)
+SCRATCH_DEFAULTS = {"hopper": dict(SUITE_DEFAULTS["gym"], num_envs=10, n_steps=1000, replay_ratio=128, n_critic_warmup_itr=0,
+                                   batch_size=256, horizon_steps=1, act_steps=1)}
 
 
 def fill_defaults(args: Args) -> dict:
@@ -124,8 +129,9 @@ def fill_defaults(args: Args) -> dict:
     args.env_id = task.id
     if task.suite not in SUITE_DEFAULTS:
         raise runs.UsageError(f"{METHOD}.py has no {task.suite} setup (the reference has no DIPO config for it)")
-    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                        "act_steps": task.act_steps})
+    defaults = (runs.scratch_defaults(SCRATCH_DEFAULTS, task.id, args.checkpoint, HINT.format(task.id)) if args.from_scratch
+                else {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {})})
+    filled = runs.apply_defaults(args, {"act_steps": task.act_steps, **defaults})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
     if not args.eval_only:
@@ -299,9 +305,12 @@ def main(args: Args) -> dict:
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
-    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                      conversion=lambda: importlib.import_module("loaders.convert"))
+    if args.from_scratch:  # App. B.2: a random ε-network, K = 10 (or the resumed run's)
+        ckpt, ckpt_path = runs.open_scratch(resume, args.resume, task, args.horizon_steps, 10, args.seed)
+    else:
+        args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+        ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_a, T_e, N, B = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs, args.batch_size
     D_a = task.action_dim

@@ -1,14 +1,13 @@
 """DPPO: fine-tuning a pre-trained diffusion policy with PPO (Ren et al., ICLR 2025, §4, App. D.4, D.9).
 
-The denoising process is an inner MDP inside each environment step (§4.1): every denoising step
-x_t -> x_{t-1} of the last K' steps is an action with a Gaussian likelihood, and the whole chain
-shares the environment-step advantage, discounted by γ_denoise per denoising step (eq. 4.5–4.7).
-The first K - K' steps run the frozen pre-trained network; the last K' run `actor_ft`, a trainable
-copy. The critic V(s) sees only the environment observation (eq. 4.8).
+The denoising process is an inner MDP inside each environment step (§4.1): every denoising step x_t -> x_{t-1} of the
+last K' steps is an action with a Gaussian likelihood, and the whole chain shares the environment-step advantage,
+discounted by γ_denoise per denoising step (eq. 4.5–4.7). The first K - K' steps run the frozen pre-trained network; the
+last K' run `actor_ft`, a trainable copy. The critic V(s) sees only the environment observation (eq. 4.8).
 
 | paper | here | shape / value |
 |---|---|---|
-| K | `denoising_steps` (from the checkpoint) | 20 state, 100 pixel/furniture |
+| K | `denoising_steps` (from the checkpoint) | 20 state, 100 pixel/furniture; `--from-scratch` (App. B.2): K' |
 | K' | `ft_denoising_steps` | 10 (DDIM: `ddim_steps` = 5, all fine-tuned) |
 | T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
 | γ_env, λ | `gamma`, `gae_lambda` | |
@@ -17,11 +16,9 @@ copy. The critic V(s) sees only the environment observation (eq. 4.8).
 | chain | `chain_buf` | (n_steps, N, K'+1, T_a, D_a): the input of the first fine-tuned step and every output after it |
 | obs | `obs_buf` | (n_steps, N, T_o, D_o), normalised |
 
-One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over all
-n_steps·N·K' of them (eqs. 4.5-4.7, reference `PPODiffusion.loss`). Log-probs are element-wise Normal
-densities clamped to [-5, 2], restricted to the executed T_e actions and averaged (eq. 4.4).
-
-Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md.
+One PPO sample is an (env-step, denoising-step) pair; minibatches are drawn over all n_steps·N·K' of them (eqs. 4.5-4.7,
+reference `PPODiffusion.loss`). Log-probs are element-wise Normal densities clamped to [-5, 2], restricted to the
+executed T_e actions and averaged (eq. 4.4). Deviations from the reference (irom-princeton/dppo): docs/deviations.md.
 """
 
 from __future__ import annotations
@@ -51,6 +48,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py)
     checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    from_scratch: bool = False  # a random ε-network instead, K = K' (App. B.2, Fig. A6; SCRATCH_DEFAULTS): no checkpoint
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -127,13 +125,14 @@ SUITE_DEFAULTS = {
                   actor_lr=1e-5, batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
 }
-TASK_DEFAULTS = {
-    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
-    "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
-    "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
-    "one-leg-low": dict(n_steps=88, batch_size=17600), "one-leg-med": dict(n_steps=88),
-}
+TASK_DEFAULTS = {"lift": dict(n_train_itr=81), "can": dict(n_train_itr=151), "one-leg-low": dict(n_steps=88, batch_size=17600),
+                 "square": dict(n_steps=400, batch_size=10000, n_train_itr=201), "one-leg-med": dict(n_steps=88),
+                 "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5)}
 FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}  # cfg/furniture/finetune/*_unet.yaml
+# From scratch: the reference's cfg/gym/scratch/{hopper,walker2d,halfcheetah}-v2/ppo_diffusion_mlp.yaml (K = K' = 10)
+SCRATCH_DEFAULTS = {t: dict(SUITE_DEFAULTS["gym"], n_train_itr=n, num_envs=10, n_steps=1000, batch_size=5000, update_epochs=10,
+                            gamma_denoising=1.0, clip_coef=0.1, clip_coef_base=0.1, lr_cycle_itr=1000, horizon_steps=1,
+                            act_steps=1) for t, n in (("hopper", 301), ("walker2d", 501), ("halfcheetah", 501))}
 
 
 def fill_defaults(args: Args) -> tuple[Task, dict]:
@@ -141,8 +140,9 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
-    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                        "act_steps": task.act_steps})
+    defaults = (runs.scratch_defaults(SCRATCH_DEFAULTS, task.id, args.checkpoint, HINT.format(task.id)) if args.from_scratch
+                else {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {})})
+    filled = runs.apply_defaults(args, {"act_steps": task.act_steps, **defaults})
     filled.update(runs.apply_defaults(args, {"ft_denoising_steps": args.ddim_steps if args.use_ddim else 10,
                                              "actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     if args.batch_size is None:  # Avoid: n_steps·n_envs·K'/2 (App. D.8)
@@ -150,9 +150,8 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
     runs.check_args(args)  # every number within the Limits of its field
     if not args.eval_only:  # the actor steps at least once
         runs.check_warmup(args.n_critic_warmup_itr, args.n_train_itr)
-    if task.suite != "furniture":
-        runs.refuse_flags(args, ("obs_noise_std", "action_noise_std"),
-                          f"is a Furniture-Bench sim-to-real option; {task.id} has none")
+    runs.refuse_flags(args, ("obs_noise_std", "action_noise_std") if task.suite != "furniture" else (),
+                      f"is a Furniture-Bench sim-to-real option; {task.id} has none")
     return task, filled
 
 
@@ -200,10 +199,9 @@ class DiffusionPPO(nn.Module):
         betas = cosine_beta_schedule(denoising_steps).float()
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
-        one = torch.ones(1)
         if use_ddim:  # "leading" grid {0, 20, ..., 80} for K = 100, visited from the top (reference `DiffusionModel`)
             ts = (torch.arange(0, ddim_steps) * (denoising_steps // ddim_steps)).flip(0)
-            a, a_prev = ac[ts], torch.cat([ac[ts[1:]], one])
+            a, a_prev = ac[ts], torch.cat([ac[ts[1:]], torch.ones(1)])
             sigma = (1.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 1
             sigma0 = (0.0 * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5).clamp(min=1e-10)  # η = 0 (evaluation)
             coefs = dict(ddim_a=a, ddim_a_prev=a_prev, ddim_sqrt_a=a**0.5, ddim_sqrt_1ma=(1.0 - a) ** 0.5,
@@ -212,7 +210,7 @@ class DiffusionPPO(nn.Module):
                          std=torch.exp(0.5 * torch.log(sigma**2)))
         else:  # DDPM posterior (reference `model/diffusion/diffusion.py`, `DiffusionModel.p_mean_var`)
             ts = torch.arange(denoising_steps - 1, -1, -1)
-            ac_prev = torch.cat([one, ac[:-1]])
+            ac_prev = torch.cat([torch.ones(1), ac[:-1]])
             var = betas * (1.0 - ac_prev) / (1.0 - ac)
             logvar = torch.log(torch.clamp(var, min=1e-20))
             coefs = dict(sqrt_recip_ac=torch.sqrt(1.0 / ac)[ts], sqrt_recipm1_ac=torch.sqrt(1.0 / ac - 1)[ts],
@@ -331,10 +329,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 
 class RunningRewardScaler:
-    """Running reward scaling (reference `util/reward_scaling.py`, `RunningRewardScaler.__call__`), called once per
-    iteration on its (n_steps, N) rewards: all the iteration's discounted returns (per env, ret <- r + 0.99 (1 - first)
-    ret) update the running variance in one batch (`RunningMeanStd`: count 1e-4, mean 0, var 1; var = M2 / (count - 1)),
-    then every reward is divided by sqrt(var + 1e-8) and clipped to ±10. `ret` carries over to the next iteration."""
+    """Running reward scaling (reference `util/reward_scaling.py`), once per iteration on its (n_steps, N) rewards: the
+    discounted returns (per env, ret <- r + 0.99 (1 - first) ret) update the running variance in one batch (count 1e-4,
+    mean 0, var 1; var = M2 / (count - 1)), then rewards / sqrt(var + 1e-8), clipped to ±10; `ret` carries over."""
     gamma, clip, eps = 0.99, 10.0, 1e-8  # the reference's (constants: the checkpoint holds the attributes below)
 
     def __init__(self, num_envs: int) -> None:
@@ -378,9 +375,12 @@ def minibatch_values(critic: nn.Module, b_obs: torch.Tensor, s: torch.Tensor) ->
 def main(args: Args) -> dict:
     resume, args = runs.open_resume(args, args.resume, "diffusion", HINT.format(args.env_id))  # the run's own arguments
     task, filled = fill_defaults(args)
-    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                      conversion=lambda: importlib.import_module("loaders.convert"))
+    if args.from_scratch:  # App. B.2: a random ε-network, K = K' (or the resumed run's)
+        ckpt, ckpt_path = runs.open_scratch(resume, args.resume, task, args.horizon_steps, args.ft_denoising_steps, args.seed)
+    else:
+        args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+        ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     fill_from_checkpoint(args, task, ckpt, filled)
     runs.print_defaults(task.id, filled)  # a resumed run's own arguments are complete: nothing
     K_ft, T_o, T_a, T_e, N = args.ft_denoising_steps, ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs

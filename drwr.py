@@ -9,7 +9,7 @@ return-to-go: chunks that led to higher returns are imitated more (reference `RW
 
 | paper | here | shape / value |
 |---|---|---|
-| K | `denoising_steps` (from the checkpoint) | 20 |
+| K | `denoising_steps` (from the checkpoint) | 20 (10 from scratch) |
 | T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | |
 | γ (per chunk-step) | `gamma` | gym/Avoid 0.99, robomimic 0.999 |
 | β, w_max | `beta`, `max_weight` | 10, 100 |
@@ -30,7 +30,8 @@ Defaults are the reference configs (`cfg/gym/finetune/hopper-v2/ft_rwr_diffusion
 `cfg/robomimic/finetune/{lift,can,square,transport}/ft_rwr_diffusion_mlp.yaml`); Avoid (no reference config)
 takes DPPO's Avoid run size and the gym config's method settings; furniture is refused. Where the reference
 config differs from the paper's Table A8: Transport's actor LR is constant 1e-5 (Table A8: decayed to 1e-6)
-and its σ^exp_min is 0.1 (Table A8: 0.08); robomimic uses weight decay 1e-6 (not in Table A8).
+and its σ^exp_min is 0.1 (Table A8: 0.08); robomimic uses weight decay 1e-6 (not in Table A8). `--from-scratch`
+(App. B.2) starts from a random network with `cfg/gym/scratch/hopper-v2/rwr_diffusion_mlp.yaml` (SCRATCH_DEFAULTS).
 
 Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("drwr.py").
 """
@@ -62,6 +63,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py)
     checkpoint: str | None = None  # pre-trained (or whole-network fine-tuned) checkpoint (None: the task's built-in one)
+    from_scratch: bool = False  # a random ε-network instead, K = 10 (App. B.2; SCRATCH_DEFAULTS): no checkpoint
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -92,8 +94,8 @@ class Args:
     weight_decay: Annotated[float | None, NonNegative] = None  # AdamW weight decay
     beta: Annotated[float, NonNegative] = 10.0  # β: weight = exp(β · normalised return-to-go)
     max_weight: Annotated[float, PositiveOrInf] = 100.0  # w_max, the upper clip of the weights (inf: no limit)
-    batch_size: Annotated[int, Positive] = 1000  # chunk-steps per gradient step
-    update_epochs: Annotated[int, Positive] = 16  # passes over the iteration's samples
+    batch_size: Annotated[int | None, Positive] = None  # chunk-steps per gradient step
+    update_epochs: Annotated[int | None, Positive] = None  # passes over the iteration's samples
     max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip (None or inf: no limit; as every config)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)
@@ -106,16 +108,20 @@ class Args:
 # The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4, lr_cycle_itr=1000,
-                weight_decay=0.0),
+                weight_decay=0.0, batch_size=1000, update_epochs=16),
     "robomimic": dict(n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-5, lr_cycle_itr=1000,
-                      weight_decay=1e-6),
+                      weight_decay=1e-6, batch_size=1000, update_epochs=16),
     # no reference config: DPPO's Avoid run size, the gym config's method settings
-    "avoid": dict(n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-4, weight_decay=0.0),
+    "avoid": dict(n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-4, weight_decay=0.0, batch_size=1000,
+                  update_epochs=16),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
     "square": dict(n_steps=400, n_train_itr=201), "transport": dict(n_steps=400, n_train_itr=201),
 }
+# From scratch (App. B.2): the reference's cfg/gym/scratch/hopper-v2/rwr_diffusion_mlp.yaml (K = 10)
+SCRATCH_DEFAULTS = {"hopper": dict(SUITE_DEFAULTS["gym"], num_envs=10, n_steps=1000, batch_size=256, update_epochs=128,
+                                   horizon_steps=1, act_steps=1)}
 
 
 def fill_defaults(args: Args) -> dict:
@@ -126,8 +132,9 @@ def fill_defaults(args: Args) -> dict:
     if task.suite not in SUITE_DEFAULTS:
         raise runs.UsageError(f"{task.id}: the reference has no DRWR config for {task.suite} (and Isaac Gym is not "
                               "installable)")
-    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                        "act_steps": task.act_steps})
+    defaults = (runs.scratch_defaults(SCRATCH_DEFAULTS, task.id, args.checkpoint, HINT.format(task.id)) if args.from_scratch
+                else {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {})})
+    filled = runs.apply_defaults(args, {"act_steps": task.act_steps, **defaults})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
     return filled
@@ -237,9 +244,12 @@ def main(args: Args) -> dict:
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
-    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                      conversion=lambda: importlib.import_module("loaders.convert"))
+    if args.from_scratch:  # App. B.2: a random ε-network, K = 10 (or the resumed run's)
+        ckpt, ckpt_path = runs.open_scratch(resume, args.resume, task, args.horizon_steps, 10, args.seed)
+    else:
+        args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+        ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     args.horizon_steps = args.horizon_steps or ckpt["horizon_steps"]
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     if T_e > T_a:

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from common import runs
-from common.envs import make_vec_env
+from common.envs import make_vec_env, scratch_normalizer
 from common.errors import TaskError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.normalizer import Normalizer
@@ -413,15 +413,10 @@ def main(args: Args) -> dict:
         if task.suite != "gym":  # App. B.2 is MuJoCo locomotion; the other suites start from a pre-trained policy
             raise runs.UsageError(f"--from-scratch runs gymnasium ids (e.g. Hopper-v5), not the {task.suite} task "
                                   f"{task.id}: pre-train it ({HINT.format(task.id)}) and fine-tune with --checkpoint")
-        env = gym.make(task.env_name)
-        low, high = env.action_space.low, env.action_space.high
-        env.close()
-        if not (np.isfinite(low).all() and np.isfinite(high).all()):
-            raise TaskError(f"{task.id}: --from-scratch needs finite action bounds")
         arch = network_arch(args, task)
         net = GaussianPolicy(build_network(args.backbone, arch), task.action_dim, args.std_init, args.std_min, args.std_max)
-        ckpt = {**checkpoint_header(args, task, arch, Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high),
-                                    [args.std_min, args.std_max]), "ema": net.state_dict()}
+        ckpt = {**checkpoint_header(args, task, arch, scratch_normalizer(task), [args.std_min, args.std_max]),
+                "ema": net.state_dict()}
         ckpt_path = "--from-scratch"  # where the weights come from, as load errors name it
     elif args.checkpoint is None and resume is None:
         raise FileNotFoundError(f"--checkpoint is required for {task.id} (pre-train: {HINT.format(task.id)}, "

@@ -10,7 +10,7 @@ chunk, as the reference does: the algorithm box of the QSM paper takes it at the
 
 | paper | here | shape / value |
 |---|---|---|
-| K | `denoising_steps` (from the checkpoint) | 20 |
+| K | `denoising_steps` (from the checkpoint) | 20 (10 from scratch) |
 | T_a, T_e, T_o | `horizon_steps`, `act_steps`, `cond_steps` | T_a = T_e (see below) |
 | ε_θ | `agent.actor` (whole network, fine-tuned) | (B, T_a, D_a) |
 | Q_1, Q_2 / targets | `agent.critic_q` / `agent.target_q` (`DoubleQCritic`, plain MLP) | (B,), (B,) |
@@ -33,7 +33,8 @@ by default). With T_a > T_e the actions past T_e would get a zero Q gradient as 
 
 Defaults: the reference's configs (q_grad_coeff 10, replay ratio 16; Table A8: 50, 32); Avoid, which has none, takes
 DPPO's Avoid run size with the gym config's QSM settings (one iteration's 1250 chunk-steps hold a batch of 1000: 20
-updates).
+updates). `--from-scratch` (App. B.2) starts from a random network with `cfg/gym/scratch/hopper-v2/qsm_diffusion_mlp.yaml`
+(q_grad_coeff 50, replay ratio 128, SCRATCH_DEFAULTS).
 
 Deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md ("qsm.py").
 """
@@ -66,6 +67,7 @@ class Args:
     # experiment
     env_id: str = "avoid-m2"  # task id (common/tasks.py)
     checkpoint: str | None = None  # pre-trained (or fine-tuned) checkpoint (None: the task's built-in one, else the paper's)
+    from_scratch: bool = False  # a random ε-network instead, K = 10 (App. B.2; SCRATCH_DEFAULTS): no checkpoint
     exp_name: str = runs.script_name(__file__)  # name of this experiment (part of the run folder)
     seed: Annotated[int, runs.SEED] = 1  # seed of the experiment
     torch_deterministic: bool = True  # sets torch.use_deterministic_algorithms
@@ -96,11 +98,11 @@ class Args:
     lr_warmup_itr: Annotated[int, NonNegative] = 10  # warm-up of the cosine schedules, from actor_lr_min up to actor_lr
     lr_cycle_itr: Annotated[int | None, Positive] = None  # cycle of the cosine schedules (None: n_train_itr)
     buffer_size: Annotated[int | None, Positive] = None  # replay buffer in vector steps (x num_envs transitions)
-    batch_size: Annotated[int, Positive] = 1000  # transitions per update
-    replay_ratio: Annotated[int, Positive] = 16  # updates per iteration = n_steps·num_envs/batch_size × replay_ratio
-    n_critic_warmup_itr: Annotated[int, NonNegative] = 5  # iterations before the actor starts to step
+    batch_size: Annotated[int | None, Positive] = None  # transitions per update
+    replay_ratio: Annotated[int | None, Positive] = None  # updates per iteration = n_steps·num_envs/batch_size × replay_ratio
+    n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
     critic_tau: Annotated[float, runs.RATE] = 0.005  # EMA rate of the target Q-networks
-    q_grad_coeff: Annotated[float, Positive] = 10.0  # α: the actor's target is -α·∇Q (Table A8: 50)
+    q_grad_coeff: Annotated[float | None, Positive] = None  # α: the actor's target is -α·∇Q (Table A8: 50)
     scale_reward_factor: Annotated[float | None, NonNegative] = None  # rewards stored × this
     max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # actor gradient norm clip (None or inf: no limit)
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
@@ -115,16 +117,22 @@ class Args:
 # Avoid: DPPO's Avoid run size with the gym config's QSM settings. An explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, actor_lr=1e-4,
-                buffer_size=25000, scale_reward_factor=0.01),
+                buffer_size=25000, scale_reward_factor=0.01, batch_size=1000, replay_ratio=16, n_critic_warmup_itr=5,
+                q_grad_coeff=10.0),
     "robomimic": dict(bootstrap_truncated=True, n_train_itr=151, num_envs=50, n_steps=300, gamma=0.999, actor_lr=1e-5,
-                      buffer_size=5000, scale_reward_factor=1.0),
+                      buffer_size=5000, scale_reward_factor=1.0, batch_size=1000, replay_ratio=16, n_critic_warmup_itr=5,
+                      q_grad_coeff=10.0),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, actor_lr=1e-4,
-                  buffer_size=25000, scale_reward_factor=0.01),
+                  buffer_size=25000, scale_reward_factor=0.01, batch_size=1000, replay_ratio=16, n_critic_warmup_itr=5,
+                  q_grad_coeff=10.0),
 }
 TASK_DEFAULTS = {
     "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
     "square": dict(n_steps=400, n_train_itr=201), "transport": dict(n_steps=400, n_train_itr=201),
 }
+# From scratch (App. B.2): the reference's cfg/gym/scratch/hopper-v2/qsm_diffusion_mlp.yaml (K = 10)
+SCRATCH_DEFAULTS = {"hopper": dict(SUITE_DEFAULTS["gym"], num_envs=10, n_steps=1000, buffer_size=100000, batch_size=256,
+                                   replay_ratio=128, n_critic_warmup_itr=0, q_grad_coeff=50.0, horizon_steps=1, act_steps=1)}
 
 
 def fill_defaults(args: Args) -> dict:
@@ -135,8 +143,9 @@ def fill_defaults(args: Args) -> dict:
     if task.suite not in SUITE_DEFAULTS:
         raise runs.UsageError(f"{runs.script_name(__file__)}.py has no {task.suite} settings "
                               "(the reference has no QSM config there)")
-    filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
-                                        "act_steps": task.act_steps})
+    defaults = (runs.scratch_defaults(SCRATCH_DEFAULTS, task.id, args.checkpoint, HINT.format(task.id)) if args.from_scratch
+                else {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {})})
+    filled = runs.apply_defaults(args, {"act_steps": task.act_steps, **defaults})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
     runs.check_args(args)  # every number within the Limits of its field
     if not args.eval_only:
@@ -310,9 +319,12 @@ def main(args: Args) -> dict:
     task = get_task(args.env_id)
     if resume is None:
         runs.print_defaults(task.id, filled)
-    args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
-                                      conversion=lambda: importlib.import_module("loaders.convert"))
+    if args.from_scratch:  # App. B.2: a random ε-network, K = 10 (or the resumed run's)
+        ckpt, ckpt_path = runs.open_scratch(resume, args.resume, task, args.horizon_steps, 10, args.seed)
+    else:
+        args.checkpoint = runs.diffusion_checkpoint_path(args.checkpoint, task.id)
+        ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "diffusion", HINT.format(task.id), task,
+                                          conversion=lambda: importlib.import_module("loaders.convert"))
     n_updates = fill_from_checkpoint(args, ckpt)
     T_o, T_e, N, D_o, D_a = ckpt["cond_steps"], args.act_steps, args.num_envs, task.obs_dim, task.action_dim
     device = runs.seed_everything(args.seed, args.torch_deterministic, args.torch_threads, args.cuda)

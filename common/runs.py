@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.envs import EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, own_rng, stream_seed  # noqa: F401
+from common.envs import (EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, own_rng,  # noqa: F401
+                         scratch_normalizer, stream_seed)
 from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
+from common.networks import DiffusionMLP
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
 FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
@@ -628,6 +630,35 @@ def open_start(resume: dict[str, Any] | None, run_dir: str | None, path: str, po
     if resume is not None:
         return resume, os.path.join(str(run_dir), "checkpoint.pt")
     return load_checkpoint(path, policy, pretrain_command, task, conversion=conversion), path
+
+
+def scratch_defaults(table: dict[str, dict[str, Any]], task_id: str, checkpoint: str | None, hint: str) -> dict[str, Any]:
+    """--from-scratch (paper App. B.2): the task's row of a script's SCRATCH_DEFAULTS (the reference's
+    `cfg/gym/scratch/<task>-v2/` configs); a checkpoint, or a task the table has no row for, is refused in one line."""
+    if checkpoint:
+        raise UsageError("--from-scratch starts from a random policy; drop --checkpoint (or --from-scratch)")
+    if task_id not in table:
+        raise UsageError(f"--from-scratch runs {', '.join(table)} (the reference's scratch configs), not {task_id}: "
+                         f"pre-train it ({hint}) and fine-tune with --checkpoint")
+    return table[task_id]
+
+
+def open_scratch(resume: dict[str, Any] | None, run_dir: str | None, task: Any, horizon_steps: int, denoising_steps: int,
+                 seed: int) -> tuple[dict[str, Any], str]:
+    """What a diffusion run from scratch starts from, and its name in errors: the resumed run's checkpoint, else a random
+    ε-network, the reference scratch configs' `DiffusionMLP` (time_dim 16, [512] x 3 ReLU, residual, T_o = 1) drawn
+    from `seed`, K = `denoising_steps`, with identity observation normalisation and the env's action bounds."""
+    if resume is not None:
+        return resume, os.path.join(str(run_dir), "checkpoint.pt")
+    arch = dict(action_dim=task.action_dim, horizon_steps=horizon_steps, obs_dim=task.obs_dim, cond_steps=1, time_dim=16,
+                mlp_dims=[512, 512, 512], activation="relu", residual=True)
+    with own_rng(seed):
+        weights = DiffusionMLP(**arch).state_dict()
+    return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": "mlp", "arch": arch, "task": task.id,
+            "obs_dim": task.obs_dim, "action_dim": task.action_dim, "horizon_steps": horizon_steps, "cond_steps": 1,
+            "denoising_steps": denoising_steps, "normalization": scratch_normalizer(task).state_dict(),
+            "ema": weights}, "--from-scratch"
+
 
 # ---- the run folder ----
 
