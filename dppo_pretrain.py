@@ -316,7 +316,7 @@ def main(args: Args) -> dict:
         resume_ckpt = runs.load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
         missing = [k for k in ("args", "model", "optimizer", "scheduler", "rng", "epoch", "step") if k not in resume_ckpt]
         if missing:
-            fix = "; resume it with dppo_finetune.py" if "itr" in resume_ckpt else ""
+            fix = f"; resume it with {resume_ckpt.get('method') or 'dppo_finetune'}.py" if "itr" in resume_ckpt else ""
             raise runs.DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint "
                                     f"(it lacks {', '.join(missing)}){fix}")
         args = runs.resume_args(args, resume_ckpt["args"], args.resume)

@@ -385,6 +385,9 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
         if conversion is None:
             raise UsageError(f"--checkpoint {path}: this script does not import the reference's checkpoints")
         path = conversion().paper_checkpoint(task, PAPER_CHECKPOINTS[path] if policy == "diffusion" else f"{policy}_mlp")
+    if os.path.isdir(path):
+        raise DatasetError(f"checkpoint {path!r} is a folder; give the checkpoint file inside it, e.g. "
+                           f"{os.path.join(path, 'checkpoint.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (pre-train one: {pretrain_command})")
     try:
@@ -420,7 +423,8 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
 
 def check_policy_numbers(header: dict[str, Any], where: str) -> None:
     """DatasetError naming `where` unless the header's numbers can run a policy: K (`denoising_steps`, when given) an
-    integer >= 1; the normalisation statistics (when given) finite, with min <= max in every dimension. A constant
+    integer >= 1; the normalisation statistics (when given) finite, with min <= max in every dimension and as many
+    dimensions as the header's obs_dim / action_dim (when given). A constant
     dimension (min == max) is allowed: the normaliser divides by max - min + 1e-6 (common/normalizer.py, as the
     reference's wrappers), so it maps to -1 and back to itself. The one check of `load_checkpoint` and loaders/convert.py."""
     K, stats = header.get("denoising_steps"), header.get("normalization", {})
@@ -440,6 +444,9 @@ def check_policy_numbers(header: dict[str, Any], where: str) -> None:
                                    "statistics must be finite")
         if lo.shape != hi.shape:
             raise DatasetError(f"{where}: normalisation statistics {g}_min and {g}_max have {len(lo)} and {len(hi)} values")
+        if header.get(f"{g}_dim") not in (None, len(lo)):  # statistics of another task: a shape error mid-run
+            raise DatasetError(f"{where}: normalisation statistics {g}_min and {g}_max have {len(lo)} values, but its "
+                               f"{g}_dim is {header[f'{g}_dim']}; the statistics are of another task")
         if (lo > hi).any():
             i = int((lo > hi).nonzero()[0])
             raise DatasetError(f"{where}: normalisation statistic {g}_min > {g}_max in dimension {i} ({lo[i].item():g} > "
@@ -557,7 +564,10 @@ RESUME_OVERRIDABLE = ("n_train_itr", "n_epochs", "save_every", "track", "torch_t
 def resume_args(args: ArgsT, saved: dict[str, Any], run_dir: str) -> ArgsT:
     """The run's own saved arguments; a flag given explicitly on the command line (a value that is not
     the field's default) either wins visibly (the RESUME_OVERRIDABLE ones, printed) or is refused."""
-    resumed = args_from_dict(type(args), {**saved, "resume": run_dir})
+    try:
+        resumed = args_from_dict(type(args), {**saved, "resume": run_dir})
+    except DatasetError as e:  # e.g. a pixel run given to a state script
+        raise DatasetError(f"--resume {run_dir}: {e}; is it a run of another script?") from None
     for f in dataclasses.fields(args):
         given = getattr(args, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -598,14 +608,15 @@ def load_resume(run_dir: str, policy: str, pretrain_command: str, keys: tuple[st
                 method: str | None = None) -> dict[str, Any]:
     """The fine-tuning checkpoint of a run folder (its task is taken from the run itself); `keys`:
     what the script's own checkpoints hold (the PPO scripts' RESUME_KEYS by default). `method`: the
-    script whose runs these are (the diffusion RL baselines save it as `method`); a fine-tuning run of
-    another script is refused naming that script."""
+    script whose runs these are (the diffusion RL baselines save it as `method`; None: the PPO script of `policy`); a
+    fine-tuning run of another script is refused naming that script."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), policy, pretrain_command)
-    if method is not None and "itr" in ckpt and ckpt.get("method") != method:
+    if "itr" in ckpt and ckpt.get("method") != method:
         other = ckpt.get("method") or script_name(FINETUNE_SCRIPTS[ckpt["policy"]])
-        raise UsageError(f"--resume {run_dir} is a run of {other}.py, not of {method}.py; resume it with {other}.py")
+        this = method or script_name(FINETUNE_SCRIPTS[policy])
+        raise UsageError(f"--resume {run_dir} is a run of {other}.py, not of {this}.py; resume it with {other}.py")
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise DatasetError(f"--resume {run_dir}: its checkpoint is not a fine-tuning checkpoint of this version "

@@ -298,7 +298,11 @@ class PoseSource(Protocol):
 
 
 def _check_poses(poses: Any, n_objects: int, where: str) -> np.ndarray:
-    arr = np.asarray(poses, dtype=np.float64)
+    try:
+        arr = np.asarray(poses, dtype=np.float64)
+    except (TypeError, ValueError):  # a JSON object, strings, ragged lists
+        raise RobotError(f"{where}: expected {n_objects} object poses of 7 numbers (x y z qx qy qz qw), got "
+                         f"{json.dumps(poses)[:60]}") from None
     if arr.size != 7 * n_objects or not np.isfinite(arr).all():
         raise RobotError(f"{where}: expected {n_objects} finite object poses of 7 numbers (x y z qx qy qz qw), "
                          f"got {np.size(poses)} numbers")
@@ -370,11 +374,20 @@ class AprilTagPoseSource:
             from pupil_apriltags import Detector
         except ImportError:
             raise UsageError("--object-poses apriltag needs pupil-apriltags: pip install pupil-apriltags") from None
-        with open(calibration) as f:
-            cal = json.load(f)
-        self.intrinsics = tuple(cal["intrinsics"])
-        self.tag_size, self.base_T_cam = float(cal["tag_size"]), np.array(cal["base_T_camera"])
-        self.objects = [{int(k): np.array(v) for k, v in obj.items()} for obj in cal["objects"]]
+        try:  # a missing, truncated or binary file, or another layout: one line naming the file
+            with open(calibration) as f:
+                cal = json.load(f)
+            self.intrinsics = tuple(float(x) for x in cal["intrinsics"])
+            self.tag_size, self.base_T_cam = float(cal["tag_size"]), np.array(cal["base_T_camera"], dtype=np.float64)
+            self.objects = [{int(k): np.array(v, dtype=np.float64) for k, v in obj.items()} for obj in cal["objects"]]
+            ok = (len(self.intrinsics) == 4 and self.base_T_cam.shape == (4, 4)
+                  and all(v.shape == (4, 4) for obj in self.objects for v in obj.values()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UsageError(f"--object-poses apriltag:{calibration}: not a calibration file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())}); see AprilTagPoseSource for its layout") from None
+        if not ok:
+            raise UsageError(f"--object-poses apriltag:{calibration}: intrinsics must be 4 numbers (fx, fy, cx, cy) and "
+                             "base_T_camera and each tag_T_object a 4x4 matrix")
         if len(self.objects) != n_objects:
             raise UsageError(f"{calibration}: {len(self.objects)} objects, the policy needs {n_objects}")
         self.cap, self.cv2 = cv2.VideoCapture(camera), cv2

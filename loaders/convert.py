@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_reference(path: str) -> dict[str, Any]:
     """A reference checkpoint loaded as data (`weights_only=True`); one line if it is not one."""
+    if os.path.isdir(path):
+        raise DatasetError(f"checkpoint {path!r} is a folder; give the reference's checkpoint file (state_<epoch>.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
     try:

@@ -529,6 +529,9 @@ def _load_file(task: Any, path: str) -> list[Traj]:
             from sims.avoid import load_avoid_demos
 
             return load_avoid_demos(path, task.option("subset"))
+        if any(k.endswith("data.pkl") for k in keys):  # torch.save's zip archive, renamed
+            raise DatasetError(f"{path}: a PyTorch checkpoint (torch.save), not a dataset; give the train.npz (--dataset), "
+                               "or pass this file as --checkpoint")
         raise DatasetError(f"{path}: unknown .npz layout (keys: {', '.join(sorted(keys))}); expected "
                            "'states', 'actions', 'traj_lengths' (train.npz) or D3IL Avoid 'des_c_pos'")
     if path.endswith((".hdf5", ".h5")):

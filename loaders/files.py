@@ -127,20 +127,26 @@ def npz_array(path: str, f: Any, key: str) -> np.ndarray:
 def read_normalization(path: str) -> Normalizer:
     """The reference's normalisation statistics: a `normalization.npz` (obs_min, obs_max, action_min, action_max), or its
     furniture `normalization.pth` (a `LinearNormalizer` state dict with `stats.observations.min/max`,
-    `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py)."""
+    `stats.actions.min/max`; env/gym_utils/furniture_normalizer.py), checked as every checkpoint's statistics are
+    (`common.runs.check_policy_numbers`: finite, min <= max), so NaN or swapped ones never reach the data."""
+    from common.runs import check_policy_numbers
+
     if not path.endswith((".pth", ".pt")):
         with open_npz(path) as f:
             for key in Normalizer.KEYS:
                 require_key(path, f.files, key)
-            return Normalizer(*(npz_array(path, f, k) for k in Normalizer.KEYS))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
-    keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
-    if not isinstance(sd, dict) or any(k not in sd for k in keys):
-        raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
-    return Normalizer(*(sd[k] for k in keys))
+            stats = [npz_array(path, f, k) for k in Normalizer.KEYS]
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise DatasetError(f"{path}: not a readable normalisation file ({type(e).__name__})") from None
+        keys = [f"stats.{g}.{m}" for g in ("observations", "actions") for m in ("min", "max")]
+        if not isinstance(sd, dict) or any(k not in sd for k in keys):
+            raise DatasetError(f"{path}: expected the reference's LinearNormalizer state dict with {', '.join(keys)}")
+        stats = [sd[k] for k in keys]
+    check_policy_numbers({"normalization": dict(zip(Normalizer.KEYS, stats))}, path)
+    return Normalizer(*stats)
 
 
 def _make_folders(folder: str, dest: str) -> list[str]:

@@ -57,8 +57,23 @@ def finetune(method: str, env_id: str, ckpt: str, args: Args) -> list[dict]:
     return [{"subset": env_id, "method": method, **row} for row in out["eval_rows"]]
 
 
-def main(args: Args) -> list[dict]:
+SUBSETS, METHODS = ("M1", "M2", "M3"), ("dppo", "gaussian", "gmm")
+
+
+def check_args(args: Args) -> None:
+    """UsageError before any run: numbers (`Limits`), subsets and methods known and given, --out a folder to write."""
     runs.check_args(args)  # every number within the Limits of its field
+    for kind, given, valid in (("subset", args.subsets, SUBSETS), ("method", args.methods, METHODS)):
+        bad = [x for x in given if x not in valid]
+        if bad or not given:
+            raise runs.UsageError(f"unknown {kind} {bad[0]!r}; valid: {', '.join(valid)}" if bad else f"no {kind} given")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise runs.UsageError(f"--out {args.out} is a file; give a folder (results.csv, table.md, ... go in it)")
+    runs.check_output_path(os.path.join(args.out, "results.csv"), "--out")
+
+
+def main(args: Args) -> list[dict]:
+    check_args(args)
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
     for subset in args.subsets:

@@ -64,7 +64,7 @@ from typing import Annotated, Any, Literal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.errors import UsageError  # noqa: E402
+from common.errors import DatasetError, UsageError  # noqa: E402
 from common import runs  # noqa: E402
 from common.runs import cli  # noqa: E402
 from common.tasks import get_task  # noqa: E402
@@ -297,13 +297,35 @@ def plans(args: Args) -> list[Plan]:
 
 # ---- cost ----
 
+def read_json(path: str, ok: Any, shape: str) -> Any:
+    """The JSON file this harness wrote at `path`, if `ok(data)`; else (a truncated or binary file, another layout) one
+    DatasetError naming the file and the layout (`shape`) it must have."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        good = ok(data)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DatasetError(f"{path}: not a file of this harness ({type(e).__name__}); it holds {shape}: move it aside "
+                           "and run again") from None
+    if not good:
+        raise DatasetError(f"{path}: not a file of this harness; it holds {shape}: move it aside and run again")
+    return data
+
+
+def read_probe(path: str) -> dict[str, dict[str, list[float]]]:
+    """<out>/probe.json (written by `probe`): task -> method -> 3 CPU seconds per chunk-step."""
+    return read_json(path, lambda d: isinstance(d, dict) and all(
+        isinstance(per, dict) and all(isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in v) for v in per.values())
+        for per in d.values()), "{task: {method: [rollout, warm-up update, update]}} CPU seconds (--probe)")
+
+
 def load_costs(out: str) -> dict[str, dict[str, tuple[float, float, float]]]:
     costs = {t: dict(v) for t, v in COSTS.items()}
     path = os.path.join(out, "probe.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            for task, per in json.load(f).items():
-                costs.setdefault(task, {}).update({m: tuple(v) for m, v in per.items()})
+        for task, per in read_probe(path).items():
+            costs.setdefault(task, {}).update({m: tuple(v) for m, v in per.items()})
     return costs
 
 
@@ -387,10 +409,7 @@ def probe(ps: list[Plan], args: Args) -> None:
         print(f"probe {p.task}:{p.method}: CPU share {busy:.2f}; CPU s per chunk-step: rollout {roll_s:.4f}, "
               f"warm-up update {warm_s:.4f}, update {full:.4f}")
     path = os.path.join(args.out, "probe.json")
-    old = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = read_probe(path) if os.path.isfile(path) else {}
     for task, per in result.items():
         old.setdefault(task, {}).update(per)
     with open(path, "w") as f:
@@ -420,9 +439,17 @@ def load_results(args: Args) -> dict[tuple[str, str], dict]:
         for method in args.methods:
             path = os.path.join(args.out, f"{task}__{method}.json")
             if os.path.isfile(path):
-                with open(path) as f:
-                    results[(task, method)] = json.load(f)
+                results[(task, method)] = read_json(path, lambda d: isinstance(d["run_dir"], str) and isinstance(
+                    d["history"], list) and isinstance(d["eval_rows"], list) and all(
+                    r["mode"] in ("deterministic", "stochastic") and math.isfinite(float(r["env_steps"]))
+                    for r in d["eval_rows"]) and any(r["mode"] == report_mode(task) for r in d["eval_rows"]),
+                    f"a run's run_dir, history and eval_rows, with {report_mode(task)} rows (one run, --one)")
     return results
+
+
+def report_mode(task: str) -> str:
+    """The evaluations the report shows: Avoid's success with the training noise (App. D.8), else deterministic."""
+    return "stochastic" if task.startswith("avoid") else "deterministic"
 
 
 def write_report(args: Args) -> str:
@@ -439,7 +466,7 @@ def write_report(args: Args) -> str:
             if r is None:
                 lines.append(f"| {LABELS[method]} | not run | | | | | |")
                 continue
-            rows = [x for x in r["eval_rows"] if x["mode"] == ("stochastic" if task.startswith("avoid") else "deterministic")]
+            rows = [x for x in r["eval_rows"] if x["mode"] == report_mode(task)]
             vals = [float(x[key]) for x in rows]
             n_itr = r["history"][-1]["iteration"] + 1 if r["history"] else 1
             updates = r.get("plan", {}).get("actor_updates", "–")
@@ -470,6 +497,10 @@ def check_args(args: Args) -> None:
             raise UsageError(f"unknown {kind} {bad[0]!r}; valid: {', '.join(valid)}" if bad else f"no {kind} given")
     args.methods = list(dict.fromkeys(args.methods))
     args.tasks = list(dict.fromkeys(args.tasks))
+    if not args.dry_run and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder (the json files, table.md, ... go in it)")
+    if not args.dry_run:
+        runs.check_output_path(os.path.join(args.out, "table.md"), "--out")
 
 
 def main(args: Args) -> None:

@@ -16,7 +16,6 @@ no dataset path. The shipped files were written, from the repository root, with
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import runs  # noqa: E402
 from common.errors import UsageError  # noqa: E402
+from loaders.convert import OneLineParser  # noqa: E402
 from loaders.datasets import AVOID_DEMO_DIR, AVOID_N_DEMOS, avoid_demo_file, save_train_npz  # noqa: E402
 from sims.avoid import (ACTION_HIGH, ACTION_LOW, START, SUBSETS, _to_demo, collided, replay, row_modes,  # noqa: E402
                         subset_mode)
@@ -84,7 +84,7 @@ def write_avoid_demos(subset: str, path: str, n_demos: int = AVOID_N_DEMOS, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write the scripted D3IL Avoid demos, one train.npz per subset.")
+    p = OneLineParser(description="Write the scripted D3IL Avoid demos, one train.npz per subset.")
     p.add_argument("--subsets", nargs="+", default=sorted(SUBSETS), choices=sorted(SUBSETS))
     p.add_argument("--n-demos", type=int, default=AVOID_N_DEMOS)
     p.add_argument("--seed", type=int, default=0)
@@ -94,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs.check_number("--n-demos", args.n_demos, runs.POSITIVE)
         runs.check_number("--seed", args.seed, runs.SEED)
+        for subset in args.subsets:  # a folder that cannot be written is refused before any demo is drawn
+            runs.check_output_path(os.path.join(args.out_dir, avoid_demo_file(subset)), "--out-dir")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for subset in args.subsets:
         path = os.path.join(args.out_dir, avoid_demo_file(subset))
-        demos = write_avoid_demos(subset, path, args.n_demos, args.seed)
+        try:
+            demos = write_avoid_demos(subset, path, args.n_demos, args.seed)
+        except OSError as e:  # a full disk, a folder made read-only meanwhile
+            print(f"error: cannot write {path} ({e.strerror or e})", file=sys.stderr)
+            return 2
         lengths = [len(d["actions"]) for d in demos]
         print(f"{subset}: {len(demos)} demos, {min(lengths)}-{max(lengths)} steps, "
               f"{os.path.getsize(path) / 1e3:.0f} kB -> {path}")

@@ -220,8 +220,9 @@ def plot(groups: dict[str, dict[str, list[RunCurve]]], out: str, band: str = "mi
 
 
 def check_out(out: str) -> None:
-    """PlotError unless `out` names a file in a format matplotlib writes (its extension says which): checked before any
-    run is read, so a typo costs nothing and the name printed is the file written."""
+    """PlotError unless `out` names a file in a format matplotlib writes (its extension says which) in a folder that
+    can be written (or made): checked before any run is read, so a typo costs nothing and the name printed is the file
+    written."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -232,6 +233,11 @@ def check_out(out: str) -> None:
                         f"{', '.join('.' + f for f in sorted(formats))}")
     if os.path.isdir(out):
         raise PlotError(f"--out {out!r} is a folder; give a file name, e.g. {os.path.join(out, 'curves.png')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the folders plot() makes
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PlotError(f"--out {out!r}: cannot write under {parent}; give a path in a folder you can write")
 
 
 def main(args: Args) -> list[dict]:

@@ -107,12 +107,28 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return {}
 
 
+def read_record(folder: str, name: str) -> tuple[list[list[str]] | None, dict[str, torch.Tensor]]:
+    """The eval.csv rows (None: no file) and the checkpoint's tensors of entry `name` of the record in `folder`; one line
+    naming the file (SystemExit) when it is missing, truncated or not what this script writes."""
+    p, ckpt = os.path.join(folder, name, "eval.csv"), os.path.join(folder, name, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"error: {folder}: no record of {name!r} there ({ckpt} missing; record it first with --out)")
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        rows = None
+    except (OSError, ValueError, csv.Error) as e:  # a folder, a binary file
+        raise SystemExit(f"error: {p}: not an eval.csv of a record ({type(e).__name__}); record it again") from None
+    try:
+        return rows, tensors(torch.load(ckpt, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise SystemExit(f"error: {ckpt}: not a readable checkpoint ({type(e).__name__}); record it again") from None
+
+
 def compare(name: str, a: str, b: str) -> str:
-    rows = []
-    for d in (a, b):
-        p = os.path.join(d, name, "eval.csv")
-        rows.append(list(csv.reader(open(p))) if os.path.exists(p) else None)
-    ta, tb = (tensors(torch.load(os.path.join(d, name, "checkpoint.pt"), weights_only=True)) for d in (a, b))
+    (rows_a, ta), (rows_b, tb) = read_record(a, name), read_record(b, name)
+    rows = [rows_a, rows_b]
     if ta.keys() != tb.keys():
         return f"{name}: checkpoint keys differ: only before {sorted(ta.keys() - tb.keys())[:3]}, only after " \
                f"{sorted(tb.keys() - ta.keys())[:3]}"
@@ -131,13 +147,21 @@ def compare(name: str, a: str, b: str) -> str:
 
 
 def main(args: Args) -> None:
+    if args.only is not None and not args.only:
+        raise SystemExit(f"error: --only names no entry; entries: {', '.join(ENTRIES)}")
     names = args.only or list(ENTRIES)
     unknown = [n for n in names if n not in ENTRIES]
     if unknown:
-        raise SystemExit(f"unknown entry {unknown[0]!r}; entries: {', '.join(ENTRIES)}")
-    missing = [n for n in names if args.compare and not os.path.isfile(os.path.join(args.compare, n, "checkpoint.pt"))]
-    if missing:  # checked before minutes of runs
-        raise SystemExit(f"--compare {args.compare}: no record of {missing[0]!r} there (record it first with --out)")
+        raise SystemExit(f"error: unknown entry {unknown[0]!r}; entries: {', '.join(ENTRIES)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} is a file; give a folder for the record")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: --out {args.out}: cannot write under {parent}")
+    for name in names if args.compare else ():  # checked before minutes of runs
+        read_record(args.compare, name)
     for name in names:
         t = time.time()
         run_entry(name, args.out)

@@ -21,7 +21,6 @@ tests and quick pre-training, not a substitute for the MH datasets.)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import runs  # noqa: E402
 from common.errors import TaskError, UsageError  # noqa: E402
 from common.tasks import Task, get_task  # noqa: E402
+from loaders.convert import OneLineParser  # noqa: E402
 from sims.robomimic import RobomimicEnv, env_args, image_keys, obs_keys, upright  # noqa: E402
 
 
@@ -293,7 +293,7 @@ def generate_demos(task: Task | str, n_demos: int, seed: int, out: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write scripted robomimic demos (hdf5).")
+    p = OneLineParser(description="Write scripted robomimic demos (hdf5).")
     p.add_argument("--task", required=True, help=f"one of {', '.join(SCRIPTED_TASKS)}")
     p.add_argument("--n-demos", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.check_number(flag, value, limits)
         task = get_task(args.task)
         out = args.out or f"data/{task.id}/scripted.hdf5"
+        runs.check_output_path(out, "--out")  # before the minutes of rollouts
         r = generate_demos(task, args.n_demos, args.seed, out, hold_steps=args.hold_steps,
                            image_size=args.image_size if args.images else None)
     except (UsageError, TaskError, RuntimeError) as e:

@@ -472,6 +472,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, monkeypatch):
         deploy.main(fake_args(tmp_path, ckpt))
     assert (tmp_path / "episode.jsonl").read_text() == "earlier episode\n"
     other = torch.load(ckpt, weights_only=True) | {"action_dim": 7}
+    other["normalization"] |= {k: other["normalization"][k][:7] for k in ("action_min", "action_max")}  # lift's 7
     torch.save(other, tmp_path / "lift.pt")
     with pytest.raises(UsageError, match="absolute end-effector poses"):
         deploy.main(fake_args(tmp_path, str(tmp_path / "lift.pt"), log=str(tmp_path / "x.jsonl")))
