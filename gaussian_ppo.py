@@ -44,10 +44,11 @@ import torch
 import torch.nn as nn
 
 from common import runs
-from common.envs import make_vec_env, scratch_normalizer
+from common.envs import make_vec_env
 from common.errors import TaskError
 from common.networks import ChunkMLP, ChunkTransformer, ObsCritic
 from common.normalizer import Normalizer
+from common.scratch import scratch_normalizer
 from common.tasks import Task, get_task, refuse_pixel_task
 
 POLICY = "gaussian"

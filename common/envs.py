@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from common.errors import NonFiniteError, TaskError
-from common.normalizer import Normalizer
 from common.tasks import Task, require_simulator
 from common.vecenv import ChunkVecEnv, MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers
 
@@ -135,18 +134,6 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     env.action_space.seed(seed)
     return env
-
-
-def scratch_normalizer(task: Task) -> Normalizer:
-    """The normalisation of a policy trained from scratch (--from-scratch, paper App. B.2): the observation as the env
-    gives it (min -1, max 1: the identity) and [-1, 1] mapped to the env's own action bounds (its gymnasium action space)."""
-    require_simulator(task)
-    env = gym.make(task.env_name)
-    low, high = env.action_space.low, env.action_space.high
-    env.close()
-    if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise TaskError(f"{task.id}: --from-scratch needs finite action bounds")
-    return Normalizer(-np.ones(task.obs_dim), np.ones(task.obs_dim), low, high)
 
 
 ENV_BACKENDS = ("auto", "envpool", "gymnasium")

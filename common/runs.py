@@ -26,10 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.envs import (EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, own_rng,  # noqa: F401
-                         scratch_normalizer, stream_seed)
+from common.envs import EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, own_rng, stream_seed  # noqa: F401
 from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
-from common.networks import DiffusionMLP
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
 FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
@@ -656,19 +654,13 @@ def scratch_defaults(table: dict[str, dict[str, Any]], task_id: str, checkpoint:
 
 def open_scratch(resume: dict[str, Any] | None, run_dir: str | None, task: Any, horizon_steps: int, denoising_steps: int,
                  seed: int) -> tuple[dict[str, Any], str]:
-    """What a diffusion run from scratch starts from, and its name in errors: the resumed run's checkpoint, else a random
-    ε-network, the reference scratch configs' `DiffusionMLP` (time_dim 16, [512] x 3 ReLU, residual, T_o = 1) drawn
-    from `seed`, K = `denoising_steps`, with identity observation normalisation and the env's action bounds."""
+    """What a diffusion run from scratch starts from, and its name in errors: the resumed run's checkpoint, else
+    `common.scratch.random_diffusion_policy` (loaded only here) with K = `denoising_steps`, drawn from `seed`."""
     if resume is not None:
         return resume, os.path.join(str(run_dir), "checkpoint.pt")
-    arch = dict(action_dim=task.action_dim, horizon_steps=horizon_steps, obs_dim=task.obs_dim, cond_steps=1, time_dim=16,
-                mlp_dims=[512, 512, 512], activation="relu", residual=True)
-    with own_rng(seed):
-        weights = DiffusionMLP(**arch).state_dict()
-    return {"format": CHECKPOINT_FORMAT, "policy": "diffusion", "backbone": "mlp", "arch": arch, "task": task.id,
-            "obs_dim": task.obs_dim, "action_dim": task.action_dim, "horizon_steps": horizon_steps, "cond_steps": 1,
-            "denoising_steps": denoising_steps, "normalization": scratch_normalizer(task).state_dict(),
-            "ema": weights}, "--from-scratch"
+    from common.scratch import random_diffusion_policy
+    policy = random_diffusion_policy(task, horizon_steps, denoising_steps, seed)
+    return {"format": CHECKPOINT_FORMAT, **policy}, "--from-scratch"
 
 
 # ---- the run folder ----
