@@ -101,9 +101,9 @@ class Args:
     terminate_on_success: bool = False  # robomimic: end episodes on success (the paper does not)
     obs_noise_std: Annotated[float, NonNegative] = 0.0  # furniture sim-to-real (App. D.7): observation noise, normalised
     action_noise_std: Annotated[float, NonNegative] = 0.0  # furniture sim-to-real (App. D.7: 0.03): action noise, normalised
-    # speed (opt-in, same results; docs/results.md "Speed")
+    # speed (opt-in, same results up to float rounding; docs/results.md "Speed")
     update_chunk: Annotated[int | None, Positive] = None  # pairs per backward piece (None: 4096 on a CPU, all on a GPU)
-    compile: bool = False  # torch.compile the sampling chain (CUDA graphs on a GPU): the same noise, ~1-2 min to compile
+    compile: bool = False  # torch.compile the sampling chain (CUDA graphs on a GPU): same noise, ~6e-7 off, 1-4 min to compile
     float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32; medium: bf16 (AMX), ~1e-3 off
     onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
