@@ -749,8 +749,10 @@ class RunFolder:
         self.dir = resume_dir or new_run_dir(task_id, exp_name, seed)
         self.paths_before: list | None = None  # Avoid: evaluation paths before training, for the picture
         self.checkpoint = os.path.join(self.dir, "checkpoint.pt")
-        self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
         args_path, values = os.path.join(self.dir, "args.json"), args_dict(config)
+        if resume_dir and os.path.exists(args_path) and not os.path.isfile(args_path):  # before anything is written
+            raise UsageError(f"--resume {resume_dir}: its args.json is not a file; move it aside to resume")
+        self.eval_log = EvalLog(self.dir, resume_itr if resume_dir else None)
         if resume_dir and os.path.isfile(args_path):
             try:
                 with open(args_path) as f:

@@ -166,6 +166,21 @@ def test_resume_of_a_run_with_an_unreadable_eval_csv_is_refused_with_the_folder_
         runs.read_eval_rows(os.path.join(run, "eval.csv"))
 
 
+def test_resume_of_a_run_whose_args_json_is_a_folder_is_refused_with_the_folder_unchanged(pre, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A resumed run that redoes an iteration rewrites eval.csv: the args.json check comes before it."""
+    run = _finetune(pre, tmp_path, monkeypatch, 2)["run_dir"]
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    ckpt["itr"] = 1  # as if killed after the first iteration's save: the resume redoes iteration 1's rows
+    runs.save_checkpoint(os.path.join(run, "checkpoint.pt"), ckpt)
+    os.remove(os.path.join(run, "args.json"))
+    os.makedirs(os.path.join(run, "args.json"))
+    before = _digest(run)
+    err = _cli(ft, ft.Args(resume=run, n_train_itr=3), monkeypatch, capsys)
+    assert err.endswith("its args.json is not a file; move it aside to resume"), err
+    assert _digest(run) == before
+
+
 # ---- a save that fails ----
 
 def _full_disk_save(obj, f, *a, **kw):
