@@ -22,8 +22,8 @@ Sampling: a = μ + σ·z with z ~ N(0, I) clamped to ±3 (so a ∈ μ ± 3σ); d
 log π(a|s) is the Normal log-density averaged over all T_a·D_a entries (paper App. D.6), clamped to [-5, 2] in the PPO
 ratio as the reference does. Pre-training (`--pretrain`, loaders/chunk_pretrain.py) minimises −log π(a|s) on
 demonstration windows (so σ is learned too), with the optimiser, schedule and EMA of `dppo_pretrain.py` (App. D.1);
-fine-tuning starts from the EMA. `--from-scratch` is
-CleanRL's PPO for MuJoCo (App. B.2; SCRATCH_DEFAULTS), on any gymnasium id with continuous actions.
+fine-tuning starts from the EMA. `--from-scratch` (App. B.2, Fig. A6) starts from a random policy with the reference's
+scratch configs as its defaults (SCRATCH_DEFAULTS), on any gymnasium id with continuous actions.
 
 Defaults and deviations from the reference implementation (irom-princeton/dppo): docs/deviations.md.
 """
@@ -91,7 +91,7 @@ class Args:
     n_emb: Annotated[int, Positive] = 128  # Transformer width
     n_heads: Annotated[int, Positive] = 4  # Transformer attention heads
     n_layers: Annotated[int, Positive] = 2  # Transformer layers
-    std_init: Annotated[float | None, Positive] = None  # initial σ (None: 0.1; from scratch 0.5)
+    std_init: Annotated[float | None, Positive] = None  # initial σ (None: 0.1; from scratch 1)
     std_min: Annotated[float | None, Positive] = None  # σ lower clamp (None: the checkpoint's, else 0.01)
     std_max: Annotated[float | None, Positive] = None  # σ upper clamp (None: the checkpoint's, else 0.2; from scratch 1)
     randn_clip_value: Annotated[float, Positive] = 3.0  # sampling noise clamp: actions stay within μ ± 3σ
@@ -171,11 +171,12 @@ PRETRAIN_DEFAULTS = {
     "avoid": dict(pretrain_batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                   mlp_dims=(512, 512, 512), n_epochs=300, eval_every=50),
 }
-# App. B.2: standard PPO for MuJoCo (CleanRL's ppo_continuous_action), see the docstring.
-SCRATCH_DEFAULTS = dict(n_train_itr=500, num_envs=8, n_steps=256, gamma=0.99, actor_lr=3e-4, batch_size=64,
-                        update_epochs=10, n_critic_warmup_itr=0, final_action_clip=True,
-                        max_grad_norm=0.5, horizon_steps=1, act_steps=1, mlp_dims=(64, 64), activation="tanh",
-                        residual=False, std_init=0.5, std_min=0.01, std_max=1.0)
+# From scratch (App. B.2, Fig. A6): the reference's cfg/gym/scratch/{hopper,walker2d,halfcheetah}-v2/ppo_gaussian_mlp.yaml
+# (any other gymnasium id: Hopper's). σ starts at its clamp's top, as the reference's random log-variance head does.
+SCRATCH_DEFAULTS = {t: dict(SUITE_DEFAULTS["gym"], n_train_itr=n, num_envs=10, n_steps=1000, batch_size=500, update_epochs=10,
+                            clip_coef=0.1, lr_cycle_itr=1000, horizon_steps=1, act_steps=1, mlp_dims=(512, 512, 512),
+                            activation="relu", residual=False, std_init=1.0, std_min=0.01, std_max=1.0)
+                    for t, n in (("hopper", 301), ("walker2d", 301), ("halfcheetah", 501))}
 
 
 def resolve_task(env_id: str) -> Task:
@@ -222,8 +223,8 @@ def fill_defaults(args: Args) -> dict:
         defaults = {**PRETRAIN_DEFAULTS[task.suite], "horizon_steps": task.horizon_steps, "residual": True, "std_init": 0.1}
     else:
         defaults = {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}), "act_steps": task.act_steps}
-        if args.from_scratch:  # CleanRL's clip 0.2 acts on the summed log-ratio; ours is averaged over D_a
-            defaults.update(SCRATCH_DEFAULTS, clip_coef=0.2 / task.action_dim)
+        if args.from_scratch:
+            defaults.update(SCRATCH_DEFAULTS.get(task.id, SCRATCH_DEFAULTS["hopper"]))
     filled = runs.apply_defaults(args, defaults)
     if not args.pretrain:
         filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))
@@ -430,7 +431,8 @@ def main(args: Args) -> dict:
         args.act_steps = min(args.act_steps, args.horizon_steps)
     elif args.act_steps > args.horizon_steps:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the checkpoint's chunk T_a = {args.horizon_steps}")
-    if explicit_clip is None and ckpt.get("args", {}).get("from_scratch"):  # its normalisation is the env's bounds
+    # fine-tuning a from-scratch checkpoint (e.g. a Hopper expert): its normalisation is the env's bounds
+    if explicit_clip is None and not args.from_scratch and ckpt.get("args", {}).get("from_scratch"):
         args.final_action_clip = True
     T_o, T_a, T_e, N = ckpt["cond_steps"], args.horizon_steps, args.act_steps, args.num_envs
     if not args.eval_only:
@@ -522,9 +524,7 @@ def main(args: Args) -> dict:
             perm, kls = torch.randperm(S, device=device), []
             for start in range(0, S - B + 1, B):
                 mb = perm[start:start + B]
-                new_lp, old = agent.get_logprobs(b_obs[mb], b_act[mb]), old_lp[mb]
-                if not args.from_scratch:  # CleanRL (--from-scratch) does not clamp
-                    new_lp, old = clamp_logprobs(new_lp), clamp_logprobs(old)
+                new_lp, old = clamp_logprobs(agent.get_logprobs(b_obs[mb], b_act[mb])), clamp_logprobs(old_lp[mb])
                 pg_loss, approx_kl, clipfrac = ppo_loss(new_lp, old, b_adv[mb], args.clip_coef)
                 v_loss = 0.5 * ((agent.get_value(b_obs[mb]) - b_ret[mb]) ** 2).mean()
                 bc_loss = agent.bc_loss(b_obs[mb]) if args.bc_coef > 0 else torch.zeros((), device=device)  # eq. A14
@@ -536,8 +536,6 @@ def main(args: Args) -> dict:
                     if args.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(agent.actor_ft.parameters(), args.max_grad_norm)
                     actor_opt.step()
-                if args.from_scratch and args.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)  # CleanRL clips both nets
                 critic_opt.step()
                 kls.append(approx_kl)
                 stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), approx_kl, clipfrac, bc_loss.detach()]))

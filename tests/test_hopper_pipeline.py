@@ -22,7 +22,7 @@ def test_from_scratch_hopper_to_diffusion_pretraining(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/ goes to tmp_path
     torch.set_num_threads(1)
     expert = gauss.main(gauss.Args(env_id="Hopper-v5", from_scratch=True, n_train_itr=1, num_envs=2, n_steps=64,
-                                   val_freq=0, seed=0))
+                                   batch_size=64, mlp_dims=(64, 64), val_freq=0, seed=0))
     ckpt = torch.load(expert["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["task"] == "hopper" and ckpt["horizon_steps"] == 1
 
