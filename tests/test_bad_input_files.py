@@ -397,7 +397,7 @@ def test_avoid_comparison_with_a_broken_checkpoint_in_its_folder_is_one_line(kin
         path.write_bytes(BUILTIN.read_bytes()[:1000])
     else:
         variant(path, lambda c: c.update(policy="gaussian"))
-    args = avoid_comparison.Args(out="cmp", subsets=["M2"], methods=["dppo"], n_train_itr=1)
+    args = avoid_comparison.Args(out="cmp", subsets=["M2"], methods=["dppo"], n_train_itr=2)
     assert why in through_cli(avoid_comparison.main, args, monkeypatch, capsys, tmp_path)
 
 
