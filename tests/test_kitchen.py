@@ -168,3 +168,20 @@ def test_pretrain_and_two_finetuning_iterations_on_the_real_simulator(minari_pat
     post = torch.load(out["checkpoint"], weights_only=True)
     assert any(not torch.equal(post["actor_ft"][k], v) for k, v in ckpt["ema"].items())
     assert os.path.isfile(os.path.join(out["run_dir"], "eval.csv"))
+
+
+def test_the_reference_kitchen_files_are_known_and_offline_is_one_line(tmp_path, monkeypatch):
+    """`--checkpoint paper` / `--dataset paper` name the reference's kitchen files (script/download_url.py); its
+    observations are D4RL's 60, this layout, and its diffusion network is Mish with K = 20 (pre_diffusion_mlp.yaml)."""
+    from common import runs
+    from loaders import convert
+
+    monkeypatch.setenv("DPPO_OFFLINE", "1")
+    monkeypatch.setenv("DPPO_DATA_DIR", str(tmp_path))
+    task = get_task("kitchen-mixed")
+    assert convert.config_path(task, "diffusion_mlp") == "cfg/gym/pretrain/kitchen-mixed-v0/pre_diffusion_mlp.yaml"
+    assert convert.reference_config(task, "diffusion_mlp") == {"denoising_steps": 20, "activation": "mish"}
+    with pytest.raises(DatasetError) as e:
+        runs.load_checkpoint("paper", "diffusion", "", task, conversion=lambda: convert)
+    assert "1X24Hqbn4b4xyLK_1A3D6zhSgsN7frVCG" in str(e.value) and "\n" not in str(e.value)
+    assert "kitchen-mixed-v0_pre_diffusion_mlp_ta4_td20_state_8000.pt" in str(e.value)
