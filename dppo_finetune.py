@@ -108,7 +108,7 @@ class Args:
     onednn_matmul: Literal["auto", "on", "off"] = "auto"  # auto: CPU matmuls via oneDNN where checked float32
 
 
-# The reference's fine-tuning configs (paper App. D); an explicit flag always wins.
+# The reference's fine-tuning configs (paper App. D; kitchen: cfg/gym/finetune/kitchen-*-v0); an explicit flag always wins.
 SUITE_DEFAULTS = {
     "gym": dict(bootstrap_truncated=True, n_train_itr=1000, num_envs=40, n_steps=500, gamma=0.99, gamma_denoising=0.99,
                 actor_lr=1e-4, batch_size=50000, update_epochs=5, clip_coef=0.01, clip_coef_base=0.01, n_critic_warmup_itr=0,
@@ -123,8 +123,8 @@ SUITE_DEFAULTS = {
                       min_sampling_denoising_std=0.04, final_action_clip=False, use_ddim=True),
     "avoid": dict(bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, gamma=0.99, gamma_denoising=0.95,
                   actor_lr=1e-5, batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
-                  min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
-}
+                  min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False)}
+SUITE_DEFAULTS["kitchen"] = dict(SUITE_DEFAULTS["gym"], n_train_itr=301, n_steps=70, batch_size=5600, update_epochs=10)
 TASK_DEFAULTS = {"lift": dict(n_train_itr=81), "can": dict(n_train_itr=151), "one-leg-low": dict(n_steps=88, batch_size=17600),
                  "square": dict(n_steps=400, batch_size=10000, n_train_itr=201), "one-leg-med": dict(n_steps=88),
                  "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5)}

@@ -123,11 +123,14 @@ SUITE_DEFAULTS = {
                       n_epochs=8000, eval_every=0),
     "avoid": dict(batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="relu",
                   mlp_dims=(512, 512, 512), n_epochs=300, eval_every=50),
+    # cfg/gym/pretrain/kitchen-*-v0/pre_diffusion_mlp.yaml (kitchen-partial's weight decay there: 1e-5)
+    "kitchen": dict(batch_size=128, learning_rate=1e-3, min_lr=1e-4, warmup_epochs=1, activation="mish",
+                    mlp_dims=(256, 256, 256), cond_mlp_dims=(128, 32), n_epochs=3000, eval_every=100),
 }
 PAPER_RECIPES = {"avoid": dict(batch_size=16, learning_rate=1e-4, min_lr=1e-5, n_epochs=15000, eval_every=1000)}
 TASK_DEFAULTS = {
     "square": dict(mlp_dims=(1024, 1024, 1024), cond_mlp_dims=(512, 64), time_dim=32),
-    "transport": dict(mlp_dims=(1024, 1024, 1024)),
+    "transport": dict(mlp_dims=(1024, 1024, 1024)), "kitchen-mixed": dict(batch_size=256),
 }
 # --backbone unet: `irom-princeton/dppo` cfg/{robomimic,furniture}/pretrain/*/pre_diffusion_unet.yaml (time embedding 16,
 # Mish, kernel 5, 8 groups, FiLM scale, large FiLM encoder); gym and Avoid have no UNet config and get lift's network.

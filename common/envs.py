@@ -1,7 +1,8 @@
 """The envs of a task as the scripts make and evaluate them: the factory `make_vec_env` (Avoid, gym locomotion on
-envpool or gymnasium, robomimic, Furniture-Bench; a simulator of `sims/` is imported only when a task of its suite is
-made, and `sims/video.py` only with `capture_video`), the episode tracker, running reward scaling, and `evaluate`, the
-one evaluation function of every script. Every env follows the chunked vector-env protocol of `common/vecenv.py`.
+envpool or gymnasium, robomimic, Franka Kitchen, Furniture-Bench; a simulator of `sims/` is imported only when a task of
+its suite is made, and `sims/video.py` only with `capture_video`), the episode tracker, running reward scaling, and
+`evaluate`, the one evaluation function of every script. Every env follows the chunked vector-env protocol of
+`common/vecenv.py`.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ MUJOCO_GL_VALUES = ("egl", "osmesa", "glfw", "glx", "", "enable", "enabled", "on
 
 def check_mujoco_gl(task: Task) -> None:
     """TaskError naming the allowed values when MUJOCO_GL holds one MuJoCo does not know (a typo such as `eggl`) and the
-    task is simulated with MuJoCo (gym locomotion, robomimic): one line before any env is made."""
+    task is simulated with MuJoCo (gym locomotion, robomimic, kitchen): one line before any env is made."""
     gl = os.environ.get("MUJOCO_GL")
-    if task.suite in ("gym", "robomimic", "robomimic-img") and gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
+    if task.suite not in ("avoid", "furniture") and gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
         raise TaskError(f"MUJOCO_GL={gl!r} is not a MuJoCo rendering backend: set MUJOCO_GL=egl (no display), osmesa "
                         "(software rendering) or glfw (a display), or unset it")
 
@@ -128,9 +129,10 @@ def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = F
     elif task.suite == "robomimic":
         from sims.robomimic import make_robomimic_env
         env = make_robomimic_env(task, seed=seed, terminate_on_success=terminate_on_success, video_frames=render)
-    elif task.suite == "furniture":  # GPU-batched: make_vec_env only (sims/furniture.py)
-        raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
-    else:
+    elif task.suite == "kitchen":
+        from sims.kitchen import make_kitchen_env
+        env = make_kitchen_env(task, max_episode_steps, render)
+    else:  # furniture: GPU-batched, make_vec_env only (sims/furniture.py)
         raise TaskError(f"task {task.id!r} has no single-env gymnasium form; use make_vec_env")
     env.action_space.seed(seed)
     return env
@@ -210,7 +212,7 @@ def make_vec_env(task: Task, num_envs: int, seed: int | None = None, act_steps: 
     fns = [env_fn(i) for i in range(num_envs)]
     if task.suite == "robomimic":
         workers = n_workers or default_n_workers()
-    else:  # gym locomotion: its steps are cheap, so in-process unless asked
+    else:  # gym locomotion and kitchen: in-process unless asked
         workers = 1 if capture_video else (n_workers or 1)
     vec = ProcessChunkVecEnv(fns, workers, context="fork") if workers > 1 and num_envs > 1 else SyncChunkVecEnv(fns)
     vec.video_fps = video_fps

@@ -18,7 +18,7 @@ class Task:
     id: str
     """canonical id, e.g. `hopper`, `square`, `avoid-m2`, `one-leg-low`"""
     suite: str
-    """`gym` | `robomimic` | `robomimic-img` | `avoid` | `furniture`"""
+    """`gym` | `robomimic` | `robomimic-img` | `avoid` | `furniture` | `kitchen`"""
     env_name: str
     """the simulator's own name (`Hopper-v5`, `NutAssemblySquare`, `avoid`, `one_leg`)"""
     obs_dim: int
@@ -55,6 +55,7 @@ _ROBOMIMIC = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/low_
 _ROBOMIMIC_IMG = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{}/mh/image_v141.hdf5"
 _MUJOCO = ("mujoco:gymnasium[mujoco]==1.4.0",)
 _ROBOSUITE = ("robosuite:robosuite==1.4.1", "mujoco:mujoco==3.9.0")
+_KITCHEN = ("gymnasium_robotics:gymnasium-robotics==1.4.2", "mujoco:mujoco==3.9.0")
 _ISAAC = ("isaacgym:isaacgym (NVIDIA Isaac Gym Preview 4, not on PyPI: https://developer.nvidia.com/isaac-gym)",
           "furniture_bench:furniture-bench (the fork: https://github.com/ankile/furniture-bench)")
 
@@ -102,6 +103,14 @@ _TASKS: list[Task] = [
       for name, obs, steps, parts in (("one-leg", 58, 700, 1), ("lamp", 44, 1000, 2),
                                       ("round-table", 44, 1000, 2))
       for rand in ("low", "med")],
+    # Franka Kitchen (the reference's cfg/gym/finetune/kitchen-*-v0) on gymnasium-robotics, D4RL's 60-dim observation and
+    # reward (subtasks completed; success: all four): sims/kitchen.py. Data: Minari's D4RL/kitchen datasets.
+    *[Task(f"kitchen-{name}", "kitchen", "FrankaKitchen-v1", 60, 9, 280, 4, 4, requires=_KITCHEN, success_return=4.0,
+           data=f"minari:D4RL/kitchen/{name}-v2", reset_every_iteration=False, options=(("tasks", tasks),),
+           aliases=(f"kitchen-{name}-v0", f"kitchen_{name}"))  # D4RL's subtasks of each dataset:
+      for name, tasks in (("complete", "microwave,kettle,light switch,slide cabinet"),
+                          ("partial", "microwave,kettle,light switch,slide cabinet"),
+                          ("mixed", "microwave,kettle,bottom burner,light switch"))],
 ]
 
 TASKS: dict[str, Task] = {t.id: t for t in _TASKS}

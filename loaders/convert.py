@@ -91,6 +91,16 @@ _GYM = {
         "diffusion_mlp": ("halfcheetah-medium-v2_pre_diffusion_mlp_ta4_td20/2024-06-12_23-04-42/checkpoint/state_3000.pt",
                           "1o9ryyeZQAsaB4ffUTCJkIaGCi0frL3G4")}),
 }
+_KITCHEN = {  # D4RL's 60-dim observation: the layout of sims/kitchen.py (docs/deviations.md "Franka Kitchen")
+    f"kitchen-{name}": (folder, norm, {"diffusion_mlp": (f"kitchen-{name}-v0_pre_diffusion_mlp_ta4_td20/{run}/checkpoint/"
+                                                        "state_8000.pt", ckpt)})
+    for name, folder, norm, run, ckpt in (
+        ("complete", "18aqg7KIv-YNXohTsRR7Zmg-RyDtdhkLc", "1tBATWLoP1E5s08vr5fiUZBzn8EEsjEZh", "2024-10-20_16-47-42_42",
+         "1YBwyNd30a4_inu2sZzNSNLJQsj8fN3ZX"),
+        ("partial", "1zLOx1q4FbJK1ZWLui_vhM2x1fMEkBC2D", "1Ptt0cwQwmb5_HGNM-zggRaDKfkqqNO5e", "2024-10-20_16-48-29_42",
+         "1oSupKkUjCFQVWBIJV5Seh-CclWhgpopS"),
+        ("mixed", "1HRMM16UC10A00oBqjYOL1E8hS5icwtvo", "11gj846QTYFPeV14nhcL5Z9OA5RHIGVt1", "2024-10-20_16-48-28_42",
+         "1X24Hqbn4b4xyLK_1A3D6zhSgsN7frVCG"))}
 _AVOID = {  # the reference's modes d56_r12 / d57_r12 / d58_r12 are M1 / M2 / M3
     "avoid-m1": ("1ZAPvLQwv2y4Q98UDVKXFT4fvGF5yhD_o", "1PubKaPabbiSdWYpGmouDhYfXp4QwNHFG", {
         "diffusion_mlp": ("avoid_d56_r12_pre_diffusion_mlp_ta4_td20/2024-07-06_22-50-07/checkpoint/state_10000.pt",
@@ -152,7 +162,8 @@ _FURNITURE = {
         "gaussian_mlp": ("round_table_med_dim_pre_gaussian_mlp_ta8/2024-06-28_16-26-38/checkpoint/state_3000.pt",
                          "1LvELZ7A-whxKk1Oq7S8M9uBiSrWPAGQT")}),
 }
-PAPER_FILES: dict[str, tuple[str, str, dict[str, tuple[str, str | None]]]] = {**_GYM, **_ROBOMIMIC, **_AVOID, **_FURNITURE}
+PAPER_FILES: dict[str, tuple[str, str, dict[str, tuple[str, str | None]]]] = {
+    **_GYM, **_ROBOMIMIC, **_AVOID, **_FURNITURE, **_KITCHEN}
 # the 96x96 pixel variants (train.npz with `images`, their normalisation) of the robomimic tasks
 PAPER_PIXEL_FILES = {"lift": ("1H-UncdzHx6wd5NWVzrQyftfGls7KGz1O", "15GnKDIK8VasvUHahcvEeK_uEs1J9i0ja"),
                      "can": ("1VGp_5xXXb1-GJutdSc6AZSzXNk-6_vRz", "1APAB6W10ECaNVVL72F0C2wC6oJhhbjWX"),
@@ -165,6 +176,7 @@ PAPER_PIXEL_FILES = {"lift": ("1H-UncdzHx6wd5NWVzrQyftfGls7KGz1O", "15GnKDIK8Vas
 REFERENCE_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
     ("gym", "diffusion_mlp"): dict(denoising_steps=20, activation="relu"),
     ("avoid", "diffusion_mlp"): dict(denoising_steps=20, activation="relu"),
+    ("kitchen", "diffusion_mlp"): dict(denoising_steps=20, activation="mish"),
     ("robomimic", "diffusion_mlp"): dict(denoising_steps=20, activation="mish"),
     ("furniture", "diffusion_mlp"): dict(denoising_steps=100, activation="mish"),
     ("robomimic", "diffusion_unet"): dict(denoising_steps=20, activation="mish", n_groups=8, groupnorm_eps=1e-5,
@@ -193,8 +205,8 @@ class ConversionError(DatasetError):
 
 def config_path(task: Task, kind: str) -> str:
     """Where the reference keeps the pre-training config of `task` and `kind` (for messages)."""
-    folder = f"{task.id}-medium-v2" if task.suite == "gym" else task.id.replace("-", "_")
-    suite = {"avoid": "d3il"}.get(task.suite, task.suite)
+    folder = {"gym": f"{task.id}-medium-v2", "kitchen": f"{task.id}-v0"}.get(task.suite, task.id.replace("-", "_"))
+    suite = {"avoid": "d3il", "kitchen": "gym"}.get(task.suite, task.suite)
     return f"cfg/{suite}/pretrain/{folder}/pre_{kind}.yaml"
 
 

@@ -4,7 +4,8 @@ Every loader returns a list of trajectories `{"obs": float32 (L, D_o), "actions"
 (+ `"rewards"` (L,) when the file has them). Formats:
 - `train.npz` of the reference implementation: `states`, `actions`, `traj_lengths` (+ `rewards`, `images`);
 - D4RL v2 hdf5 (gym locomotion): flat arrays split at `terminals | timeouts`;
-- Minari datasets (gym locomotion, `minari:<dataset id>`): episodes read with Minari's own reader (imported lazily);
+- Minari datasets (gym locomotion, Franka Kitchen, `minari:<dataset id>`): episodes read with Minari's own reader
+  (imported lazily); the kitchen's dict observations flattened to D4RL's 60 (`sims.kitchen.flat_obs`);
 - robomimic hdf5: `data/demo_N/{actions, rewards, obs/<key>}`, `mask/<name>` demo lists;
 - D3IL Avoid: real demos (`des_c_pos` npz, via `sims.avoid`) or the built-in scripted demos shipped as
   `train.npz` files in `builtin-data/` (written by `scripts/generate_avoid_demos.py`).
@@ -198,6 +199,8 @@ def minari_fix(env_name: str | None) -> str:
     base = (env_name or "").split("-v")[0]
     if base in MINARI_DATASETS:
         return f"use the dataset of this task (e.g. {MINARI_PREFIX}{MINARI_DATASETS[base]})"
+    if base == "FrankaKitchen":
+        return "use minari:D4RL/kitchen/<complete|partial|mixed>-v2 with the kitchen task of the same name"
     if base == "avoid":
         return ("Minari has no D3IL Avoid dataset: leave --dataset out for the built-in demos (builtin-data/, written "
                 "by python scripts/generate_avoid_demos.py) or pass the real D3IL demos")
@@ -213,7 +216,7 @@ def _space(space: Any) -> str:
 
 
 def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | None = None,
-                positive_return_only: bool = True) -> list[Traj]:
+                positive_return_only: bool = True, kitchen: Any = None) -> list[Traj]:
     """A Minari dataset (the maintained successor of D4RL; e.g. `mujoco/hopper/medium-v0`), downloaded with Minari's own
     client when it is not under `minari_root()`.
 
@@ -221,7 +224,8 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
     pair with the actions, as in D4RL's flat arrays. Its observation and action spaces must be flat Boxes of the task's
     sizes, and the env it was recorded in (its EnvSpec) must be the task's (`env_name`; another version is accepted with
     a note). As for D4RL, only episodes with positive total reward are kept (irom-princeton/dppo,
-    script/dataset/get_d4rl_dataset.py), so both sources go through the same filter."""
+    script/dataset/get_d4rl_dataset.py), so both sources go through the same filter. `kitchen`: the kitchen task whose
+    Minari dataset (FrankaKitchen-v1's dict observations, for its subtasks) is flattened to D4RL's 60 (`sims/kitchen.py`)."""
     name = f"{MINARI_PREFIX}{dataset_id}"
     if not dataset_id.strip():
         raise DatasetError(f"--dataset {name}: give a Minari dataset id after '{MINARI_PREFIX}', "
@@ -240,7 +244,12 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
                            "pip install 'minari[arrow]' for arrow datasets") from e
     except Exception as e:  # noqa: BLE001 - any unreadable dataset gets the same one-line answer
         raise DatasetError(f"{name}: not a readable Minari dataset ({one_line(e)}); download it again") from e
-    fix = minari_fix(env_name)
+    fix, flatten = minari_fix(env_name), np.asarray
+    if kitchen is not None and type(obs_space).__name__ == "Dict":  # FrankaKitchen-v1's dict -> D4RL's flat 60
+        from sims.kitchen import check_dataset_space, flat_obs
+
+        check_dataset_space(name, obs_space, kitchen)
+        flatten, obs_space = flat_obs, type(act_space)(-np.inf, np.inf, (obs_dim,))
     if env_name is not None:
         import gymnasium
 
@@ -258,7 +267,7 @@ def load_minari(dataset_id: str, obs_dim: int, action_dim: int, env_name: str | 
     trajs = []
     try:
         for i, episode in enumerate(dataset.iterate_episodes()):
-            obs, actions = np.asarray(episode.observations), np.asarray(episode.actions)
+            obs, actions = flatten(episode.observations), np.asarray(episode.actions)
             rewards = np.asarray(episode.rewards).reshape(-1)
             n = actions.shape[0]
             _check_2d(name, f"episode {i} observations", obs, obs_dim, n + 1)
@@ -459,8 +468,11 @@ def _load_checked(task: Any, path: str | None, n_demos: int | None) -> tuple[str
 
 def _load_task_file(task: Any, path: str | None, n_demos: int | None) -> tuple[str, list[Traj]]:
     """The file `load_task_trajectories` reads (downloaded if needed) and its trajectories, before the checks."""
+    if path is None and task.data.startswith(MINARI_PREFIX):  # the task's own data is a Minari dataset (kitchen)
+        path = task.data
     if path is not None and path.startswith(MINARI_PREFIX):  # a Minari dataset id, not a file
-        return path, load_minari(path[len(MINARI_PREFIX):], task.obs_dim, task.action_dim, task.env_name)
+        return path, load_minari(path[len(MINARI_PREFIX):], task.obs_dim, task.action_dim, task.env_name,
+                                 kitchen=task if task.suite == "kitchen" else None)
     if path == "paper":  # the reference implementation's own train.npz (+ normalization.npz), downloaded once
         from loaders.convert import paper_dataset
 

@@ -225,12 +225,15 @@ def test_plot_runs_command_line_is_one_line_naming_the_file(tmp_path):
 # ---- hints name things that exist ----
 
 def test_minari_hints_name_real_datasets_or_the_tasks_own_data():
-    """Minari's `mujoco` namespace holds the gym tasks' datasets; Avoid's demonstrations are the project's own (built in,
-    written by scripts/generate_avoid_demos.py), and no other task has a Minari dataset."""
+    """Minari's `mujoco` namespace holds the gym tasks' datasets, its `D4RL/kitchen` the kitchen tasks'; Avoid's
+    demonstrations are the project's own (built in, written by scripts/generate_avoid_demos.py), and no other task has a
+    Minari dataset."""
     for task in TASKS.values():
         fix = minari_fix(task.env_name)
         if task.suite == "gym":
             assert f"minari:mujoco/{task.id}/medium-v0" in fix
+        elif task.suite == "kitchen":
+            assert "minari:D4RL/kitchen/<complete|partial|mixed>-v2" in fix and task.data.startswith("minari:D4RL/kitchen/")
         else:
             assert "minari:" not in fix and "Minari has no" in fix
     assert "scripts/generate_avoid_demos.py" in minari_fix("avoid") and os.path.exists(
