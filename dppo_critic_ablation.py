@@ -145,12 +145,10 @@ SUITE_DEFAULTS = {
                   actor_lr=1e-5, batch_size=None, update_epochs=10, clip_coef=0.1, clip_coef_base=0.1, n_critic_warmup_itr=1,
                   min_sampling_denoising_std=0.1, final_action_clip=False, use_ddim=False),
 }
-TASK_DEFAULTS = {
-    "lift": dict(n_train_itr=81), "can": dict(n_train_itr=151),
-    "square": dict(n_steps=400, batch_size=10000, n_train_itr=201),
-    "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5),
-    "one-leg-low": dict(n_steps=88, batch_size=17600), "one-leg-med": dict(n_steps=88),
-}
+SUITE_DEFAULTS["kitchen"] = dict(SUITE_DEFAULTS["gym"], n_train_itr=301, n_steps=70, batch_size=5600, update_epochs=10)
+TASK_DEFAULTS = {"lift": dict(n_train_itr=81), "can": dict(n_train_itr=151), "one-leg-low": dict(n_steps=88, batch_size=17600),
+                 "square": dict(n_steps=400, batch_size=10000, n_train_itr=201), "one-leg-med": dict(n_steps=88),
+                 "transport": dict(n_steps=400, batch_size=10000, n_train_itr=201, update_epochs=5)}
 FURNITURE_UNET_BATCH = {"one_leg": 30000, "lamp": 40000, "round_table": 40000}  # cfg/furniture/finetune/*_unet.yaml
 
 

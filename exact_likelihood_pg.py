@@ -140,9 +140,9 @@ def fill_defaults(args: Args) -> dict:
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
-    if task.suite == "furniture":
-        raise runs.UsageError(f"{task.id}: the reference has no exact-likelihood config for furniture (and Isaac Gym is "
-                              "not installable here); use dppo_finetune.py")
+    if task.suite not in SUITE_DEFAULTS:  # furniture, kitchen
+        raise runs.UsageError(f"{task.id}: the reference has no exact-likelihood config for the {task.suite} tasks; use "
+                              "dppo_finetune.py")
     filled = runs.apply_defaults(args, {**SUITE_DEFAULTS[task.suite], **TASK_DEFAULTS.get(task.id, {}),
                                         "act_steps": task.act_steps})
     filled.update(runs.apply_defaults(args, {"actor_lr_min": args.actor_lr, "lr_cycle_itr": args.n_train_itr}))

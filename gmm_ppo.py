@@ -200,6 +200,9 @@ def fill_defaults(args: Args) -> dict:
     task = get_task(args.env_id)
     refuse_pixel_task(task)  # camera observations: dppo_pretrain_pixel.py / dppo_finetune_pixel.py
     args.env_id = task.id
+    if task.suite not in (PRETRAIN_DEFAULTS if args.pretrain else SUITE_DEFAULTS):  # e.g. kitchen: DPPO's only
+        raise runs.UsageError(f"{task.id}: this script has no GMM {'pre-training' if args.pretrain else 'fine-tuning'} "
+                              f"config for the {task.suite} tasks; use dppo_pretrain.py and dppo_finetune.py")
     if args.pretrain:
         defaults = {**PRETRAIN_DEFAULTS[task.suite], "horizon_steps": task.horizon_steps}
     else:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from common.envs import EpisodeTracker, make_env
-from common.errors import DatasetError
+from common.errors import DatasetError, UsageError
 from common.tasks import get_task
 from loaders.datasets import load_task_dataset
 
@@ -185,3 +186,18 @@ def test_the_reference_kitchen_files_are_known_and_offline_is_one_line(tmp_path,
         runs.load_checkpoint("paper", "diffusion", "", task, conversion=lambda: convert)
     assert "1X24Hqbn4b4xyLK_1A3D6zhSgsN7frVCG" in str(e.value) and "\n" not in str(e.value)
     assert "kitchen-mixed-v0_pre_diffusion_mlp_ta4_td20_state_8000.pt" in str(e.value)
+
+
+@pytest.mark.parametrize("module_name", ["gaussian_ppo", "gmm_ppo", "exact_likelihood_pg"])
+def test_a_script_without_kitchen_defaults_refuses_it_in_one_line(module_name):
+    """No KeyError: the scripts whose method has no kitchen configuration here say so and name the ones that do."""
+    module = importlib.import_module(module_name)
+    with pytest.raises(UsageError, match="kitchen-complete: .*kitchen tasks.*dppo_finetune.py"):
+        module.fill_defaults(module.Args(env_id="kitchen-complete"))
+
+
+def test_the_critic_ablation_takes_dppos_kitchen_defaults():
+    import dppo_critic_ablation as ab
+    args = ab.Args(env_id="kitchen-complete")
+    ab.fill_defaults(args)
+    assert (args.n_train_itr, args.n_steps, args.batch_size, args.update_epochs) == (301, 70, 5600, 10)
