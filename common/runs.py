@@ -72,7 +72,7 @@ def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
             lines = [line.strip("│╭╮╰╯─ \t") for line in captured.getvalue().splitlines()]
             lines = [line for line in lines if line] and lines[1:]
             message = " ".join(lines[:lines.index("")] if "" in lines else lines) or "bad command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
+            sys.stderr.write(f"error: {message} (see --help)\n")  # one write: lines of parallel ranks never interleave
         else:
             sys.stderr.write(captured.getvalue())
         raise
@@ -80,7 +80,7 @@ def cli(main: Callable[[ArgsT], Any], args_type: type[ArgsT]) -> None:
     try:
         main(args)
     except (UsageError, TaskError, DatasetError, NonFiniteError, OSError) as e:  # FileNotFoundError is an OSError
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write (print makes two): lines of parallel ranks never interleave
         sys.exit(2)
 
 
