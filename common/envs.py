@@ -8,7 +8,6 @@ its suite is made, and `sims/video.py` only with `capture_video`), the episode t
 from __future__ import annotations
 
 import importlib.util
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from common.errors import NonFiniteError, TaskError
-from common.tasks import Task, require_simulator
+from common.tasks import Task, check_mujoco_gl, require_simulator
 from common.vecenv import ChunkVecEnv, MultiStep, ProcessChunkVecEnv, SyncChunkVecEnv, default_n_workers
 
 
@@ -93,21 +92,6 @@ class EnvpoolChunkVecEnv:
 
     def close(self) -> None:
         self.env.close()
-
-
-# what MuJoCo's `import mujoco` (and robosuite's import) accepts in MUJOCO_GL on Linux; anything else is a RuntimeError
-# there (mujoco/rendering/classic/gl_context.py) or, in robosuite, silently replaced by egl
-MUJOCO_GL_VALUES = ("egl", "osmesa", "glfw", "glx", "", "enable", "enabled", "on", "true", "1",
-                    "disable", "disabled", "off", "false", "0")
-
-
-def check_mujoco_gl(task: Task) -> None:
-    """TaskError naming the allowed values when MUJOCO_GL holds one MuJoCo does not know (a typo such as `eggl`) and the
-    task is simulated with MuJoCo (gym locomotion, robomimic, kitchen): one line before any env is made."""
-    gl = os.environ.get("MUJOCO_GL")
-    if task.suite not in ("avoid", "furniture") and gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
-        raise TaskError(f"MUJOCO_GL={gl!r} is not a MuJoCo rendering backend: set MUJOCO_GL=egl (no display), osmesa "
-                        "(software rendering) or glfw (a display), or unset it")
 
 
 def make_env(task: Task, seed: int | None = None, terminate_on_success: bool = False,

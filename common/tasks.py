@@ -8,6 +8,7 @@ with one line naming the missing package when the task's simulator is not instal
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 from common.errors import TaskError
@@ -154,3 +155,18 @@ def refuse_pixel_task(task: Task) -> None:
     if task.suite == "robomimic-img":
         raise TaskError(f"--env-id {task.id} is a pixel task: pre-train with dppo_pretrain_pixel.py and fine-tune with "
                         "dppo_finetune_pixel.py")
+
+
+# what MuJoCo's `import mujoco` (and robosuite's import) accepts in MUJOCO_GL on Linux; anything else is a RuntimeError
+# there (mujoco/rendering/classic/gl_context.py) or, in robosuite, silently replaced by egl
+MUJOCO_GL_VALUES = ("egl", "osmesa", "glfw", "glx", "", "enable", "enabled", "on", "true", "1",
+                    "disable", "disabled", "off", "false", "0")
+
+
+def check_mujoco_gl(task: Task | None = None) -> None:
+    """TaskError naming the allowed values when MUJOCO_GL holds one MuJoCo does not know (a typo such as `eggl`), for
+    `task` if it is simulated with MuJoCo (gym locomotion, robomimic, kitchen; None: always): one line before any env."""
+    gl, mujoco = os.environ.get("MUJOCO_GL"), task is None or task.suite not in ("avoid", "furniture")
+    if mujoco and gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
+        raise TaskError(f"MUJOCO_GL={gl!r} is not a MuJoCo rendering backend: set MUJOCO_GL=egl (no display), osmesa "
+                        "(software rendering) or glfw (a display), or unset it")

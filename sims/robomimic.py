@@ -44,7 +44,7 @@ import gymnasium as gym
 import numpy as np
 
 from common.errors import TaskError
-from common.tasks import Task, get_task, require_simulator
+from common.tasks import Task, check_mujoco_gl, get_task, require_simulator
 from common.vecenv import MultiStep, close_workers, serve_envs, start_workers
 
 # OSC_POSE settings of the robomimic datasets: input ±1 -> ±5 cm / ±0.5 rad per step.
@@ -83,24 +83,9 @@ def _no_macro_warning(record: logging.LogRecord) -> bool:
     return "macro" not in record.getMessage()
 
 
-# what MuJoCo takes in MUJOCO_GL on Linux (mujoco/rendering/classic/gl_context.py); the same list as
-# common.envs.MUJOCO_GL_VALUES (sims/ does not import common.envs)
-MUJOCO_GL_VALUES = ("egl", "osmesa", "glfw", "glx", "", "enable", "enabled", "on", "true", "1",
-                    "disable", "disabled", "off", "false", "0")
-
-
-def _check_mujoco_gl() -> None:
-    """TaskError naming the allowed values when MUJOCO_GL holds one MuJoCo does not know (a typo such as `eggl`), which
-    robosuite would silently replace with egl, or which `import mujoco` refuses with a traceback."""
-    gl = os.environ.get("MUJOCO_GL")
-    if gl is not None and gl.lower().strip() not in MUJOCO_GL_VALUES:
-        raise TaskError(f"MUJOCO_GL={gl!r} is not a MuJoCo rendering backend: set MUJOCO_GL=egl (no display), osmesa "
-                        "(software rendering) or glfw (a display), or unset it")
-
-
 def _import_robosuite() -> Any:
     """robosuite (MUJOCO_GL checked first), without its three-line "no private macro file" warning on every import."""
-    _check_mujoco_gl()
+    check_mujoco_gl()
     logger = logging.getLogger("robosuite_logs")
     if _no_macro_warning not in logger.filters:
         logger.addFilter(_no_macro_warning)
@@ -420,7 +405,7 @@ class PixelChunkVecEnv:
         if not is_pixel(task):
             raise TaskError(f"task {task.id!r} has state observations; use common.envs.make_vec_env")
         require_simulator(task)
-        _check_mujoco_gl()  # here, before the workers start
+        check_mujoco_gl()  # here, before the workers start
         image_hw(image_size)
         self.num_envs, self.task = num_envs, task
         act_steps = act_steps or task.act_steps

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import dppo_pretrain as pt
-from common.envs import MUJOCO_GL_VALUES, check_mujoco_gl, make_vec_env
+from common.envs import make_vec_env
+from common.tasks import MUJOCO_GL_VALUES, check_mujoco_gl
 from common.errors import DatasetError, TaskError, UsageError
 from common.normalizer import Normalizer
 from common.tasks import TASKS, get_task, missing_packages
@@ -271,7 +272,7 @@ def test_a_typo_in_mujoco_gl_is_one_line_naming_the_allowed_values(monkeypatch):
         assert msg.startswith("MUJOCO_GL='eggl' is not a MuJoCo rendering backend") and "\n" not in msg
         assert all(f"MUJOCO_GL={v}" in msg or f" {v} " in msg for v in ("egl", "osmesa", "glfw"))
     from sims import robomimic  # pixel envs are made here, not through common.envs (robosuite would use egl)
-    assert robomimic.MUJOCO_GL_VALUES == MUJOCO_GL_VALUES
+    assert robomimic.check_mujoco_gl is check_mujoco_gl  # the one list and check, shared
     with pytest.raises(TaskError, match="MUJOCO_GL='eggl' is not a MuJoCo rendering backend"):
         robomimic.env_args("lift")
     if not missing_packages(get_task("lift-img")):
