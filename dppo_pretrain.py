@@ -53,7 +53,8 @@ from tqdm import tqdm
 
 from common import pretraining, runs
 from common.envs import evaluate, make_vec_env
-from common.networks import ACTIVATIONS, UNET_ACTIVATIONS, DiffusionMLP, UNet1D
+from common.networks import ACTIVATIONS, DiffusionMLP
+from common.unet import UNET_ACTIVATIONS, UNet1D
 from common.normalizer import Normalizer
 from common.tasks import get_task, missing_packages, refuse_pixel_task
 from loaders.datasets import WindowDataset, load_task_dataset

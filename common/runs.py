@@ -687,13 +687,28 @@ def new_run_dir(task_id: str, exp_name: str, seed: int, root: str = "runs") -> s
     raise UsageError(f"could not create a new run folder next to {base}")
 
 
+def eval_tail_cut(path: str) -> bool:
+    """Whether `eval.csv` ends inside a row: a run killed while writing it (every complete row ends in a newline)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_eval_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of an `eval.csv` (none without the file); one not of these scripts ends in one line."""
+    """The complete rows of an `eval.csv` (none without the file): a last row cut by a killed write is left out, as
+    its numbers may be cut too; a file not of these scripts (or with a short row before the last) ends in one line."""
     if not os.path.isfile(path):
         return []
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
+        if rows and eval_tail_cut(path):
+            rows.pop()
+        if any(None in r or None in r.values() for r in rows):
+            raise ValueError("a row with too few or too many fields")
         [int(r["iteration"]) for r in rows]
     except (ValueError, KeyError, TypeError, csv.Error) as e:
         raise DatasetError(f"{path} is not a run's eval.csv ({type(e).__name__}); move it aside to resume") from None
@@ -716,7 +731,10 @@ class EvalLog:
         if superseded:
             self.append(os.path.join(run_dir, "eval_superseded.csv"), superseded)
             print(f"resume: eval.csv rows of iterations >= {resume_itr} (redone now) moved to eval_superseded.csv")
-        if superseded or not os.path.isfile(self.path):
+        tail_cut = resume_itr is not None and os.path.isfile(self.path) and eval_tail_cut(self.path)
+        if tail_cut:  # the killed run's half-written last row is dropped (its evaluation is redone)
+            print("resume: eval.csv ended inside a row (the run was killed while writing it); that row is dropped")
+        if superseded or tail_cut or not os.path.isfile(self.path):
             self.append(self.path + ".tmp", self.rows, "w")
             os.replace(self.path + ".tmp", self.path)
 

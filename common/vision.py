@@ -9,7 +9,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from common.networks import DiffusionMLP, UNet1D, trunk
+from common.networks import DiffusionMLP, trunk
+from common.unet import UNet1D
 
 
 def random_shift(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

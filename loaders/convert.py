@@ -35,7 +35,8 @@ from typing import Any, NoReturn
 import torch
 
 from common.errors import DatasetError, TaskError
-from common.networks import ChunkMLP, DiffusionMLP, UNet1D
+from common.networks import ChunkMLP, DiffusionMLP
+from common.unet import UNet1D
 from common.normalizer import Normalizer
 from common.runs import (CHECKPOINT_FORMAT, POSITIVE, check_output_path, check_policy_numbers, is_reference_checkpoint,
                          save_checkpoint)
@@ -308,7 +309,7 @@ def diffusion_mlp_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, A
 
 
 def diffusion_unet_arch(sd: dict[str, torch.Tensor], task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    """`common.networks.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
+    """`common.unet.UNet1D` arguments of a reference `Unet1D` (network tensors, prefix removed)."""
     if any(k.startswith("cond_mlp.") for k in sd):
         raise ConversionError("this reference Unet1D has an observation MLP (cond_mlp_dims), which no published config "
                               "uses and this project's UNet1D does not have")

@@ -122,9 +122,14 @@ def save_train_npz(path: str, trajs: list[Traj], compressed: bool = False) -> No
         if trajs and all(key in t for t in trajs):
             data[key] = np.concatenate([t[key] for t in trajs])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".part", "wb") as fh:
-        (np.savez_compressed if compressed else np.savez)(fh, **data)
-    os.replace(path + ".part", path)
+    try:
+        with open(path + ".part", "wb") as fh:
+            (np.savez_compressed if compressed else np.savez)(fh, **data)
+        os.replace(path + ".part", path)
+    except BaseException:  # a full disk or an interrupt: no half-written file is left beside the data
+        if os.path.exists(path + ".part"):
+            os.remove(path + ".part")
+        raise
 
 
 def load_d4rl_hdf5(path: str, obs_dim: int, action_dim: int, positive_return_only: bool = True) -> list[Traj]:

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                            image_size=args.image_size if args.images else None)
     except (UsageError, TaskError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as runs.cli and every other tool
     print(f"{task.id}: scripted success rate {r['success_rate']:.2f} ({r['n_demos']}/{r['attempts']}), "
           f"mean demo length {r['mean_length']:.1f} steps, {r['seconds']:.0f} s -> {out}")
     return 0

@@ -463,9 +463,9 @@ def test_robomimic_demo_tool_refuses_an_unwritable_or_mistyped_out_before_any_ro
     (tmp_path / "file").write_text("x")
     for out, why in ((tmp_path, "is a folder"), (tmp_path / "file" / "d.hdf5", "cannot write under")):
         capsys.readouterr()
-        assert robomimic_demos.main(["--task", "lift", "--out", str(out)]) == 1
+        assert robomimic_demos.main(["--task", "lift", "--out", str(out)]) == 2
         assert why in capsys.readouterr().err.strip().splitlines()[-1]
-    assert robomimic_demos.main(["--task", "", "--out", str(tmp_path / "d.hdf5")]) == 1  # an empty task id
+    assert robomimic_demos.main(["--task", "", "--out", str(tmp_path / "d.hdf5")]) == 2  # an empty task id
     assert "unknown task ''" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         robomimic_demos.main(["--task", "lift", "--n-demos", "abc"])

@@ -339,5 +339,5 @@ def test_robomimic_demo_tool_checks_its_numbers(argv, message, tmp_path, capsys)
     """--hold-steps 0 would end every demo at its first step, solved or not."""
     pytest.importorskip("robosuite")
     from scripts import robomimic_demos
-    assert robomimic_demos.main(["--task", "lift", "--out", str(tmp_path / "d.hdf5"), *argv]) == 1
+    assert robomimic_demos.main(["--task", "lift", "--out", str(tmp_path / "d.hdf5"), *argv]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(message) and os.listdir(tmp_path) == []  # (after robosuite's)

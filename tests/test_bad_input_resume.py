@@ -166,6 +166,35 @@ def test_resume_of_a_run_with_an_unreadable_eval_csv_is_refused_with_the_folder_
         runs.read_eval_rows(os.path.join(run, "eval.csv"))
 
 
+def test_resume_of_a_run_killed_while_writing_an_eval_row_drops_the_cut_row(pre, tmp_path, monkeypatch, capsys):
+    """A write killed mid-row leaves a last line without its newline, whose numbers may be cut too (an iteration 12
+    cut to 1): it is never read as a row, and the resumed run's rows do not glue onto it."""
+    run = _finetune(pre, tmp_path, monkeypatch, 2)["run_dir"]
+    lines = open(os.path.join(run, "eval.csv")).read().splitlines(keepends=True)
+    assert lines[-1].startswith("2,")
+    with open(os.path.join(run, "eval.csv"), "w", newline="") as f:
+        f.write("".join(lines[:-1]) + lines[-1][:6])  # the final row cut inside its numbers
+    assert len(runs.read_eval_rows(os.path.join(run, "eval.csv"))) == len(lines) - 2  # header and cut row left out
+    capsys.readouterr()
+    ft.main(ft.Args(resume=run, n_train_itr=3))
+    assert "resume: eval.csv ended inside a row" in capsys.readouterr().out
+    text = open(os.path.join(run, "eval.csv")).read()
+    assert text.startswith("".join(lines[:-1])) and lines[-1][:6] + "3" not in text
+    assert [int(r["iteration"]) for r in _rows(run)] == [0, 1, 2, 3]
+    assert all(None not in r.values() for r in _rows(run))
+
+
+def test_an_eval_csv_with_a_short_row_before_the_last_is_refused(tmp_path):
+    path = tmp_path / "eval.csv"
+    path.write_text("iteration,env_steps,mode,return_mean,return_std,success_rate,n_episodes\n1,5\n"
+                    "2,10,deterministic,1.0,0.0,0.5,4\n")
+    with pytest.raises(DatasetError, match="is not a run's eval.csv"):
+        runs.read_eval_rows(str(path))
+    path.write_text("iteration,env_steps,mode,return_mean,return_std,success_rate,n_episodes\n"
+                    "1,5,deterministic,1.0,0.0,0.5,4\n12,10,determ")  # a cut last row: left out
+    assert [r["iteration"] for r in runs.read_eval_rows(str(path))] == ["1"]
+
+
 def test_resume_of_a_run_whose_args_json_is_a_folder_is_refused_with_the_folder_unchanged(pre, tmp_path, monkeypatch,
                                                                                          capsys):
     """A resumed run that redoes an iteration rewrites eval.csv: the args.json check comes before it."""

@@ -358,3 +358,15 @@ def test_iterate_permutes_and_batches() -> None:
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     other = list(ds.iterate(5, torch.Generator().manual_seed(1)))[0][1]
     assert not torch.equal(other, ds.iterate(5, torch.Generator().manual_seed(0)).__next__()[1])
+
+
+def test_save_train_npz_leaves_no_part_file_when_the_write_fails(tmp_path, monkeypatch):
+    """A full disk (or an interrupt) while writing: the error propagates, and neither the file nor a `.part` is left."""
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    path = tmp_path / "train.npz"
+    with pytest.raises(OSError):
+        save_train_npz(str(path), [{"obs": np.zeros((3, 2), np.float32), "actions": np.zeros((3, 1), np.float32)}])
+    assert list(tmp_path.iterdir()) == []

@@ -380,7 +380,7 @@ def test_unet_network_defaults(task, dim, mults, T_a, K, eps):
     the stored arch holds every UNet1D argument."""
     import inspect
 
-    from common.networks import UNet1D
+    from common.unet import UNet1D
     args = pt.Args(env_id=task, backbone="unet")
     pt.fill_defaults(args)
     arch = pt.network_arch(args, 7, 3)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.networks import SinusoidalPosEmb, UNet1D
+from common.layers import SinusoidalPosEmb
+from common.unet import UNet1D
 from tests.helpers import float64_forward, load_by_order, ref_weights
 
 torch.set_num_threads(1)
