@@ -190,6 +190,9 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     path = args.checkpoint
     ckpt = runs.load_checkpoint(path, None, "python dppo_pretrain.py, then dppo_finetune.py")  # any kind of this project
     kind = ckpt["policy"]
+    if kind == "flow":
+        raise runs.DatasetError(f"checkpoint {path!r} holds a flow policy; deploy_franka.py runs diffusion, Gaussian and GMM "
+                                "policies")
     if ckpt["action_dim"] != ACTION_DIM or (ckpt["obs_dim"] - ROBOT_OBS_DIM) % POSE_DIM or ckpt["obs_dim"] < ROBOT_OBS_DIM:
         raise runs.UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action "
                               f"{ckpt['action_dim']}) does not act in absolute end-effector poses: deploy_franka.py needs "

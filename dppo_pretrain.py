@@ -304,25 +304,10 @@ class DiffusionPolicy(nn.Module):
         return x.clamp(-1, 1)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
-    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs); one multi-tensor
-    op over all the weights (the same per-tensor kernels, bit for bit)."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_copy_(ema_params, params) if reset else torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
 def main(args: Args) -> dict:
     resume_ckpt = None
     if args.resume:  # the run's own arguments; explicit flags win visibly or are refused
-        if not os.path.isdir(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume}: no such run folder")
-        resume_ckpt = runs.load_checkpoint(os.path.join(args.resume, "checkpoint.pt"), "diffusion", "python dppo_pretrain.py")
-        missing = [k for k in ("args", "model", "optimizer", "scheduler", "rng", "epoch", "step") if k not in resume_ckpt]
-        if missing:
-            fix = f"; resume it with {resume_ckpt.get('method') or 'dppo_finetune'}.py" if "itr" in resume_ckpt else ""
-            raise runs.DatasetError(f"--resume {args.resume}: its checkpoint is not a pre-training run's checkpoint "
-                                    f"(it lacks {', '.join(missing)}){fix}")
+        resume_ckpt = pretraining.load_run(args.resume, "diffusion", "python dppo_pretrain.py")
         args = runs.resume_args(args, resume_ckpt["args"], args.resume)
     filled = fill_defaults(args)
     task = get_task(args.env_id)
@@ -360,16 +345,8 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, step, last_eval = 0, 0, {}
     if resume_ckpt is not None:
-        resume_path = os.path.join(args.resume, "checkpoint.pt")
-        runs.load_weights(policy.network, resume_ckpt["model"], resume_path)
-        runs.load_weights(ema.network, resume_ckpt["ema"], resume_path)
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        for group in optimizer.param_groups:  # the saved groups carry the kernel choice of the run that wrote them
-            group.update(pretraining.adam_kernel(args.fused_adam))
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        generator.set_state(resume_ckpt["rng"]["generator"])
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        start_epoch, step = pretraining.restore(resume_ckpt, os.path.join(args.resume, "checkpoint.pt"), policy.network,
+                                                ema.network, optimizer, scheduler, generator, args.fused_adam)
         runs.check_resume_budget(args.resume, start_epoch, args.n_epochs, "--n-epochs", "epochs",  # nothing written yet
                                  left=f"--output {args.output}" if args.output and not os.path.isfile(args.output) else None)
     can_simulate = is_main and not missing_packages(task) and task.suite != "furniture" and args.eval_every
@@ -436,7 +413,7 @@ def main(args: Args) -> dict:
             n_batches += 1
             step += 1
             if step % args.ema_every == 0:  # EMA of the weights, reset to the model before ema_start_epoch
-                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
+                pretraining.ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         if world > 1:  # the mean of the ranks' losses is the global batch's loss
             dist.all_reduce(epoch_loss)
@@ -473,9 +450,7 @@ def main(args: Args) -> dict:
     if not os.path.isfile(run.checkpoint):
         runs.save_checkpoint(run.checkpoint, checkpoint(args.n_epochs))
     if args.output:  # the release form: what fine-tuning reads
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-        runs.save_checkpoint(args.output, pretraining.release_checkpoint(trained))
+        pretraining.write_release(run.checkpoint, args.output)
     if can_simulate:
         eval_envs.close()
     run.writer.close()

@@ -193,14 +193,6 @@ class DiffusionPolicy(nn.Module):
         return x.clamp(-1, 1)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, reset: bool) -> None:
-    """ema <- decay·ema + (1 - decay)·model, or a copy of the model while `reset` (the first epochs); one multi-tensor
-    op over all the weights (the same per-tensor kernels, bit for bit)."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_copy_(ema_params, params) if reset else torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
 class PixelWindows:
     """Every T_a-action window inside one trajectory with the T_o most recent proprio vectors and images (the first
     repeated before the episode start), as `loaders.datasets.WindowDataset`; images stay uint8 on the device."""
@@ -339,7 +331,7 @@ def main(args: Args) -> dict:
             n_batches += 1
             step += 1
             if step % args.ema_every == 0:
-                ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
+                pretraining.ema_update(ema, policy, args.ema_decay, reset=epoch < args.ema_start_epoch)
         scheduler.step()
         mean_loss = (epoch_loss / max(n_batches, 1)).item()
         runs.check_finite(f"epoch {epoch}", {"loss": mean_loss}, policy)
@@ -355,9 +347,7 @@ def main(args: Args) -> dict:
             runs.save_checkpoint(run.checkpoint, checkpoint(epoch + 1, step))
     bar.close()
     if args.output:  # the release form: what fine-tuning reads
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        trained = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-        runs.save_checkpoint(args.output, pretraining.release_checkpoint(trained))
+        pretraining.write_release(run.checkpoint, args.output)
     if eval_envs is not None:
         eval_envs.close()
     run.writer.close()

@@ -13,7 +13,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "ta
 
 
 class SinusoidalPosEmb(nn.Module):
-    """Sinusoidal embedding of the integer denoising step t (B,) -> (B, dim)."""
+    """Sinusoidal embedding of t (B,) -> (B, dim): a diffusion policy's integer step or a flow policy's float time."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -68,9 +68,10 @@ def trunk(in_dim: int, hidden_dims: list[int], out_dim: int, activation: str, re
 
 
 class DiffusionMLP(nn.Module):
-    """ε-prediction network ε_θ(x_t, t, obs) (paper App. D.1).
+    """ε-prediction network ε_θ(x_t, t, obs) (paper App. D.1); with a float time t in [0, 1], the velocity network
+    v_θ(x_t, t, obs) of a flow policy, ReinFlow's `FlowMLP` (model/flow/mlp_flow.py; tests/reference/README.md).
 
-    x: (B, T_a, D_a), t: (B,) integer denoising step, cond: (B, T_o, D_o) -> ε̂ (B, T_a, D_a).
+    x: (B, T_a, D_a), t: (B,) integer denoising step or float flow time, cond: (B, T_o, D_o) -> ε̂ or v̂ (B, T_a, D_a).
     """
 
     def __init__(self, action_dim: int, horizon_steps: int, obs_dim: int, cond_steps: int = 1,

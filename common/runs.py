@@ -30,7 +30,7 @@ from common.envs import EVAL_STREAM, TRAINING_STREAM, EpisodeTracker, evaluate, 
 from common.errors import DatasetError, NonFiniteError, TaskError, UsageError
 
 CHECKPOINT_FORMAT = "dppo-checkpoint-v1"
-FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py"}
+FINETUNE_SCRIPTS = {"diffusion": "dppo_finetune.py", "gaussian": "gaussian_ppo.py", "gmm": "gmm_ppo.py", "flow": "reinflow.py"}
 # what a policy checkpoint must hold besides its weights to rebuild the policy with no other file
 HEADER_KEYS = ("format", "policy", "backbone", "arch", "task", "obs_dim", "action_dim", "horizon_steps", "cond_steps",
                "normalization")
@@ -420,14 +420,14 @@ def load_checkpoint(path: str, policy: str | None, pretrain_command: str, task: 
 
 
 def check_policy_numbers(header: dict[str, Any], where: str) -> None:
-    """DatasetError naming `where` unless the header's numbers can run a policy: K (`denoising_steps`, when given) an
-    integer >= 1; the normalisation statistics (when given) finite, with min <= max in every dimension and as many
-    dimensions as the header's obs_dim / action_dim (when given). A constant
-    dimension (min == max) is allowed: the normaliser divides by max - min + 1e-6 (common/normalizer.py, as the
-    reference's wrappers), so it maps to -1 and back to itself. The one check of `load_checkpoint` and loaders/convert.py."""
+    """DatasetError naming `where` unless the header's numbers can run a policy: K (`denoising_steps`, when given; DDPM
+    or Euler steps) an integer >= 1; the normalisation statistics (when given) finite, with min <= max in every dimension
+    and as many dimensions as the header's obs_dim / action_dim (when given). A constant dimension (min == max) is
+    allowed: the normaliser divides by max - min + 1e-6 (common/normalizer.py, as the reference's wrappers), so it maps
+    to -1 and back to itself. The one check of `load_checkpoint` and loaders/convert.py."""
     K, stats = header.get("denoising_steps"), header.get("normalization", {})
     if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
-        raise DatasetError(f"{where} has denoising_steps {K!r}; a diffusion policy takes at least 1 denoising step")
+        raise DatasetError(f"{where} has denoising_steps {K!r}; a diffusion or flow policy takes at least 1 denoising step")
     if isinstance(stats, dict) and not stats:
         return
     for g in ("obs", "action"):
@@ -472,6 +472,12 @@ def diffusion_checkpoint_path(checkpoint: str | None, task_id: str) -> str:
     """--checkpoint; without one, the built-in pre-trained diffusion checkpoint of the task (Avoid M2) or else the
     paper's published one (`paper`, downloaded once by `load_checkpoint`)."""
     return checkpoint or BUILTIN_DIFFUSION_CHECKPOINTS.get(task_id) or "paper"
+
+
+def default_flow_checkpoint(task_id: str) -> str:
+    """`checkpoints/{task_id}_flow.pt` of this repository: where `flow_pretrain.py` writes its release checkpoint
+    without --output, and where `reinflow.py` looks without --checkpoint."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", f"{task_id}_flow.pt")
 
 
 def whole_network_weights(ckpt: dict[str, Any], path: str) -> dict[str, Any]:

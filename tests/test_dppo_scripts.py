@@ -12,7 +12,7 @@ import torch
 
 import dppo_finetune as ft
 import dppo_pretrain as pt
-from common import runs
+from common import pretraining, runs
 from common.errors import DatasetError, TaskError, UsageError
 from common.networks import build_diffusion_network
 from loaders.datasets import save_train_npz
@@ -62,9 +62,9 @@ def test_ema_update_and_its_start_in_pretraining(tmp_path, monkeypatch):
     ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     for p, q in zip(ema.parameters(), model.parameters()):
         torch.nn.init.constant_(p, 1.0), torch.nn.init.constant_(q, 3.0)
-    pt.ema_update(ema, model, 0.9, reset=False)
+    pretraining.ema_update(ema, model, 0.9, reset=False)
     assert all(torch.allclose(p, torch.full_like(p, 1.2)) for p in ema.parameters())
-    pt.ema_update(ema, model, 0.9, reset=True)
+    pretraining.ema_update(ema, model, 0.9, reset=True)
     assert all(torch.equal(p, q) for p, q in zip(ema.parameters(), model.parameters()))
     monkeypatch.chdir(tmp_path)
 
