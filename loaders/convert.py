@@ -223,15 +223,18 @@ def reference_config(task: Task, kind: str, overrides: dict[str, Any] | None = N
 
 # ---- reading a reference checkpoint ----
 
-REINFLOW_HINT = ("its policy is a flow (ReinFlow, github ReinFlow/ReinFlow), which this importer does not convert; "
-                 "pre-train a flow policy here with python flow_pretrain.py and fine-tune it with python reinflow.py")
+REINFLOW_HINT = ("its network may be a flow policy (ReFlow), whose tensors carry a diffusion MLP's names, so it is not "
+                 "imported; pre-train a flow policy here with python flow_pretrain.py and fine-tune it with python "
+                 "reinflow.py")
 
 
 def is_reinflow_checkpoint(ckpt: Any) -> bool:
-    """ReinFlow's checkpoints: its pre-training saves `optimizer` and `lr_scheduler` beside `model`/`ema` (the DPPO
-    reference saves only `epoch`, `model`, `ema`: agent/pretrain/train_agent.py), its fine-tuning `actor_ft.policy.*`
-    weights or a `policy` dict with `cnt_train_steps` (agent/finetune/reinflow/train_ppo_flow_agent.py, save_model). A
-    ReFlow's `network.*` names are those of a DiffusionMLP, so the keys beside them are what tells the two apart."""
+    """Checkpoints saved by ReinFlow's code (github ReinFlow/ReinFlow): its pre-training saves `optimizer` and
+    `lr_scheduler` beside `model`/`ema` (the DPPO reference saves only `epoch`, `model`, `ema`:
+    agent/pretrain/train_agent.py), its fine-tuning `actor_ft.policy.*` weights or a `policy` dict with
+    `cnt_train_steps` (agent/finetune/reinflow/train_ppo_flow_agent.py, save_model). A ReFlow's `network.*` names are
+    those of a DiffusionMLP, so only the keys beside them tell ReinFlow's files apart; its diffusion pre-training
+    files look the same as its flow ones and are refused with them."""
     if not isinstance(ckpt, dict):
         return False
     model = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}
@@ -244,7 +247,7 @@ def detect_kind(sd: dict[str, torch.Tensor], ckpt: dict[str, Any] | None = None)
     """`diffusion_mlp`, `diffusion_unet` or `gaussian_mlp` from the module names (and, for a ReinFlow checkpoint, the
     whole checkpoint `ckpt`); the rest is refused in one line."""
     if is_reinflow_checkpoint(ckpt):
-        raise ConversionError(f"this is a ReinFlow checkpoint: {REINFLOW_HINT}")
+        raise ConversionError(f"this checkpoint was saved by ReinFlow's code: {REINFLOW_HINT}")
     keys = list(sd)
     if any(k.startswith(("actor_ft.", "critic.", "actor.")) for k in keys):
         raise ConversionError("this is a reference fine-tuning checkpoint (actor_ft/critic); only the reference's "
@@ -599,7 +602,7 @@ def read_reference(path: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         raise DatasetError(f"checkpoint {path!r} is not a readable checkpoint ({type(e).__name__})") from None
     if is_reinflow_checkpoint(ckpt):
-        raise DatasetError(f"{path!r} is a ReinFlow checkpoint: {REINFLOW_HINT}")
+        raise DatasetError(f"{path!r} was saved by ReinFlow's code: {REINFLOW_HINT}")
     if not is_reference_checkpoint(ckpt):
         raise DatasetError(f"{path!r} is not a checkpoint of {REFERENCE} (no 'model' state dict of network.* tensors)")
     return ckpt

@@ -363,9 +363,9 @@ def test_reinflow_checkpoints_are_refused_in_one_line_naming_the_flow_scripts(tm
         r = subprocess.run([sys.executable, "-m", "loaders.convert", str(path), "--env-id", "hopper"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, (name, r.stderr)
-        assert "ReinFlow checkpoint" in r.stderr and "python flow_pretrain.py" in r.stderr, (name, r.stderr)
+        assert "saved by ReinFlow's code" in r.stderr and "python flow_pretrain.py" in r.stderr, (name, r.stderr)
         if name != "ft_policy":  # the reference layout (`model`): a fine-tuning script converts it in memory
-            with pytest.raises(DatasetError, match="is a ReinFlow checkpoint|this is a ReinFlow checkpoint"):
+            with pytest.raises(DatasetError, match="saved by ReinFlow's code"):
                 load_checkpoint(str(path), "diffusion", "", get_task("hopper"))
     # the DPPO reference's own layout is not mistaken for ReinFlow's
     assert not convert.is_reinflow_checkpoint({"epoch": 1, "model": sd, "ema": sd})
