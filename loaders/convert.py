@@ -223,8 +223,31 @@ def reference_config(task: Task, kind: str, overrides: dict[str, Any] | None = N
 
 # ---- reading a reference checkpoint ----
 
-def detect_kind(sd: dict[str, torch.Tensor]) -> str:
-    """`diffusion_mlp`, `diffusion_unet` or `gaussian_mlp` from the module names; the rest is refused in one line."""
+REINFLOW_HINT = ("its network may be a flow policy (ReFlow), whose tensors carry a diffusion MLP's names, so it is not "
+                 "imported; pre-train a flow policy here with python flow_pretrain.py and fine-tune it with python "
+                 "reinflow.py")
+
+
+def is_reinflow_checkpoint(ckpt: Any) -> bool:
+    """Checkpoints saved by ReinFlow's code (github ReinFlow/ReinFlow): its pre-training saves `optimizer` and
+    `lr_scheduler` beside `model`/`ema` (the DPPO reference saves only `epoch`, `model`, `ema`:
+    agent/pretrain/train_agent.py), its fine-tuning `actor_ft.policy.*` weights or a `policy` dict with
+    `cnt_train_steps` (agent/finetune/reinflow/train_ppo_flow_agent.py, save_model). A ReFlow's `network.*` names are
+    those of a DiffusionMLP, so only the keys beside them tell ReinFlow's files apart; its diffusion pre-training
+    files look the same as its flow ones and are refused with them."""
+    if not isinstance(ckpt, dict):
+        return False
+    model = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}
+    return (("lr_scheduler" in ckpt or "optimizer" in ckpt) and "network.time_embedding.1.weight" in model
+            or any(isinstance(k, str) and k.startswith("actor_ft.policy.") for k in model)
+            or (isinstance(ckpt.get("policy"), dict) and "cnt_train_steps" in ckpt))
+
+
+def detect_kind(sd: dict[str, torch.Tensor], ckpt: dict[str, Any] | None = None) -> str:
+    """`diffusion_mlp`, `diffusion_unet` or `gaussian_mlp` from the module names (and, for a ReinFlow checkpoint, the
+    whole checkpoint `ckpt`); the rest is refused in one line."""
+    if is_reinflow_checkpoint(ckpt):
+        raise ConversionError(f"this checkpoint was saved by ReinFlow's code: {REINFLOW_HINT}")
     keys = list(sd)
     if any(k.startswith(("actor_ft.", "critic.", "actor.")) for k in keys):
         raise ConversionError("this is a reference fine-tuning checkpoint (actor_ft/critic); only the reference's "
@@ -354,7 +377,7 @@ def copy_by_order(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 def convert(ref: dict[str, Any], path: str, task: Task, normalizer: Normalizer, overrides: dict[str, Any] | None = None,
             log: Any = print) -> dict[str, Any]:
     """This project's checkpoint (header, normalisation, `ema` weights) of a reference pre-training checkpoint."""
-    kind = detect_kind(ref["model"])
+    kind = detect_kind(ref["model"], ref)
     # The weights the reference fine-tunes: its diffusion policies load `ema` (model/diffusion/diffusion.py,
     # DiffusionModel.__init__), its Gaussian policies `model` (model/common/gaussian.py, GaussianModel.__init__).
     weights_key = (overrides or {}).get("weights") or ("model" if kind == "gaussian_mlp" else "ema")
@@ -512,7 +535,7 @@ def load_reference(path: str, ref: dict[str, Any], task: Task | None, normalizat
     """`convert` with the normalisation found for it (`normalization`, beside the file, or the paper's)."""
     if task is None:
         raise ConversionError(f"{path!r} is a reference checkpoint: converting it needs the task (--env-id)")
-    detect_kind(ref["model"])  # a policy that cannot be imported is refused before its statistics are looked for
+    detect_kind(ref["model"], ref)  # a policy that cannot be imported is refused before its statistics are looked for
     norm_path = normalization or find_normalization(path, task)
     normalizer = read_normalization(norm_path)
     check_policy_numbers({"normalization": normalizer.state_dict()}, norm_path)  # finite, min <= max
@@ -578,6 +601,8 @@ def read_reference(path: str) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise DatasetError(f"checkpoint {path!r} is not a readable checkpoint ({type(e).__name__})") from None
+    if is_reinflow_checkpoint(ckpt):
+        raise DatasetError(f"{path!r} was saved by ReinFlow's code: {REINFLOW_HINT}")
     if not is_reference_checkpoint(ckpt):
         raise DatasetError(f"{path!r} is not a checkpoint of {REFERENCE} (no 'model' state dict of network.* tensors)")
     return ckpt

@@ -343,3 +343,30 @@ def test_furniture_dataset_layout_and_missing_dataset(tmp_path):
     folder = "https://drive.google.com/drive/folders/1v4LG2D1fS8id5hqE7Jjt7MYNFUEBNyh4"
     assert f"--dataset paper downloads the reference's ({folder})" in str(e.value)
     assert str(tmp_path / "data" / "one-leg-low" / "train.npz") in str(e.value)
+
+
+def test_reinflow_checkpoints_are_refused_in_one_line_naming_the_flow_scripts(tmp_path):
+    """A ReFlow's `network.*` tensors have a DiffusionMLP's names: without this check ReinFlow's pre-trained flow policy
+    would be imported as a diffusion ε-network (silently wrong). Its three layouts are refused, by the converter command
+    and by a fine-tuning script's in-memory conversion, in one line naming flow_pretrain.py / reinflow.py."""
+    sd = state_dict("hopper_mlp", "ema")
+    pre = {"epoch": 40, "model": sd, "ema": sd, "optimizer": {"state": {}, "param_groups": []},
+           "lr_scheduler": {"last_epoch": 40}}  # ReinFlow's agent/pretrain/train_agent.py save_model
+    ft_full = {"itr": 10, "model": {f"actor_ft.policy.{k[len('network.'):]}": v for k, v in sd.items()}}
+    ft_policy = {"itr": 10, "cnt_train_steps": 100, "policy": sd}  # save_model(only_save_policy_network=True)
+    (tmp_path / "hopper_mlp").mkdir()
+    np.savez(tmp_path / "hopper_mlp" / "normalization.npz", **{k: REF[f"hopper_mlp.{k}"] for k in Normalizer.KEYS})
+    for name, ckpt in (("pre", pre), ("ft_full", ft_full), ("ft_policy", ft_policy)):
+        path = tmp_path / "hopper_mlp" / f"{name}.pt"
+        torch.save(ckpt, path)
+        assert convert.is_reinflow_checkpoint(ckpt)
+        r = subprocess.run([sys.executable, "-m", "loaders.convert", str(path), "--env-id", "hopper"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, (name, r.stderr)
+        assert "saved by ReinFlow's code" in r.stderr and "python flow_pretrain.py" in r.stderr, (name, r.stderr)
+        if name != "ft_policy":  # the reference layout (`model`): a fine-tuning script converts it in memory
+            with pytest.raises(DatasetError, match="saved by ReinFlow's code"):
+                load_checkpoint(str(path), "diffusion", "", get_task("hopper"))
+    # the DPPO reference's own layout is not mistaken for ReinFlow's
+    assert not convert.is_reinflow_checkpoint({"epoch": 1, "model": sd, "ema": sd})
+    assert not convert.is_reinflow_checkpoint({"model": {"actor_ft.network.x": torch.zeros(1)}})
