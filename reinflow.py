@@ -14,7 +14,7 @@ noise network is trained with the velocity network and pushed up by an entropy b
 | ReinFlow | here | shape / value |
 |---|---|---|
 | K (inference_steps = ft_denoising_steps) | `denoising_steps` (from the checkpoint) | 4 (1–4) |
-| t_k | `agent.t` | linspace(0, 1, K), the pre-training sampler's grid (docs/deviations.md) |
+| t_k | `agent.t` | k/K, k = 0 … K-1 (`PPOFlow.get_logprobs`' grid; docs/deviations.md) |
 | v_θ (FlowMLP in NoisyFlowMLP.policy) | `agent.actor_ft` (`common.networks.DiffusionMLP` on float t) | (B, T_a, D_a) |
 | σ_φ (ExploreNoiseNet) | `agent.noise_net` on [time embedding (detached), obs embedding] | (B, T_a·D_a), Tanh MLP |
 | min_std, max_std | `min_std`, `max_std` | 0.10, 0.24 (gym) |
@@ -204,7 +204,7 @@ class ReinFlowAgent(nn.Module):
         self.critic = critic
         self.K, self.horizon_steps, self.action_dim = denoising_steps, horizon_steps, action_dim
         self.min_std, self.max_std, self.randn_clip, self.denoised_clip = min_std, max_std, randn_clip, denoised_clip
-        self.register_buffer("t", torch.linspace(0, 1, denoising_steps), persistent=False)  # ReFlow.sample's grid
+        self.register_buffer("t", torch.linspace(0, 1 - 1 / denoising_steps, denoising_steps), persistent=False)  # k/K
         with torch.no_grad():  # the width of [time embedding, observation embedding]
             _, feature = velocity(base, torch.zeros(1, horizon_steps, action_dim), torch.zeros(1), torch.zeros(1, *obs_shape))
         self.noise_net = MLP([feature.shape[-1], *noise_hidden_dims, horizon_steps * action_dim], "tanh")

@@ -41,15 +41,18 @@ def ref_agent(d: dict, K: int, weights: str) -> rf.ReinFlowAgent:
     return agent
 
 
-def logprob_grid(K: int) -> torch.Tensor:
-    """The time grid of ReinFlow's `PPOFlow.get_logprobs`, t_k = k/K (its `get_actions` samples at linspace(0, 1, K))."""
-    return torch.linspace(0, 1 - 1 / K, K)
+def sampling_grid(K: int) -> torch.Tensor:
+    """The time grid ReinFlow's `PPOFlow.get_actions` (and `ReFlow.sample`) samples on, linspace(0, 1, K); its
+    `get_logprobs`, and reinflow.py throughout, use t_k = k/K (docs/deviations.md)."""
+    return torch.linspace(0, 1, K)
 
 
 @pytest.mark.parametrize("K", [4, 1])
 def test_sampling_chain_and_its_logprobs_match_reinflow(ref, K):
     d, p = ref, f"K{K}"
     agent = ref_agent(d, K, "_base")
+    assert torch.equal(agent.t, torch.linspace(0, 1 - 1 / K, K))  # ours: get_logprobs' grid
+    agent.t = sampling_grid(K)
     obs, chains = torch.from_numpy(d[f"{p}.obs"]), torch.from_numpy(d[f"{p}.chains"])
     torch.manual_seed(2)  # ReinFlow drew x_0 and every step's noise from this seed
     x, chain, lp = agent.sample(obs)
@@ -60,7 +63,7 @@ def test_sampling_chain_and_its_logprobs_match_reinflow(ref, K):
     x, chain, _ = agent.sample(obs, deterministic=True)  # the noise-free Euler chain
     check(chain, d[f"{p}.chains_det"], "deterministic chain")
     check(x, d[f"{p}.actions_det"], "deterministic actions")
-    # recomputed on the sampling grid, the log-probs are the sampling ones: PPO's first ratio is 1
+    # recomputed on the same grid, the log-probs are the sampling ones: PPO's first ratio is 1
     check(agent.get_logprobs(obs, chains)[0], d[f"{p}.logprobs_sample"], "log-probs recomputed on the sampling grid")
 
 
@@ -68,7 +71,6 @@ def test_sampling_chain_and_its_logprobs_match_reinflow(ref, K):
 def test_elementwise_logprobs_entropy_and_noise_std_match_reinflow(ref, K):
     d, p = ref, f"K{K}"
     agent = ref_agent(d, K, "_base")
-    agent.t = logprob_grid(K)
     obs, chains = torch.from_numpy(d[f"{p}.obs"]), torch.from_numpy(d[f"{p}.chains"])
     with torch.no_grad():
         lp, entropy, std_mean = agent.get_logprobs(obs, chains)
@@ -92,7 +94,6 @@ def test_ppo_loss_matches_reinflow(ref, K, case):
     d, p = ref, f"K{K}"
     q = f"{p}.{case}"
     agent = ref_agent(d, K, "")
-    agent.t = logprob_grid(K)
     agent.min_std, agent.max_std = float(d[f"{q}.min_std"]), float(d[f"{q}.max_std"])
     i = torch.from_numpy(d[f"{q}.inds"])
     obs, chains = torch.from_numpy(d[f"{p}.obs"])[i], torch.from_numpy(d[f"{p}.chains"])[i]
