@@ -131,10 +131,10 @@ SUITE_DEFAULTS = {
     # no ReinFlow config: DPPO's furniture run size (dppo_finetune.py) with ReinFlow's robomimic method settings
     "furniture": dict(ROBOMIMIC, bootstrap_truncated=False, n_train_itr=1000, num_envs=1000, n_steps=125,
                       n_critic_warmup_itr=1, batch_size=62500),
-    # no ReinFlow config: DPPO's Avoid run size (dppo_finetune.py: 51 itr, 50 envs x 25 chunk-steps, 10 epochs, one critic
-    # warm-up iteration) with ReinFlow's gym method settings
+    # no ReinFlow config: DPPO's Avoid run size (dppo_finetune.py: 51 itr, 50 envs x 25 chunk-steps, one critic warm-up
+    # iteration, no bootstrap at the limit) with ReinFlow's gym method settings, 4 minibatches per epoch as hopper's
     "avoid": dict(GYM, bootstrap_truncated=False, n_train_itr=51, num_envs=50, n_steps=25, n_critic_warmup_itr=1,
-                  batch_size=3125, update_epochs=10)}
+                  batch_size=3125)}
 TASK_DEFAULTS = {
     "walker2d": dict(n_critic_warmup_itr=5, actor_lr=4e-4, actor_lr_min=4e-4, critic_lr=4e-3, critic_lr_min=4e-3),
     "halfcheetah": dict(n_critic_warmup_itr=10, actor_lr=3e-5, actor_lr_min=1.5e-5, critic_lr=3e-4, critic_lr_min=1.5e-4,
