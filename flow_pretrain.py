@@ -18,9 +18,11 @@ x₀ ~ N(0, I). Fine-tuning (`reinflow.py`) starts from the EMA weights of the c
 | v_θ | `network` | `common.networks.DiffusionMLP` with a float time: ReinFlow's `FlowMLP` (tests/reference/README.md) |
 
 Loss: x_t = t·x₁ + (1 − t)·x₀, MSE(v_θ(x_t, t, s), x₁ − x₀).
-Sampling: x ← x + v_θ(x, t_i, s)/K for i = 0..K-1 at the times t_i = `torch.linspace(0, 1, K)` (with K = 4: 0, 1/3, 2/3,
-1, while the step is 1/K: ReinFlow's `ReFlow.sample` / `FlowMLP.sample_action`, kept), clamped to [-1, 1] after every
-step (`--clip-intermediate-actions`, ReinFlow's pre-training evaluation and fine-tuning configs) or only after the last.
+Sampling: x ← x + v_θ(x, t_k, s)/K for k = 0..K-1 at the times t_k = k/K, the grid of `reinflow.py` and of ReinFlow's
+`PPOFlow.get_logprobs` (ReinFlow's `ReFlow.sample` evaluates at `torch.linspace(0, 1, K)` instead, i.e. 0, 1/3, 2/3, 1
+for K = 4 with the same step 1/K; the tests match it with those times; docs/deviations.md), clamped to [-1, 1] after
+every step (`--clip-intermediate-actions`, ReinFlow's pre-training evaluation and fine-tuning configs) or only after
+the last.
 
 Defaults per task: ReinFlow's `cfg/{gym,robomimic}/pretrain/<task>/pre_reflow_mlp.yaml` where it has one (Hopper 40 and
 Walker2d 80 epochs with the cosine learning-rate cycle of 3000 epochs, so the rate stays near its peak; Transport;
@@ -179,14 +181,15 @@ class FlowPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, K: int, clip_intermediate: bool = True, z: torch.Tensor | None = None,
-               return_chain: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """K Euler steps from z (default x₀ ~ N(0, I)) at the times linspace(0, 1, K) with step 1/K (`ReFlow.sample`);
-        clamped to [-1, 1] after every step or only after the last. With `return_chain`, also (B, K + 1, T_a, D_a): z
-        and every step's x."""
+               return_chain: bool = False, times: torch.Tensor | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """K Euler steps of 1/K from z (default x₀ ~ N(0, I)) at the times t_k = k/K (default; reinflow.py's grid) or
+        `times` (`ReFlow.sample`'s are linspace(0, 1, K)); clamped to [-1, 1] after every step or only after the last.
+        With `return_chain`, also (B, K + 1, T_a, D_a): z and every step's x."""
         B = obs.shape[0]
         x = torch.randn(B, self.horizon_steps, self.action_dim, device=obs.device) if z is None else z
         chain = [x]
-        times = torch.linspace(0, 1, K, device=obs.device)
+        times = torch.linspace(0, 1 - 1 / K, K, device=obs.device) if times is None else times
         for i in range(K):
             x = x + self.network(x, times[i].expand(B), obs) * (1 / K)
             if clip_intermediate or i == K - 1:

@@ -32,8 +32,8 @@ SUITE_DEFAULTS takes the nearest one (see there). Deviations from ReinFlow: docs
 from __future__ import annotations
 
 import copy
+import importlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -161,10 +161,6 @@ def fill_defaults(args: Args) -> tuple[Task, dict]:
             raise runs.UsageError(f"--batch-size {args.batch_size} exceeds the {args.n_steps * args.num_envs} env-steps "
                                   f"x --repeat-samples {args.repeat_samples} of one iteration; lower it")
     return task, filled
-
-
-def default_checkpoint(task_id: str) -> str:  # flow_pretrain.py's default output; becomes runs.default_flow_checkpoint
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", f"{task_id}_flow.pt")
 
 
 def max_std_at(itr: int, n_train_itr: int, min_std: float, max_std: float, hold: float, decay: float) -> float:
@@ -300,8 +296,9 @@ def main(args: Args) -> dict:
     resume, args = runs.open_resume(args, args.resume, "flow", HINT.format(args.env_id),
                                     keys=(*runs.RESUME_KEYS, "noise_net"))  # the run's own arguments
     task, filled = fill_defaults(args)
-    args.checkpoint = args.checkpoint or default_checkpoint(task.id)
-    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "flow", HINT.format(task.id), task)
+    args.checkpoint = args.checkpoint or runs.default_flow_checkpoint(task.id)  # flow_pretrain.py's default output
+    ckpt, ckpt_path = runs.open_start(resume, args.resume, args.checkpoint, "flow", HINT.format(task.id), task,
+                                      conversion=lambda: importlib.import_module("loaders.convert"))  # refuses ReinFlow's
     filled.update(runs.apply_defaults(args, {"denoising_steps": ckpt["denoising_steps"]}))
     if args.act_steps > ckpt["horizon_steps"]:
         raise runs.UsageError(f"--act-steps {args.act_steps} exceeds the chunk T_a = {ckpt['horizon_steps']}")

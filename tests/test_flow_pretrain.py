@@ -94,12 +94,13 @@ def test_time_and_noise_draws_match_reflow_generate_target(ref, t_type):
 @pytest.mark.parametrize("K", [4, 1])
 @pytest.mark.parametrize("clip", [True, False])
 def test_euler_sampling_matches_reflow_sample(ref, case, K, clip):
-    """K Euler steps at linspace(0, 1, K) with step 1/K, clamped after every step or only the last: ReFlow.sample's
-    trajectories and FlowMLP.sample_action's chains, from the same z."""
+    """K Euler steps at ReFlow.sample's times linspace(0, 1, K) with step 1/K, clamped after every step or only the
+    last: ReFlow.sample's trajectories and FlowMLP.sample_action's chains, from the same z. (The scripts' own grid,
+    k/K, is held to reinflow.py's chain in tests/test_reinflow.py.)"""
     policy = reference_policy(ref, case)
     obs, z = torch.from_numpy(ref[f"{case}.obs"]), torch.from_numpy(ref[f"{case}.z"])
     tag = f"{case}.K{K}.{'clip' if clip else 'noclip'}"
-    x, chain = policy.sample(obs, K, clip, z=z.clone(), return_chain=True)
+    x, chain = policy.sample(obs, K, clip, z=z.clone(), return_chain=True, times=torch.linspace(0, 1, K))
     check(f"{tag}.trajectories", x, ref[f"{tag}.trajectories"])
     check(f"{tag}.chains", chain, ref[f"{tag}.chains"])
     if K == 4:  # the intermediate clamp acts on these inputs (z·1.5 leaves [-1, 1])

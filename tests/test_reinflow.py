@@ -1,16 +1,22 @@
 """reinflow.py: ReinFlow's model code matched number for number (tests/reference/reinflow.npz, how it was made:
 tests/reference/README.md), and the script through `main(args)`: smoke, resume, --eval-only, bad input."""
 
+import csv
+import hashlib
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import flow_pretrain as fp
 import reinflow as rf
+from common.errors import DatasetError, UsageError
 from common.networks import DiffusionMLP, ObsCritic
-from tests.helpers import load_by_order, ref_weights
+from tests.helpers import assert_resumed_run_matches, load_by_order, ref_weights
 
 REF = os.path.join(os.path.dirname(__file__), "reference", "reinflow.npz")
 
@@ -128,35 +134,33 @@ def test_noise_bound_schedule_matches_reinflow(ref):
 
 # ---------------------------------------------------------------- the script through main(args)
 
-import csv  # noqa: E402
-import hashlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from common import runs  # noqa: E402
-from common.errors import DatasetError, UsageError  # noqa: E402
-from tests.helpers import assert_resumed_run_matches  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(env_id="avoid-m2", num_envs=4, n_steps=25, batch_size=50, repeat_samples=2, update_epochs=2,
              noise_hidden_dims=(8, 8), val_freq=1, plot=False, seed=0)
 
 
-def flow_checkpoint(path: str, K: int = 4, seed: int = 0) -> str:
-    """A small flow checkpoint in the layout flow_pretrain.py writes (dppo_pretrain.py's release checkpoint with
-    policy "flow"): random velocity weights, the built-in Avoid M2 demos' normalisation."""
-    from common.tasks import get_task
-    from loaders.datasets import load_task_dataset
-    task = get_task("avoid-m2")
-    _, normalizer = load_task_dataset(task)
-    arch = dict(action_dim=2, horizon_steps=4, obs_dim=4, cond_steps=1, time_dim=16, mlp_dims=[32, 32, 32],
-                activation="relu", residual=True)
-    torch.manual_seed(seed)
-    runs.save_checkpoint(path, {"format": runs.CHECKPOINT_FORMAT, "policy": "flow", "backbone": "mlp", "arch": arch,
-                                "task": task.id, "obs_dim": 4, "action_dim": 2, "horizon_steps": 4, "cond_steps": 1,
-                                "denoising_steps": K, "normalization": normalizer.state_dict(), "args": {},
-                                "ema": DiffusionMLP(**arch).state_dict()})
+def flow_checkpoint(path: str, K: int = 4) -> str:
+    """A small flow checkpoint written by flow_pretrain.py itself (1 epoch, narrow network): the join of the two
+    scripts is what these tests run."""
+    fp.main(fp.Args(env_id="avoid-m2", n_epochs=1, eval_every=0, mlp_dims=(32, 32, 32), batch_size=128, seed=0,
+                    denoising_steps=K, output=path, exp_name="flow_pre"))
     return path
+
+
+def test_reinflow_samples_on_flow_pretrains_grid():
+    """Without noise, reinflow.py's chain from a pre-trained policy is flow_pretrain.py's evaluation chain from the same
+    x_0 (one time grid, k/K, and the same clamps), for K = 4 and K = 1: the "before" of a fine-tuning run is the policy
+    that pre-training evaluated."""
+    torch.manual_seed(0)
+    net = DiffusionMLP(action_dim=2, horizon_steps=4, obs_dim=4, mlp_dims=(32, 32, 32), activation="relu")
+    cond = torch.rand(16, 1, 4) * 2 - 1
+    for K in (4, 1):
+        agent = rf.ReinFlowAgent(net, ObsCritic(4, 1, mlp_dims=(8, 8)), K, (8,), 4, 2, (1, 4), 0.1, 0.24, 3.0, 1.0)
+        torch.manual_seed(1)
+        x_rf, chain_rf, _ = agent.sample(cond, deterministic=True)
+        torch.manual_seed(1)
+        x_fp, chain_fp = fp.FlowPolicy(net, 4, 2).sample(cond, K, clip_intermediate=True, return_chain=True)
+        assert torch.equal(x_rf, x_fp) and torch.equal(chain_rf, chain_fp), K
 
 
 @pytest.fixture(scope="module")
