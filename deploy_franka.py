@@ -79,7 +79,7 @@ class Args:
     control_hz: Annotated[float, runs.Limits(0.1, 1000.0)] = 10.0  # one pose per period (furniture: 10 Hz; torque loop: 1 kHz)
     act_steps: Annotated[int | None, Positive] = None  # T_e: poses of each chunk that are sent (None: the checkpoint's)
     max_steps: Annotated[int | None, Positive] = None  # control steps of the episode (None: the task's episode, else 100)
-    deterministic: bool = True  # sample without exploration noise (DDPM σ floor 1e-3, DDIM η = 0, Gaussian/GMM mean)
+    deterministic: bool = True  # sample without exploration noise (DDPM σ floor 1e-3, DDIM η = 0, Gaussian/GMM mean, flow)
     use_ddim: bool | None = None  # pre-trained diffusion: DDIM (None: on furniture); fine-tuned ones sample as trained
     ddim_steps: Annotated[int | None, Positive] = None  # pre-trained diffusion checkpoints: DDIM steps (None: 5)
     velocity_feedforward: bool = True  # the target's velocity: (target - measured pose) x control_hz (App. D.7; off: none)
@@ -161,6 +161,24 @@ class DiffusionSampler(nn.Module):
         return x
 
 
+class FlowSampler(nn.Module):
+    """The noise-free K-step Euler chain of a flow policy (`flow_pretrain.py`; fine-tuned: `reinflow.py`'s velocity
+    network) from x_0 ~ N(0, I): x <- clamp(x + v(x, k/K, s)/K, -1, 1), the grid and clamps of both scripts'
+    evaluation. A flow policy has no exploration noise to deploy (reinflow.py's noise network is for training)."""
+
+    def __init__(self, network: nn.Module, K: int, horizon_steps: int, action_dim: int) -> None:
+        super().__init__()
+        self.network, self.K, self.T_a, self.D_a = network, K, horizon_steps, action_dim
+        self.register_buffer("t", torch.linspace(0, 1 - 1 / K, K), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, cond: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        x = torch.randn(cond.shape[0], self.T_a, self.D_a)
+        for k in range(self.K):
+            x = (x + self.network(x, self.t[k].expand(x.shape[0]), cond) * (1 / self.K)).clamp(-1, 1)
+        return x
+
+
 class ChunkPolicy(nn.Module):
     """Gaussian (n_modes 0) or GMM policy head over `network` (paper App. D.6): means tanh(μ), σ = exp(log_std)
     clamped to the checkpoint's std limits; evaluation takes the mean (of the most likely mode)."""
@@ -190,9 +208,9 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     path = args.checkpoint
     ckpt = runs.load_checkpoint(path, None, "python dppo_pretrain.py, then dppo_finetune.py")  # any kind of this project
     kind = ckpt["policy"]
-    if kind == "flow":
-        raise runs.DatasetError(f"checkpoint {path!r} holds a flow policy; deploy_franka.py runs diffusion, Gaussian and GMM "
-                                "policies")
+    if kind == "flow" and not args.deterministic:
+        raise runs.UsageError("--no-deterministic: a flow policy deploys its noise-free Euler chain (reinflow.py's noise "
+                              "network explores in training only)")
     if ckpt["action_dim"] != ACTION_DIM or (ckpt["obs_dim"] - ROBOT_OBS_DIM) % POSE_DIM or ckpt["obs_dim"] < ROBOT_OBS_DIM:
         raise runs.UsageError(f"checkpoint {path!r} (task {ckpt['task']}, obs {ckpt['obs_dim']}, action "
                               f"{ckpt['action_dim']}) does not act in absolute end-effector poses: deploy_franka.py needs "
@@ -224,6 +242,12 @@ def load_policy(args: Args) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
                                              saved.get("min_sampling_denoising_std") or 0.1,
                                              saved.get("randn_clip_value") or 3.0)
         info.update(use_ddim=use_ddim, ddim_steps=ddim_steps if use_ddim else None, denoising_steps=K, ft_denoising_steps=K_ft)
+    elif kind == "flow":  # pre-trained (ema) or fine-tuned by reinflow.py (actor_ft, its K)
+        horizon, K = ckpt["horizon_steps"], ckpt["denoising_steps"]
+        network = build_diffusion_network(ckpt, horizon)
+        runs.load_weights(network, ckpt["actor_ft"] if "actor_ft" in ckpt else runs.whole_network_weights(ckpt, path), path)
+        policy = FlowSampler(network.eval(), K, horizon, ACTION_DIM)
+        info.update(denoising_steps=K)
     else:
         horizon = ckpt["horizon_steps"]
         arch = dict(ckpt["arch"])

@@ -644,3 +644,36 @@ def test_franky_sim_sigint_stops_and_leaves_a_complete_log(tmp_path, franky_sim_
     assert records[-1]["type"] == "end" and records[-1]["stop_reason"] == "interrupted"
     assert records[-1]["steps"] == len(steps) >= 10 and [s["step"] for s in steps] == list(range(len(steps)))
     assert "stopped after" in output
+
+
+@pytest.mark.parametrize("finetuned", [False, True])
+def test_flow_samples_equal_the_flow_scripts_evaluation_chain(tmp_path, finetuned):
+    """A flow checkpoint deploys the noise-free Euler chain of flow_pretrain.py's evaluation (pre-trained: its EMA
+    network) or of reinflow.py's (fine-tuned: `actor_ft`, not the frozen `base`), from the same x_0; the exploration
+    noise is refused in one line."""
+    import flow_pretrain
+    import reinflow
+    torch.manual_seed(0)
+    arch = dict(action_dim=10, horizon_steps=4, obs_dim=16, cond_steps=1, time_dim=8, mlp_dims=(32, 32, 32))
+    base, tuned = DiffusionMLP(**arch), DiffusionMLP(**arch)
+    norm = Normalizer(-np.ones(16), np.ones(16), np.r_[0.3, -0.3, 0.1, -np.ones(7)], np.r_[0.7, 0.3, 0.5, np.ones(7)])
+    ckpt = {"format": CHECKPOINT_FORMAT, "policy": "flow", "backbone": "mlp", "arch": arch, "task": "franka-reach",
+            "obs_dim": 16, "action_dim": 10, "horizon_steps": 4, "cond_steps": 1, "denoising_steps": 4,
+            "normalization": norm.state_dict(), "args": {}}
+    ckpt.update({"base": base.state_dict(), "actor_ft": tuned.state_dict()} if finetuned else {"ema": base.state_dict()})
+    path = str(tmp_path / "flow.pt")
+    save_checkpoint(path, ckpt)
+    policy, _, info = deploy.load_policy(deploy.Args(checkpoint=path, robot="fake"))
+    cond = torch.rand(3, 1, 16) * 2 - 1
+    agent = reinflow.ReinFlowAgent(base, torch.nn.Identity(), 4, (8,), 4, 10, (1, 16), 0.1, 0.24, 3.0, 1.0)
+    agent.actor_ft.load_state_dict(tuned.state_dict())
+    torch.manual_seed(1)
+    ours = policy(cond, True)
+    torch.manual_seed(1)
+    if finetuned:
+        theirs = agent.sample(cond, deterministic=True)[0]
+    else:
+        theirs = flow_pretrain.FlowPolicy(base, 4, 10).sample(cond, 4, clip_intermediate=True)
+    assert torch.equal(ours, theirs) and info["denoising_steps"] == 4 and info["kind"] == "flow"
+    with pytest.raises(UsageError, match="a flow policy deploys its noise-free Euler chain"):
+        deploy.load_policy(deploy.Args(checkpoint=path, robot="fake", deterministic=False))
