@@ -102,8 +102,8 @@ class Args:
     clip_coef: Annotated[float, Positive] = 0.01  # PPO clip ε
     vf_coef: Annotated[float, NonNegative] = 0.5  # value loss coefficient
     ent_coef: Annotated[float | None, NonNegative] = None  # entropy bonus of the chain
-    target_kl: Annotated[float | None, PositiveOrInf] = None  # stop the update when a minibatch's approx KL exceeds it
-    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient norm clip of actor and critic (None: none)
+    target_kl: Annotated[float | None, PositiveOrInf] = None  # stop the update past this minibatch approx KL (inf: no limit)
+    max_grad_norm: Annotated[float | None, PositiveOrInf] = None  # gradient-norm clip of actor and critic (inf: no limit)
     n_critic_warmup_itr: Annotated[int | None, NonNegative] = None  # iterations before the actor starts to step
     val_freq: Annotated[int, NonNegative] = 10  # iterations between evaluations (0: only the final one)
     eval_n_steps: Annotated[int | None, Positive] = None  # chunk-steps of an evaluation (None: one episode)

@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "checkpoints", "avoid-m2_diffusion.pt")  # Avoid M2, MLP, T_a = 4, K = 20
 MODULES = ("dppo_pretrain", "dppo_pretrain_pixel", "dppo_finetune", "dppo_critic_ablation", "dppo_finetune_pixel",
            "gaussian_ppo", "gmm_ppo", "drwr", "dawr", "dipo", "idql", "dql", "qsm", "exact_likelihood_pg", "deploy_franka",
-           "scripts.collect_dataset", "scripts.baselines_comparison", "scripts.avoid_comparison")
+           "scripts.collect_dataset", "scripts.baselines_comparison", "scripts.avoid_comparison", "flow_pretrain", "reinflow",
+           "scripts.appendix_ablations")
 
 # ---- the specification: what each flag accepts (by name; the same name means the same range in every script)
 POSITIVE = {  # > 0 and finite; no upper bound (a huge count only costs time, a huge rate diverges and is stopped by
@@ -41,7 +42,8 @@ POSITIVE = {  # > 0 and finite; no upper bound (a huge count only costs time, a 
     "ft_denoising_steps", "grad_accumulate", "gripper_force", "gripper_speed", "horizon_steps", "jobs", "learning_rate",
     "logprob_batch_size", "lr_cycle_itr", "max_episode_steps", "max_speed",
     "max_step", "max_steps", "min_actor_updates", "min_logprob_denoising_std", "min_lr", "min_sampling_denoising_std",
-    "max_n_episodes",
+    "max_n_episodes", "lr_cycle_epochs", "min_std", "max_std", "noise_hidden_dims", "denoised_clip_value", "critic_lr_min",
+    "repeat_samples", "episodes",
     "mlp_dims", "n_demos", "n_emb", "n_env_steps", "n_epochs", "n_eval_envs", "n_heads", "n_layers", "n_modes", "n_steps",
     "n_train_itr", "n_workers", "num_envs", "num_heads", "num_sample", "pretrain_batch_size", "pretrain_save_every",
     "q_grad_coeff", "randn_clip_value", "replay_ratio", "reward_scale", "rotational_stiffness", "save_every",
@@ -49,20 +51,25 @@ POSITIVE = {  # > 0 and finite; no upper bound (a huge count only costs time, a 
     "time_dim", "torch_threads", "translational_stiffness", "unet_dim", "unet_dim_mults", "unet_groupnorm_eps",
     "update_chunk", "update_epochs"}
 NO_LIMIT = {"max_grad_norm", "max_weight", "target_kl"}  # > 0; inf: no limit (said in --help)
+# NON_NEGATIVE: 0 is a valid choice: off, none, only the final evaluation, ...
 NON_NEGATIVE = {"action_noise_std", "bc_coef", "beta", "ema_start_epoch", "eta", "eval_every", "exact_divergence_max_dim",
-                "lr_warmup_itr", "n_critic_warmup_itr", "obs_noise_std", "scale_reward_factor", "val_freq", "vf_coef",
-                "warmup_epochs", "weight_decay"}  # 0 is a valid choice: off, none, only the final evaluation, ...
+                "lr_warmup_itr", "n_critic_warmup_itr", "critic_weight_decay", "ent_coef", "obs_noise_std",
+                "scale_reward_factor", "val_freq", "vf_coef", "warmup_epochs", "weight_decay"}
 FRACTION = {"critic_tau", "ema_decay", "expectile", "gae_lambda", "gamma", "gamma_denoising", "sample_weight",
-            "target_ema_rate", "td_alpha", "td_lambda"}  # in [0, 1] (the EMA rates of a target network in (0, 1])
+            "target_ema_rate", "td_alpha", "td_lambda", "noise_hold_ratio", "noise_decay_ratio"}
+# FRACTION: in [0, 1] (the EMA rates of a target network in (0, 1])
 RATES = {"critic_tau", "target_ema_rate"}  # 0 would leave the target network where it started
-BOUNDED = {"seed": (0, 2**31 - 1), "sde_eps": (1e-12, 0.5),  # seed 0 is valid; collect_dataset's seed goes to 2**32 - 1
+# seed 0 is valid (collect_dataset's seed goes to 2**32 - 1)
+BOUNDED = {"seed": (0, 2**31 - 1), "seeds": (0, 2**31 - 1), "sde_eps": (1e-12, 0.5),
            "sde_step_size": (1e-6, 1.0), "control_hz": (0.1, 1000.0),  # a step of the ODE's [0, 1]; the arm's loop rate
            "max_rotation_step": (0, math.pi), "max_gripper_force": (0, 70.0)}  # (0, high]: 0 would never move or grip
 OPEN_AT_ZERO = {"max_rotation_step", "max_gripper_force"}
-ANY_FINITE = {"workspace_min", "workspace_max"}  # coordinates [m], negative ones included; min < max is deploy's check
+ANY_FINITE = {"workspace_min", "workspace_max",  # coordinates [m], negative ones included; min < max is deploy's check
+              "logprob_min", "logprob_max"}  # reinflow.py's log-prob clamp; min < max is its own check
 PROBES = ("nan", "inf", "-inf", "zero", "negative", "too-large")
 REQUIRED = {"deploy_franka": dict(checkpoint="x.pt", robot="fake"), "scripts.collect_dataset": dict(checkpoint="x.pt",
-            out="d/train.npz"), "gaussian_ppo": dict(checkpoint="x.pt"), "gmm_ppo": dict(checkpoint="x.pt")}
+            out="d/train.npz"), "gaussian_ppo": dict(checkpoint="x.pt"), "gmm_ppo": dict(checkpoint="x.pt"),
+            "scripts.appendix_ablations": dict(experiment="critic")}
 
 
 def default_args(module_name: str) -> typing.Any:
