@@ -106,7 +106,7 @@ class _Made(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", SCRIPTS + ["dppo_pretrain", "gaussian_ppo", "gmm_ppo"])
+@pytest.mark.parametrize("name", SCRIPTS + ["dppo_pretrain", "gaussian_ppo", "gmm_ppo", "flow_pretrain", "reinflow"])
 def test_every_script_passes_the_flag_to_its_envs(name, tmp_path, monkeypatch):
     """--capture-video reaches make_vec_env (fine-tuning and --eval-only envs; pre-training's evaluation envs)."""
     monkeypatch.chdir(tmp_path)
@@ -119,8 +119,10 @@ def test_every_script_passes_the_flag_to_its_envs(name, tmp_path, monkeypatch):
     small = dict(env_id="avoid-m2", seed=0, capture_video=True)
     if name in SCRIPTS:
         runs = [module.Args(checkpoint=SHIPPED, eval_only=True, num_envs=2, **small)]
-    elif name == "dppo_pretrain":
-        runs = [module.Args(n_epochs=1, eval_every=1, mlp_dims=(16, 16), **small)]
+    elif name in ("dppo_pretrain", "flow_pretrain"):
+        runs = [module.Args(n_epochs=1, eval_every=1, mlp_dims=(16, 16), output=str(tmp_path / "o.pt"), **small)]
+    elif name == "reinflow":  # from the shipped flow checkpoint
+        runs = [module.Args(eval_only=True, num_envs=2, **small)]
     else:  # pre-training's evaluation envs, then fine-tuning's envs (from a 1-epoch policy)
         pre = module.main(module.Args(pretrain=True, env_id="avoid-m2", n_epochs=1, eval_every=0, mlp_dims=(16, 16)))
         runs = [module.Args(pretrain=True, n_epochs=1, eval_every=1, mlp_dims=(16, 16), **small),
