@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dppo_pretrain  # noqa: E402
-from common import runs  # noqa: E402
+from common import pretraining, runs  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 HOPPER_TRANSITIONS, HOPPER_EPISODES = 1_000_000, 2186  # D4RL hopper-medium-v2
@@ -129,8 +129,9 @@ class PhaseClock:
 def patched(clock: PhaseClock):
     """Wrap what dppo_pretrain's loop calls (undone on exit)."""
     plumbing = dppo_pretrain if hasattr(dppo_pretrain, "save_checkpoint") else runs  # older commits imported the names
+    ema = pretraining if hasattr(pretraining, "ema_update") else dppo_pretrain  # older commits: in the script
     saved = [(dppo_pretrain.WindowDataset, "iterate"), (dppo_pretrain.DiffusionPolicy, "loss"), (torch.Tensor, "backward"),
-             (torch.optim.Optimizer, "zero_grad"), (dppo_pretrain, "ema_update"), (dppo_pretrain, "evaluate"),
+             (torch.optim.Optimizer, "zero_grad"), (ema, "ema_update"), (dppo_pretrain, "evaluate"),
              (plumbing, "save_checkpoint"), (plumbing, "check_finite"), (runs.RunFolder, "scalars")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in saved]
     pre: list[float] = []

@@ -11,7 +11,7 @@ import torch
 
 import dppo_pretrain as pt
 from common.errors import UsageError
-from common.pretraining import warmup_then_cosine
+from common.pretraining import ema_update, warmup_then_cosine
 from common.runs import seed_everything
 from common.tasks import get_task
 from loaders.datasets import WindowDataset, load_task_dataset, save_train_npz
@@ -112,9 +112,9 @@ def test_ema_update_one_op_equals_per_tensor():
     a, b = pt.build_network("mlp", dict(action_dim=2, horizon_steps=4, obs_dim=3, mlp_dims=[32, 32, 32])), \
         pt.build_network("mlp", dict(action_dim=2, horizon_steps=4, obs_dim=3, mlp_dims=[32, 32, 32]))
     expected = [q.detach().clone().lerp_(p, 1 - 0.9) for q, p in zip(b.parameters(), a.parameters())]
-    pt.ema_update(b, a, 0.9, reset=False)
+    ema_update(b, a, 0.9, reset=False)
     assert all(torch.equal(q, e) for q, e in zip(b.parameters(), expected))
-    pt.ema_update(b, a, 0.9, reset=True)
+    ema_update(b, a, 0.9, reset=True)
     assert all(torch.equal(q, p) for q, p in zip(b.parameters(), a.parameters()))
 
 

@@ -247,7 +247,7 @@ def test_rollout_scripted_rejects_other_tasks():
     env.close()
     with pytest.raises(TaskError):
         generate_demos("transport", 1, 0, "unused.hdf5", log=None)
-    assert main(["--task", "hopper", "--n-demos", "1"]) == 1
+    assert main(["--task", "hopper", "--n-demos", "1"]) == 2
     with pytest.raises(TaskError):
         measure_throughput("avoid-m2")  # no worker pool: its own numpy simulator
 
